@@ -1,0 +1,547 @@
+//! The blocking client.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::net::sockopt::{self, Timeout};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+
+use super::io::{Filled, ReadBuf, is_disconnect, is_timeout, send_frame};
+use crate::error::{Error, ErrorKind, Result};
+use crate::micro::{InfoResponse, PingResponse, StatsResponse};
+use crate::name::Name;
+use crate::proto::{self, Decoded, FLAG_NOT_RUN, Header, Hello, HelloAck, Kind, status};
+use crate::registry;
+
+/// Default time a request may take, from sending to reply.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A blocking connection to a named service.
+///
+/// One request at a time (`&mut self`); for many requests in flight over one connection, use the
+/// async client. A `Client` is `Send`, so it can move to another thread. It owns no thread and no
+/// runtime: every call is plain syscalls on the caller's thread.
+///
+/// After the server restarts, the next request reconnects by itself. A request is sent again only
+/// when it provably never reached the server (the connection was already dead when it was
+/// written, or the server answered that it did not run it); otherwise the error says
+/// [`may_have_run`](Error::may_have_run).
+///
+/// # Examples
+///
+/// ```no_run
+/// let mut client = microcs::Client::connect("LIFE_GEN")?;
+/// let reply: Vec<u8> = client.request(b"Give me some data back!!")?;
+/// let text: String = client.send_message("hello")?;
+/// let stepped = client.call("step", b"..#\n.#.\n#..")?;
+/// # Ok::<(), microcs::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Client {
+    name: Name,
+    path: PathBuf,
+    dir: PathBuf,
+    timeout: Duration,
+    max_payload: u32,
+    conn: Option<Connection>,
+    /// Request ids are never reused on a connection, so a late reply to a request that timed out
+    /// can never be taken for the answer to a later one.
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct Connection {
+    stream: UnixStream,
+    rbuf: ReadBuf,
+    server: HelloAck,
+    /// Largest reply payload this client accepts (announced in `Hello`).
+    max_payload: u32,
+    /// The receive timeout currently set on the socket, to avoid a syscall per request.
+    rcv_timeout: Option<Duration>,
+}
+
+/// Options for a [`Client`]; from [`Client::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until .connect()"]
+pub struct ClientBuilder {
+    name: String,
+    dir: Option<PathBuf>,
+    timeout: Duration,
+    max_payload: u32,
+}
+
+impl ClientBuilder {
+    /// Time each request may take, from sending to reply (default 30 s). The server sees the
+    /// deadline. Also bounds connecting.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Largest reply payload to accept (default 16 MiB); the server refuses larger replies
+    /// with [`ErrorKind::FrameTooLarge`] instead of sending them.
+    pub fn max_frame(mut self, bytes: u32) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Looks for the service in this runtime directory instead of the default one.
+    pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Connects and shakes hands.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidName`], [`ErrorKind::NoService`] (at once, never by timing out),
+    /// [`ErrorKind::PermissionDenied`] (unsafe runtime directory, or the service refuses this
+    /// user), [`ErrorKind::TimedOut`], [`ErrorKind::Protocol`] (not a microcs service).
+    pub fn connect(self) -> Result<Client> {
+        let name = Name::new(self.name)?;
+        let dir = self.dir.unwrap_or_else(registry::runtime_dir);
+        let path = registry::socket_path(&dir, &name)?;
+        let mut client = Client {
+            name,
+            path,
+            dir,
+            timeout: self.timeout,
+            max_payload: self.max_payload,
+            conn: None,
+            next_id: 1,
+        };
+        let deadline = Instant::now() + client.timeout;
+        client.conn = Some(client.open(deadline)?);
+        Ok(client)
+    }
+}
+
+impl Client {
+    /// Connects to the service `name` with default options.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::connect`].
+    pub fn connect(name: &str) -> Result<Client> {
+        Client::builder(name).connect()
+    }
+
+    /// Options for connecting to `name`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// let client = microcs::Client::builder("LIFE_GEN").timeout(Duration::from_secs(2)).connect()?;
+    /// # Ok::<(), microcs::Error>(())
+    /// ```
+    pub fn builder(name: &str) -> ClientBuilder {
+        ClientBuilder {
+            name: name.to_owned(),
+            dir: None,
+            timeout: DEFAULT_TIMEOUT,
+            max_payload: proto::DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
+    /// Sends `payload` to the service's default handler and returns its reply.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Remote`] when the handler failed (see [`Error::remote`]),
+    /// [`ErrorKind::TimedOut`], [`ErrorKind::FrameTooLarge`] (checked before sending),
+    /// [`ErrorKind::Closed`] when the connection broke, [`ErrorKind::NoService`] when the
+    /// service is gone.
+    pub fn request(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
+        self.exchange("", payload)
+    }
+
+    /// Calls the named method with `payload`.
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Client::request); [`ErrorKind::InvalidName`] for a malformed method name,
+    /// [`ErrorKind::Remote`] with code 404 for a method the service does not have.
+    pub fn call(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        proto::check_method(method).map_err(|m| Error::new(ErrorKind::InvalidName, m))?;
+        self.exchange(method, payload)
+    }
+
+    /// Sends text to the default handler and returns the reply as text — the original course
+    /// project's verb.
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Client::request); [`ErrorKind::Protocol`] if the reply is not UTF-8.
+    pub fn send_message(&mut self, message: &str) -> Result<String> {
+        let reply = self.request(message.as_bytes())?;
+        String::from_utf8(reply).map_err(|e| {
+            Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "service '{}' replied with bytes that are not UTF-8 text; use request() for bytes",
+                    self.name
+                ),
+            )
+            .with_source(e)
+        })
+    }
+
+    /// The service's `$ping` answer.
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Client::request); [`ErrorKind::Protocol`] if the answer is not the
+    /// expected JSON.
+    pub fn ping(&mut self) -> Result<PingResponse> {
+        self.builtin("$ping")
+    }
+
+    /// The service's `$info` answer: name, version, endpoints.
+    ///
+    /// # Errors
+    ///
+    /// As [`ping`](Client::ping).
+    pub fn info(&mut self) -> Result<InfoResponse> {
+        self.builtin("$info")
+    }
+
+    /// The service's `$stats` answer: per-endpoint request and error counts and timings.
+    ///
+    /// # Errors
+    ///
+    /// As [`ping`](Client::ping).
+    pub fn stats(&mut self) -> Result<StatsResponse> {
+        self.builtin("$stats")
+    }
+
+    fn builtin<T: serde::de::DeserializeOwned>(&mut self, method: &str) -> Result<T> {
+        let reply = self.exchange(method, b"")?;
+        serde_json::from_slice(&reply).map_err(|e| {
+            Error::new(
+                ErrorKind::Protocol,
+                format!("service '{}' sent an invalid {method} answer: {e}", self.name),
+            )
+            .with_source(e)
+        })
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// The socket this client connects to.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The per-request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Changes the per-request timeout.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The server's process id, from the handshake (`None` while disconnected).
+    pub fn server_pid(&self) -> Option<u32> {
+        self.conn.as_ref().map(|c| c.server.pid)
+    }
+
+    /// Largest request payload the server accepts (`None` while disconnected).
+    pub fn max_request_payload(&self) -> Option<u32> {
+        self.conn.as_ref().map(|c| c.server.max_payload)
+    }
+
+    fn exchange(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + self.timeout;
+        // At most one resend, and only of a request that provably did not run.
+        let mut resent = false;
+        loop {
+            if self.conn.is_none() {
+                self.conn = Some(self.open(deadline)?);
+            }
+            match self.attempt(method, payload, deadline) {
+                Err(Attempt::NotRun(e)) if !resent => {
+                    tracing::debug!(service = %self.name, error = %e, "request did not reach the server; reconnecting");
+                    self.conn = None;
+                    resent = true;
+                }
+                Err(Attempt::NotRun(e) | Attempt::Failed(e)) => return Err(e),
+                Ok(reply) => return Ok(reply),
+            }
+        }
+    }
+
+    fn attempt(&mut self, method: &str, payload: &[u8], deadline: Instant) -> Result<Vec<u8>, Attempt> {
+        let name = &self.name;
+        let conn = self.conn.as_mut().expect("connected");
+        if payload.len() > conn.server.max_payload as usize {
+            return Err(Attempt::Failed(Error::new(
+                ErrorKind::FrameTooLarge,
+                format!(
+                    "payload of {} bytes is over service '{name}''s limit of {} bytes; nothing was sent",
+                    payload.len(),
+                    conn.server.max_payload
+                ),
+            )));
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let header = Header::request(id, deadline_ms(remaining));
+        if let Err(e) = send_frame(&conn.stream, &header, method.as_bytes(), payload) {
+            self.conn = None;
+            if e.sent == 0 && is_disconnect(&e.error) {
+                // The connection was dead before any byte of this request went out.
+                return Err(Attempt::NotRun(Error::io(
+                    format_args!("service '{name}' closed the connection"),
+                    e.error,
+                )));
+            }
+            // A partly written frame can never be decoded by the server, so it cannot have run.
+            let err = if is_timeout(&e.error) {
+                Error::new(
+                    ErrorKind::TimedOut,
+                    format!("service '{name}' did not take the request within {:?}", self.timeout),
+                )
+            } else {
+                Error::io(format_args!("sending to service '{name}' failed"), e.error)
+            };
+            return Err(Attempt::Failed(err));
+        }
+        loop {
+            let frame = match conn.read_frame(deadline) {
+                Ok(f) => f,
+                Err(ReadError::TimedOut) => {
+                    // Tell the server to stop working on it; best effort, the reply (if it still
+                    // comes) will be dropped by id.
+                    let _ = send_frame(&conn.stream, &Header::new(Kind::Cancel, id), b"", b"");
+                    return Err(Attempt::Failed(
+                        Error::new(
+                            ErrorKind::TimedOut,
+                            format!(
+                                "service '{name}' did not answer within {:?}; the request may have run",
+                                self.timeout
+                            ),
+                        )
+                        .set_may_have_run(true),
+                    ));
+                }
+                Err(e) => {
+                    self.conn = None;
+                    return Err(Attempt::Failed(e.into_error(name, true)));
+                }
+            };
+            let (h, reply_payload) = frame;
+            match h.kind() {
+                Some(Kind::Reply) if h.id == id => return Ok(reply_payload),
+                Some(Kind::Error) if h.id == id => {
+                    let message = String::from_utf8_lossy(&reply_payload).into_owned();
+                    let err = Error::from_remote(name.as_str(), h.status, h.flags, message);
+                    if h.flags & FLAG_NOT_RUN != 0 && h.status == status::BUSY {
+                        return Err(Attempt::NotRun(err));
+                    }
+                    return Err(Attempt::Failed(err));
+                }
+                Some(Kind::Error) if h.id == 0 => {
+                    self.conn = None;
+                    let message = String::from_utf8_lossy(&reply_payload).into_owned();
+                    let err = Error::from_remote(name.as_str(), h.status, h.flags, message);
+                    let may = h.flags & FLAG_NOT_RUN == 0;
+                    return Err(Attempt::Failed(err.set_may_have_run(may)));
+                }
+                // Late answers to requests that timed out earlier, pongs: not ours, dropped.
+                _ => continue,
+            }
+        }
+    }
+
+    /// Opens a connection and shakes hands.
+    fn open(&self, deadline: Instant) -> Result<Connection> {
+        let name = &self.name;
+        let no_service = |detail: &str| {
+            Error::new(
+                ErrorKind::NoService,
+                format!("no service named '{name}' is running (looked in {}{detail})", self.dir.display()),
+            )
+        };
+        if !registry::check_dir_exists(&self.dir)? {
+            return Err(no_service(""));
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let fd = connect_with_timeout(&self.path, remaining).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => no_service(""),
+            io::ErrorKind::ConnectionRefused => no_service("; found only a stale socket"),
+            _ if is_timeout(&e) => Error::new(
+                ErrorKind::TimedOut,
+                format!("service '{name}' did not accept the connection within {:?}", self.timeout),
+            ),
+            _ => Error::io(format_args!("cannot connect to {}", self.path.display()), e),
+        })?;
+        let stream = UnixStream::from(fd);
+        let mut conn = Connection {
+            stream,
+            rbuf: ReadBuf::default(),
+            server: placeholder_ack(),
+            max_payload: self.max_payload,
+            rcv_timeout: Some(remaining),
+        };
+        let hello = Hello { max_payload: self.max_payload };
+        send_frame(&conn.stream, &Header::new(Kind::Hello, 0), b"", &hello.to_bytes())
+            .map_err(|e| Error::io(format_args!("handshake with service '{name}' failed"), e.error))?;
+        let (h, body) = conn.read_frame(deadline).map_err(|e| match e {
+            ReadError::TimedOut => Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "service '{name}' did not answer the handshake in time; is {} a microcs service?",
+                    self.path.display()
+                ),
+            ),
+            e => e.into_error(name, false),
+        })?;
+        match h.kind() {
+            Some(Kind::HelloAck) => {
+                conn.server = HelloAck::parse(&body)
+                    .ok_or_else(|| not_microcs(&self.path, "its handshake answer is malformed"))?;
+            }
+            Some(Kind::Error) => {
+                let message = String::from_utf8_lossy(&body).into_owned();
+                return Err(
+                    Error::from_remote(name.as_str(), h.status, h.flags, message).set_may_have_run(false)
+                );
+            }
+            _ => return Err(not_microcs(&self.path, "it answered the handshake with an unexpected frame")),
+        }
+        tracing::debug!(service = %name, pid = conn.server.pid, "connected");
+        Ok(conn)
+    }
+}
+
+enum Attempt {
+    /// Provably not run: safe to send again on a new connection.
+    NotRun(Error),
+    Failed(Error),
+}
+
+enum ReadError {
+    TimedOut,
+    Eof,
+    Io(io::Error),
+    Decode(proto::DecodeError),
+}
+
+impl ReadError {
+    fn into_error(self, name: &Name, sent: bool) -> Error {
+        let may = if sent { "; the request may have run" } else { "" };
+        match self {
+            ReadError::TimedOut => Error::new(ErrorKind::TimedOut, format!("service '{name}' timed out")),
+            ReadError::Eof => Error::new(ErrorKind::Closed, format!("service '{name}' closed the connection{may}"))
+                .set_may_have_run(sent),
+            ReadError::Io(e) if is_disconnect(&e) => {
+                Error::new(ErrorKind::Closed, format!("connection to service '{name}' broke: {e}{may}"))
+                    .with_source(e)
+                    .set_may_have_run(sent)
+            }
+            ReadError::Io(e) => Error::io(format_args!("reading from service '{name}' failed"), e).set_may_have_run(sent),
+            ReadError::Decode(e) => Error::new(
+                ErrorKind::Protocol,
+                format!("service '{name}' sent bytes that are not a valid microcs frame ({e}); is it a microcs service?"),
+            )
+            .with_source(e)
+            .set_may_have_run(sent),
+        }
+    }
+}
+
+impl Connection {
+    /// Reads one whole frame, waiting until `deadline` at most.
+    fn read_frame(&mut self, deadline: Instant) -> Result<(Header, Vec<u8>), ReadError> {
+        loop {
+            let needed = match self.rbuf.decode(self.max_payload).map_err(ReadError::Decode)? {
+                Decoded::Frame(f) => {
+                    let out = (f.header, f.payload.to_vec());
+                    let len = f.len;
+                    self.rbuf.consume(len);
+                    return Ok(out);
+                }
+                Decoded::Incomplete { needed } => needed,
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ReadError::TimedOut);
+            }
+            // SO_RCVTIMEO bounds each read; shorten it only when the deadline is nearer than the
+            // value already set (so the common case costs no extra syscall).
+            if self.rcv_timeout.is_none_or(|t| t > remaining + Duration::from_millis(1)) {
+                sockopt::set_socket_timeout(
+                    &self.stream,
+                    Timeout::Recv,
+                    Some(remaining.max(Duration::from_micros(100))),
+                )
+                .map_err(|e| ReadError::Io(e.into()))?;
+                self.rcv_timeout = Some(remaining);
+            }
+            match self.rbuf.fill(&self.stream, needed) {
+                Ok(Filled::Data) => {}
+                Ok(Filled::Eof) => return Err(ReadError::Eof),
+                Err(e) if is_timeout(&e) => {
+                    if Instant::now() >= deadline {
+                        return Err(ReadError::TimedOut);
+                    }
+                }
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+}
+
+fn placeholder_ack() -> HelloAck {
+    HelloAck { max_payload: 0, max_in_flight: 0, pid: 0, name: String::new() }
+}
+
+fn not_microcs(path: &Path, why: &str) -> Error {
+    Error::new(ErrorKind::Protocol, format!("{} is not a microcs service: {why}", path.display()))
+}
+
+/// Remaining time as the header's deadline field: milliseconds, rounded up, at least 1.
+fn deadline_ms(remaining: Duration) -> u32 {
+    let ms = remaining.as_micros().div_ceil(1000);
+    u32::try_from(ms).unwrap_or(u32::MAX).max(1)
+}
+
+/// `connect()` bounded by a timeout: a Unix socket whose listen backlog is full makes a blocking
+/// `connect` wait, and std offers no timeout for Unix sockets.
+fn connect_with_timeout(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
+    let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_timeout(&fd, Timeout::Send, Some(timeout))?;
+    sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(timeout))?;
+    let addr = SocketAddrUnix::new(path)?;
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => return Ok(fd),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_rounds_up() {
+        assert_eq!(deadline_ms(Duration::from_micros(1)), 1);
+        assert_eq!(deadline_ms(Duration::from_millis(1500)), 1500);
+        assert_eq!(deadline_ms(Duration::from_micros(1500)), 2);
+        assert_eq!(deadline_ms(Duration::from_secs(u64::MAX / 2)), u32::MAX);
+    }
+}

@@ -1,0 +1,298 @@
+//! Errors: one [`Error`] type with a [`kind`](Error::kind), the remote side's code and message
+//! when the server answered with an error, and the underlying cause in
+//! [`source`](std::error::Error::source).
+
+use std::fmt;
+use std::io;
+
+use crate::proto::status;
+
+/// A specialised `Result` for microcs operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure an [`Error`] is. Each kind maps to one Python exception class and one CLI
+/// exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The service (or method) name is not valid.
+    InvalidName,
+    /// No service of that name is running.
+    NoService,
+    /// Another live server already owns the name.
+    NameTaken,
+    /// The request did not complete before its deadline.
+    TimedOut,
+    /// The server answered with an error (the handler failed, or the method does not exist); see
+    /// [`Error::remote`].
+    Remote,
+    /// A payload over the limit of whoever would receive it.
+    FrameTooLarge,
+    /// The peer broke the protocol or does not speak it.
+    Protocol,
+    /// Not allowed: another user's service, an unsafe runtime directory, a non-socket file in
+    /// the way.
+    PermissionDenied,
+    /// The connection or server is closed.
+    Closed,
+    /// Any other I/O failure; the `io::Error` is the source.
+    Io,
+}
+
+impl ErrorKind {
+    /// A short lower-case name for the kind, as used in messages and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidName => "invalid name",
+            ErrorKind::NoService => "no service",
+            ErrorKind::NameTaken => "name taken",
+            ErrorKind::TimedOut => "timed out",
+            ErrorKind::Remote => "remote error",
+            ErrorKind::FrameTooLarge => "frame too large",
+            ErrorKind::Protocol => "protocol error",
+            ErrorKind::PermissionDenied => "permission denied",
+            ErrorKind::Closed => "closed",
+            ErrorKind::Io => "i/o error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error a server sent back: a status code and a message.
+///
+/// Handlers return it to choose the code the caller sees; any other error a handler returns is
+/// sent with code [`status::HANDLER_FAILED`] (500) and its message. Codes follow HTTP's
+/// meanings, as in NATS micro services.
+///
+/// # Examples
+///
+/// ```
+/// use microcs::RemoteError;
+///
+/// fn handler(req: microcs::Request) -> Result<Vec<u8>, RemoteError> {
+///     if req.payload().is_empty() {
+///         return Err(RemoteError::new(400, "send a board to step"));
+///     }
+///     Ok(req.payload().to_vec())
+/// }
+/// # let _ = handler;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteError {
+    code: u16,
+    message: String,
+}
+
+impl RemoteError {
+    /// An error with this status code and message.
+    pub fn new(code: u16, message: impl Into<String>) -> RemoteError {
+        RemoteError { code, message: message.into() }
+    }
+
+    /// The status code (see [`crate::proto::status`]).
+    pub fn code(&self) -> u16 {
+        self.code
+    }
+
+    /// The message, as the server wrote it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for RemoteError {}
+
+/// The error type of every fallible microcs operation.
+///
+/// Match on [`kind`](Error::kind); the message (its `Display`) says what happened and what to do.
+///
+/// # Examples
+///
+/// ```
+/// use microcs::{Client, ErrorKind};
+///
+/// # let dir = std::env::temp_dir().join(format!("microcs-doc-{}", std::process::id()));
+/// match Client::builder("NOBODY_HOME").runtime_dir(&dir).connect() {
+///     Err(e) if e.kind() == ErrorKind::NoService => eprintln!("{e}"),
+///     other => panic!("unexpected: {other:?}"),
+/// }
+/// ```
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    message: String,
+    remote: Option<RemoteError>,
+    owner_pid: Option<u32>,
+    may_have_run: bool,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Error {
+    /// An error of `kind` with a message.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            inner: Box::new(Inner {
+                kind,
+                message: message.into(),
+                remote: None,
+                owner_pid: None,
+                may_have_run: false,
+                source: None,
+            }),
+        }
+    }
+
+    /// Attaches the underlying cause.
+    pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    pub(crate) fn io(context: impl fmt::Display, err: io::Error) -> Error {
+        let kind = match err.kind() {
+            io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ErrorKind::TimedOut,
+            _ => ErrorKind::Io,
+        };
+        Error::new(kind, format!("{context}: {err}")).with_source(err)
+    }
+
+    pub(crate) fn name_taken(name: &str, pid: Option<u32>, dir: &std::path::Path) -> Error {
+        let owner = match pid {
+            Some(pid) => format!("process {pid}"),
+            None => "another process".to_owned(),
+        };
+        let mut e = Error::new(
+            ErrorKind::NameTaken,
+            format!(
+                "the name '{name}' is taken by {owner} (in {}); stop that server or pick another name",
+                dir.display()
+            ),
+        );
+        e.inner.owner_pid = pid;
+        e
+    }
+
+    /// An error the server sent (an `Error` frame): the kind follows from the status code when
+    /// the library itself produced it, and is [`ErrorKind::Remote`] for the handler's errors.
+    pub(crate) fn from_remote(service: &str, code: u16, flags: u16, message: String) -> Error {
+        use crate::proto::{FLAG_NOT_RUN, FLAG_SYSTEM};
+        let kind = if flags & FLAG_SYSTEM == 0 {
+            ErrorKind::Remote
+        } else {
+            match code {
+                status::TOO_LARGE => ErrorKind::FrameTooLarge,
+                status::PERMISSION_DENIED => ErrorKind::PermissionDenied,
+                status::TIMED_OUT => ErrorKind::TimedOut,
+                status::BAD_REQUEST | status::VERSION_UNSUPPORTED => ErrorKind::Protocol,
+                _ => ErrorKind::Remote,
+            }
+        };
+        let text = if kind == ErrorKind::Remote {
+            format!("service '{service}' answered with error {code}: {message}")
+        } else {
+            format!("service '{service}' refused the request: {message}")
+        };
+        let mut e = Error::new(kind, text);
+        e.inner.remote = Some(RemoteError::new(code, message));
+        e.inner.may_have_run = flags & FLAG_NOT_RUN == 0 && kind == ErrorKind::Remote;
+        e
+    }
+
+    pub(crate) fn set_may_have_run(mut self, yes: bool) -> Error {
+        self.inner.may_have_run = yes;
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The code and message the server sent, when the server answered with an error.
+    pub fn remote(&self) -> Option<&RemoteError> {
+        self.inner.remote.as_ref()
+    }
+
+    /// For [`ErrorKind::NameTaken`]: the pid of the live server that owns the name, when known.
+    pub fn owner_pid(&self) -> Option<u32> {
+        self.inner.owner_pid
+    }
+
+    /// True when the request may have reached the server and run before the failure (for
+    /// example, the connection broke while waiting for the reply). microcs never re-sends such a
+    /// request by itself; whether to retry is the caller's decision.
+    pub fn may_have_run(&self) -> bool {
+        self.inner.may_have_run
+    }
+
+    /// The message without the kind.
+    pub fn message(&self) -> &str {
+        &self.inner.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.inner.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.inner.kind).field("message", &self.inner.message);
+        if let Some(r) = &self.inner.remote {
+            d.field("remote", r);
+        }
+        if let Some(p) = self.inner.owner_pid {
+            d.field("owner_pid", &p);
+        }
+        if self.inner.may_have_run {
+            d.field("may_have_run", &true);
+        }
+        if let Some(s) = &self.inner.source {
+            d.field("source", s);
+        }
+        d.finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.inner.source {
+            Some(s) => Some(&**s),
+            None => self.inner.remote.as_ref().map(|r| r as &(dyn std::error::Error + 'static)),
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match e.kind() {
+            ErrorKind::InvalidName => io::ErrorKind::InvalidInput,
+            ErrorKind::NoService => io::ErrorKind::NotFound,
+            ErrorKind::NameTaken => io::ErrorKind::AddrInUse,
+            ErrorKind::TimedOut => io::ErrorKind::TimedOut,
+            ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,
+            ErrorKind::Closed => io::ErrorKind::ConnectionAborted,
+            ErrorKind::FrameTooLarge | ErrorKind::Protocol => io::ErrorKind::InvalidData,
+            ErrorKind::Remote | ErrorKind::Io => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}

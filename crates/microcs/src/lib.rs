@@ -1,0 +1,56 @@
+//! Call a local service by name.
+//!
+//! One process serves a name with a handler; another calls that name and gets the handler's
+//! answer. No ports, no broker, no set-up: names live in a private runtime directory, owned
+//! through a lock file for as long as the server lives, and requests travel over a Unix socket
+//! in length-prefixed frames with request ids, deadlines and typed errors.
+//!
+//! ```
+//! # let dir = std::env::temp_dir().join(format!("microcs-doc-lib-{}", std::process::id()));
+//! # unsafe { std::env::set_var("MICROCS_RUNTIME_DIR", &dir) };
+//! let server = microcs::Server::bind("LIFE_GEN")?;                 // claims the name
+//! let handle = server.spawn(|req: microcs::Request| {              // serves in the background
+//!     Ok::<_, microcs::RemoteError>(req.payload().to_vec())
+//! })?;
+//! let mut client = microcs::Client::connect("LIFE_GEN")?;          // by name, no ports
+//! let reply = client.request(b"Give me some data back!!")?;       // bytes in, bytes out
+//! assert_eq!(reply, b"Give me some data back!!");
+//! let text = client.send_message("hello")?;                       // str in, String out
+//! assert_eq!(text, "hello");
+//! handle.shutdown();                                               // drains, removes the socket
+//! # Ok::<(), microcs::Error>(())
+//! ```
+//!
+//! # Layout
+//!
+//! - [`proto`]: the wire protocol, sans I/O — frame layout, limits, status codes.
+//! - [`Name`]: validated service names.
+//! - [`registry`]: runtime directory, name ownership, [`list`] of running services.
+//! - [`Error`], [`ErrorKind`], [`RemoteError`]: what can go wrong.
+//! - [`Request`], [`Peer`], [`IntoPayload`]: what a handler sees and returns.
+//! - [`micro`]: the JSON of the built-in `$ping`, `$info` and `$stats` methods.
+//! - [`blocking`]: the std-only [`Client`] and [`Server`] (re-exported at the root).
+//!
+//! # Security
+//!
+//! The runtime directory is created 0700 and refused when it is not private; sockets are 0600;
+//! a server accepts only peers of its own user unless told otherwise (checked with the kernel's
+//! `SO_PEERCRED`, before a byte is read); every frame is bounded (16 MiB by default) and checked
+//! before memory is reserved for it; names cannot contain paths.
+
+#![warn(missing_docs)]
+
+pub mod blocking;
+pub mod error;
+pub mod micro;
+mod name;
+pub mod proto;
+pub mod registry;
+mod request;
+mod service;
+
+pub use blocking::{Client, ClientBuilder, Server, ServerBuilder, ServerHandle, ShutdownTrigger};
+pub use error::{Error, ErrorKind, RemoteError, Result};
+pub use name::Name;
+pub use registry::{ServiceInfo, list, list_in};
+pub use request::{Cancelled, IntoPayload, Peer, Request};

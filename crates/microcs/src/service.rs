@@ -1,0 +1,312 @@
+//! The part of a server that does not depend on how it does I/O: the endpoint table, per-endpoint
+//! statistics and the built-in `$` methods. Shared by the blocking and async servers.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use crate::error::RemoteError;
+use crate::micro::{self, EndpointInfo, EndpointStats, InfoResponse, PingResponse, StatsResponse};
+use crate::name::Name;
+use crate::proto::{self, status};
+
+/// Service identity and description, set on the server builder.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    pub version: String,
+    pub description: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Default for Identity {
+    fn default() -> Identity {
+        Identity { version: "0.1.0".into(), description: String::new(), metadata: BTreeMap::new() }
+    }
+}
+
+/// Counters of one endpoint; updated with atomics so handlers on many threads never contend
+/// on a lock except when recording an error message.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    processing_ns: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+impl Counters {
+    pub(crate) fn record(&self, elapsed: Duration, error: Option<&RemoteError>) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.processing_ns.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        if let Some(e) = error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e.message().to_owned();
+        }
+    }
+}
+
+/// A handler and its statistics.
+pub(crate) struct Endpoint<H> {
+    pub name: String,
+    pub subject: String,
+    pub handler: H,
+    pub counters: Counters,
+}
+
+/// Which built-in method a request named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Builtin {
+    Ping,
+    Info,
+    Stats,
+}
+
+/// Where a request goes.
+pub(crate) enum Route<'a, H> {
+    Endpoint(&'a Endpoint<H>),
+    Builtin(Builtin),
+    /// The method does not exist (or is not UTF-8); the error to send, not run.
+    Refuse(RemoteError),
+}
+
+/// Endpoints of one service, generic over the handler type (sync or async).
+pub(crate) struct Service<H> {
+    pub name: Name,
+    pub id: String,
+    pub identity: Identity,
+    pub started: SystemTime,
+    pub default: Endpoint<H>,
+    /// Named methods, sorted by name for binary search.
+    pub methods: Vec<Endpoint<H>>,
+}
+
+impl<H> Service<H> {
+    pub(crate) fn new(
+        name: Name,
+        identity: Identity,
+        default: H,
+        mut methods: Vec<(String, H)>,
+    ) -> Service<H> {
+        methods.sort_by(|a, b| a.0.cmp(&b.0));
+        let methods = methods
+            .into_iter()
+            .map(|(m, h)| Endpoint {
+                subject: format!("{name}.{m}"),
+                name: m,
+                handler: h,
+                counters: Counters::default(),
+            })
+            .collect();
+        Service {
+            default: Endpoint {
+                name: micro::DEFAULT_ENDPOINT.into(),
+                subject: name.to_string(),
+                handler: default,
+                counters: Counters::default(),
+            },
+            id: new_instance_id(),
+            name,
+            identity,
+            started: SystemTime::now(),
+            methods,
+        }
+    }
+
+    pub(crate) fn method_names(&self) -> Vec<String> {
+        self.methods.iter().map(|e| e.name.clone()).collect()
+    }
+
+    /// Finds where a request with this raw method name goes.
+    pub(crate) fn route(&self, method: &[u8]) -> Route<'_, H> {
+        if method.is_empty() {
+            return Route::Endpoint(&self.default);
+        }
+        match method {
+            b"$ping" => return Route::Builtin(Builtin::Ping),
+            b"$info" => return Route::Builtin(Builtin::Info),
+            b"$stats" => return Route::Builtin(Builtin::Stats),
+            _ => {}
+        }
+        let Ok(m) = std::str::from_utf8(method) else {
+            return Route::Refuse(RemoteError::new(status::BAD_REQUEST, "method name is not UTF-8"));
+        };
+        match self.methods.binary_search_by(|e| e.name.as_str().cmp(m)) {
+            Ok(i) => Route::Endpoint(&self.methods[i]),
+            Err(_) => Route::Refuse(RemoteError::new(
+                status::NO_METHOD,
+                format!("service '{}' has no method '{m}' (it has: {})", self.name, self.method_list()),
+            )),
+        }
+    }
+
+    fn method_list(&self) -> String {
+        if self.methods.is_empty() {
+            return "only the default handler".into();
+        }
+        self.methods.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        let mut m = self.identity.metadata.clone();
+        m.insert("pid".into(), std::process::id().to_string());
+        m.insert("uid".into(), crate::registry::euid().to_string());
+        m.insert("host".into(), hostname());
+        m.insert("protocol".into(), proto::VERSION.to_string());
+        m.insert("library".into(), concat!("microcs ", env!("CARGO_PKG_VERSION")).into());
+        m
+    }
+
+    fn endpoints(&self) -> impl Iterator<Item = &Endpoint<H>> {
+        std::iter::once(&self.default).chain(&self.methods)
+    }
+
+    pub(crate) fn ping(&self) -> PingResponse {
+        PingResponse {
+            kind: micro::PING_TYPE.into(),
+            name: self.name.to_string(),
+            id: self.id.clone(),
+            version: self.identity.version.clone(),
+            metadata: self.metadata(),
+        }
+    }
+
+    pub(crate) fn info(&self) -> InfoResponse {
+        InfoResponse {
+            kind: micro::INFO_TYPE.into(),
+            name: self.name.to_string(),
+            id: self.id.clone(),
+            version: self.identity.version.clone(),
+            metadata: self.metadata(),
+            description: self.identity.description.clone(),
+            endpoints: self
+                .endpoints()
+                .map(|e| EndpointInfo {
+                    name: e.name.clone(),
+                    subject: e.subject.clone(),
+                    queue_group: micro::QUEUE_GROUP.into(),
+                    metadata: None,
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> StatsResponse {
+        StatsResponse {
+            kind: micro::STATS_TYPE.into(),
+            name: self.name.to_string(),
+            id: self.id.clone(),
+            version: self.identity.version.clone(),
+            metadata: self.metadata(),
+            started: micro::rfc3339(self.started),
+            endpoints: self
+                .endpoints()
+                .map(|e| {
+                    let c = &e.counters;
+                    let n = c.requests.load(Ordering::Relaxed);
+                    let t = c.processing_ns.load(Ordering::Relaxed);
+                    EndpointStats {
+                        name: e.name.clone(),
+                        subject: e.subject.clone(),
+                        queue_group: micro::QUEUE_GROUP.into(),
+                        num_requests: n,
+                        num_errors: c.errors.load(Ordering::Relaxed),
+                        last_error: c.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                        processing_time: t,
+                        average_processing_time: t.checked_div(n).unwrap_or(0),
+                        data: None,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The JSON answer of a built-in method.
+    pub(crate) fn builtin(&self, which: Builtin) -> Vec<u8> {
+        let json = match which {
+            Builtin::Ping => serde_json::to_vec(&self.ping()),
+            Builtin::Info => serde_json::to_vec(&self.info()),
+            Builtin::Stats => serde_json::to_vec(&self.stats()),
+        };
+        json.expect("built-in responses serialise")
+    }
+}
+
+/// A 22-character base-62 id, unique per server instance (the shape of a NATS nuid).
+fn new_instance_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = String::with_capacity(22);
+    let mut round = 0u64;
+    while out.len() < 22 {
+        // RandomState is keyed from the OS's random source once per process.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(round);
+        h.write_u32(std::process::id());
+        h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        let mut v = h.finish();
+        for _ in 0..10 {
+            if out.len() == 22 {
+                break;
+            }
+            out.push(ALPHABET[(v % 62) as usize] as char);
+            v /= 62;
+        }
+        round += 1;
+    }
+    out
+}
+
+fn hostname() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+/// Limits and policies of a server, shared by the blocking and async implementations.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    /// Largest request payload accepted (announced in `HelloAck`).
+    pub max_payload: u32,
+    /// Connections served at once; past it a new connection gets a "busy" error and is closed.
+    pub max_connections: usize,
+    /// Requests run at once per connection; past it the connection is not read (backpressure).
+    pub max_in_flight: usize,
+    /// Connections still in their handshake; past it the oldest is dropped, so a flood of
+    /// silent connections cannot lock out real clients.
+    pub max_handshaking: usize,
+    /// How long shutdown waits for running handlers.
+    pub grace: Duration,
+    /// How long a new connection may take to send its `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long a started frame may take to arrive in full.
+    pub frame_timeout: Duration,
+    /// How long a reply may wait for the client to read; then the connection is dropped.
+    pub write_timeout: Duration,
+    /// Other user ids allowed to connect (the server's own uid always is).
+    pub allowed_uids: Vec<u32>,
+    /// Any user may connect.
+    pub allow_any_user: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            max_payload: proto::DEFAULT_MAX_PAYLOAD,
+            max_connections: 1024,
+            max_in_flight: 128,
+            max_handshaking: 64,
+            grace: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            allowed_uids: Vec::new(),
+            allow_any_user: false,
+        }
+    }
+}
+
+impl Config {
+    /// Whether a peer with this uid may connect.
+    pub(crate) fn allows(&self, uid: u32) -> bool {
+        self.allow_any_user || uid == crate::registry::euid() || self.allowed_uids.contains(&uid)
+    }
+}

@@ -1,0 +1,106 @@
+//! A small program the integration tests run as a separate process: a server with test
+//! methods, a racer for name-claim races, and a one-shot client.
+//!
+//! ```text
+//! microcs-peer serve NAME      serve until stdin closes; prints "READY <pid>" once bound
+//! microcs-peer race NAME       try to claim NAME: prints "WON <pid>" (then serves until stdin
+//!                              closes) or "TAKEN <owner pid>"
+//! microcs-peer call NAME MSG   one request; prints the reply
+//! ```
+//! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use microcs::{ErrorKind, RemoteError, Request, Server};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(cmd), Some(name)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: microcs-peer serve|race|call NAME [MSG]");
+        return ExitCode::from(2);
+    };
+    match cmd.as_str() {
+        "serve" => serve(name, false),
+        "race" => serve(name, true),
+        "call" => {
+            let msg = args.get(2).map(String::as_str).unwrap_or("");
+            match microcs::Client::connect(name).and_then(|mut c| c.send_message(msg)) {
+                Ok(reply) => {
+                    println!("{reply}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{:?}: {e}", e.kind());
+                    ExitCode::from(1)
+                }
+            }
+        }
+        _ => ExitCode::from(2),
+    }
+}
+
+fn serve(name: &str, race: bool) -> ExitCode {
+    let server = match build(name) {
+        Ok(s) => s,
+        Err(e) if race && e.kind() == ErrorKind::NameTaken => {
+            println!("TAKEN {}", e.owner_pid().map_or("?".into(), |p| p.to_string()));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{:?}: {e}", e.kind());
+            return ExitCode::from(1);
+        }
+    };
+    let handle = server.spawn(|req: Request| Ok::<_, RemoteError>(req.into_payload())).expect("spawn");
+    println!("{} {}", if race { "WON" } else { "READY" }, std::process::id());
+    std::io::stdout().flush().unwrap();
+    // Serve until the test closes our stdin (or kills us).
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    handle.shutdown();
+    ExitCode::SUCCESS
+}
+
+fn build(name: &str) -> microcs::Result<Server> {
+    let grace = std::env::var("PEER_GRACE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    Server::builder(name)
+        .grace_period(Duration::from_millis(grace))
+        .version("1.2.3")
+        .description("test peer")
+        .method("pid", |_req: Request| Ok::<_, RemoteError>(std::process::id().to_string()))
+        .method("peer", |req: Request| {
+            let p = req.peer();
+            Ok::<_, RemoteError>(format!("{} {} {}", p.pid, p.uid, p.gid))
+        })
+        .method("deadline_ms", |req: Request| {
+            Ok::<_, RemoteError>(req.remaining().map_or("none".into(), |d| d.as_millis().to_string()))
+        })
+        .method("fail", |_req: Request| Err::<Vec<u8>, _>(RemoteError::new(418, "i am a teapot")))
+        .method("io_fail", |_req: Request| {
+            Err::<Vec<u8>, _>(std::io::Error::new(std::io::ErrorKind::NotFound, "no such board"))
+        })
+        .method("panic", |_req: Request| -> Result<Vec<u8>, RemoteError> { panic!("boom in handler") })
+        .method("big", |req: Request| {
+            let n: usize = req.text()?.parse().map_err(|_| RemoteError::new(400, "want a size"))?;
+            Ok::<_, RemoteError>(vec![b'x'; n])
+        })
+        .method("sleep_ms", |req: Request| {
+            let ms: u64 = req.text()?.parse().map_err(|_| RemoteError::new(400, "want ms"))?;
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok::<_, RemoteError>(format!("slept {ms}"))
+        })
+        // Runs until cancelled (or 30 s), then appends "cancelled <ms>" to the file named by the
+        // payload, so the test can see the server noticed.
+        .method("wait_cancel", |req: Request| {
+            let path = String::from_utf8(req.payload().to_vec())?;
+            let t0 = Instant::now();
+            while !req.is_cancelled() && t0.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+            writeln!(f, "cancelled {}", t0.elapsed().as_millis())?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>("done")
+        })
+        .bind()
+}
