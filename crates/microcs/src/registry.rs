@@ -57,20 +57,32 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
             return Err(Error::io(format_args!("cannot create runtime directory {}", dir.display()), e));
         }
     }
-    check_dir(dir)
+    check_dir(dir, true)
+}
+
+/// Client-side check of a runtime directory the application named explicitly (to reach another
+/// user's service): any owner is accepted — naming the directory is trusting its owner — but it
+/// must be a real directory that nobody else can write to, so no one could have planted an
+/// impostor socket in it.
+pub(crate) fn check_foreign_dir_exists(dir: &Path) -> Result<bool> {
+    match fs::symlink_metadata(dir) {
+        Ok(_) => check_dir(dir, false).map(|()| true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(format_args!("cannot inspect runtime directory {}", dir.display()), e)),
+    }
 }
 
 /// Checks that `dir` is a real directory, owned by this user, closed to everyone else.
 /// `Ok(false)` when it does not exist.
 pub(crate) fn check_dir_exists(dir: &Path) -> Result<bool> {
     match fs::symlink_metadata(dir) {
-        Ok(_) => check_dir(dir).map(|()| true),
+        Ok(_) => check_dir(dir, true).map(|()| true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::io(format_args!("cannot inspect runtime directory {}", dir.display()), e)),
     }
 }
 
-fn check_dir(dir: &Path) -> Result<()> {
+fn check_dir(dir: &Path, own: bool) -> Result<()> {
     let md = fs::symlink_metadata(dir)
         .map_err(|e| Error::io(format_args!("cannot inspect runtime directory {}", dir.display()), e))?;
     let refuse = |why: String| {
@@ -93,11 +105,14 @@ fn check_dir(dir: &Path) -> Result<()> {
     if !md.is_dir() {
         return refuse("it is not a directory".into());
     }
-    if md.uid() != euid() {
+    if own && md.uid() != euid() {
         return refuse("it belongs to another user".into());
     }
-    if md.mode() & 0o077 != 0 {
+    if own && md.mode() & 0o077 != 0 {
         return refuse("group or others have access".into());
+    }
+    if md.mode() & 0o022 != 0 {
+        return refuse("group or others can write to it".into());
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! microcs-peer race NAME       try to claim NAME: prints "WON <pid>" (then serves until stdin
 //!                              closes) or "TAKEN <owner pid>"
 //! microcs-peer call NAME MSG   one request; prints the reply
+//! microcs-peer call-dir NAME DIR MSG   the same, with the runtime directory given explicitly
 //! ```
 //! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
 
@@ -24,9 +25,14 @@ fn main() -> ExitCode {
     match cmd.as_str() {
         "serve" => serve(name, false),
         "race" => serve(name, true),
-        "call" => {
-            let msg = args.get(2).map(String::as_str).unwrap_or("");
-            match microcs::Client::connect(name).and_then(|mut c| c.send_message(msg)) {
+        "call" | "call-dir" => {
+            let mut builder = microcs::Client::builder(name);
+            let mut msg = args.get(2).map(String::as_str).unwrap_or("");
+            if cmd == "call-dir" {
+                builder = builder.runtime_dir(msg);
+                msg = args.get(3).map(String::as_str).unwrap_or("");
+            }
+            match builder.connect().and_then(|mut c| c.send_message(msg)) {
                 Ok(reply) => {
                     println!("{reply}");
                     ExitCode::SUCCESS
@@ -100,6 +106,8 @@ fn build(name: &str) -> microcs::Result<Server> {
             }
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
             writeln!(f, "cancelled {}", t0.elapsed().as_millis())?;
+            // Answer late, so the caller has certainly given up by then.
+            std::thread::sleep(Duration::from_millis(500));
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>("done")
         })
         .bind()

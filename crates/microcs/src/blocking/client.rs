@@ -44,6 +44,8 @@ pub struct Client {
     name: Name,
     path: PathBuf,
     dir: PathBuf,
+    /// The application named the directory (so it may belong to another user).
+    explicit_dir: bool,
     timeout: Duration,
     max_payload: u32,
     conn: Option<Connection>,
@@ -89,6 +91,10 @@ impl ClientBuilder {
     }
 
     /// Looks for the service in this runtime directory instead of the default one.
+    ///
+    /// The default directory must belong to this user; a directory named here may belong to
+    /// another user (to call a service that [allows](crate::ServerBuilder::allow_uid) this
+    /// one), but nobody other than its owner may be able to write to it.
     pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
         self
@@ -103,12 +109,14 @@ impl ClientBuilder {
     /// user), [`ErrorKind::TimedOut`], [`ErrorKind::Protocol`] (not a microcs service).
     pub fn connect(self) -> Result<Client> {
         let name = Name::new(self.name)?;
+        let explicit_dir = self.dir.is_some();
         let dir = self.dir.unwrap_or_else(registry::runtime_dir);
         let path = registry::socket_path(&dir, &name)?;
         let mut client = Client {
             name,
             path,
             dir,
+            explicit_dir,
             timeout: self.timeout,
             max_payload: self.max_payload,
             conn: None,
@@ -373,7 +381,12 @@ impl Client {
                 format!("no service named '{name}' is running (looked in {}{detail})", self.dir.display()),
             )
         };
-        if !registry::check_dir_exists(&self.dir)? {
+        let exists = if self.explicit_dir {
+            registry::check_foreign_dir_exists(&self.dir)?
+        } else {
+            registry::check_dir_exists(&self.dir)?
+        };
+        if !exists {
             return Err(no_service(""));
         }
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
@@ -395,9 +408,14 @@ impl Client {
             rcv_timeout: Some(remaining),
         };
         let hello = Hello { max_payload: self.max_payload };
-        send_frame(&conn.stream, &Header::new(Kind::Hello, 0), b"", &hello.to_bytes())
-            .map_err(|e| Error::io(format_args!("handshake with service '{name}' failed"), e.error))?;
-        let (h, body) = conn.read_frame(deadline).map_err(|e| match e {
+        let sent = send_frame(&conn.stream, &Header::new(Kind::Hello, 0), b"", &hello.to_bytes());
+        // A server that refuses us (busy, another user) writes why and closes without reading:
+        // our hello may then fail with EPIPE, but its answer is still there to read.
+        let got = conn.read_frame(deadline);
+        if let (Err(e), Err(_)) = (sent, &got) {
+            return Err(Error::io(format_args!("handshake with service '{name}' failed"), e.error));
+        }
+        let (h, body) = got.map_err(|e| match e {
             ReadError::TimedOut => Error::new(
                 ErrorKind::TimedOut,
                 format!(

@@ -627,6 +627,9 @@ struct Conn {
     inflight: Mutex<HashMap<u64, Arc<CancelState>>>,
     handshaken: AtomicBool,
     closed: AtomicBool,
+    /// We shut the read side ourselves (server shutdown): the EOF that follows is not the peer
+    /// hanging up, so running handlers are not cancelled and their replies still go out.
+    read_shut: AtomicBool,
 }
 
 struct ReadState {
@@ -637,6 +640,7 @@ struct ReadState {
 
 impl Conn {
     fn stop_reading(&self) {
+        self.read_shut.store(true, Ordering::SeqCst);
         let _ = rustix::net::shutdown(&self.stream, Shutdown::Read);
     }
 
@@ -824,6 +828,7 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         inflight: Mutex::new(HashMap::new()),
         handshaken: AtomicBool::new(false),
         closed: AtomicBool::new(false),
+        read_shut: AtomicBool::new(false),
     });
     conns.insert(conn.id, conn.clone());
     shared.handshaking.fetch_add(1, Ordering::SeqCst);
@@ -940,17 +945,20 @@ struct Job {
 fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
     loop {
         let Ok(mut rs) = conn.read.try_lock() else { return };
-        if conn.closed.load(Ordering::SeqCst) {
+        if conn.closed.load(Ordering::SeqCst) || (conn.read_shut.load(Ordering::SeqCst) && rs.rbuf.is_empty())
+        {
             return;
         }
         conn.reader_active.store(true, Ordering::SeqCst);
         let Some(job) = next_request(shared, conn, &mut rs) else {
             conn.reader_active.store(false, Ordering::SeqCst);
-            conn.closed.store(true, Ordering::SeqCst);
             drop(rs);
             conn.flush();
-            // The peer hung up (or broke the protocol): nobody waits for running handlers.
-            conn.cancel_all();
+            if !conn.read_shut.load(Ordering::SeqCst) {
+                // The peer hung up (or broke the protocol): nobody waits for running handlers.
+                conn.closed.store(true, Ordering::SeqCst);
+                conn.cancel_all();
+            }
             return;
         };
         let more = rs.rbuf.has_frame(shared.config.max_payload);

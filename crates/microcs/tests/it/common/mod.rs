@@ -1,0 +1,173 @@
+//! Test fixtures: temporary runtime directories, the `microcs-peer` process, watchdogs.
+
+#![allow(dead_code)] // each test module uses a different subset
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The test peer binary (crates/microcs/testpeer).
+pub const PEER: &str = env!("CARGO_BIN_EXE_microcs-peer");
+
+/// A service name unique to this test process and call.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{tag}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A private (0700) runtime directory, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = PathBuf::from(format!(
+            "/tmp/mcs-it-{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            &tag[..tag.len().min(12)]
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn client(&self, name: &str) -> microcs::ClientBuilder {
+        microcs::Client::builder(name).runtime_dir(&self.path)
+    }
+
+    pub fn server(&self, name: &str) -> microcs::ServerBuilder {
+        microcs::Server::builder(name).runtime_dir(&self.path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700));
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Aborts the whole test process if a test runs longer than `limit`: a hang becomes a loud
+/// failure instead of a stuck CI job. Disarmed on drop.
+pub struct Watchdog {
+    disarm: Option<mpsc::Sender<()>>,
+}
+
+pub fn watchdog(limit: Duration) -> Watchdog {
+    let (tx, rx) = mpsc::channel::<()>();
+    let name = std::thread::current().name().unwrap_or("?").to_owned();
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("watchdog: test {name} still running after {limit:?}; aborting");
+            std::process::abort();
+        }
+    });
+    Watchdog { disarm: Some(tx) }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(tx) = self.disarm.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A `microcs-peer` child process. Killed on drop.
+pub struct PeerProcess {
+    pub child: Child,
+    pub pid: u32,
+    pub first_line: String,
+    stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl PeerProcess {
+    /// Starts `microcs-peer <mode> <name>` in `dir` and waits for its first output line.
+    pub fn start(dir: &Path, mode: &str, name: &str, env: &[(&str, &str)]) -> PeerProcess {
+        let mut cmd = Command::new(PEER);
+        cmd.args([mode, name])
+            .env("MICROCS_RUNTIME_DIR", dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn microcs-peer");
+        let pid = child.id();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first_line = String::new();
+        stdout.read_line(&mut first_line).unwrap();
+        PeerProcess { child, pid, first_line: first_line.trim().to_owned(), stdout: Some(stdout) }
+    }
+
+    /// Starts a server and asserts it came up.
+    pub fn serve(dir: &Path, name: &str) -> PeerProcess {
+        PeerProcess::serve_with(dir, name, &[])
+    }
+
+    pub fn serve_with(dir: &Path, name: &str, env: &[(&str, &str)]) -> PeerProcess {
+        let p = PeerProcess::start(dir, "serve", name, env);
+        assert_eq!(p.first_line, format!("READY {}", p.pid), "peer did not start");
+        p
+    }
+
+    /// Closes stdin: the peer shuts down gracefully. Returns its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        drop(self.child.stdin.take());
+        wait_timeout(&mut self.child, Duration::from_secs(20)).expect("peer did not exit after stdin closed")
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for a child up to `limit`.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Polls `f` until it returns `Some`, up to `limit`.
+pub fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: clients and servers in separate processes, over real Unix sockets, each
+//! test in its own temporary runtime directory with its own service names.
+//!
+//! One test binary (as ripgrep does), one module per area.
+
+mod common;
+
+mod blocking;
