@@ -6,3 +6,4 @@
 mod common;
 
 mod blocking;
+mod protocol;
