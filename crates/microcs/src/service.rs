@@ -7,10 +7,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use crate::error::RemoteError;
+use std::path::PathBuf;
+
+use crate::error::{Error, ErrorKind, RemoteError, Result};
 use crate::micro::{self, EndpointInfo, EndpointStats, InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
 use crate::proto::{self, status};
+use crate::registry::{self, Claim, Meta};
 
 /// Service identity and description, set on the server builder.
 #[derive(Debug, Clone)]
@@ -309,4 +312,73 @@ impl Config {
     pub(crate) fn allows(&self, uid: u32) -> bool {
         self.allow_any_user || uid == crate::registry::euid() || self.allowed_uids.contains(&uid)
     }
+}
+
+/// Adds a named method to a server's list, or records why it cannot be added (the first
+/// problem is reported when the server is bound or started, so builders stay chainable).
+pub(crate) fn add_method<H>(methods: &mut Vec<(String, H)>, error: &mut Option<Error>, name: &str, h: H) {
+    let problem = match proto::check_method(name) {
+        Err(m) => Some(m),
+        Ok(()) if name.starts_with('$') => {
+            Some(format!("method name {name:?}: names starting with '$' are reserved for built-in methods"))
+        }
+        Ok(()) if methods.iter().any(|(m, _)| m == name) => {
+            Some(format!("method {name:?} is registered twice"))
+        }
+        Ok(()) => None,
+    };
+    match problem {
+        Some(m) if error.is_none() => *error = Some(Error::new(ErrorKind::InvalidName, m)),
+        Some(_) => {}
+        None => methods.push((name.to_owned(), h)),
+    }
+}
+
+/// The lock file's metadata line for this server.
+pub(crate) fn meta(started_ms: u64, identity: &Identity, id: &str, methods: &[String]) -> Meta {
+    Meta {
+        pid: std::process::id(),
+        uid: registry::euid(),
+        started_ms,
+        protocol: proto::VERSION,
+        version: identity.version.clone(),
+        id: id.to_owned(),
+        methods: methods.to_vec(),
+    }
+}
+
+/// A claimed name with its socket bound: what every server flavour starts from.
+pub(crate) struct Bound {
+    pub name: Name,
+    pub dir: PathBuf,
+    pub claim: Claim,
+    /// Non-blocking, so that the async server can adopt it as is.
+    pub listener: std::os::unix::net::UnixListener,
+    pub started_ms: u64,
+}
+
+/// Validates the name, claims it in the runtime directory (default: [`registry::runtime_dir`])
+/// and binds its socket.
+///
+/// # Errors
+///
+/// [`ErrorKind::InvalidName`], [`ErrorKind::NameTaken`], [`ErrorKind::PermissionDenied`],
+/// [`ErrorKind::Io`].
+pub(crate) fn claim_and_bind(name: String, dir: Option<PathBuf>, identity: &Identity) -> Result<Bound> {
+    let name = Name::new(name)?;
+    let dir = dir.unwrap_or_else(registry::runtime_dir);
+    registry::socket_path(&dir, &name)?;
+    registry::ensure_dir(&dir)?;
+    let mut claim = Claim::take(&dir, &name)?;
+    let started_ms = registry::now_ms();
+    claim.write_meta(&meta(started_ms, identity, "", &[]))?;
+    let path = claim.prepare_socket_path()?.to_owned();
+    let listener = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(|e| Error::io(format_args!("cannot bind {}", path.display()), e))?;
+    claim.socket_bound()?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io(format_args!("cannot configure {}", path.display()), e))?;
+    tracing::debug!(service = %name, path = %path.display(), "bound");
+    Ok(Bound { name, dir, claim, listener, started_ms })
 }

@@ -63,6 +63,17 @@ impl ReadBuf {
     /// total size) — but growing by at most the bytes already held, so memory follows what the
     /// peer actually sent, never what it merely declared.
     pub(crate) fn fill(&mut self, mut stream: &UnixStream, needed: usize) -> io::Result<Filled> {
+        self.fill_with(needed, |buf| stream.read(buf))
+    }
+
+    /// [`fill`](ReadBuf::fill) with any reader: `read` gets the free space and returns how many
+    /// bytes it put there (0 at end of stream). The async server and client pass a non-blocking
+    /// `try_read`, so both flavours share one buffering policy.
+    pub(crate) fn fill_with(
+        &mut self,
+        needed: usize,
+        mut read: impl FnMut(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<Filled> {
         let held = self.end - self.start;
         if self.start > 0 && (self.start + needed > self.buf.len() || self.start >= self.buf.len() / 2) {
             self.buf.copy_within(self.start..self.end, 0);
@@ -78,7 +89,7 @@ impl ReadBuf {
             }
         }
         loop {
-            match stream.read(&mut self.buf[self.end..]) {
+            match read(&mut self.buf[self.end..]) {
                 Ok(0) => return Ok(Filled::Eof),
                 Ok(n) => {
                     self.end += n;

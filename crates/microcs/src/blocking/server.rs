@@ -27,16 +27,18 @@ use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{Shutdown, SocketFlags};
 
 use super::io::{Filled, ReadBuf, is_timeout, send_bytes, send_frame};
-use crate::error::{Error, ErrorKind, RemoteError, Result};
+#[cfg(doc)]
+use crate::error::ErrorKind;
+use crate::error::{Error, RemoteError, Result};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::proto::{
     self, DecodeError, Decoded, FLAG_NOT_RUN, FLAG_SYSTEM, FRAME_OVERHEAD, Header, Hello, HelloAck, Kind,
     status,
 };
-use crate::registry::{self, Claim, Meta};
+use crate::registry::{self, Claim};
 use crate::request::{CancelState, IntoPayload, Peer, Request, panic_message, to_remote};
-use crate::service::{Config, Identity, Route, Service};
+use crate::service::{Bound, Config, Identity, Route, Service, add_method, claim_and_bind, meta};
 
 /// How often the sentinel looks at busy connections.
 const TICK: Duration = Duration::from_millis(2);
@@ -185,21 +187,8 @@ impl ServerBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let name = Name::new(self.name)?;
-        let dir = self.dir.unwrap_or_else(registry::runtime_dir);
-        registry::socket_path(&dir, &name)?;
-        registry::ensure_dir(&dir)?;
-        let mut claim = Claim::take(&dir, &name)?;
-        let started_ms = registry::now_ms();
-        claim.write_meta(&meta(&name, started_ms, &self.identity, "", &[]))?;
-        let path = claim.prepare_socket_path()?.to_owned();
-        let listener = std::os::unix::net::UnixListener::bind(&path)
-            .map_err(|e| Error::io(format_args!("cannot bind {}", path.display()), e))?;
-        claim.socket_bound()?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::io(format_args!("cannot configure {}", path.display()), e))?;
-        tracing::debug!(service = %name, path = %path.display(), "bound");
+        let Bound { name, dir, claim, listener, started_ms } =
+            claim_and_bind(self.name, self.dir, &self.identity)?;
         Ok(Server {
             name,
             dir,
@@ -212,42 +201,6 @@ impl ServerBuilder {
             error: None,
             trigger: Trigger::new()?,
         })
-    }
-}
-
-fn add_method(
-    methods: &mut Vec<(String, Arc<SyncHandler>)>,
-    error: &mut Option<Error>,
-    name: &str,
-    h: Arc<SyncHandler>,
-) {
-    let problem = match proto::check_method(name) {
-        Err(m) => Some(m),
-        Ok(()) if name.starts_with('$') => {
-            Some(format!("method name {name:?}: names starting with '$' are reserved for built-in methods"))
-        }
-        Ok(()) if methods.iter().any(|(m, _)| m == name) => {
-            Some(format!("method {name:?} is registered twice"))
-        }
-        Ok(()) => None,
-    };
-    match problem {
-        Some(m) if error.is_none() => *error = Some(Error::new(ErrorKind::InvalidName, m)),
-        Some(_) => {}
-        None => methods.push((name.to_owned(), h)),
-    }
-}
-
-fn meta(name: &Name, started_ms: u64, identity: &Identity, id: &str, methods: &[String]) -> Meta {
-    let _ = name;
-    Meta {
-        pid: std::process::id(),
-        uid: registry::euid(),
-        started_ms,
-        protocol: proto::VERSION,
-        version: identity.version.clone(),
-        id: id.to_owned(),
-        methods: methods.to_vec(),
     }
 }
 
@@ -382,7 +335,6 @@ impl Server {
         }
         let service = Service::new(self.name.clone(), self.identity, default, self.methods);
         self.claim.write_meta(&meta(
-            &self.name,
             self.started_ms,
             &service.identity,
             &service.id,
