@@ -509,3 +509,79 @@ fn another_user_is_rejected_before_a_byte_is_read() {
     // The owner is still served.
     assert_eq!(dir.client(&name).connect().unwrap().request(b"me").unwrap(), b"me");
 }
+
+#[test]
+fn an_allowed_other_user_is_served() {
+    let _w = watchdog(Duration::from_secs(30));
+    if rustix::process::geteuid().as_raw() != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!("skipped: needs root and setpriv to act as another user");
+        return;
+    }
+    let dir = TempDir::new("allow");
+    let name = unique("ALLOW");
+    let h = dir
+        .server(&name)
+        .allow_uid(65534)
+        .bind()
+        .unwrap()
+        .spawn(|r: Request| Ok::<_, RemoteError>(format!("hello uid {}", r.peer().uid)))
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let sock = dir.path().join(format!("{name}.sock"));
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", PEER, "call-dir", &name])
+        .arg(dir.path())
+        .arg("hi")
+        .output()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello uid 65534");
+    h.shutdown();
+}
+
+#[test]
+fn io_errors_carry_their_cause() {
+    let _w = watchdog(Duration::from_secs(10));
+    let e = microcs::Server::builder("X").runtime_dir("/dev/null/sub").bind().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.to_string().contains("/dev/null/sub"), "{e}");
+    let src = std::error::Error::source(&e).expect("the io::Error is the source");
+    assert!(src.downcast_ref::<std::io::Error>().is_some());
+}
+
+#[test]
+fn clients_move_between_threads_and_handles_are_shareable() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<microcs::Client>();
+    send_sync::<microcs::ServerHandle>();
+    send_sync::<microcs::ShutdownTrigger>();
+    send_sync::<microcs::Error>();
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("send");
+    let name = unique("SEND");
+    let server = PeerProcess::serve(dir.path(), &name);
+    let mut c = dir.client(&name).connect().unwrap();
+    c.request(b"here").unwrap();
+    let pid =
+        std::thread::spawn(move || String::from_utf8(c.call("pid", b"").unwrap()).unwrap()).join().unwrap();
+    assert_eq!(pid, server.pid.to_string());
+}
+
+#[test]
+fn serve_blocks_until_its_trigger_fires() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("servefg");
+    let name = unique("SERVEFG");
+    let server = dir.server(&name).bind().unwrap();
+    let trigger = server.shutdown_trigger();
+    let t = std::thread::spawn(move || server.serve(|r: Request| Ok::<_, RemoteError>(r.into_payload())));
+    let mut c = dir.client(&name).connect().unwrap();
+    assert_eq!(c.request(b"fg").unwrap(), b"fg");
+    trigger.shutdown();
+    t.join().unwrap().unwrap();
+    assert_eq!(dir.client(&name).connect().unwrap_err().kind(), ErrorKind::NoService);
+}
