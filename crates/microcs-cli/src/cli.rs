@@ -1,0 +1,360 @@
+//! The command line, declared with clap's derive API: the doc comments below are the `--help` text.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Call local services by name: serve any program as a service, call it, list, ping, inspect and
+/// benchmark services, all from the shell.
+///
+/// Services live in a private runtime directory ($MICROCS_RUNTIME_DIR, else
+/// $XDG_RUNTIME_DIR/microcs, else /tmp/microcs-<uid>) and talk over Unix sockets.
+///
+/// Exit status: 0 success, 1 the request failed (remote error, timeout, no such service),
+/// 2 usage or local error.
+#[derive(Debug, Parser)]
+#[command(name = "microcs", version, propagate_version = true, max_term_width = 100)]
+#[command(after_help = "New here? Run `microcs demo` for a guided tour (a few seconds, nothing to set up).")]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Print machine-readable JSON on stdout instead of text (field names are stable; see docs/CLI.md).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Runtime directory where services are found and registered [default: from the environment,
+    /// see above].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a name: run CMD for each request (payload on its stdin, its stdout is the reply).
+    ///
+    /// Each request starts a fresh CMD (no shell) with the payload on stdin; what it writes to
+    /// stdout is the reply. A non-zero exit is sent to the caller as an error carrying its stderr.
+    /// CMD sees MICROCS_SERVICE, MICROCS_METHOD, MICROCS_REQUEST_ID, MICROCS_PEER_PID,
+    /// MICROCS_PEER_UID and MICROCS_TIMEOUT_MS (time left before the caller gives up) in its
+    /// environment, and is killed (with its whole process group) when the caller's deadline passes
+    /// or the caller cancels.
+    ///
+    /// Ctrl-C or SIGTERM stops taking requests, frees the name at once, lets running requests
+    /// finish (see --grace), and exits 0. A second Ctrl-C kills running commands and exits 130.
+    #[command(after_help = "Examples:\n  microcs serve UPPER -- tr a-z A-Z\n  microcs serve ECHO --echo\n  \
+                            microcs serve TOOLS --method wc='wc -c' --method date=date\n  \
+                            microcs serve LIFE_GEN --life")]
+    Serve(ServeArgs),
+
+    /// Send one request and print the raw reply on stdout.
+    ///
+    /// The payload is MESSAGE, or standard input when MESSAGE is `-`, or empty when MESSAGE is
+    /// omitted. The reply's bytes are written to stdout exactly as received (no newline added);
+    /// errors go to stderr.
+    #[command(after_help = "Examples:\n  microcs call UPPER hello\n  \
+                            printf '.#.\\n.#.\\n.#.\\n' | microcs call LIFE_GEN -\n  \
+                            microcs call TOOLS --method wc 'count me'")]
+    Call(CallArgs),
+
+    /// List the running services: name, pid, uptime, requests, errors, methods.
+    #[command(visible_alias = "list")]
+    Ls(LsArgs),
+
+    /// Measure round trips to a service with its built-in $ping, like ping(8).
+    Ping(PingArgs),
+
+    /// Show what a service says about itself ($info): version, description, endpoints.
+    Info(TargetArgs),
+
+    /// Show a service's request and error counters per endpoint ($stats).
+    Stats(TargetArgs),
+
+    /// Measure a service's latency percentiles and throughput under load.
+    Bench(BenchArgs),
+
+    /// A guided tour: start a Game of Life service, call, list, ping and benchmark it, stop it.
+    ///
+    /// Runs in a private temporary runtime directory, so it never touches your services. Takes a
+    /// few seconds.
+    Demo(DemoArgs),
+
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    #[command(
+        after_help = "Examples:\n  microcs completions bash > ~/.local/share/bash-completion/completions/microcs\n  \
+                            microcs completions zsh > ~/.zfunc/_microcs\n  \
+                            microcs completions fish > ~/.config/fish/completions/microcs.fish"
+    )]
+    Completions(CompletionsArgs),
+}
+
+/// Arguments of `microcs serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Service name to claim (dot-separated tokens of letters, digits, '_' and '-').
+    pub name: String,
+
+    /// Program (and its arguments) that answers requests without a method; put it after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+
+    /// Answer each request with its own payload (for testing).
+    #[arg(long, conflicts_with_all = ["command", "life"])]
+    pub echo: bool,
+
+    /// Serve Conway's Game of Life (what `microcs demo` runs): a board of '.' and '#' rows in,
+    /// the next generation out; method `steps` takes "N\n" then a board and runs N generations.
+    #[arg(long, conflicts_with = "command")]
+    pub life: bool,
+
+    /// Add a method NAME that runs CMD with `sh -c` (payload on stdin, stdout is the reply);
+    /// repeatable.
+    #[arg(long = "method", short = 'm', value_name = "NAME=CMD", value_parser = parse_method)]
+    pub methods: Vec<(String, String)>,
+
+    /// Commands run at once, at most; further requests wait for a free slot (until their
+    /// deadline) [default: the number of CPUs].
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub jobs: Option<u32>,
+
+    /// On shutdown, how long running requests may take to finish before they are killed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Description reported by `microcs info`.
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+
+    /// Largest request or reply a command may take or give, in bytes (suffixes K, M accepted).
+    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
+    pub max_size: u64,
+}
+
+/// Arguments of `microcs call`.
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// Service to call.
+    pub name: String,
+
+    /// Payload to send; `-` reads it from standard input; omitted sends an empty payload.
+    #[arg(allow_hyphen_values = true)]
+    pub message: Option<String>,
+
+    /// Call this method instead of the default handler.
+    #[arg(long, short = 'm', value_name = "NAME")]
+    pub method: Option<String>,
+
+    /// Give up after this long (e.g. 500ms, 2s, 1m).
+    #[arg(long, short = 't', value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Arguments of `microcs ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// How long to wait for each service's counters before showing `-`.
+    #[arg(long, short = 't', value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Arguments of `microcs ping`.
+#[derive(Debug, Args)]
+pub struct PingArgs {
+    /// Service to ping.
+    pub name: String,
+
+    /// Stop after this many pings; 0 pings until Ctrl-C.
+    #[arg(long, short = 'c', value_name = "COUNT", default_value_t = 4)]
+    pub count: u64,
+
+    /// Wait this long between pings (0 sends the next at once).
+    #[arg(long, short = 'i', value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// How long to wait for each reply.
+    #[arg(long, short = 't', value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Print only the summary.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// Arguments of `microcs info` and `microcs stats`.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// Service to ask.
+    pub name: String,
+
+    /// Give up after this long.
+    #[arg(long, short = 't', value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Arguments of `microcs bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Service to load.
+    pub name: String,
+
+    /// Concurrent clients, each with its own connection and one request in flight.
+    #[arg(long, short = 'c', value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub clients: u32,
+
+    /// Payload size in bytes (suffixes K, M accepted); ignored with --payload.
+    #[arg(long, short = 's', value_name = "BYTES", default_value = "64", value_parser = parse_size)]
+    pub size: u64,
+
+    /// Send this text as every request's payload instead of --size bytes.
+    #[arg(long, value_name = "TEXT")]
+    pub payload: Option<String>,
+
+    /// How long to measure.
+    #[arg(long, short = 'd', value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Unmeasured requests per client before measuring (connections and caches warm up).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub warmup: u64,
+
+    /// Call this method instead of the default handler (`$ping` measures the transport alone).
+    #[arg(long, short = 'm', value_name = "NAME")]
+    pub method: Option<String>,
+
+    /// How long a single request may take before it counts as an error.
+    #[arg(long, short = 't', value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Never draw the progress bar (it is drawn only when stderr is a terminal anyway).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Arguments of `microcs demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long the demo's benchmark runs.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub bench_duration: Duration,
+}
+
+/// Arguments of `microcs completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to generate completions for.
+    pub shell: Shell,
+}
+
+/// Shells `microcs completions` knows.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Shell {
+    /// GNU Bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
+}
+
+/// Parses `NAME=CMD` for `serve --method`.
+fn parse_method(s: &str) -> Result<(String, String), String> {
+    let (name, cmd) =
+        s.split_once('=').ok_or_else(|| format!("expected NAME=CMD (e.g. wc='wc -c'), got {s:?}"))?;
+    if name.is_empty() {
+        return Err(format!("the method name before '=' is empty in {s:?}"));
+    }
+    if cmd.trim().is_empty() {
+        return Err(format!("the command after '=' is empty in {s:?}"));
+    }
+    Ok((name.to_owned(), cmd.to_owned()))
+}
+
+/// Parses a duration: a number with a unit `ns`, `us`, `ms`, `s`, `m` or `h` (`1.5s`, `250ms`),
+/// or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. 500ms, 2s, 1.5m"))?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ns, us, ms, s, m or h")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 365.0 * 86_400.0 {
+        return Err(format!("duration {s:?} is too long (at most a year)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a byte count: a whole number with an optional suffix `K`/`KiB` (1024) or `M`/`MiB`
+/// (1024²), case-insensitive.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a whole number of bytes, e.g. 64, 4K, 1M"))?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}: use K or M")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("10us"), Ok(Duration::from_micros(10)));
+        for bad in ["", "s", "2 parsecs", "-1s", "1e9h", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64"), Ok(64));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        for bad in ["", "1.5K", "x", "12G", "99999999999999999999"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn methods() {
+        assert_eq!(parse_method("wc=wc -c"), Ok(("wc".into(), "wc -c".into())));
+        assert_eq!(parse_method("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_method("nocmd").is_err());
+        assert!(parse_method("=x").is_err());
+        assert!(parse_method("x= ").is_err());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,101 @@
+//! `microcs info NAME` and `microcs stats NAME`: what a service says about itself.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::cli::TargetArgs;
+use crate::error::CliResult;
+use crate::output::{Ctx, count, latency, print, print_json, table};
+
+/// Runs `microcs info`: the service's `$info` answer (JSON as the service sent it with `--json`).
+pub fn info(ctx: &Ctx, args: TargetArgs) -> CliResult {
+    let mut client = ctx.client(&args.name, args.timeout).connect()?;
+    let info = client.info()?;
+    if ctx.json {
+        return print_json(&info);
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "{}  version {}", info.name, info.version);
+    if !info.description.is_empty() {
+        let _ = writeln!(s, "  {}", info.description);
+    }
+    let mut fields: Vec<(String, String)> = vec![("id".into(), info.id.clone())];
+    if let Some(pid) = client.server_pid() {
+        fields.push(("pid".into(), pid.to_string()));
+    }
+    fields.push(("socket".into(), client.socket_path().display().to_string()));
+    if let Some(max) = client.max_request_payload() {
+        fields.push(("accepts".into(), format!("requests up to {} bytes", count(u64::from(max)))));
+    }
+    // The service's own pid is already shown from the handshake.
+    fields.extend(
+        info.metadata.iter().filter(|(k, _)| k.as_str() != "pid").map(|(k, v)| (k.clone(), v.clone())),
+    );
+    let w = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    for (k, v) in &fields {
+        let _ = writeln!(s, "  {:<w$} {v}", format!("{k}:"));
+    }
+    let _ = writeln!(s, "\nendpoints:");
+    let rows: Vec<Vec<String>> = info
+        .endpoints
+        .iter()
+        .map(|e| {
+            let how = if e.name == microcs::micro::DEFAULT_ENDPOINT {
+                format!("microcs call {}", info.name)
+            } else {
+                format!("microcs call {} --method {}", info.name, e.name)
+            };
+            vec![e.name.clone(), e.subject.clone(), how]
+        })
+        .collect();
+    s.push_str(&indent(&table(&["NAME", "SUBJECT", "CALL WITH"], &rows)));
+    print(&s)
+}
+
+/// Runs `microcs stats`: request and error counts and handler times per endpoint.
+pub fn stats(ctx: &Ctx, args: TargetArgs) -> CliResult {
+    let mut client = ctx.client(&args.name, args.timeout).connect()?;
+    let stats = client.stats()?;
+    if ctx.json {
+        return print_json(&stats);
+    }
+    let mut s = format!("{}  started {}\n", stats.name, stats.started);
+    let rows: Vec<Vec<String>> = stats
+        .endpoints
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                count(e.num_requests),
+                count(e.num_errors),
+                if e.num_requests == 0 {
+                    "-".into()
+                } else {
+                    latency(Duration::from_nanos(e.average_processing_time))
+                },
+                latency(Duration::from_nanos(e.processing_time)),
+                if e.last_error.is_empty() { "-".into() } else { one_line(&e.last_error, 60) },
+            ]
+        })
+        .collect();
+    s.push_str(&indent(&table(
+        &["ENDPOINT", "REQUESTS", "ERRORS", "AVG TIME", "TOTAL TIME", "LAST ERROR"],
+        &rows,
+    )));
+    print(&s)
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// A message on one line, shortened to `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        flat
+    } else {
+        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}

@@ -1,0 +1,189 @@
+//! `microcs serve NAME -- CMD`: turn a program into a service.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use microcs::proto::status;
+use microcs::{RemoteError, Request, Server, ShutdownTrigger};
+use serde::Serialize;
+
+use crate::cli::ServeArgs;
+use crate::error::{CliError, CliResult};
+use crate::exec::{Program, Runner};
+use crate::life;
+use crate::output::{Ctx, print_json};
+use crate::signals::{self, Sig};
+
+type Handler = Box<dyn Fn(Request) -> Result<Vec<u8>, RemoteError> + Send + Sync>;
+
+/// `{"event":"ready",...}`, printed on stdout with `--json` once the service takes requests.
+#[derive(Serialize)]
+struct Ready<'a> {
+    event: &'static str,
+    name: &'a str,
+    pid: u32,
+    socket: String,
+    runtime_dir: String,
+    handler: String,
+    methods: Vec<String>,
+    jobs: u32,
+}
+
+/// `{"event":"stopped",...}`, printed on stdout with `--json` after a graceful shutdown.
+#[derive(Serialize)]
+struct Stopped<'a> {
+    event: &'static str,
+    name: &'a str,
+    signal: Option<&'static str>,
+}
+
+/// Runs `microcs serve`.
+pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
+    let name = args.name.as_str();
+    if args.command.is_empty() && !args.echo && !args.life && args.methods.is_empty() {
+        return Err(CliError::local(format!(
+            "nothing to serve: give a command after `--` (e.g. `microcs serve {name} -- cat`), or --echo, \
+             --life or --method NAME=CMD"
+        )));
+    }
+    if let Some(program) = args.command.first() {
+        if find_program(program).is_none() {
+            return Err(CliError::local(format!(
+                "cannot find the program '{program}'{}; check the spelling, give its path, or install it",
+                if program.contains('/') { "" } else { " in PATH" }
+            )));
+        }
+    }
+    let max_frame = u32::try_from(args.max_size)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| CliError::local("--max-size must be between 1 byte and 4G"))?;
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(4, |n| u32::try_from(n.get()).unwrap_or(4).max(1))
+    });
+    let runner = Arc::new(Runner::new(name, jobs, u64::from(max_frame)));
+
+    // Signals are caught from before the name is claimed, so none can kill the process while it
+    // owns the name without cleaning up.
+    let trigger: Arc<OnceLock<ShutdownTrigger>> = Arc::new(OnceLock::new());
+    let caught: Arc<OnceLock<Sig>> = Arc::new(OnceLock::new());
+    {
+        let (trigger, caught, runner) = (trigger.clone(), caught.clone(), runner.clone());
+        let name = name.to_owned();
+        signals::on_terminate(move |sig, n| {
+            let Some(t) = trigger.get() else {
+                // Not serving yet: nothing to drain.
+                std::process::exit(130);
+            };
+            if n == 1 {
+                let _ = caught.set(sig);
+                eprintln!(
+                    "microcs: {} received: stopping '{name}' (running requests may finish; Ctrl-C again \
+                     to kill them)",
+                    sig.name()
+                );
+                t.shutdown();
+            } else {
+                runner.kill_all();
+                eprintln!("microcs: killed the running commands of '{name}'; exiting");
+                std::process::exit(130);
+            }
+        })?;
+    }
+
+    let mut builder = Server::builder(name)
+        .runtime_dir(&ctx.dir)
+        .grace_period(args.grace)
+        .max_frame(max_frame)
+        .metadata("served_by", "microcs serve")
+        .version(env!("CARGO_PKG_VERSION"));
+    let handler_desc;
+    let default: Handler = if args.echo {
+        handler_desc = "echo".to_owned();
+        Box::new(|req: Request| Ok(req.into_payload()))
+    } else if args.life {
+        handler_desc = "game of life".to_owned();
+        builder = builder.method("steps", life::steps);
+        Box::new(|req| life::next_generation(req).map(String::into_bytes))
+    } else if !args.command.is_empty() {
+        let program = Program::Exec(args.command.clone());
+        handler_desc = program.display();
+        let r = runner.clone();
+        Box::new(move |req| r.run(&program, req))
+    } else {
+        handler_desc = "none".to_owned();
+        let names: Vec<String> = args.methods.iter().map(|(m, _)| m.clone()).collect();
+        let service = name.to_owned();
+        Box::new(move |_req| {
+            Err(RemoteError::new(
+                status::NO_METHOD,
+                format!(
+                    "service '{service}' has no default handler; call one of its methods: {}",
+                    names.join(", ")
+                ),
+            ))
+        })
+    };
+    let description = args.description.clone().unwrap_or_else(|| match (args.echo, args.life) {
+        (true, _) => "echoes every request".to_owned(),
+        (_, true) => "Conway's Game of Life: send rows of '.' and '#', get the next generation".to_owned(),
+        _ => format!("runs `{handler_desc}` for each request"),
+    });
+    builder = builder.description(&description).metadata("handler", &handler_desc);
+    for (method, line) in &args.methods {
+        let program = Program::Shell(line.clone());
+        let r = runner.clone();
+        builder = builder.method(method, move |req| r.run(&program, req));
+    }
+
+    let server = builder.bind()?;
+    let _ = trigger.set(server.shutdown_trigger());
+    let socket = server.socket_path().to_owned();
+    let handle = server.spawn(default)?;
+    let mut methods: Vec<String> = args.methods.iter().map(|(m, _)| m.clone()).collect();
+    if args.life {
+        methods.insert(0, "steps".into());
+    }
+    eprintln!(
+        "microcs: serving '{name}' (pid {}) at {}: {handler_desc}{}; up to {jobs} at once. Ctrl-C to stop.",
+        std::process::id(),
+        socket.display(),
+        if methods.is_empty() { String::new() } else { format!(", methods: {}", methods.join(", ")) },
+    );
+    if ctx.json {
+        print_json(&Ready {
+            event: "ready",
+            name,
+            pid: std::process::id(),
+            socket: socket.display().to_string(),
+            runtime_dir: ctx.dir.display().to_string(),
+            handler: handler_desc.clone(),
+            methods: methods.clone(),
+            jobs,
+        })?;
+    }
+    handle.wait();
+    handle.shutdown();
+    eprintln!("microcs: stopped '{name}'; the name is free");
+    if ctx.json {
+        // The reader may be gone by now (a pipeline shutting down); that is no failure.
+        let _ = print_json(&Stopped { event: "stopped", name, signal: caught.get().map(|s| s.name()) });
+    }
+    let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+/// Where `program` would be found by exec: itself when it has a `/`, else the first executable
+/// of that name in `PATH`.
+fn find_program(program: &str) -> Option<PathBuf> {
+    let executable =
+        |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| executable(p))
+}
