@@ -7,7 +7,10 @@
 //!                              closes) or "TAKEN <owner pid>"
 //! microcs-peer call NAME MSG   one request; prints the reply
 //! microcs-peer call-dir NAME DIR MSG   the same, with the runtime directory given explicitly
+//! microcs-peer call-method NAME METHOD PAYLOAD   one call of a method; prints the reply
 //! ```
+//! Server options from the environment: PEER_GRACE_MS, PEER_WRITE_TIMEOUT_MS, PEER_MAX_PENDING,
+//! PEER_LOG (file for the `record` method).
 //! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
 
 use std::io::{Read, Write};
@@ -25,6 +28,20 @@ fn main() -> ExitCode {
     match cmd.as_str() {
         "serve" => serve(name, false),
         "race" => serve(name, true),
+        "call-method" => {
+            let (method, payload) =
+                (args.get(2).cloned().unwrap_or_default(), args.get(3).cloned().unwrap_or_default());
+            match microcs::Client::connect(name).and_then(|mut c| c.call(&method, payload.as_bytes())) {
+                Ok(reply) => {
+                    println!("{}", String::from_utf8_lossy(&reply));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{:?}: {e}", e.kind());
+                    ExitCode::from(1)
+                }
+            }
+        }
         "call" | "call-dir" => {
             let mut builder = microcs::Client::builder(name);
             let mut msg = args.get(2).map(String::as_str).unwrap_or("");
@@ -69,9 +86,23 @@ fn serve(name: &str, race: bool) -> ExitCode {
 }
 
 fn build(name: &str) -> microcs::Result<Server> {
-    let grace = std::env::var("PEER_GRACE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let env_ms = |k: &str, default: u64| {
+        Duration::from_millis(std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+    };
+    let pending = std::env::var("PEER_MAX_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
     Server::builder(name)
-        .grace_period(Duration::from_millis(grace))
+        .grace_period(env_ms("PEER_GRACE_MS", 10_000))
+        .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
+        .max_pending_handshakes(pending)
+        // Appends the payload as a line to the file named by $PEER_LOG, then echoes it: lets a
+        // test count how many times each call really ran.
+        .method("record", |req: Request| {
+            let path = std::env::var("PEER_LOG").map_err(|_| RemoteError::new(500, "PEER_LOG not set"))?;
+            let mut line = req.payload().to_vec();
+            line.push(b'\n');
+            std::fs::OpenOptions::new().create(true).append(true).open(path)?.write_all(&line)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(req.into_payload())
+        })
         .version("1.2.3")
         .description("test peer")
         .method("pid", |_req: Request| Ok::<_, RemoteError>(std::process::id().to_string()))

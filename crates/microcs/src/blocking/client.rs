@@ -496,9 +496,11 @@ impl Connection {
             if remaining.is_zero() {
                 return Err(ReadError::TimedOut);
             }
-            // SO_RCVTIMEO bounds each read; shorten it only when the deadline is nearer than the
-            // value already set (so the common case costs no extra syscall).
-            if self.rcv_timeout.is_none_or(|t| t > remaining + Duration::from_millis(1)) {
+            // SO_RCVTIMEO bounds each read. Reset it only when it is off from the time left by
+            // more than a millisecond: requests with the same timeout then cost no extra
+            // syscall, while a short value left by an earlier, nearer deadline never turns a
+            // later wait into a loop of early wake-ups.
+            if self.rcv_timeout.is_none_or(|t| t.abs_diff(remaining) > Duration::from_millis(1)) {
                 sockopt::set_socket_timeout(
                     &self.stream,
                     Timeout::Recv,

@@ -100,6 +100,14 @@ impl ServerBuilder {
         self
     }
 
+    /// Connections allowed to be still in their handshake at once (default 64). When a new
+    /// connection would exceed it, the oldest silent one is dropped, so a flood of connections
+    /// that never say hello (slowloris) cannot lock real clients out.
+    pub fn max_pending_handshakes(mut self, n: usize) -> Self {
+        self.config.max_handshaking = n.max(1);
+        self
+    }
+
     /// How long [`ServerHandle::shutdown`] lets running handlers finish (default 10 s).
     pub fn grace_period(mut self, grace: Duration) -> Self {
         self.config.grace = grace;

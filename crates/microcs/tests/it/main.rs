@@ -6,4 +6,5 @@
 mod common;
 
 mod blocking;
+mod faults;
 mod protocol;

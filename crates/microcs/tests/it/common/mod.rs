@@ -96,7 +96,26 @@ pub struct PeerProcess {
 impl PeerProcess {
     /// Starts `microcs-peer <mode> <name>` in `dir` and waits for its first output line.
     pub fn start(dir: &Path, mode: &str, name: &str, env: &[(&str, &str)]) -> PeerProcess {
-        let mut cmd = Command::new(PEER);
+        PeerProcess::start_wrapped(&[], dir, mode, name, env)
+    }
+
+    /// Like [`start`](PeerProcess::start), run through a wrapper command such as
+    /// `prlimit --nofile=64:64 --`.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        dir: &Path,
+        mode: &str,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> PeerProcess {
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(PEER);
+                c
+            }
+            None => Command::new(PEER),
+        };
         cmd.args([mode, name])
             .env("MICROCS_RUNTIME_DIR", dir)
             .stdin(Stdio::piped())
@@ -170,4 +189,28 @@ pub fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used, from /proc/<pid>/stat, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
