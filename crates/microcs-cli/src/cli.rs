@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// benchmark services, all from the shell.
 ///
 /// Services live in a private runtime directory ($MICROCS_RUNTIME_DIR, else
-/// $XDG_RUNTIME_DIR/microcs, else /tmp/microcs-<uid>) and talk over Unix sockets.
+/// $XDG_RUNTIME_DIR/microcs, else /tmp/microcs-UID) and talk over Unix sockets.
 ///
 /// Exit status: 0 success, 1 the request failed (remote error, timeout, no such service),
 /// 2 usage or local error.

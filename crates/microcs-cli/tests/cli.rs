@@ -1,0 +1,577 @@
+//! End-to-end tests of the `microcs` binary: real `microcs serve` processes, real sockets.
+//!
+//! Every test gets its own private runtime directory (MICROCS_RUNTIME_DIR) and its own service
+//! names, and every process it starts is bounded by a watchdog, so nothing can hang or collide.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const EXE: &str = env!("CARGO_BIN_EXE_microcs");
+/// No single command of these tests comes near this; past it, it is killed and the test fails.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// A private runtime directory, removed at the end.
+struct Env {
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        use std::os::unix::fs::DirBuilderExt;
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mcs-cli-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        Env { dir }
+    }
+
+    /// A service name unique to this test process.
+    fn name(&self, tag: &str) -> String {
+        format!("{tag}_{}", std::process::id())
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(EXE);
+        c.args(args).env("MICROCS_RUNTIME_DIR", &self.dir).env_remove("XDG_RUNTIME_DIR");
+        c
+    }
+
+    /// Runs `microcs ARGS` to completion (with `stdin` as input), under the watchdog.
+    fn run_with(&self, args: &[&str], stdin: &[u8]) -> Out {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start microcs");
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = wait_output(child, args);
+        writer.join().unwrap();
+        out
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        self.run_with(args, b"")
+    }
+
+    /// Starts `microcs --json serve ARGS` and waits for its `ready` event.
+    fn serve(&self, args: &[&str]) -> Serving {
+        let mut full = vec!["--json", "serve"];
+        full.extend_from_slice(args);
+        let mut child = self
+            .cmd(&full)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start microcs serve");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = match rx.recv_timeout(WATCHDOG) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("`microcs serve {args:?}` did not become ready: {err}");
+            }
+        };
+        let ready: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(ready["event"], "ready", "{first}");
+        Serving { child: Some(child), lines: rx, ready }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A finished `microcs` run.
+#[derive(Debug)]
+struct Out {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Out {
+    fn code(&self) -> i32 {
+        self.status.code().expect("exited normally")
+    }
+    fn text(&self) -> String {
+        String::from_utf8(self.stdout.clone()).expect("utf-8 stdout")
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?} / {}", self.text(), self.stderr))
+    }
+    #[track_caller]
+    fn ok(self) -> Out {
+        assert_eq!(
+            self.code(),
+            0,
+            "stdout: {:?}\nstderr: {}",
+            String::from_utf8_lossy(&self.stdout),
+            self.stderr
+        );
+        self
+    }
+}
+
+fn wait_output(mut child: Child, args: &[&str]) -> Out {
+    let start = Instant::now();
+    loop {
+        match child.try_wait().unwrap() {
+            Some(_) => break,
+            None if start.elapsed() > WATCHDOG => {
+                let _ = child.kill();
+                panic!("`microcs {args:?}` ran past the watchdog");
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    Out { status, stdout, stderr: String::from_utf8_lossy(&stderr).into_owned() }
+}
+
+/// A running `microcs serve`; killed if the test ends without stopping it.
+struct Serving {
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    ready: Value,
+}
+
+impl Serving {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// Waits for the process to exit (under the watchdog); returns its status and stderr.
+    fn wait(mut self) -> (ExitStatus, Vec<String>, String) {
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > WATCHDOG {
+                let _ = child.kill();
+                panic!("microcs serve did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        let lines: Vec<String> = self.lines.try_iter().collect();
+        (status, lines, err)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sock_exists(dir: &Path, name: &str) -> bool {
+    dir.join(format!("{name}.sock")).exists()
+}
+
+#[test]
+fn serve_echo_then_call_ls_ping_info_stats_bench() {
+    let env = Env::new("tour");
+    let name = env.name("ECHO");
+    let srv = env.serve(&[&name, "--echo"]);
+    assert_eq!(srv.ready["name"], name.as_str());
+    assert_eq!(srv.ready["pid"], srv.pid());
+
+    // call: raw bytes out, nothing added.
+    let out = env.run(&["call", &name, "Give me some data back!!"]).ok();
+    assert_eq!(out.stdout, b"Give me some data back!!");
+    let binary = [0u8, 159, 146, 150, b'\n', 255];
+    let out = env.run_with(&["call", &name, "-"], &binary).ok();
+    assert_eq!(out.stdout, binary);
+    let j = env.run_with(&["call", &name, "-", "--json"], &binary).ok().json();
+    assert_eq!(j["reply"], Value::Null, "not UTF-8, so no text");
+    assert_eq!(j["reply_base64"], "AJ+Slgr/");
+    assert_eq!(j["bytes"], 6);
+    let j = env.run(&["--json", "call", &name, "héllo"]).ok().json();
+    assert_eq!(j["reply"], "héllo");
+    assert_eq!(j["name"], name.as_str());
+    assert_eq!(j["method"], Value::Null);
+
+    // ls: human table and JSON, with the counts from $stats.
+    let out = env.run(&["ls"]).ok();
+    let text = out.text();
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.contains(&name) && text.contains(&srv.pid().to_string()), "{text}");
+    let j = env.run(&["ls", "--json"]).ok().json();
+    let svcs = j["services"].as_array().unwrap();
+    assert_eq!(svcs.len(), 1, "{j}");
+    assert_eq!(svcs[0]["name"], name.as_str());
+    assert_eq!(svcs[0]["pid"], srv.pid());
+    assert_eq!(svcs[0]["requests"], 4, "four calls so far: {j}");
+    assert_eq!(svcs[0]["errors"], 0);
+    assert!(svcs[0]["uptime_s"].is_u64() && svcs[0]["started"].is_string());
+
+    // ping: per-reply lines and the summary.
+    let out = env.run(&["ping", &name, "-c", "3", "-i", "10ms"]).ok();
+    let text = out.text();
+    assert_eq!(text.matches("reply from").count(), 3, "{text}");
+    assert!(text.contains("3 pings sent, 3 replies, 0% loss"), "{text}");
+    assert!(text.contains("rtt min/avg/max/mdev = "), "{text}");
+    let j = env.run(&["ping", &name, "-c", "2", "-i", "0", "--json"]).ok().json();
+    assert_eq!((j["sent"].as_u64(), j["received"].as_u64()), (Some(2), Some(2)), "{j}");
+    assert_eq!(j["loss_pct"], 0.0);
+    let (min, avg, max) =
+        (j["min_ms"].as_f64().unwrap(), j["avg_ms"].as_f64().unwrap(), j["max_ms"].as_f64().unwrap());
+    assert!(0.0 < min && min <= avg && avg <= max, "{j}");
+    assert_eq!(j["replies"].as_array().unwrap().len(), 2);
+
+    // info and stats.
+    let out = env.run(&["info", &name]).ok();
+    assert!(out.text().contains("echoes every request"), "{}", out.text());
+    let j = env.run(&["info", &name, "--json"]).ok().json();
+    assert_eq!(j["type"], "io.nats.micro.v1.info_response");
+    assert_eq!(j["name"], name.as_str());
+    assert_eq!(j["endpoints"][0]["name"], "default");
+    let j = env.run(&["stats", &name, "--json"]).ok().json();
+    assert_eq!(j["type"], "io.nats.micro.v1.stats_response");
+    assert_eq!(j["endpoints"][0]["num_requests"], 4, "{j}");
+    let out = env.run(&["stats", &name]).ok();
+    assert!(out.text().contains("ENDPOINT") && out.text().contains("default"), "{}", out.text());
+
+    // bench: percentiles and throughput, human and JSON.
+    let j = env
+        .run(&["bench", &name, "--duration", "1", "--clients", "2", "--size", "100", "--json"])
+        .ok()
+        .json();
+    let requests = j["requests"].as_u64().unwrap();
+    assert!(requests > 0, "{j}");
+    assert_eq!(j["errors"], 0);
+    assert_eq!(j["clients"], 2);
+    assert_eq!(j["payload_bytes"], 100);
+    assert!(j["duration_s"].as_f64().unwrap() >= 1.0, "{j}");
+    assert!(j["throughput_rps"].as_f64().unwrap() > 0.0);
+    let lat = &j["latency_us"];
+    let ps: Vec<f64> =
+        ["min", "p50", "p90", "p99", "p999", "max"].iter().map(|k| lat[k].as_f64().unwrap()).collect();
+    assert!(ps[0] > 0.0 && ps.windows(2).all(|w| w[0] <= w[1]), "percentiles in order: {lat}");
+    let out = env.run(&["bench", &name, "-d", "300ms", "-m", "$ping"]).ok();
+    let text = out.text();
+    for word in ["p50", "p90", "p99", "p99.9", "req/s"] {
+        assert!(text.contains(word), "{word} in {text}");
+    }
+    // Not a terminal: no progress bar escape codes.
+    assert!(!out.stderr.contains('\r'), "{:?}", out.stderr);
+
+    // The counts of bench show in ls afterwards.
+    let j = env.run(&["ls", "--json"]).ok().json();
+    assert!(j["services"][0]["requests"].as_u64().unwrap() >= 4 + requests, "{j}");
+}
+
+#[test]
+fn serve_command_replies_with_stdout_and_failures_carry_stderr() {
+    let env = Env::new("cmd");
+    let name = env.name("UPPER");
+    let _srv = env.serve(&[
+        &name,
+        "--method",
+        "fail=echo something went wrong >&2; echo partial; exit 3",
+        "--method",
+        "env=printf '%s %s' \"$MICROCS_SERVICE\" \"$MICROCS_METHOD\"",
+        "--",
+        "tr",
+        "a-z",
+        "A-Z",
+    ]);
+    let out = env.run(&["call", &name, "hello"]).ok();
+    assert_eq!(out.text(), "HELLO");
+    let out = env.run_with(&["call", &name, "-"], b"from stdin\n").ok();
+    assert_eq!(out.text(), "FROM STDIN\n");
+    let out = env.run(&["call", &name, "-m", "env"]).ok();
+    assert_eq!(out.text(), format!("{name} env"));
+
+    // A failing command: exit 1, its stderr reaches the caller, stdout stays empty.
+    let out = env.run(&["call", &name, "--method", "fail", "x"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(out.stderr.contains("something went wrong"), "{}", out.stderr);
+    assert!(out.stderr.contains("exit status 3"), "{}", out.stderr);
+    assert_eq!(out.stderr.trim().lines().count(), 1, "one line: {}", out.stderr);
+    let j = env.run(&["--json", "call", &name, "--method", "fail"]).json();
+    assert_eq!(j["error"]["kind"], "remote error");
+    assert_eq!(j["error"]["code"], 500);
+    assert_eq!(j["error"]["exit_code"], 1);
+    assert!(j["error"]["message"].as_str().unwrap().contains("something went wrong"));
+
+    // Unknown method: the service says which it has.
+    let out = env.run(&["call", &name, "--method", "nope"]);
+    assert_eq!(out.code(), 1);
+    assert!(out.stderr.contains("404") && out.stderr.contains("fail"), "{}", out.stderr);
+
+    // The failure is counted by the service.
+    let j = env.run(&["stats", &name, "--json"]).ok().json();
+    let fail = j["endpoints"].as_array().unwrap().iter().find(|e| e["name"] == "fail").unwrap().clone();
+    assert_eq!(fail["num_errors"], 2, "{j}");
+    assert!(fail["last_error"].as_str().unwrap().contains("something went wrong"));
+}
+
+#[test]
+fn a_command_past_its_deadline_is_killed() {
+    let env = Env::new("late");
+    let name = env.name("SLOW");
+    let marker = env.dir.join("finished");
+    let script = format!("sleep 3; touch {}", marker.display());
+    let _srv = env.serve(&[&name, "--method", &format!("slow={script}")]);
+    let out = env.run(&["call", &name, "-m", "slow", "--timeout", "300ms"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stderr.contains("did not answer"), "{}", out.stderr);
+    // The service notices the deadline and kills the command (and its process group): the
+    // stats say so, and the command never gets to finish.
+    let start = Instant::now();
+    let last_error = loop {
+        let j = env.run(&["stats", &name, "--json"]).ok().json();
+        let e = j["endpoints"][1]["last_error"].as_str().unwrap().to_owned();
+        if !e.is_empty() || start.elapsed() > Duration::from_secs(20) {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(last_error.contains("deadline") && last_error.contains("killed"), "{last_error}");
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(!marker.exists(), "the killed command must not have finished");
+}
+
+#[test]
+fn requests_run_concurrently_but_bounded_by_jobs() {
+    let env = Env::new("jobs");
+    // Concurrent: `a` waits for a file that only `b` creates, so both finish only if they run
+    // at the same time.
+    let flag = env.dir.join("b-ran");
+    let name = env.name("PAIR");
+    let _srv = env.serve(&[
+        &name,
+        "--jobs",
+        "2",
+        "--method",
+        &format!("a=while [ ! -e {0} ]; do sleep 0.01; done; echo a", flag.display()),
+        "--method",
+        &format!("b=touch {}; echo b", flag.display()),
+    ]);
+    let waiting = env.cmd(&["call", &name, "-m", "a", "-t", "30s"]).stdout(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(env.run(&["call", &name, "-m", "b"]).ok().text(), "b\n");
+    let out = wait_output(waiting, &["call a"]);
+    assert_eq!(out.ok().text(), "a\n");
+
+    // Bounded: with --jobs 1, two 300 ms commands take at least 600 ms together.
+    let name = env.name("ONE");
+    let _srv1 = env.serve(&[&name, "--jobs", "1", "--", "sh", "-c", "sleep 0.3; echo done"]);
+    let start = Instant::now();
+    let first = env.cmd(&["call", &name]).stdout(Stdio::piped()).spawn().unwrap();
+    let second = env.run(&["call", &name]).ok();
+    assert_eq!(second.text(), "done\n");
+    assert_eq!(wait_output(first, &["first"]).ok().text(), "done\n");
+    assert!(start.elapsed() >= Duration::from_millis(600), "one at a time: {:?}", start.elapsed());
+}
+
+#[test]
+fn life_service_steps_boards_and_rejects_bad_ones() {
+    let env = Env::new("life");
+    let name = env.name("LIFE");
+    let _srv = env.serve(&[&name, "--life"]);
+    let out = env.run_with(&["call", &name, "-"], b".....\n..#..\n..#..\n..#..\n.....\n").ok();
+    assert_eq!(out.text(), ".....\n.....\n.###.\n.....\n.....\n");
+    let blinker = ".....\n..#..\n..#..\n..#..\n.....\n";
+    let out = env.run_with(&["call", &name, "-m", "steps", "-"], format!("2\n{blinker}").as_bytes()).ok();
+    assert_eq!(out.text(), blinker, "a blinker has period 2");
+    let out = env.run_with(&["call", &name, "-"], b"..\n.x\n");
+    assert_eq!(out.code(), 1);
+    assert!(out.stderr.contains("400") && out.stderr.contains("row 2, column 2"), "{}", out.stderr);
+}
+
+#[test]
+fn exit_codes_0_1_2() {
+    let env = Env::new("codes");
+    let name = env.name("CODES");
+    // 2: usage errors (clap's, and ours).
+    for args in [
+        &["no-such-command"][..],
+        &["call"],
+        &["ping", "X", "-c", "lots"],
+        &["call", "X", "--timeout", "soon"],
+        &["serve", "X"],
+        &["completions", "powershell"],
+    ] {
+        let out = env.run(args);
+        assert_eq!(out.code(), 2, "{args:?}: {out:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}");
+    }
+    // 2: a name that is not valid, a program that does not exist.
+    let out = env.run(&["call", "a b", "x"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(out.stderr.contains("invalid service name"), "{}", out.stderr);
+    let out = env.run(&["serve", &name, "--", "/no/such/program-xyz"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(out.stderr.contains("cannot find the program"), "{}", out.stderr);
+    // 0: help and version.
+    assert!(env.run(&["--help"]).ok().text().contains("Usage"));
+    assert!(env.run(&["serve", "--help"]).ok().text().contains("--method"));
+    assert!(env.run(&["--version"]).ok().text().starts_with("microcs "));
+
+    // 1: no such service, for every command that talks to one.
+    for args in [
+        &["call", &name, "x"][..],
+        &["ping", &name, "-c", "1"],
+        &["info", &name],
+        &["stats", &name],
+        &["bench", &name, "-d", "100ms"],
+    ] {
+        let out = env.run(args);
+        assert_eq!(out.code(), 1, "{args:?}: {out:?}");
+        assert_eq!(out.stderr.trim().lines().count(), 1, "one line: {}", out.stderr);
+        assert!(
+            out.stderr.contains("no service named") && out.stderr.contains("microcs serve"),
+            "{}",
+            out.stderr
+        );
+    }
+    let j = env.run(&["--json", "call", &name]).json();
+    assert_eq!(j["error"]["kind"], "no service");
+    assert_eq!(j["error"]["exit_code"], 1);
+
+    // With a service: 0, then 1 for a remote error and a timeout, 2 for taking its name.
+    let srv = env.serve(&[&name, "--echo", "--method", "slow=sleep 2", "--method", "fail=exit 1"]);
+    env.run(&["call", &name, "hi"]).ok();
+    assert_eq!(env.run(&["call", &name, "-m", "fail"]).code(), 1);
+    let out = env.run(&["call", &name, "-m", "slow", "-t", "100ms"]);
+    assert_eq!(out.code(), 1);
+    assert!(out.stderr.contains("--timeout"), "{}", out.stderr);
+    let j = env.run(&["--json", "call", &name, "-m", "slow", "-t", "100ms"]).json();
+    assert_eq!(j["error"]["kind"], "timed out");
+    let out = env.run(&["serve", &name, "--echo"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(out.stderr.contains("taken") && out.stderr.contains(&srv.pid().to_string()), "{}", out.stderr);
+    // bench with a failing method: the report is printed, and the status says it failed.
+    let out = env.run(&["bench", &name, "-m", "fail", "-d", "100ms", "--warmup", "0"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stderr.contains("requests failed"), "{}", out.stderr);
+}
+
+#[test]
+fn sigterm_and_sigint_stop_gracefully_and_free_the_name() {
+    use rustix::process::Signal;
+    let env = Env::new("term");
+    let name = env.name("TERM");
+    for (sig, label) in [(Signal::TERM, "SIGTERM"), (Signal::INT, "SIGINT")] {
+        let srv = env.serve(&[&name, "--echo"]);
+        env.run(&["call", &name, "x"]).ok();
+        assert!(sock_exists(&env.dir, &name));
+        srv.signal(sig);
+        let (status, lines, err) = srv.wait();
+        assert_eq!(status.code(), Some(0), "{label}: {err}");
+        let stopped: Value = serde_json::from_str(lines.last().expect("stopped event")).unwrap();
+        assert_eq!(stopped["event"], "stopped");
+        assert_eq!(stopped["signal"], label);
+        assert!(err.contains("the name is free"), "{err}");
+        assert!(!sock_exists(&env.dir, &name), "socket removed");
+        let j = env.run(&["ls", "--json"]).ok().json();
+        assert_eq!(j["services"].as_array().unwrap().len(), 0, "{j}");
+        assert_eq!(env.run(&["call", &name, "x"]).code(), 1, "nobody serves it now");
+    }
+    // ...and it can be served again at once.
+    let _again = env.serve(&[&name, "--echo"]);
+    env.run(&["call", &name, "x"]).ok();
+}
+
+#[test]
+fn closed_stdout_exits_quietly() {
+    let env = Env::new("pipe");
+    let name = env.name("PIPE");
+    let _srv = env.serve(&[&name, "--echo"]);
+    // Endless pings, as `microcs ping NAME -c 0 -i 0 | head -1` would read them.
+    let mut child = env
+        .cmd(&["ping", &name, "-c", "0", "-i", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.starts_with("PING"), "{first}");
+    drop(stdout);
+    let out = wait_output(child, &["ping forever"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stderr, "", "quiet");
+}
+
+#[test]
+fn completions_for_each_shell() {
+    let env = Env::new("compl");
+    for shell in ["bash", "zsh", "fish"] {
+        let text = env.run(&["completions", shell]).ok().text();
+        assert!(text.contains("microcs") && text.contains("serve") && text.contains("bench"), "{shell}");
+    }
+}
+
+#[test]
+fn demo_runs_the_whole_story_and_cleans_up() {
+    let env = Env::new("demo");
+    let out = env.run(&["demo", "--bench-duration", "300ms"]).ok();
+    let text = out.text();
+    for word in
+        ["LIFE_GEN", "microcs serve", "microcs ls", "rtt min/avg/max/mdev", "p99", "is free again", "Try it"]
+    {
+        assert!(text.contains(word), "{word:?} in:\n{text}");
+    }
+    let j = env.run(&["--json", "demo"]).ok().json();
+    assert_eq!(j["name"], "LIFE_GEN");
+    assert_eq!(j["name_freed"], true);
+    assert_eq!(j["exit_code"], 0);
+    let gens = j["generations"].as_array().unwrap();
+    assert_eq!(gens.len(), 5);
+    assert_eq!(gens[4], "........\n..#.....\n...#....\n.###....\n........\n........\n", "glider moved");
+    assert_eq!(j["services"][0]["name"], "LIFE_GEN");
+    assert_eq!(j["ping"]["received"], 3);
+    assert!(j["bench"]["requests"].as_u64().unwrap() > 0);
+    // The demo used its own runtime directory, not ours, and removed it.
+    let dir = PathBuf::from(j["runtime_dir"].as_str().unwrap());
+    assert_ne!(dir, env.dir);
+    assert!(!dir.exists(), "{} removed", dir.display());
+    assert_eq!(std::fs::read_dir(&env.dir).unwrap().count(), 0);
+}
