@@ -274,3 +274,152 @@ fn chaos_restarts_lose_nothing_misroute_nothing_and_run_nothing_twice() {
     }
     eprintln!("chaos: {} calls, {ok} ok, {round} restarts", results.len());
 }
+
+/// Promise 4: hostile names are refused before any file system call.
+#[test]
+fn hostile_names_are_invalid_before_touching_the_file_system() {
+    let _w = watchdog(Duration::from_secs(10));
+    let base = std::path::PathBuf::from(format!("/tmp/mcs-never-created-{}", std::process::id()));
+    let long_dir = base.join("d".repeat(60));
+    for bad in ["../x", "a/b", "", "a\0b", "a\nb", "-rf", "LIFE_GЕN", "..", ".", "a..b", "x y", "é"] {
+        let e = microcs::Server::builder(bad).runtime_dir(&base).bind().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidName, "{bad:?}: {e}");
+        let e = microcs::Client::builder(bad).runtime_dir(&base).connect().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidName, "{bad:?}: {e}");
+    }
+    // Valid, but the socket path would not fit a Unix socket address.
+    let e = microcs::Server::builder(&"n".repeat(60)).runtime_dir(&long_dir).bind().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName, "{e}");
+    assert!(e.to_string().contains("107"), "{e}");
+    assert!(!base.exists(), "a refused name must not create anything");
+}
+
+/// Promise 4: a directory at the socket path is refused and kept.
+#[test]
+fn a_directory_at_the_socket_path_is_refused_and_kept() {
+    let _w = watchdog(Duration::from_secs(10));
+    let dir = TempDir::new("dirsock");
+    std::fs::create_dir(sock(&dir, "D")).unwrap();
+    let e = dir.server("D").bind().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    assert!(e.to_string().contains("directory"), "{e}");
+    assert!(sock(&dir, "D").is_dir());
+}
+
+/// Promise 4: the fallback runtime directory pre-created by someone else is refused.
+#[test]
+fn a_fallback_directory_planted_by_another_user_is_refused() {
+    let _w = watchdog(Duration::from_secs(20));
+    if rustix::process::geteuid().as_raw() != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!("skipped: needs root and setpriv to act as another user");
+        return;
+    }
+    // Act as uid 65533, whose fallback directory is /tmp/microcs-65533; plant it as root first.
+    let planted = std::path::Path::new("/tmp/microcs-65533");
+    let _ = std::fs::remove_dir_all(planted);
+    std::fs::create_dir(planted).unwrap();
+    let run = |mode: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65533", "--regid=65533", "--clear-groups", PEER, mode, "PLANTED"])
+            .env_remove("MICROCS_RUNTIME_DIR")
+            .env_remove("XDG_RUNTIME_DIR")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for mode in ["serve", "call"] {
+        let out = run(mode);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{mode}: {err}");
+        assert!(err.starts_with("PermissionDenied") && err.contains("/tmp/microcs-65533"), "{mode}: {err}");
+        assert!(err.contains("another user"), "{mode}: {err}");
+    }
+    std::fs::remove_dir_all(planted).unwrap();
+}
+
+/// A fake server for the client-side mirror cases: accepts one connection, answers the hello,
+/// then runs `script` on the stream.
+fn fake_server(
+    dir: &TempDir,
+    name: &str,
+    script: impl FnOnce(&mut UnixStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let l = std::os::unix::net::UnixListener::bind(sock(dir, name)).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+        let ack = proto::HelloAck { max_payload: 1 << 20, max_in_flight: 8, pid: 1, name: "FAKE".into() };
+        let mut b = Vec::new();
+        proto::encode(&mut b, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
+        s.write_all(&b).unwrap();
+        script(&mut s);
+    })
+}
+
+fn read_request_id(s: &mut UnixStream) -> u64 {
+    let mut head = [0u8; proto::FRAME_OVERHEAD];
+    s.read_exact(&mut head).unwrap();
+    let len = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+    let mut rest = vec![0u8; len + 4 - proto::FRAME_OVERHEAD];
+    s.read_exact(&mut rest).unwrap();
+    u64::from_be_bytes(head[8..16].try_into().unwrap())
+}
+
+/// Promise 2 (client side): a reply with another id is never taken for ours.
+#[test]
+fn client_ignores_replies_for_other_ids() {
+    let _w = watchdog(Duration::from_secs(20));
+    let dir = TempDir::new("fakeid");
+    let t = fake_server(&dir, "FAKE", |s| {
+        let id = read_request_id(s);
+        let mut b = Vec::new();
+        proto::encode(&mut b, &Header::new(Kind::Reply, id + 1), b"", b"not yours");
+        proto::encode(&mut b, &Header::new(Kind::Reply, id), b"", b"yours");
+        s.write_all(&b).unwrap();
+        let _ = s.read(&mut [0u8; 1]);
+    });
+    let mut c = dir.client("FAKE").connect().unwrap();
+    assert_eq!(c.request(b"q").unwrap(), b"yours");
+    drop(c);
+    t.join().unwrap();
+}
+
+/// Promise 1 (client side): a giant length prefix from the server is refused before
+/// allocating, and a trickled reply cannot hold the caller past its deadline.
+#[test]
+fn client_refuses_giant_frames_and_keeps_its_deadline_against_a_trickling_server() {
+    let _w = watchdog(Duration::from_secs(20));
+    let dir = TempDir::new("fakebig");
+    let t = fake_server(&dir, "BIG", |s| {
+        read_request_id(s);
+        s.write_all(&[0xff, 0xff, 0xff, 0xf0]).unwrap();
+        let _ = s.read(&mut [0u8; 1]);
+    });
+    let mut c = dir.client("BIG").max_frame(1 << 20).connect().unwrap();
+    let e = c.request(b"q").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+    assert!(e.to_string().contains("over the limit"), "{e}");
+    drop(c);
+    t.join().unwrap();
+
+    let t = fake_server(&dir, "TRICKLE", |s| {
+        let id = read_request_id(s);
+        let mut b = Vec::new();
+        proto::encode(&mut b, &Header::new(Kind::Reply, id), b"", &[0u8; 4096]);
+        for byte in b {
+            if s.write_all(&[byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let mut c = dir.client("TRICKLE").timeout(Duration::from_millis(400)).connect().unwrap();
+    let t0 = Instant::now();
+    let e = c.request(b"q").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    assert!(t0.elapsed() >= Duration::from_millis(400));
+    drop(c);
+    t.join().unwrap();
+}
