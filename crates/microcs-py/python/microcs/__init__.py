@@ -1,0 +1,73 @@
+"""Call a local service by name.
+
+One process serves a name with a handler; another calls that name and gets the handler's
+answer. No ports, no broker: names live in a private runtime directory, requests travel over a
+Unix socket. Payloads are bytes (or text) on the wire; nothing is ever pickled.
+
+Serve::
+
+    import microcs
+
+    def step(board: bytes) -> bytes:
+        return board.upper()
+
+    microcs.Server(step, "LIFE_GEN").start_listening()   # Ctrl-C stops it and frees the name
+
+Call, from another process::
+
+    with microcs.Client("LIFE_GEN", timeout=5.0) as client:
+        print(client.request(b"give me some data back"))
+
+The work is done by the Rust library ``microcs``; the GIL is released during every wait.
+"""
+
+from __future__ import annotations
+
+import atexit as _atexit
+
+from ._errors import (
+    Closed,
+    Error,
+    FrameTooLarge,
+    InvalidName,
+    NameTaken,
+    NoService,
+    PermissionDenied,
+    ProtocolError,
+    RemoteError,
+    TimedOut,
+)
+from ._microcs import (
+    DEFAULT_TIMEOUT,
+    Client,
+    Request,
+    Server,
+    ServiceInfo,
+    list_services,
+    runtime_dir,
+)
+from ._microcs import _stop_all
+
+__all__ = [
+    "Client",
+    "Closed",
+    "DEFAULT_TIMEOUT",
+    "Error",
+    "FrameTooLarge",
+    "InvalidName",
+    "NameTaken",
+    "NoService",
+    "PermissionDenied",
+    "ProtocolError",
+    "RemoteError",
+    "Request",
+    "Server",
+    "ServiceInfo",
+    "TimedOut",
+    "list_services",
+    "runtime_dir",
+]
+
+# Servers still running when the interpreter exits are stopped first, so that their names are
+# freed and their threads do not call handlers in a finalising interpreter.
+_atexit.register(_stop_all)

@@ -1,0 +1,226 @@
+"""Type stubs of the extension module (the Rust part of ``microcs``)."""
+
+import os
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Generic, Literal, TypeVar, final, overload
+
+from typing_extensions import Self, TypeAlias
+
+#: What a handler receives: ``bytes``, or ``str`` for a server made with ``text=True``.
+_P = TypeVar("_P", bytes, str)
+_R = TypeVar("_R", bound="Reply")
+
+#: What a handler may return (``str`` is sent as UTF-8).
+Reply: TypeAlias = bytes | bytearray | memoryview | str
+#: What may be sent as a payload.
+Payload: TypeAlias = bytes | bytearray | memoryview
+#: A handler: ``f(payload)`` or ``f(payload, request)``.
+Handler: TypeAlias = Callable[[_P], Reply] | Callable[[_P, Request], Reply]
+_PathLike: TypeAlias = str | os.PathLike[str]
+
+DEFAULT_TIMEOUT: float
+
+@final
+class Request:
+    """One call, as a handler that takes a second parameter receives it."""
+
+    @property
+    def method(self) -> str | None:
+        """The method the caller named, or None for the default handler."""
+    @property
+    def payload(self) -> bytes:
+        """The request payload, as bytes."""
+    @property
+    def pid(self) -> int:
+        """Process id of the caller (from the kernel, cannot be forged)."""
+    @property
+    def uid(self) -> int:
+        """User id of the caller."""
+    @property
+    def gid(self) -> int:
+        """Group id of the caller."""
+    @property
+    def id(self) -> int:
+        """The request id the caller chose."""
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left before the caller's deadline (0.0 once passed), or None."""
+    @property
+    def deadline(self) -> float | None:
+        """The caller's deadline on the ``time.monotonic()`` clock, or None."""
+    def is_cancelled(self) -> bool:
+        """True once nobody wants the answer (cancelled, disconnected, or past the deadline)."""
+
+@final
+class MethodDecorator(Generic[_P]):
+    """Returned by ``Server.method(name)``: registers the function it decorates."""
+
+    @overload
+    def __call__(self, func: Callable[[_P], _R]) -> Callable[[_P], _R]: ...
+    @overload
+    def __call__(self, func: Callable[[_P, Request], _R]) -> Callable[[_P, Request], _R]: ...
+
+@final
+class Server(Generic[_P]):
+    """Serves a name with a Python handler.
+
+    The name is claimed when the object is created (``NameTaken`` if a live server has it).
+    ``start_listening()``/``serve()`` serve on this thread until ``stop()`` or Ctrl-C;
+    ``start()`` (or ``with``) serves in background threads. Each request runs its handler on
+    a server thread, which takes the GIL only for the handler.
+    """
+
+    @overload
+    def __init__(
+        self: Server[bytes],
+        handler: Handler[bytes] | None,
+        name: str,
+        *,
+        text: Literal[False] = False,
+        methods: Mapping[str, Handler[bytes]] | None = None,
+        runtime_dir: _PathLike | None = None,
+        max_frame: int | None = None,
+        max_connections: int | None = None,
+        max_in_flight: int | None = None,
+        grace_period: float | None = None,
+        version: str | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Server[str],
+        handler: Handler[str] | None,
+        name: str,
+        *,
+        text: Literal[True],
+        methods: Mapping[str, Handler[str]] | None = None,
+        runtime_dir: _PathLike | None = None,
+        max_frame: int | None = None,
+        max_connections: int | None = None,
+        max_in_flight: int | None = None,
+        grace_period: float | None = None,
+        version: str | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None: ...
+    @property
+    def name(self) -> str:
+        """The service name."""
+    @property
+    def text(self) -> bool:
+        """Whether handlers receive ``str`` (True) or ``bytes`` (False)."""
+    @property
+    def running(self) -> bool:
+        """True while serving."""
+    @overload
+    def method(self, name: str) -> MethodDecorator[_P]: ...
+    @overload
+    def method(self, name: str, handler: Callable[[_P], _R]) -> Callable[[_P], _R]: ...
+    @overload
+    def method(self, name: str, handler: Callable[[_P, Request], _R]) -> Callable[[_P, Request], _R]: ...
+    def start(self) -> None:
+        """Serves in background threads and returns at once; nothing if already serving."""
+    def serve(self, timeout: float | None = None) -> None:
+        """Serves until ``stop()``, ``timeout`` seconds, or Ctrl-C (which then raises
+        ``KeyboardInterrupt`` after stopping and freeing the name)."""
+    def start_listening(self, timeout: float | None = None) -> None:
+        """The original course project's name for ``serve()``."""
+    def stop(self) -> None:
+        """Stops serving, lets running handlers finish, frees the name. Idempotent."""
+    def stats(self) -> dict[str, Any]:
+        """The ``$stats`` counters (requests, errors, timings per endpoint)."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> bool: ...
+
+@final
+class Client:
+    """A connection to a named service; every wait releases the GIL.
+
+    Connects at once (``NoService`` if nobody serves the name). One request at a time goes over
+    the connection; threads sharing a ``Client`` take turns.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        timeout: float = 30.0,
+        *,
+        runtime_dir: _PathLike | None = None,
+        max_frame: int | None = None,
+    ) -> None: ...
+    def request(self, payload: Payload) -> bytes:
+        """Sends ``payload`` to the default handler; returns the reply."""
+    def call(self, method: str, payload: Payload | None = None) -> bytes:
+        """Calls the method ``method`` with ``payload``; returns the reply."""
+    def send_message(self, message: str) -> str:
+        """Sends text to the default handler; returns the reply as text."""
+    def ping(self) -> dict[str, Any]:
+        """The service's ``$ping`` answer."""
+    def info(self) -> dict[str, Any]:
+        """The service's ``$info`` answer (name, version, endpoints)."""
+    def stats(self) -> dict[str, Any]:
+        """The service's ``$stats`` answer."""
+    @property
+    def name(self) -> str:
+        """The service name."""
+    @property
+    def timeout(self) -> float:
+        """Seconds each request may take."""
+    @timeout.setter
+    def timeout(self, value: float) -> None: ...
+    @property
+    def server_pid(self) -> int | None:
+        """The server's process id (None while disconnected)."""
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+    def close(self) -> None:
+        """Closes the connection; later calls raise ``Closed``. Idempotent."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> bool: ...
+
+@final
+class ServiceInfo:
+    """A running service, as ``list_services()`` reports it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def started(self) -> float:
+        """Start time, in seconds since the Unix epoch (as ``time.time()``)."""
+    @property
+    def protocol_version(self) -> int: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def methods(self) -> list[str]: ...
+    @property
+    def socket(self) -> str: ...
+
+def list_services(runtime_dir: _PathLike | None = None) -> list[ServiceInfo]:
+    """The services running for this user, sorted by name."""
+
+def runtime_dir() -> str:
+    """The runtime directory used when none is given."""
+
+def _stop_all() -> None: ...

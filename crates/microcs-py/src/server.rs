@@ -1,0 +1,672 @@
+//! `microcs.Server` and `microcs.Request`: a Python handler served by the Rust blocking server.
+//!
+//! The Rust server's threads accept, read and write without the GIL; a thread takes the GIL only
+//! to run the Python handler for one request. The thread that waits in `start_listening()`
+//! holds no GIL either, and wakes every `SIGNAL_POLL` to let Python run its signal handlers,
+//! so Ctrl-C stops the server cleanly (the name is freed) and then raises `KeyboardInterrupt`.
+
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use microcs::{ErrorKind, RemoteError, Request, ServerHandle};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple, PyType};
+
+use crate::errors::{IntoPyResult, remote_error_class, to_py};
+use crate::payload::{reply_bytes, type_name};
+use crate::{duration, json_to_py};
+
+/// How often a thread waiting in `start_listening()` lets Python handle signals (Ctrl-C).
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Status code for a handler that raised (the Rust library's `HANDLER_FAILED`).
+const HANDLER_FAILED: u16 = microcs::proto::status::HANDLER_FAILED;
+
+thread_local! {
+    /// Set while this thread runs a Python handler: `stop()` called from a handler must not wait
+    /// for the server to drain, since it would wait for itself.
+    static IN_HANDLER: Cell<bool> = const { Cell::new(false) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One call, as a handler that takes a second parameter receives it.
+///
+/// Its payload was already passed as the first argument; this object tells who called, which
+/// method, and how long the caller still waits.
+#[pyclass(module = "microcs", name = "Request", frozen)]
+pub struct PyRequest {
+    inner: Request,
+}
+
+#[pymethods]
+impl PyRequest {
+    /// The method the caller named, or None for the default handler.
+    #[getter]
+    fn method(&self) -> Option<&str> {
+        self.inner.method()
+    }
+
+    /// The request payload, as bytes.
+    #[getter]
+    fn payload<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.payload())
+    }
+
+    /// Process id of the caller (from the kernel, cannot be forged).
+    #[getter]
+    fn pid(&self) -> u32 {
+        self.inner.peer().pid
+    }
+
+    /// User id of the caller.
+    #[getter]
+    fn uid(&self) -> u32 {
+        self.inner.peer().uid
+    }
+
+    /// Group id of the caller.
+    #[getter]
+    fn gid(&self) -> u32 {
+        self.inner.peer().gid
+    }
+
+    /// The request id the caller chose.
+    #[getter]
+    fn id(&self) -> u64 {
+        self.inner.id()
+    }
+
+    /// Seconds left before the caller's deadline (0.0 once passed), or None if it set none.
+    #[getter]
+    fn remaining(&self) -> Option<f64> {
+        self.inner.remaining().map(|d| d.as_secs_f64())
+    }
+
+    /// The caller's deadline on the `time.monotonic()` clock, or None if it set none.
+    #[getter]
+    fn deadline(&self, py: Python<'_>) -> PyResult<Option<f64>> {
+        let Some(left) = self.inner.remaining() else { return Ok(None) };
+        let now: f64 = py.import("time")?.call_method0("monotonic")?.extract()?;
+        Ok(Some(now + left.as_secs_f64()))
+    }
+
+    /// True once nobody wants the answer: the caller cancelled, disconnected, or its deadline
+    /// passed. A long handler should check it now and then and give up early.
+    fn is_cancelled(&self) -> bool {
+        self.inner.is_cancelled()
+    }
+
+    fn __repr__(&self) -> String {
+        let p = self.inner.peer();
+        format!(
+            "<microcs.Request id={} method={:?} payload={} bytes pid={} uid={}>",
+            self.inner.id(),
+            self.inner.method().unwrap_or(""),
+            self.inner.payload().len(),
+            p.pid,
+            p.uid
+        )
+    }
+}
+
+/// A Python callable registered as the default handler or a named method.
+struct Handler {
+    func: Py<PyAny>,
+    /// Call it as `func(payload, request)` rather than `func(payload)`.
+    with_request: bool,
+    /// Pass the payload as `str` (decoded UTF-8) rather than `bytes`.
+    text: bool,
+    /// For log messages: "service 'X'" or "method 'step' of service 'X'".
+    label: String,
+}
+
+impl Handler {
+    fn new(func: &Bound<'_, PyAny>, text: bool, label: String) -> PyResult<Handler> {
+        if !func.is_callable() {
+            return Err(PyTypeError::new_err(format!(
+                "the handler for {label} must be callable, not {}",
+                type_name(func)
+            )));
+        }
+        Ok(Handler { func: func.clone().unbind(), with_request: wants_request(func)?, text, label })
+    }
+
+    /// Runs the handler for one request; the only place the server takes the GIL.
+    fn call(&self, req: Request) -> Result<Vec<u8>, RemoteError> {
+        Python::attach(|py| {
+            IN_HANDLER.set(true);
+            let result = self.call_attached(py, req);
+            IN_HANDLER.set(false);
+            result
+        })
+    }
+
+    fn call_attached(&self, py: Python<'_>, req: Request) -> Result<Vec<u8>, RemoteError> {
+        let payload = if self.text {
+            PyString::new(py, req.text()?).into_any()
+        } else {
+            PyBytes::new(py, req.payload()).into_any()
+        };
+        let func = self.func.bind(py);
+        let returned = if self.with_request {
+            Bound::new(py, PyRequest { inner: req }).and_then(|r| func.call1((payload, r)))
+        } else {
+            func.call1((payload,))
+        };
+        match returned {
+            Ok(obj) => reply_bytes(&obj).map_err(|m| {
+                log_failure(
+                    py,
+                    &format!("the handler for {} returned an unusable reply: {m}", self.label),
+                    None,
+                );
+                RemoteError::new(HANDLER_FAILED, m)
+            }),
+            Err(err) => Err(self.remote_from(py, err)),
+        }
+    }
+
+    /// The code and message the caller gets for an exception: a `microcs.RemoteError` keeps its
+    /// code and message (so a handler can choose them, and a failed nested call passes on its
+    /// service's answer); anything else is 500 with "ExceptionType: message".
+    fn remote_from(&self, py: Python<'_>, err: PyErr) -> RemoteError {
+        let value = err.value(py);
+        if let Ok(cls) = remote_error_class(py) {
+            if value.is_instance(&cls).unwrap_or(false) {
+                let code = value.getattr("code").and_then(|c| c.extract::<u16>()).unwrap_or(HANDLER_FAILED);
+                let message = value
+                    .getattr("message")
+                    .and_then(|m| m.extract::<String>())
+                    .unwrap_or_else(|_| value.to_string());
+                return RemoteError::new(code, message);
+            }
+        }
+        let ty = value.get_type();
+        let mut name = ty.qualname().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+        if let Ok(module) = ty.module() {
+            let module = module.to_string();
+            if module != "builtins" && module != "__main__" {
+                name = format!("{module}.{name}");
+            }
+        }
+        let text = value.str().map(|s| s.to_string()).unwrap_or_default();
+        let message = if text.is_empty() { name } else { format!("{name}: {text}") };
+        log_failure(py, &format!("the handler for {} raised {message}", self.label), Some(err));
+        RemoteError::new(HANDLER_FAILED, message)
+    }
+}
+
+/// Logs on the `microcs` logger (with the traceback when there is one): the caller gets the
+/// error, but the server's owner should see it too.
+fn log_failure(py: Python<'_>, message: &str, err: Option<PyErr>) {
+    static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let logger = LOGGER.get_or_try_init(py, || {
+        py.import("logging")?.call_method1("getLogger", ("microcs",)).map(Bound::unbind)
+    });
+    let Ok(logger) = logger else { return };
+    let kwargs = PyDict::new(py);
+    if let Some(err) = err {
+        let _ = kwargs.set_item("exc_info", err.into_value(py));
+    }
+    let _ = logger.bind(py).call_method("error", ("%s", message), Some(&kwargs));
+}
+
+/// Whether `func` takes a second positional argument (the [`PyRequest`]): two positional
+/// parameters without defaults, or `*args`. A second parameter with a default is left alone, so
+/// the `lambda b, i=i: ...` idiom keeps working. Decided once, when the handler is registered.
+fn wants_request(func: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = func.py();
+    let inspect = py.import("inspect")?;
+    let Ok(sig) = inspect.call_method1("signature", (func,)) else {
+        // Some built-in callables have no signature: call them with the payload only.
+        return Ok(false);
+    };
+    let empty = inspect.getattr("Parameter")?.getattr("empty")?;
+    let mut required = 0;
+    for p in sig.getattr("parameters")?.call_method0("values")?.try_iter()? {
+        let p = p?;
+        // inspect.Parameter.kind: POSITIONAL_ONLY 0, POSITIONAL_OR_KEYWORD 1, VAR_POSITIONAL 2.
+        match p.getattr("kind")?.extract::<i32>()? {
+            0 | 1 if p.getattr("default")?.is(&empty) => required += 1,
+            2 => return Ok(true),
+            _ => {}
+        }
+    }
+    Ok(required >= 2)
+}
+
+enum State {
+    /// Owns the name, not serving yet; methods may still be added.
+    Bound {
+        server: Box<microcs::Server>,
+        default: Option<Handler>,
+        methods: Vec<(String, Handler)>,
+    },
+    Running(ServerHandle),
+    /// Someone is shutting it down.
+    Stopping,
+    Stopped,
+}
+
+/// The server's state, shared with the thread that may shut it down and with the `atexit` hook.
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when the state becomes `Stopped` (the name is free by then).
+    stopped: Condvar,
+}
+
+impl Shared {
+    fn mark_stopped(&self) {
+        *lock(&self.state) = State::Stopped;
+        self.stopped.notify_all();
+    }
+
+    /// Waits until stopped, at most `limit`; true if stopped.
+    fn wait_stopped(&self, limit: Duration) -> bool {
+        let st = lock(&self.state);
+        let (st, _) = self
+            .stopped
+            .wait_timeout_while(st, limit, |s| !matches!(s, State::Stopped))
+            .unwrap_or_else(|p| p.into_inner());
+        matches!(*st, State::Stopped)
+    }
+
+    /// Stops serving and frees the name. Called without the GIL (running handlers need it to
+    /// finish). With `wait` false the drain happens on a helper thread.
+    fn shutdown(self: &Arc<Self>, wait: bool) {
+        let taken = {
+            let mut st = lock(&self.state);
+            match &*st {
+                State::Stopped => return,
+                State::Stopping => None,
+                _ => Some(std::mem::replace(&mut *st, State::Stopping)),
+            }
+        };
+        match taken {
+            // Someone else is draining it: wait for them (or not).
+            None => {
+                if wait {
+                    while !self.wait_stopped(Duration::from_secs(3600)) {}
+                }
+            }
+            Some(State::Running(handle)) if !wait => {
+                // Refuse new requests and free the name now; drain on a helper thread.
+                handle.shutdown_trigger().shutdown();
+                let me = self.clone();
+                let drain = move || {
+                    handle.shutdown();
+                    me.mark_stopped();
+                };
+                if std::thread::Builder::new().name("microcs-stop".into()).spawn(drain).is_err() {
+                    // The closure, and the handle in it, were dropped by the failed spawn, which
+                    // shut the server down on this thread.
+                    self.mark_stopped();
+                }
+            }
+            // Dropping the Rust server (bound) or shutting it down (running) frees the name.
+            Some(state) => {
+                if let State::Running(handle) = state {
+                    handle.shutdown();
+                } else {
+                    drop(state);
+                }
+                self.mark_stopped();
+            }
+        }
+    }
+}
+
+/// Servers started in this process, so that the interpreter's exit stops them first (their
+/// threads must not call into a finalising interpreter).
+static RUNNING: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+/// Stops every server of this process; registered with `atexit` by `microcs/__init__.py`.
+#[pyfunction]
+pub(crate) fn _stop_all(py: Python<'_>) {
+    let all: Vec<Arc<Shared>> = lock(&RUNNING).drain(..).filter_map(|w| w.upgrade()).collect();
+    py.detach(|| {
+        for s in all {
+            s.shutdown(true);
+        }
+    });
+}
+
+/// Serves a name with a Python handler.
+#[pyclass(module = "microcs", frozen)]
+pub struct Server {
+    name: String,
+    text: bool,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    fn closed(&self, py: Python<'_>) -> PyErr {
+        to_py(
+            py,
+            microcs::Error::new(
+                ErrorKind::Closed,
+                format!("server '{}' was stopped; create a new Server to serve the name again", self.name),
+            ),
+        )
+    }
+
+    fn add_method(&self, py: Python<'_>, name: &str, func: &Bound<'_, PyAny>) -> PyResult<()> {
+        check_method_name(py, name)?;
+        let label = format!("method '{name}' of service '{}'", self.name);
+        let handler = Handler::new(func, self.text, label)?;
+        let mut st = lock(&self.shared.state);
+        match &mut *st {
+            State::Bound { methods, .. } => {
+                if methods.iter().any(|(m, _)| m == name) {
+                    return Err(invalid_name(py, format!("method {name:?} is registered twice")));
+                }
+                methods.push((name.to_owned(), handler));
+                Ok(())
+            }
+            State::Running(_) => Err(PyRuntimeError::new_err(format!(
+                "server '{}' is already serving; add methods before start()",
+                self.name
+            ))),
+            State::Stopping | State::Stopped => Err(self.closed(py)),
+        }
+    }
+
+    fn start_inner(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = lock(&self.shared.state);
+        match &*st {
+            State::Running(_) => return Ok(()),
+            State::Stopping | State::Stopped => return Err(self.closed(py)),
+            State::Bound { .. } => {}
+        }
+        let State::Bound { server, default, methods } = std::mem::replace(&mut *st, State::Stopping) else {
+            unreachable!("checked above")
+        };
+        let mut server = *server;
+        let names: Vec<String> = methods.iter().map(|(m, _)| m.clone()).collect();
+        for (name, h) in methods {
+            server = server.method(&name, move |req: Request| h.call(req));
+        }
+        let service = self.name.clone();
+        let spawned = match default {
+            Some(h) => server.spawn(move |req: Request| h.call(req)),
+            None => server.spawn(move |_req: Request| -> Result<Vec<u8>, RemoteError> {
+                Err(RemoteError::new(
+                    microcs::proto::status::NO_METHOD,
+                    format!("service '{service}' has no default handler; call one of its methods: {names:?}"),
+                ))
+            }),
+        };
+        match spawned {
+            Ok(handle) => {
+                *st = State::Running(handle);
+                drop(st);
+                let mut running = lock(&RUNNING);
+                running.retain(|w| w.strong_count() > 0);
+                running.push(Arc::downgrade(&self.shared));
+                Ok(())
+            }
+            Err(e) => {
+                // The Rust server was consumed: the name is released; this object is done.
+                *st = State::Stopped;
+                self.shared.stopped.notify_all();
+                Err(to_py(py, e))
+            }
+        }
+    }
+}
+
+fn check_method_name(py: Python<'_>, name: &str) -> PyResult<()> {
+    microcs::proto::check_method(name).map_err(|m| invalid_name(py, m))?;
+    if name.starts_with('$') {
+        return Err(invalid_name(
+            py,
+            format!("method name {name:?}: names starting with '$' are reserved for built-in methods"),
+        ));
+    }
+    Ok(())
+}
+
+fn invalid_name(py: Python<'_>, message: String) -> PyErr {
+    to_py(py, microcs::Error::new(ErrorKind::InvalidName, message))
+}
+
+#[pymethods]
+impl Server {
+    /// Claims `name` (raises NameTaken if a live server has it) and prepares to serve it.
+    #[new]
+    #[pyo3(signature = (
+        handler, name, *, text = false, methods = None, runtime_dir = None, max_frame = None,
+        max_connections = None, max_in_flight = None, grace_period = None, version = None,
+        description = None, metadata = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        handler: Option<&Bound<'_, PyAny>>,
+        name: &str,
+        text: bool,
+        methods: Option<&Bound<'_, PyAny>>,
+        runtime_dir: Option<PathBuf>,
+        max_frame: Option<u32>,
+        max_connections: Option<usize>,
+        max_in_flight: Option<usize>,
+        grace_period: Option<f64>,
+        version: Option<&str>,
+        description: Option<&str>,
+        metadata: Option<std::collections::BTreeMap<String, String>>,
+    ) -> PyResult<Server> {
+        let default = match handler {
+            Some(h) if !h.is_none() => Some(Handler::new(h, text, format!("service '{name}'"))?),
+            _ => None,
+        };
+        let mut b = microcs::Server::builder(name);
+        if let Some(d) = runtime_dir {
+            b = b.runtime_dir(d);
+        }
+        if let Some(n) = max_frame {
+            b = b.max_frame(n);
+        }
+        if let Some(n) = max_connections {
+            b = b.max_connections(n);
+        }
+        if let Some(n) = max_in_flight {
+            b = b.max_in_flight(n);
+        }
+        if let Some(g) = grace_period {
+            b = b.grace_period(duration(g, "grace_period")?);
+        }
+        if let Some(v) = version {
+            b = b.version(v);
+        }
+        if let Some(d) = description {
+            b = b.description(d);
+        }
+        for (k, v) in metadata.iter().flatten() {
+            b = b.metadata(k, v);
+        }
+        // Binding may wait briefly for a server that is just exiting.
+        let server = py.detach(|| b.bind()).py_err(py)?;
+        let this = Server {
+            name: name.to_owned(),
+            text,
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::Bound { server: Box::new(server), default, methods: Vec::new() }),
+                stopped: Condvar::new(),
+            }),
+        };
+        if let Some(methods) = methods.filter(|m| !m.is_none()) {
+            let items = methods.call_method0("items").map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "methods must be a mapping of method name to handler, not {}",
+                    type_name(methods)
+                ))
+            })?;
+            for item in items.try_iter()? {
+                let (m, f): (String, Bound<'_, PyAny>) = item?.extract()?;
+                this.add_method(py, &m, &f)?;
+            }
+        }
+        Ok(this)
+    }
+
+    /// `Server[bytes]` / `Server[str]` in annotations.
+    #[classmethod]
+    fn __class_getitem__<'py>(
+        cls: &Bound<'py, PyType>,
+        item: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = cls.py();
+        py.import("types")?.getattr("GenericAlias")?.call1((cls, item))
+    }
+
+    /// The service name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether handlers receive `str` (True) or `bytes` (False).
+    #[getter]
+    fn text(&self) -> bool {
+        self.text
+    }
+
+    /// True while serving (after start(), before stop()).
+    #[getter]
+    fn running(&self) -> bool {
+        matches!(*lock(&self.shared.state), State::Running(_))
+    }
+
+    /// Registers `handler` for the method `name`; without `handler`, returns a decorator.
+    #[pyo3(signature = (name, handler = None))]
+    fn method<'py>(
+        slf: &Bound<'py, Self>,
+        name: &str,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        match handler {
+            Some(h) => {
+                slf.get().add_method(py, name, h)?;
+                Ok(h.clone())
+            }
+            None => {
+                check_method_name(py, name)?;
+                Ok(Bound::new(py, MethodDecorator { server: slf.clone().unbind(), name: name.to_owned() })?
+                    .into_any())
+            }
+        }
+    }
+
+    /// Starts serving in background threads and returns at once. Does nothing if serving.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        self.start_inner(py)
+    }
+
+    /// Serves until stop() is called (from a handler or another thread), `timeout` seconds
+    /// pass, or Ctrl-C: then stops, frees the name, and (for Ctrl-C) raises KeyboardInterrupt.
+    #[pyo3(signature = (timeout = None))]
+    fn serve(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let until = match timeout {
+            Some(t) => Some(Instant::now() + duration(t, "timeout")?),
+            None => None,
+        };
+        self.start_inner(py)?;
+        loop {
+            let slice = match until {
+                Some(u) => SIGNAL_POLL.min(u.saturating_duration_since(Instant::now())),
+                None => SIGNAL_POLL,
+            };
+            if py.detach(|| self.shared.wait_stopped(slice)) {
+                return Ok(());
+            }
+            if let Err(interrupted) = py.check_signals() {
+                self.stop(py);
+                return Err(interrupted);
+            }
+            if until.is_some_and(|u| Instant::now() >= u) {
+                self.stop(py);
+                return Ok(());
+            }
+        }
+    }
+
+    /// The original course project's name for serve().
+    #[pyo3(signature = (timeout = None))]
+    fn start_listening(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        self.serve(py, timeout)
+    }
+
+    /// Stops accepting, lets running handlers finish (within the grace period), and frees the
+    /// name. Called from inside a handler, it returns at once and the server drains meanwhile.
+    fn stop(&self, py: Python<'_>) {
+        let wait = !IN_HANDLER.get();
+        let shared = &self.shared;
+        py.detach(|| shared.shutdown(wait));
+    }
+
+    /// The counters of `$stats` (requests, errors, timings per endpoint), as a dict.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let stats = match &*lock(&self.shared.state) {
+            State::Running(h) => h.stats(),
+            _ => return Err(PyRuntimeError::new_err(format!("server '{}' is not serving", self.name))),
+        };
+        json_to_py(py, &stats)
+    }
+
+    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        slf.get().start_inner(slf.py())?;
+        Ok(slf.clone().unbind())
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> bool {
+        self.stop(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        let state = match &*lock(&self.shared.state) {
+            State::Bound { .. } => "bound",
+            State::Running(_) => "serving",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+        };
+        format!(
+            "<microcs.Server name={:?} text={} {state}>",
+            self.name,
+            if self.text { "True" } else { "False" }
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // May run with the GIL held (garbage collection): never wait here for handlers that
+        // need it. The name is released at once; the drain goes on in the background.
+        self.shared.shutdown(false);
+    }
+}
+
+/// What `server.method("name")` returns: registers the function it decorates.
+#[pyclass(module = "microcs", frozen)]
+pub struct MethodDecorator {
+    server: Py<Server>,
+    name: String,
+}
+
+#[pymethods]
+impl MethodDecorator {
+    fn __call__<'py>(&self, func: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let py = func.py();
+        self.server.get().add_method(py, &self.name, func)?;
+        Ok(func.clone())
+    }
+}

@@ -1,0 +1,130 @@
+"""Fixtures: a private runtime directory per test, unique names, server processes.
+
+Every test runs under a watchdog (``faulthandler``) and every wait is bounded, so a hang fails
+the run with the stacks of all threads instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import microcs
+
+PEERS = Path(__file__).parent / "peers"
+#: Longest any single test may run before the watchdog dumps all stacks and exits.
+WATCHDOG_SECONDS = 120
+_names = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh private runtime directory, used by this process and the servers it starts.
+
+    Short (under /tmp), since a socket path must fit in 108 bytes.
+    """
+    d = Path(tempfile.mkdtemp(prefix="mcs-py-", dir="/tmp"))
+    monkeypatch.setenv("MICROCS_RUNTIME_DIR", str(d))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """A service name unique to this test."""
+    return f"PYTEST_{os.getpid()}_{next(_names)}"
+
+
+def wait_for_service(name: str, runtime_dir: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Waits (at most 20 s) until `name` accepts connections.
+
+    Being listed is not enough: the registry shows a name from the moment it is claimed, a
+    moment before its socket accepts connections.
+    """
+    give_up = time.monotonic() + 20
+    while time.monotonic() < give_up:
+        if any(s.name == name for s in microcs.list_services(runtime_dir)):
+            try:
+                microcs.Client(name, timeout=10, runtime_dir=runtime_dir).close()
+                return
+            except microcs.NoService:
+                pass
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate(timeout=5)
+            raise AssertionError(f"server exited with {proc.returncode}: {err.decode(errors='replace')}")
+        time.sleep(0.02)
+    raise AssertionError(f"service {name!r} did not appear in {runtime_dir} within 20 s")
+
+
+def wait_gone(name: str, runtime_dir: Path) -> None:
+    """Waits (at most 20 s) until `name` is no longer listed."""
+    give_up = time.monotonic() + 20
+    while time.monotonic() < give_up:
+        if not any(s.name == name for s in microcs.list_services(runtime_dir)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"service {name!r} still listed after 20 s")
+
+
+def run_python(script: Path, *args: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Starts `script` with this interpreter (and this environment) as a separate process."""
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+ServerFactory = Callable[..., "subprocess.Popen[bytes]"]
+
+
+@pytest.fixture
+def server(runtime_dir: Path, name: str) -> Iterator[ServerFactory]:
+    """Starts ``peers/serve.py MODE NAME [ARGS]`` in another process; waits until it serves.
+
+    Called with the mode (and optional extra arguments); the name is this test's `name` unless
+    ``name=`` is given. Every process started is stopped after the test.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(mode: str, *args: str, name: str = name, script: Path = PEERS / "serve.py") -> subprocess.Popen[bytes]:
+        proc = run_python(script, mode, name, *args)
+        procs.append(proc)
+        wait_for_service(name, runtime_dir, proc)
+        return proc
+
+    yield start
+    for p in procs:
+        stop_process(p)

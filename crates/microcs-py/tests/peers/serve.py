@@ -1,0 +1,155 @@
+"""A test server, run as its own process: ``serve.py MODE NAME [ARG]``.
+
+Modes:
+  bytes   default handler echoes bytes; methods below
+  text    text=True: default handler answers "echo: <message>"
+  small   like bytes, with max_frame=1024 (requests over 1 KiB are refused before sending)
+  grace   like bytes, with a short grace period (1 s)
+  binary  like bytes, but the default handler answers 0xff 0xfe + payload (not UTF-8)
+
+Methods (all modes): upper, request (the Request's fields as JSON), fail (raises ValueError),
+custom (raises RemoteError 400), none (returns None), binary (returns non-UTF-8 bytes), slow
+(payload "SECONDS [MARKER]": touches MARKER, sleeps), concurrency (sleeps 0.3 s, reports the most handlers seen
+running at once), big (a reply of int(payload) bytes), stop (stops the server), pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, Union, cast
+
+import microcs
+
+mode, name = sys.argv[1], sys.argv[2]
+text = mode == "text"
+Payload = Union[bytes, str]
+
+
+def as_bytes(data: Payload) -> bytes:
+    return data.encode() if isinstance(data, str) else data
+
+
+def echo_bytes(data: bytes) -> bytes:
+    return data
+
+
+def not_text(data: bytes) -> bytes:
+    return b"\xff\xfe" + data
+
+
+def echo_text(message: str) -> str:
+    return "echo: " + message
+
+
+def upper(data: Payload) -> bytes:
+    return as_bytes(data).upper()
+
+
+def request_info(data: Payload, req: microcs.Request) -> str:
+    return json.dumps(
+        {
+            "payload": as_bytes(data).decode(errors="replace"),
+            "payload_type": type(data).__name__,
+            "req_payload": req.payload.decode(errors="replace"),
+            "method": req.method,
+            "pid": req.pid,
+            "uid": req.uid,
+            "gid": req.gid,
+            "id": req.id,
+            "remaining": req.remaining,
+            "deadline": req.deadline,
+            "monotonic": time.monotonic(),
+            "cancelled": req.is_cancelled(),
+            "repr": repr(req),
+        }
+    )
+
+
+def fail(data: Payload) -> bytes:
+    raise ValueError("bad board: " + as_bytes(data).decode(errors="replace"))
+
+
+def custom(data: Payload) -> bytes:
+    raise microcs.RemoteError("send a board to step", code=400)
+
+
+def none(data: Payload) -> bytes:
+    return cast(bytes, None)  # deliberately wrong, to see what the caller gets
+
+
+def binary(data: Payload) -> bytes:
+    return b"\xff\xfe not text"
+
+
+def slow(data: Payload) -> bytes:
+    # "SECONDS [MARKER]": touch MARKER (so a test knows the handler runs), then sleep.
+    seconds, _, marker = as_bytes(data).decode().partition(" ")
+    if marker:
+        open(marker, "w").close()
+    time.sleep(float(seconds or "1"))
+    return b"slept"
+
+
+_lock = threading.Lock()
+_running = 0
+_most = 0
+
+
+def concurrency(data: Payload) -> str:
+    global _running, _most
+    with _lock:
+        _running += 1
+        _most = max(_most, _running)
+    time.sleep(0.3)
+    with _lock:
+        _running -= 1
+        return str(_most)
+
+
+def big(data: Payload) -> bytes:
+    return b"x" * int(as_bytes(data))
+
+
+def pid(data: Payload) -> str:
+    return str(os.getpid())
+
+
+methods: dict[str, Any] = {
+    "upper": upper,
+    "request": request_info,
+    "fail": fail,
+    "custom": custom,
+    "none": none,
+    "binary": binary,
+    "slow": slow,
+    "concurrency": concurrency,
+    "big": big,
+}
+
+options: dict[str, Any] = {}
+if mode == "small":
+    options["max_frame"] = 1024
+if mode == "grace":
+    options["grace_period"] = 1.0
+
+server: microcs.Server[bytes] | microcs.Server[str]
+if text:
+    server = microcs.Server(echo_text, name, text=True, methods=methods, **options)
+else:
+    server = microcs.Server(not_text if mode == "binary" else echo_bytes, name, methods=methods, **options)
+
+
+def stop(data: Payload) -> bytes:
+    server.stop()  # from inside a handler: returns at once, the server drains meanwhile
+    return b"stopping"
+
+
+# Added after construction (the decorator form is tested in test_server.py).
+server.method("stop", stop)
+server.method("pid", pid)
+server.start_listening()
+print("stopped cleanly", flush=True)

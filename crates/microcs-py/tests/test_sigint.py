@@ -1,0 +1,53 @@
+"""Ctrl-C (SIGINT) on start_listening() stops the server cleanly and frees the name."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import microcs
+from conftest import PEERS, ServerFactory
+
+
+def assert_name_free(name: str, runtime_dir: Path) -> None:
+    assert [s.name for s in microcs.list_services(runtime_dir)] == []
+    assert sorted(p.name for p in runtime_dir.iterdir()) == [], "socket or lock file left behind"
+    # The name can be claimed again at once.
+    with microcs.Server(lambda b: b, name) as again:
+        with microcs.Client(name, timeout=10) as client:
+            assert client.request(b"mine now") == b"mine now"
+        assert again.running
+
+
+def test_ctrl_c_on_the_seed_server_frees_the_name(server: ServerFactory, runtime_dir: Path) -> None:
+    proc = server("seed", name="LIFE_GEN", script=PEERS / "seed_server.py")
+    with microcs.Client("LIFE_GEN", timeout=10) as client:
+        assert client.send_message("before").endswith("before")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == -signal.SIGINT  # KeyboardInterrupt, re-raised by Python
+    assert proc.stderr is not None
+    assert "KeyboardInterrupt" in proc.stderr.read().decode()
+    assert_name_free("LIFE_GEN", runtime_dir)
+
+
+def test_ctrl_c_lets_a_running_request_finish(
+    server: ServerFactory, runtime_dir: Path, name: str, tmp_path: Path
+) -> None:
+    proc = server("grace", name=name)
+    client = microcs.Client(name, timeout=20)
+    marker = tmp_path / "handler-started"
+    results: list[bytes] = []
+    caller = threading.Thread(target=lambda: results.append(client.call("slow", f"0.5 {marker}".encode())))
+    caller.start()
+    give_up = time.monotonic() + 20
+    while not marker.exists():
+        assert time.monotonic() < give_up, "the handler never started"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    caller.join(timeout=30)
+    assert results == [b"slept"], "the running request was not answered"
+    assert proc.wait(timeout=30) == -signal.SIGINT
+    client.close()
+    assert_name_free(name, runtime_dir)
