@@ -219,12 +219,12 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
 
     say.line(
         "\nTry it yourself (in two terminals):\n  \
-         microcs serve LIFE_GEN --life                      # a Game of Life service\n  \
-         printf '.#.\\n.#.\\n.#.\\n' | microcs call LIFE_GEN -   # a blinker, one generation on\n  \
-         microcs serve UPPER -- tr a-z A-Z                  # any program is a service\n  \
-         microcs call UPPER 'hello'                         # -> HELLO\n  \
+         microcs serve LIFE_GEN --life           # a Game of Life service\n  \
+         printf '.....\\n..#..\\n..#..\\n..#..\\n.....\\n' | microcs call LIFE_GEN -   # a blinker\n  \
+         microcs serve UPPER -- tr a-z A-Z       # any program is a service\n  \
+         microcs call UPPER hello                # -> HELLO\n  \
          microcs ls;  microcs ping UPPER;  microcs bench UPPER --duration 2s\n  \
-         microcs --help                                     # everything else",
+         microcs --help                          # everything else (docs/CLI.md in the repository)",
     )?;
     if ctx.json {
         print_json(&DemoJson {
@@ -248,7 +248,12 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
 fn private_dir() -> CliResult<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    let dir = std::env::temp_dir().join(format!("microcs-demo-{}-{nanos:x}", std::process::id()));
+    let mut base = std::env::temp_dir();
+    if base.as_os_str().len() > 60 {
+        // A socket path must fit in 107 bytes; a long $TMPDIR would not leave room.
+        base = PathBuf::from("/tmp");
+    }
+    let dir = base.join(format!("microcs-demo-{}-{nanos:x}", std::process::id()));
     std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| {
         CliError::local(format!("cannot create a temporary directory {}: {e}", dir.display()))
     })?;

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use microcs::proto::status;
 use microcs::{RemoteError, Request, Server, ShutdownTrigger};
@@ -15,6 +15,12 @@ use crate::exec::{Program, Runner};
 use crate::life;
 use crate::output::{Ctx, print_json};
 use crate::signals::{self, Sig};
+
+/// What the signal thread needs: the server's trigger once it exists, and the signal it caught.
+struct Stop {
+    trigger: Option<ShutdownTrigger>,
+    caught: Option<Sig>,
+}
 
 type Handler = Box<dyn Fn(Request) -> Result<Vec<u8>, RemoteError> + Send + Sync>;
 
@@ -66,25 +72,24 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     let runner = Arc::new(Runner::new(name, jobs, u64::from(max_frame)));
 
     // Signals are caught from before the name is claimed, so none can kill the process while it
-    // owns the name without cleaning up.
-    let trigger: Arc<OnceLock<ShutdownTrigger>> = Arc::new(OnceLock::new());
-    let caught: Arc<OnceLock<Sig>> = Arc::new(OnceLock::new());
+    // owns the name without cleaning up. One that comes before the server exists is kept, and
+    // acted on as soon as it does.
+    let stop = Arc::new(Mutex::new(Stop { trigger: None, caught: None }));
     {
-        let (trigger, caught, runner) = (trigger.clone(), caught.clone(), runner.clone());
+        let (stop, runner) = (stop.clone(), runner.clone());
         let name = name.to_owned();
         signals::on_terminate(move |sig, n| {
-            let Some(t) = trigger.get() else {
-                // Not serving yet: nothing to drain.
-                std::process::exit(130);
-            };
             if n == 1 {
-                let _ = caught.set(sig);
                 eprintln!(
                     "microcs: {} received: stopping '{name}' (running requests may finish; Ctrl-C again \
                      to kill them)",
                     sig.name()
                 );
-                t.shutdown();
+                let mut s = stop.lock().unwrap_or_else(|p| p.into_inner());
+                s.caught = Some(sig);
+                if let Some(t) = &s.trigger {
+                    t.shutdown();
+                }
             } else {
                 runner.kill_all();
                 eprintln!("microcs: killed the running commands of '{name}'; exiting");
@@ -139,7 +144,14 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     }
 
     let server = builder.bind()?;
-    let _ = trigger.set(server.shutdown_trigger());
+    {
+        let mut s = stop.lock().unwrap_or_else(|p| p.into_inner());
+        let t = server.shutdown_trigger();
+        if s.caught.is_some() {
+            t.shutdown(); // a signal came while binding: serve() returns at once, cleanly
+        }
+        s.trigger = Some(t);
+    }
     let socket = server.socket_path().to_owned();
     let handle = server.spawn(default)?;
     let mut methods: Vec<String> = args.methods.iter().map(|(m, _)| m.clone()).collect();
@@ -169,7 +181,8 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     eprintln!("microcs: stopped '{name}'; the name is free");
     if ctx.json {
         // The reader may be gone by now (a pipeline shutting down); that is no failure.
-        let _ = print_json(&Stopped { event: "stopped", name, signal: caught.get().map(|s| s.name()) });
+        let signal = stop.lock().unwrap_or_else(|p| p.into_inner()).caught.map(Sig::name);
+        let _ = print_json(&Stopped { event: "stopped", name, signal });
     }
     let _ = std::io::stderr().flush();
     Ok(())
