@@ -59,7 +59,8 @@ pub const DEFAULT_MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
 pub const FLAG_NOT_RUN: u16 = 0x0001;
 /// Error frame flag: the error comes from microcs itself, not from the application's handler.
 pub const FLAG_SYSTEM: u16 = 0x0002;
-/// Every flag bit this version defines; a frame with any other bit set is rejected.
+/// Every flag bit this version defines. Flags mean something only on `Error` frames: a server
+/// refuses a `Request` with any flag set, and receivers ignore the flags of other frames.
 pub const KNOWN_FLAGS: u16 = FLAG_NOT_RUN | FLAG_SYSTEM;
 
 /// What a frame is for.
@@ -74,12 +75,13 @@ pub enum Kind {
     Request = 3,
     /// Server → client: the handler's answer to the request with the same id.
     Reply = 4,
-    /// Either way: the request with this id (or, with id 0, the connection) failed; status and
-    /// UTF-8 message.
+    /// Server → client: the request with this id (or, with id 0, the connection) failed; status,
+    /// flags and a UTF-8 message. A server answers an `Error` it receives with one of its own.
     Error = 5,
     /// Client → server: the caller gave up on the request with this id.
     Cancel = 6,
-    /// Either way: are you there? Answered by `Pong` with the same id and payload.
+    /// Client → server: are you there? Answered at once by `Pong` with the same id and payload.
+    /// (This version's server never sends one, and the blocking client does not answer one.)
     Ping = 7,
     /// Answer to `Ping`.
     Pong = 8,
