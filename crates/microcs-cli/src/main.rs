@@ -14,6 +14,15 @@
 //! - `output`: JSON, tables, human numbers.
 //! - `signals`: Ctrl-C / SIGTERM on a side thread.
 
+/// Writes a line on stderr, ignoring failures: unlike `eprintln!`, it never panics when stderr is
+/// closed (a server whose log reader went away must go on serving and shut down cleanly).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod cmd;
 mod error;

@@ -355,8 +355,9 @@ fn a_command_past_its_deadline_is_killed() {
     let env = Env::new("late");
     let name = env.name("SLOW");
     let marker = env.dir.join("finished");
-    let script = format!("sleep 3; touch {}", marker.display());
+    let script = format!("sleep 1; touch {}", marker.display());
     let _srv = env.serve(&[&name, "--method", &format!("slow={script}")]);
+    let t0 = Instant::now();
     let out = env.run(&["call", &name, "-m", "slow", "--timeout", "300ms"]);
     assert_eq!(out.code(), 1, "{out:?}");
     assert!(out.stderr.contains("did not answer"), "{}", out.stderr);
@@ -372,7 +373,8 @@ fn a_command_past_its_deadline_is_killed() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(last_error.contains("deadline") && last_error.contains("killed"), "{last_error}");
-    std::thread::sleep(Duration::from_millis(3500));
+    // Had it not been killed, it would have touched the marker 1 s after the call.
+    std::thread::sleep(Duration::from_millis(1600).saturating_sub(t0.elapsed()));
     assert!(!marker.exists(), "the killed command must not have finished");
 }
 

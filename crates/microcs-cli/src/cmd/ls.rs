@@ -106,10 +106,7 @@ pub fn run(ctx: &Ctx, args: LsArgs) -> CliResult {
         return print_json(&LsJson { runtime_dir: ctx.dir.display().to_string(), services: &rows });
     }
     if rows.is_empty() {
-        eprintln!(
-            "no services running in {} (start one with `microcs serve NAME --echo`)",
-            ctx.dir.display()
-        );
+        note!("no services running in {} (start one with `microcs serve NAME --echo`)", ctx.dir.display());
         return Ok(());
     }
     print(&render(&rows))

@@ -80,7 +80,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
         let name = name.to_owned();
         signals::on_terminate(move |sig, n| {
             if n == 1 {
-                eprintln!(
+                note!(
                     "microcs: {} received: stopping '{name}' (running requests may finish; Ctrl-C again \
                      to kill them)",
                     sig.name()
@@ -92,7 +92,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
                 }
             } else {
                 runner.kill_all();
-                eprintln!("microcs: killed the running commands of '{name}'; exiting");
+                note!("microcs: killed the running commands of '{name}'; exiting");
                 std::process::exit(130);
             }
         })?;
@@ -158,7 +158,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     if args.life {
         methods.insert(0, "steps".into());
     }
-    eprintln!(
+    note!(
         "microcs: serving '{name}' (pid {}) at {}: {handler_desc}{}; up to {jobs} at once. Ctrl-C to stop.",
         std::process::id(),
         socket.display(),
@@ -178,7 +178,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     }
     handle.wait();
     handle.shutdown();
-    eprintln!("microcs: stopped '{name}'; the name is free");
+    note!("microcs: stopped '{name}'; the name is free");
     if ctx.json {
         // The reader may be gone by now (a pipeline shutting down); that is no failure.
         let signal = stop.lock().unwrap_or_else(|p| p.into_inner()).caught.map(Sig::name);
