@@ -209,22 +209,20 @@ impl Runner {
 
         let (mut stdout, mut stderr, mut exit) = (None, None, None);
         let mut killed: Option<Kill> = None;
-        let mut give_up_at: Option<Instant> = None;
-        let mut kill = |why: Kill, killed: &mut Option<Kill>| {
+        // Once the group has been killed, how long to wait for the pipes to close.
+        let mut abandon_at: Option<Instant> = None;
+        let kill = |why: Option<Kill>, killed: &mut Option<Kill>, abandon_at: &mut Option<Instant>| {
+            kill_group(pgid);
             if killed.is_none() {
-                kill_group(pgid);
-                *killed = Some(why);
-                give_up_at = Some(Instant::now() + AFTER_KILL);
+                *killed = why;
             }
-            give_up_at
+            abandon_at.get_or_insert(Instant::now() + AFTER_KILL);
         };
-        let mut abandon_at = None;
         while stdout.is_none() || stderr.is_none() || exit.is_none() {
             if killed.is_none() && req.is_cancelled() {
                 // is_cancelled is also true once the deadline passed; tell the two apart.
-                let why =
-                    if req.remaining().is_some_and(|r| r.is_zero()) { Kill::Late } else { Kill::Cancelled };
-                abandon_at = kill(why, &mut killed);
+                let late = req.remaining().is_some_and(|r| r.is_zero());
+                kill(Some(if late { Kill::Late } else { Kill::Cancelled }), &mut killed, &mut abandon_at);
             }
             if abandon_at.is_some_and(|t| Instant::now() >= t) {
                 break;
@@ -237,10 +235,18 @@ impl Runner {
                 Ok(Event::Stdout(r)) => stdout = Some(r),
                 Ok(Event::StdoutTooLarge) => {
                     stdout = Some(Ok(Vec::new()));
-                    abandon_at = kill(Kill::TooLarge, &mut killed);
+                    kill(Some(Kill::TooLarge), &mut killed, &mut abandon_at);
                 }
                 Ok(Event::Stderr(e)) => stderr = Some(e),
-                Ok(Event::Exited(s)) => exit = Some(s),
+                Ok(Event::Exited(s)) => {
+                    exit = Some(s);
+                    if stdout.is_none() || stderr.is_none() {
+                        // The command exited but something it started still holds its output
+                        // open: nothing a request starts may outlive it, so end the group; the
+                        // pipes then close and what was written is the reply.
+                        kill(None, &mut killed, &mut abandon_at);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }

@@ -313,6 +313,8 @@ fn serve_command_replies_with_stdout_and_failures_carry_stderr() {
         "fail=echo something went wrong >&2; echo partial; exit 3",
         "--method",
         "env=printf '%s %s' \"$MICROCS_SERVICE\" \"$MICROCS_METHOD\"",
+        "--method",
+        "bg=sleep 60 & echo started",
         "--",
         "tr",
         "a-z",
@@ -324,6 +326,9 @@ fn serve_command_replies_with_stdout_and_failures_carry_stderr() {
     assert_eq!(out.text(), "FROM STDIN\n");
     let out = env.run(&["call", &name, "-m", "env"]).ok();
     assert_eq!(out.text(), format!("{name} env"));
+    // A background process does not hold the reply back (it is killed when the command exits).
+    let out = env.run(&["call", &name, "-m", "bg", "--timeout", "20s"]).ok();
+    assert_eq!(out.text(), "started\n");
 
     // A failing command: exit 1, its stderr reaches the caller, stdout stays empty.
     let out = env.run(&["call", &name, "--method", "fail", "x"]);
