@@ -52,6 +52,9 @@ pub struct Client {
     /// Request ids are never reused on a connection, so a late reply to a request that timed out
     /// can never be taken for the answer to a later one.
     next_id: u64,
+    /// NATS settings and connection, when NATS is configured (see `crate::nats`).
+    #[cfg(feature = "nats")]
+    pub(crate) nats: Option<Box<crate::nats::ClientLink>>,
 }
 
 #[derive(Debug)]
@@ -73,6 +76,8 @@ pub struct ClientBuilder {
     dir: Option<PathBuf>,
     timeout: Duration,
     max_payload: u32,
+    #[cfg(feature = "nats")]
+    pub(crate) nats: crate::nats::ClientConfig,
 }
 
 impl ClientBuilder {
@@ -121,8 +126,14 @@ impl ClientBuilder {
             max_payload: self.max_payload,
             conn: None,
             next_id: 1,
+            #[cfg(feature = "nats")]
+            nats: None,
         };
         let deadline = Instant::now() + client.timeout;
+        #[cfg(feature = "nats")]
+        if let Some(link) = crate::nats::ClientLink::new(self.nats)? {
+            return link.connect(client, deadline);
+        }
         client.conn = Some(client.open(deadline)?);
         Ok(client)
     }
@@ -153,6 +164,8 @@ impl Client {
             dir: None,
             timeout: DEFAULT_TIMEOUT,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
+            #[cfg(feature = "nats")]
+            nats: Default::default(),
         }
     }
 
@@ -269,6 +282,28 @@ impl Client {
     }
 
     fn exchange(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        #[cfg(feature = "nats")]
+        if self.nats.is_some() {
+            return crate::nats::ClientLink::exchange(self, method, payload);
+        }
+        self.exchange_local(method, payload)
+    }
+
+    /// NATS hook: whether a local connection is open.
+    #[cfg(feature = "nats")]
+    pub(crate) fn has_local(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// NATS hook: connects to the local instance.
+    #[cfg(feature = "nats")]
+    pub(crate) fn connect_local(&mut self, deadline: Instant) -> Result<()> {
+        self.conn = Some(self.open(deadline)?);
+        Ok(())
+    }
+
+    /// One request to the local instance (reconnecting when needed).
+    pub(crate) fn exchange_local(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         let deadline = Instant::now() + self.timeout;
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;
@@ -485,10 +520,11 @@ impl Connection {
         loop {
             let needed = match self.rbuf.decode(self.max_payload).map_err(ReadError::Decode)? {
                 Decoded::Frame(f) => {
-                    let out = (f.header, f.payload.to_vec());
-                    let len = f.len;
+                    let (header, len) = (f.header, f.len);
+                    let small = (!self.rbuf.is_large()).then(|| f.payload.to_vec());
+                    let payload = small.or_else(|| self.rbuf.take_payload()).unwrap_or_default();
                     self.rbuf.consume(len);
-                    return Ok(out);
+                    return Ok((header, payload));
                 }
                 Decoded::Incomplete { needed } => needed,
             };
@@ -532,7 +568,7 @@ fn not_microcs(path: &Path, why: &str) -> Error {
 }
 
 /// Remaining time as the header's deadline field: milliseconds, rounded up, at least 1.
-fn deadline_ms(remaining: Duration) -> u32 {
+pub(crate) fn deadline_ms(remaining: Duration) -> u32 {
     let ms = remaining.as_micros().div_ceil(1000);
     u32::try_from(ms).unwrap_or(u32::MAX).max(1)
 }

@@ -14,12 +14,70 @@ const INITIAL_CAPACITY: usize = 8 * 1024;
 /// carried a big frame does not keep its memory.
 const KEEP_CAPACITY: usize = 256 * 1024;
 
-/// Bytes received but not yet decoded. The valid bytes are `buf[start..end]`.
+/// Payloads at least this large are read straight into a vector of their own, which then
+/// becomes the request's (or reply's) payload without being copied.
+pub(crate) const LARGE_PAYLOAD: usize = 64 * 1024;
+
+/// Bytes received but not yet decoded. The valid bytes are `buf[start..end]`; a frame with a
+/// large payload is read into [`Large`] instead.
 #[derive(Debug, Default)]
 pub(crate) struct ReadBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    large: Option<Large>,
+}
+
+/// A frame whose payload is read directly into its own vector.
+///
+/// The vector is reserved at the declared size (already checked against the limit), but the
+/// reservation is only address space: pages become resident as the peer's bytes arrive, so
+/// memory still follows what was received, not what was declared.
+#[derive(Debug)]
+struct Large {
+    header: Header,
+    method: Vec<u8>,
+    payload: Vec<u8>,
+    /// Payload bytes the frame declares.
+    want: usize,
+    /// Whole frame length, length prefix included.
+    total: usize,
+}
+
+/// Where [`ReadBuf`] gets bytes from.
+pub(crate) trait Source {
+    /// Reads into `buf`; 0 means end of stream.
+    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Reads into `v`'s spare capacity, extending its length; 0 means end of stream. The default
+    /// zero-fills first; sources that can read into uninitialised memory override it.
+    fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
+        let len = v.len();
+        let room = (v.capacity() - len).max(1);
+        v.resize(len + room, 0);
+        let r = self.read_into(&mut v[len..]);
+        v.truncate(len + *r.as_ref().unwrap_or(&0));
+        r
+    }
+}
+
+impl Source for &UnixStream {
+    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Read::read(self, buf)
+    }
+
+    fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
+        Ok(rustix::io::read(&**self, rustix::buffer::spare_capacity(v))?)
+    }
+}
+
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+struct SliceReader<F>(F);
+
+impl<F: FnMut(&mut [u8]) -> io::Result<usize>> Source for SliceReader<F> {
+    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (self.0)(buf)
+    }
 }
 
 /// Outcome of one `fill`.
@@ -33,11 +91,67 @@ pub(crate) enum Filled {
 impl ReadBuf {
     /// Decodes the frame at the front, if a whole one is buffered.
     pub(crate) fn decode(&self, max_payload: u32) -> Result<Decoded<'_>, DecodeError> {
-        proto::decode(&self.buf[self.start..self.end], max_payload)
+        match &self.large {
+            Some(l) if l.payload.len() == l.want => Ok(Decoded::Frame(proto::Frame {
+                header: l.header,
+                method: &l.method,
+                payload: &l.payload,
+                len: l.total,
+            })),
+            Some(l) => Ok(Decoded::Incomplete { needed: l.total }),
+            None => proto::decode(&self.buf[self.start..self.end], max_payload),
+        }
     }
 
-    /// Drops `n` decoded bytes from the front.
+    /// True while the frame at the front is a large one (see [`take_payload`](Self::take_payload)).
+    pub(crate) fn is_large(&self) -> bool {
+        self.large.is_some()
+    }
+
+    /// Moves the payload of the decoded large frame out, without copying; `None` for frames in
+    /// the ordinary buffer (borrow those from [`decode`](Self::decode)). Call before `consume`.
+    pub(crate) fn take_payload(&mut self) -> Option<Vec<u8>> {
+        match &mut self.large {
+            Some(l) if l.payload.len() == l.want => Some(std::mem::take(&mut l.payload)),
+            _ => None,
+        }
+    }
+
+    /// Switches to reading the frame at the front into its own payload vector when its header
+    /// (checked by `decode`) declares a large payload and its method name is in.
+    fn start_large(&mut self) {
+        let held = &self.buf[self.start..self.end];
+        let Some(h) = held.get(..proto::FRAME_OVERHEAD) else { return };
+        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let method_len = u16::from_be_bytes([h[18], h[19]]) as usize;
+        let Some(payload_len) = len.checked_sub(proto::HEADER_LEN + method_len) else { return };
+        let body = proto::FRAME_OVERHEAD + method_len;
+        if payload_len < LARGE_PAYLOAD || held.len() < body || held.len() >= proto::PREFIX_LEN + len {
+            return;
+        }
+        let header = Header {
+            version: h[4],
+            kind: h[5],
+            flags: u16::from_be_bytes([h[6], h[7]]),
+            id: u64::from_be_bytes(h[8..16].try_into().expect("8 bytes")),
+            status: u16::from_be_bytes([h[16], h[17]]),
+            deadline_ms: u32::from_be_bytes([h[20], h[21], h[22], h[23]]),
+        };
+        let mut payload = Vec::with_capacity(payload_len);
+        payload.extend_from_slice(&held[body..]);
+        let method = held[proto::FRAME_OVERHEAD..body].to_vec();
+        self.large =
+            Some(Large { header, method, payload, want: payload_len, total: proto::PREFIX_LEN + len });
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Drops the decoded frame (`n` bytes) from the front.
     pub(crate) fn consume(&mut self, n: usize) {
+        if let Some(l) = self.large.take() {
+            debug_assert_eq!(n, l.total);
+            return;
+        }
         self.start += n;
         debug_assert!(self.start <= self.end);
         if self.start == self.end {
@@ -51,7 +165,7 @@ impl ReadBuf {
 
     /// True if no bytes are buffered.
     pub(crate) fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.start == self.end && self.large.is_none()
     }
 
     /// True if at least one whole frame (or a fatal decode error) is buffered.
@@ -61,19 +175,53 @@ impl ReadBuf {
 
     /// Reads once from `stream`, making room for the bytes the current frame still `needs` (its
     /// total size) — but growing by at most the bytes already held, so memory follows what the
-    /// peer actually sent, never what it merely declared.
-    pub(crate) fn fill(&mut self, mut stream: &UnixStream, needed: usize) -> io::Result<Filled> {
-        self.fill_with(needed, |buf| stream.read(buf))
+    /// peer actually sent, never what it merely declared. Call it after [`decode`](Self::decode)
+    /// said the frame is incomplete.
+    pub(crate) fn fill(&mut self, stream: &UnixStream, needed: usize) -> io::Result<Filled> {
+        self.fill_from(needed, &mut { stream })
     }
 
     /// [`fill`](ReadBuf::fill) with any reader: `read` gets the free space and returns how many
     /// bytes it put there (0 at end of stream). The async server and client pass a non-blocking
     /// `try_read`, so both flavours share one buffering policy.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn fill_with(
         &mut self,
         needed: usize,
-        mut read: impl FnMut(&mut [u8]) -> io::Result<usize>,
+        read: impl FnMut(&mut [u8]) -> io::Result<usize>,
     ) -> io::Result<Filled> {
+        self.fill_from(needed, &mut SliceReader(read))
+    }
+
+    /// [`fill`](ReadBuf::fill) from any [`Source`].
+    pub(crate) fn fill_from(&mut self, needed: usize, src: &mut impl Source) -> io::Result<Filled> {
+        if self.large.is_none() {
+            self.start_large();
+        }
+        if let Some(l) = &mut self.large {
+            if l.payload.capacity() == l.payload.len() {
+                l.payload.reserve_exact(l.want - l.payload.len());
+            }
+            let n = loop {
+                match src.read_spare(&mut l.payload) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r?,
+                }
+            };
+            if n == 0 {
+                return Ok(Filled::Eof);
+            }
+            if l.payload.len() > l.want {
+                // Read past this frame (the vector had spare room): the rest starts the next one.
+                let extra = l.payload.split_off(l.want);
+                if self.buf.len() < extra.len() {
+                    self.buf.resize(extra.len().max(INITIAL_CAPACITY), 0);
+                }
+                self.buf[..extra.len()].copy_from_slice(&extra);
+                self.end = extra.len();
+            }
+            return Ok(Filled::Data);
+        }
         let held = self.end - self.start;
         if self.start > 0 && (self.start + needed > self.buf.len() || self.start >= self.buf.len() / 2) {
             self.buf.copy_within(self.start..self.end, 0);
@@ -89,7 +237,7 @@ impl ReadBuf {
             }
         }
         loop {
-            match read(&mut self.buf[self.end..]) {
+            match src.read_into(&mut self.buf[self.end..]) {
                 Ok(0) => return Ok(Filled::Eof),
                 Ok(n) => {
                     self.end += n;
@@ -180,10 +328,41 @@ mod tests {
                 Decoded::Incomplete { needed } => needed,
                 Decoded::Frame(_) => unreachable!(),
             };
-            let before = rb.end;
+            let before = rb.end + rb.large.as_ref().map_or(0, |l| proto::FRAME_OVERHEAD + l.payload.len());
             assert!(matches!(rb.fill(&b, needed).unwrap(), Filled::Data));
-            got += rb.end - before;
+            got += rb.end + rb.large.as_ref().map_or(0, |l| proto::FRAME_OVERHEAD + l.payload.len()) - before;
         }
         assert!(rb.buf.len() <= 64 * 1024, "buffer grew to {} bytes", rb.buf.len());
+        // The large payload holds exactly what arrived; its reservation is address space only.
+        assert_eq!(rb.large.as_ref().unwrap().payload.len(), 10);
+    }
+
+    #[test]
+    fn large_frames_arrive_whole_and_the_next_frame_is_kept() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let mut wire = Vec::new();
+        proto::encode(&mut wire, &Header::request(1, 0), b"m", &big);
+        proto::encode(&mut wire, &Header::request(2, 0), b"", b"small");
+        let writer = std::thread::spawn(move || (&a).write_all(&wire).unwrap());
+        let mut rb = ReadBuf::default();
+        let mut frames = Vec::new();
+        while frames.len() < 2 {
+            match rb.decode(proto::DEFAULT_MAX_PAYLOAD).unwrap() {
+                Decoded::Frame(f) => {
+                    let (id, len) = (f.header.id, f.len);
+                    let small = (!rb.is_large()).then(|| f.payload.to_vec());
+                    let payload = small.or_else(|| rb.take_payload()).unwrap();
+                    rb.consume(len);
+                    frames.push((id, payload));
+                }
+                Decoded::Incomplete { needed } => {
+                    rb.fill(&b, needed).unwrap();
+                }
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(frames[0], (1, big));
+        assert_eq!(frames[1], (2, b"small".to_vec()));
     }
 }

@@ -67,6 +67,9 @@ pub struct ServerBuilder {
     identity: Identity,
     methods: Vec<(String, Arc<SyncHandler>)>,
     error: Option<Error>,
+    /// Where to serve besides (or instead of) the local socket (see `crate::nats`).
+    #[cfg(feature = "nats")]
+    pub(crate) nats: crate::nats::ServerConfig,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -195,8 +198,22 @@ impl ServerBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let Bound { name, dir, claim, listener, started_ms } =
-            claim_and_bind(self.name, self.dir, &self.identity)?;
+        #[cfg(feature = "nats")]
+        let nats_only = self.nats.nats_only();
+        #[cfg(not(feature = "nats"))]
+        let nats_only = false;
+        let (name, dir, claim, listener, started_ms) = if nats_only {
+            let dir = self.dir.unwrap_or_else(registry::runtime_dir);
+            (Name::new(self.name)?, dir, None, None, registry::now_ms())
+        } else {
+            let Bound { name, dir, claim, listener, started_ms } =
+                claim_and_bind(self.name, self.dir, &self.identity)?;
+            (name, dir, Some(claim), Some(listener), started_ms)
+        };
+        // After the local claim, so that a taken name is reported first; a failure here
+        // releases the claim.
+        #[cfg(feature = "nats")]
+        let nats = crate::nats::bind_blocking(name.as_str(), &self.nats, &self.identity.version)?;
         Ok(Server {
             name,
             dir,
@@ -208,6 +225,8 @@ impl ServerBuilder {
             methods: self.methods,
             error: None,
             trigger: Trigger::new()?,
+            #[cfg(feature = "nats")]
+            nats,
         })
     }
 }
@@ -237,14 +256,18 @@ impl ServerBuilder {
 pub struct Server {
     name: Name,
     dir: PathBuf,
-    claim: Claim,
-    listener: std::os::unix::net::UnixListener,
+    /// The name's lock and socket; `None` when serving on NATS only.
+    claim: Option<Claim>,
+    listener: Option<std::os::unix::net::UnixListener>,
     started_ms: u64,
     config: Config,
     identity: Identity,
     methods: Vec<(String, Arc<SyncHandler>)>,
     error: Option<Error>,
     trigger: Arc<Trigger>,
+    /// The broker connection, when serving on NATS too.
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::Pending>,
 }
 
 impl std::fmt::Debug for Server {
@@ -272,6 +295,8 @@ impl Server {
             identity: Identity::default(),
             methods: Vec::new(),
             error: None,
+            #[cfg(feature = "nats")]
+            nats: Default::default(),
         }
     }
 
@@ -292,9 +317,9 @@ impl Server {
         &self.name
     }
 
-    /// The socket the server listens on.
+    /// The socket the server listens on (empty when it serves on NATS only).
     pub fn socket_path(&self) -> &Path {
-        self.claim.socket_path()
+        self.claim.as_ref().map_or(Path::new(""), Claim::socket_path)
     }
 
     /// A handle that stops [`serve`](Server::serve) (or the spawned server) from any thread.
@@ -341,18 +366,25 @@ impl Server {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let service = Service::new(self.name.clone(), self.identity, default, self.methods);
-        self.claim.write_meta(&meta(
-            self.started_ms,
-            &service.identity,
-            &service.id,
-            &service.method_names(),
-        ))?;
+        let service = Arc::new(Service::new(self.name.clone(), self.identity, default, self.methods));
+        if let Some(claim) = &self.claim {
+            claim.write_meta(&meta(
+                self.started_ms,
+                &service.identity,
+                &service.id,
+                &service.method_names(),
+            ))?;
+        }
+        #[cfg(feature = "nats")]
+        let nats = match self.nats {
+            Some(pending) => Some(crate::nats::start_blocking(pending, service.clone(), &self.config)?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             service,
             config: self.config,
             trigger: self.trigger,
-            claim: Mutex::new(Some(self.claim)),
+            claim: Mutex::new(self.claim),
             conns: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
             next_conn: AtomicU64::new(1),
@@ -369,14 +401,25 @@ impl Server {
             .spawn(move || sentinel(s))
             .map_err(spawn_err)?;
         *lock(&shared.sentinel) = Some(sentinel.thread().clone());
-        let s = shared.clone();
-        let listener = self.listener;
-        let accept = thread::Builder::new()
-            .name("microcs-accept".into())
-            .spawn(move || accept_loop(&s, &listener))
-            .map_err(spawn_err)?;
+        let accept = match self.listener {
+            Some(listener) => {
+                let s = shared.clone();
+                let accept = thread::Builder::new()
+                    .name("microcs-accept".into())
+                    .spawn(move || accept_loop(&s, &listener))
+                    .map_err(spawn_err)?;
+                Some(accept)
+            }
+            None => None,
+        };
         tracing::info!(service = %self.name, "serving");
-        Ok(ServerHandle { shared, accept: Some(accept), sentinel: Some(sentinel) })
+        Ok(ServerHandle {
+            shared,
+            accept,
+            sentinel: Some(sentinel),
+            #[cfg(feature = "nats")]
+            nats,
+        })
     }
 }
 
@@ -440,7 +483,10 @@ impl std::fmt::Debug for ShutdownTrigger {
 pub struct ServerHandle {
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    /// Also the "not stopped yet" mark: taken last by `stop`.
     sentinel: Option<JoinHandle<()>>,
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::Side>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -485,10 +531,18 @@ impl ServerHandle {
     }
 
     fn stop(&mut self) {
-        let Some(accept) = self.accept.take() else { return };
+        if self.sentinel.is_none() {
+            return;
+        }
         let shared = &self.shared;
         shared.trigger.fire();
-        let _ = accept.join();
+        // NATS first: it unsubscribes at once (new requests go to other instances), then
+        // drains in the background while the local connections drain here.
+        #[cfg(feature = "nats")]
+        let nats = self.nats.take().and_then(|side| crate::nats::stop_blocking(side, shared.config.grace));
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
         drop(lock(&shared.claim).take());
         let deadline = Instant::now() + shared.config.grace;
         let mut conns = lock(&shared.conns);
@@ -512,6 +566,10 @@ impl ServerHandle {
         if let Some(t) = lock(&shared.sentinel).as_ref() {
             t.unpark();
         }
+        #[cfg(feature = "nats")]
+        if let Some(task) = nats {
+            crate::nats::wait_stopped(task);
+        }
         if let Some(s) = self.sentinel.take() {
             let _ = s.join();
         }
@@ -526,7 +584,8 @@ impl Drop for ServerHandle {
 }
 
 struct Shared {
-    service: Service<Arc<SyncHandler>>,
+    /// Shared with the NATS side, when there is one.
+    service: Arc<Service<Arc<SyncHandler>>>,
     config: Config,
     trigger: Arc<Trigger>,
     /// The name's lock and socket; dropped (files removed) when shutdown starts.
@@ -939,8 +998,9 @@ fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job>
             Ok(Decoded::Frame(f)) => {
                 let (h, len) = (f.header, f.len);
                 let batch_hint = true;
-                let job = match h.kind() {
-                    Some(Kind::Request) => admit(shared, conn, &h, f.method, f.payload),
+                let large = rs.rbuf.is_large();
+                let mut job = match h.kind() {
+                    Some(Kind::Request) => admit(shared, conn, &h, f.method, (!large).then_some(f.payload)),
                     Some(Kind::Cancel) => {
                         if let Some(c) = lock(&conn.inflight).get(&h.id) {
                             c.cancel();
@@ -977,6 +1037,9 @@ fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job>
                         None
                     }
                 };
+                if let Some(j) = job.as_mut().filter(|_| large) {
+                    j.payload = rs.rbuf.take_payload().expect("a decoded large frame has its payload");
+                }
                 rs.rbuf.consume(len);
                 if job.is_some() {
                     return job;
@@ -1017,7 +1080,8 @@ fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job>
 
 /// Checks a request frame and registers it in flight; answers it with an error instead when it
 /// cannot run.
-fn admit(shared: &Shared, conn: &Conn, h: &Header, method: &[u8], payload: &[u8]) -> Option<Job> {
+/// `payload` is `None` for a large frame, whose payload the caller moves in afterwards.
+fn admit(shared: &Shared, conn: &Conn, h: &Header, method: &[u8], payload: Option<&[u8]>) -> Option<Job> {
     let refuse = |code: u16, msg: &str| {
         conn.error(shared, h.id, code, FLAG_SYSTEM | FLAG_NOT_RUN, msg, true);
         None
@@ -1045,7 +1109,7 @@ fn admit(shared: &Shared, conn: &Conn, h: &Header, method: &[u8], payload: &[u8]
     Some(Job {
         id: h.id,
         method: method.to_vec(),
-        payload: payload.to_vec(),
+        payload: payload.map(<[u8]>::to_vec).unwrap_or_default(),
         deadline: (h.deadline_ms != 0).then(|| now + Duration::from_millis(u64::from(h.deadline_ms))),
         cancel,
     })

@@ -423,3 +423,30 @@ fn client_refuses_giant_frames_and_keeps_its_deadline_against_a_trickling_server
     drop(c);
     t.join().unwrap();
 }
+
+/// Promise 1: declared-but-unsent payloads cost address space, not memory: fifty connections
+/// each declaring a 16 MiB frame and sending a few bytes leave the server's RSS nearly flat,
+/// and the frame timeout closes them.
+#[test]
+fn declared_giant_frames_cost_only_what_was_received() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("declared");
+    let name = unique("DECLARED");
+    let server = PeerProcess::serve(dir.path(), &name);
+    let rss0 = rss_kib(server.pid);
+    let mut conns = Vec::new();
+    for _ in 0..50 {
+        let mut s = UnixStream::connect(sock(&dir, &name)).unwrap();
+        let mut b = Vec::new();
+        proto::encode(&mut b, &Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 24 }.to_bytes());
+        b.extend_from_slice(&Header::request(1, 0).to_bytes(0, proto::DEFAULT_MAX_PAYLOAD as usize));
+        b.extend_from_slice(&[9u8; 100]);
+        s.write_all(&b).unwrap();
+        conns.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rss1 = rss_kib(server.pid);
+    assert!(rss1 < rss0 + 32 * 1024, "RSS went from {rss0} to {rss1} KiB for 50 x 16 MiB declared");
+    let mut c = dir.client(&name).connect().unwrap();
+    assert_eq!(c.request(b"fine").unwrap(), b"fine");
+}
