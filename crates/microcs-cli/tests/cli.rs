@@ -192,7 +192,11 @@ impl Serving {
         };
         let mut err = String::new();
         let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-        let lines: Vec<String> = self.lines.try_iter().collect();
+        // Everything it printed, up to the end of its stdout (the reader thread may lag the exit).
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(WATCHDOG) {
+            lines.push(line);
+        }
         (status, lines, err)
     }
 }
