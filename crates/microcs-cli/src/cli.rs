@@ -25,8 +25,8 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// Runtime directory where services are found and registered [default: from the environment,
-    /// see above].
+    /// Runtime directory where services are found and registered [default: $MICROCS_RUNTIME_DIR,
+    /// else $XDG_RUNTIME_DIR/microcs, else /tmp/microcs-UID].
     #[arg(long, global = true, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
 }
@@ -40,8 +40,9 @@ pub enum Command {
     /// stdout is the reply. A non-zero exit is sent to the caller as an error carrying its stderr.
     /// CMD sees MICROCS_SERVICE, MICROCS_METHOD, MICROCS_REQUEST_ID, MICROCS_PEER_PID,
     /// MICROCS_PEER_UID and MICROCS_TIMEOUT_MS (time left before the caller gives up) in its
-    /// environment, and is killed (with its whole process group) when the caller's deadline passes
-    /// or the caller cancels.
+    /// environment. It runs in a process group of its own, which is killed when the caller's
+    /// deadline passes or the caller cancels, and when CMD exits (so nothing it started in the
+    /// background outlives the request).
     ///
     /// Ctrl-C or SIGTERM stops taking requests, frees the name at once, lets running requests
     /// finish (see --grace), and exits 0. A second Ctrl-C kills running commands and exits 130.
