@@ -1160,11 +1160,17 @@ fn run(shared: &Shared, conn: &Conn, job: Job, batch: bool) {
         }
     };
     let max_reply = conn.max_reply.load(Ordering::Relaxed);
+    // Flags of an error answer: the library's own "reply too large" is a system error; whatever
+    // the handler returned (even code 413) is the handler's.
+    let mut error_flags = 0;
     let result = match result {
-        Ok(reply) if reply.len() > max_reply as usize => Err(RemoteError::new(
-            status::TOO_LARGE,
-            format!("reply of {} bytes is over the client's limit of {max_reply} bytes", reply.len()),
-        )),
+        Ok(reply) if reply.len() > max_reply as usize => {
+            error_flags = FLAG_SYSTEM;
+            Err(RemoteError::new(
+                status::TOO_LARGE,
+                format!("reply of {} bytes is over the client's limit of {max_reply} bytes", reply.len()),
+            ))
+        }
         r => r,
     };
     ep.counters.record(elapsed, result.as_ref().err());
@@ -1175,10 +1181,7 @@ fn run(shared: &Shared, conn: &Conn, job: Job, batch: bool) {
     }
     match result {
         Ok(reply) => finish(Header::new(Kind::Reply, id), &reply),
-        Err(e) if e.code() == status::TOO_LARGE => {
-            finish(Header::error(id, e.code(), FLAG_SYSTEM), e.message().as_bytes())
-        }
-        Err(e) => finish(Header::error(id, e.code(), 0), e.message().as_bytes()),
+        Err(e) => finish(Header::error(id, e.code(), error_flags), e.message().as_bytes()),
     }
 }
 

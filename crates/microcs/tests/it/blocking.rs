@@ -311,6 +311,7 @@ fn payload_limits_are_checked_before_sending_and_replies_against_the_clients_lim
     assert_eq!(c.call("big", b"100").unwrap().len(), 100);
     let e = c.call("big", b"101").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+    assert!(e.may_have_run(), "the handler ran; only its reply was refused");
     assert_eq!(c.request(b"ok").unwrap(), b"2");
     h.shutdown();
 }
@@ -584,4 +585,22 @@ fn serve_blocks_until_its_trigger_fires() {
     trigger.shutdown();
     t.join().unwrap().unwrap();
     assert_eq!(dir.client(&name).connect().unwrap_err().kind(), ErrorKind::NoService);
+}
+
+#[test]
+fn a_handler_error_with_code_413_is_the_handlers_not_a_frame_limit() {
+    let _w = watchdog(Duration::from_secs(20));
+    let dir = TempDir::new("h413");
+    let name = unique("H413");
+    let h = dir
+        .server(&name)
+        .bind()
+        .unwrap()
+        .spawn(|_r: Request| Err::<Vec<u8>, _>(RemoteError::new(413, "board too big to step")))
+        .unwrap();
+    let mut c = dir.client(&name).connect().unwrap();
+    let e = c.request(b"x").unwrap_err();
+    assert_eq!((e.kind(), e.remote().unwrap().code()), (ErrorKind::Remote, 413), "{e}");
+    assert!(e.may_have_run());
+    h.shutdown();
 }
