@@ -1,15 +1,29 @@
-//! Round trips: microcs's blocking client and server against the socket floor (a plain std
-//! `UnixStream` ping-pong with a u32 length prefix, one thread per connection), same process,
-//! same run. See docs/BENCHMARKS.md for how to read the numbers on a 2-vCPU VM.
+//! Round trips in one process: microcs's blocking and tokio clients and servers against the
+//! socket floor (a plain std `UnixStream` ping-pong with a u32 length prefix, one thread per
+//! connection), same run, 32 B, 64 KiB and 1 MiB payloads.
+//!
+//! ```text
+//! cargo bench -p microcs --features tokio --bench roundtrip              # full
+//! cargo bench -p microcs --features tokio --bench roundtrip -- --test    # each case once (CI)
+//! taskset -c 1 cargo bench ...                                          # everything on one CPU
+//! ```
+//!
+//! Client and server are threads of this process, so the scheduler places them as it likes; the
+//! end-to-end harness (`benches/e2e.rs`) pins separate processes and is the one to quote. See
+//! docs/BENCHMARKS.md for how to read the numbers on a 2-vCPU VM.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use microcs::{Client, RemoteError, Request, Server};
 
-fn floor_server(path: &std::path::Path) {
+/// Largest payload benched, with room for the frame header.
+const MAX_FRAME: u32 = 2 << 20;
+
+fn floor_server(path: &Path) {
     let l = UnixListener::bind(path).unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
@@ -21,8 +35,9 @@ fn floor_server(path: &std::path::Path) {
                 while s.read_exact(&mut buf[..4]).is_ok() {
                     let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
                     buf.resize(4 + len, 0);
-                    s.read_exact(&mut buf[4..]).unwrap();
-                    s.write_all(&buf).unwrap();
+                    if s.read_exact(&mut buf[4..]).is_err() || s.write_all(&buf).is_err() {
+                        break;
+                    }
                 }
             });
         }
@@ -30,14 +45,41 @@ fn floor_server(path: &std::path::Path) {
 }
 
 fn floor_call(s: &mut UnixStream, payload: &[u8], out: &mut Vec<u8>) {
-    let mut msg = Vec::with_capacity(4 + payload.len());
-    msg.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    msg.extend_from_slice(payload);
-    s.write_all(&msg).unwrap();
+    out.clear();
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    s.write_all(out).unwrap();
     let mut len = [0u8; 4];
     s.read_exact(&mut len).unwrap();
     out.resize(u32::from_be_bytes(len) as usize, 0);
     s.read_exact(out).unwrap();
+}
+
+/// A tokio echo server on a current-thread runtime of its own thread (as a service process
+/// would run it), stopped when the returned sender is dropped.
+#[cfg(feature = "tokio")]
+fn tokio_server(dir: &Path) -> tokio::sync::oneshot::Sender<()> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let h = microcs::tokio::Server::builder("BENCH_TOKIO")
+                .runtime_dir(&dir)
+                .max_frame(MAX_FRAME)
+                .bind()
+                .await
+                .unwrap()
+                .spawn(|r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) })
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let _ = stop_rx.await;
+            h.shutdown().await;
+        });
+    });
+    ready_rx.recv().unwrap();
+    stop_tx
 }
 
 fn bench(c: &mut Criterion) {
@@ -47,15 +89,26 @@ fn bench(c: &mut Criterion) {
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let floor_path = dir.join("floor.sock");
     floor_server(&floor_path);
-    let _handle = Server::builder("BENCH")
+    let handle = Server::builder("BENCH")
         .runtime_dir(&dir)
-        .max_frame(2 << 20)
+        .max_frame(MAX_FRAME)
         .bind()
         .unwrap()
         .spawn(|r: Request| Ok::<_, RemoteError>(r.into_payload()))
         .unwrap();
-    let mut client = Client::builder("BENCH").runtime_dir(&dir).max_frame(2 << 20).connect().unwrap();
+    let mut client = Client::builder("BENCH").runtime_dir(&dir).max_frame(MAX_FRAME).connect().unwrap();
     let mut raw = UnixStream::connect(&floor_path).unwrap();
+
+    #[cfg(feature = "tokio")]
+    let stop_tokio = tokio_server(&dir);
+    #[cfg(feature = "tokio")]
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    #[cfg(feature = "tokio")]
+    let tclient = rt
+        .block_on(
+            microcs::tokio::Client::builder("BENCH_TOKIO").runtime_dir(&dir).max_frame(MAX_FRAME).connect(),
+        )
+        .unwrap();
 
     let mut g = c.benchmark_group("echo");
     for size in [32usize, 64 * 1024, 1024 * 1024] {
@@ -68,8 +121,28 @@ fn bench(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("blocking", size), &payload, |b, p| {
             b.iter(|| client.request(p).unwrap())
         });
+        // The whole measured loop runs inside one `block_on`, as an async caller's loop would.
+        #[cfg(feature = "tokio")]
+        g.bench_with_input(BenchmarkId::new("tokio", size), &payload, |b, p| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let t0 = std::time::Instant::now();
+                    for _ in 0..iters {
+                        std::hint::black_box(tclient.request(p).await.unwrap());
+                    }
+                    t0.elapsed()
+                })
+            })
+        });
     }
     g.finish();
+    drop(client);
+    handle.shutdown();
+    #[cfg(feature = "tokio")]
+    {
+        drop(tclient);
+        drop(stop_tokio);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
