@@ -30,6 +30,8 @@
 //! - [`Request`], [`Peer`], [`IntoPayload`]: what a handler sees and returns.
 //! - [`micro`]: the JSON of the built-in `$ping`, `$info` and `$stats` methods.
 //! - [`blocking`]: the std-only [`Client`] and [`Server`] (re-exported at the root).
+//! - `nats` (feature `nats`): the same services and calls over a NATS broker, as NATS micro
+//!   services.
 //!
 //! # Security
 //!
@@ -44,6 +46,8 @@ pub mod blocking;
 pub mod error;
 pub mod micro;
 mod name;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod proto;
 pub mod registry;
 mod request;

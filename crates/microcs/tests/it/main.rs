@@ -7,4 +7,6 @@ mod common;
 
 mod blocking;
 mod faults;
+#[cfg(feature = "nats")]
+mod nats;
 mod protocol;

@@ -1,0 +1,778 @@
+//! NATS (feature `nats`): against a real `nats-server`, started by these tests on a free
+//! loopback port (or the one `scripts/test` started, `MICROCS_TEST_NATS_URL`).
+//!
+//! When no `nats-server` binary exists the tests skip, saying so on stderr, so that
+//! `cargo test --all-features` passes on a machine without one; with `MICROCS_REQUIRE_NATS=1`
+//! (set by the `nats` stage of `scripts/test`) a missing server, URL or Python fails instead.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use microcs::nats::{NatsOptions, Transport};
+use microcs::{Client, ErrorKind, RemoteError, Request, Server};
+
+use crate::common::{TempDir, eventually, unique, watchdog};
+
+/// True when the tests must not skip for lack of a server.
+fn required() -> bool {
+    std::env::var("MICROCS_REQUIRE_NATS").is_ok_and(|v| v == "1")
+}
+
+fn nats_server_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+/// A `nats-server` child process on 127.0.0.1, killed on drop.
+struct Broker {
+    child: Option<Child>,
+    port: u16,
+    args: Vec<String>,
+    bin: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker with extra arguments; `None` (after saying why) when there is no
+    /// `nats-server` and the NATS stage did not ask for one.
+    fn start(extra: &[&str]) -> Option<Broker> {
+        let Some(bin) = nats_server_bin() else {
+            assert!(!required(), "MICROCS_REQUIRE_NATS=1 but no nats-server binary was found in PATH");
+            eprintln!(
+                "SKIPPED: no nats-server binary (apt-get install nats-server, or run ./scripts/test nats)"
+            );
+            return None;
+        };
+        let mut b = Broker { child: None, port: 0, args: extra.iter().map(|s| s.to_string()).collect(), bin };
+        b.spawn("-1");
+        Some(b)
+    }
+
+    fn spawn(&mut self, port: &str) {
+        let mut child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", port])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start nats-server");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut log = String::new();
+        let port = loop {
+            let mut line = String::new();
+            if err.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.kill();
+                panic!("nats-server exited before listening:\n{log}");
+            }
+            log.push_str(&line);
+            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                break rest.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap();
+            }
+        };
+        // Keep reading its log, so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in err.lines() {});
+        self.port = port;
+        self.child = Some(child);
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.args.iter().any(|a| a == "--tls") { "tls" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the broker and starts a new one on the same port.
+    fn restart(&mut self) {
+        self.kill();
+        let port = self.port.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The port may linger a moment after the old process died.
+        loop {
+            let ok = std::net::TcpListener::bind(("127.0.0.1", self.port)).is_ok();
+            if ok || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.spawn(&port);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The broker of the NATS stage if it exported one, else a broker of our own.
+enum Url {
+    Shared(String),
+    Own(Broker),
+}
+
+impl Url {
+    fn get() -> Option<Url> {
+        match std::env::var("MICROCS_TEST_NATS_URL") {
+            Ok(u) if !u.is_empty() => Some(Url::Shared(u)),
+            _ => {
+                assert!(!required(), "MICROCS_REQUIRE_NATS=1 but MICROCS_TEST_NATS_URL is not set");
+                Broker::start(&[]).map(Url::Own)
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Url::Shared(u) => u.clone(),
+            Url::Own(b) => b.url(),
+        }
+    }
+}
+
+macro_rules! broker_url {
+    () => {
+        match Url::get() {
+            Some(u) => u,
+            None => return,
+        }
+    };
+}
+
+fn echo(req: Request) -> Result<Vec<u8>, RemoteError> {
+    Ok(req.into_payload())
+}
+
+/// A client that only uses NATS.
+fn nats_client(url: &str, name: &str) -> microcs::ClientBuilder {
+    Client::builder(name).nats(url).transport(Transport::Nats).timeout(Duration::from_secs(10))
+}
+
+/// A tokio runtime for raw async-nats calls (a client we did not write).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn request_reply_methods_and_builtins() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let dir = TempDir::new("nrr");
+    let name = unique("NRR");
+    let handle = dir
+        .server(&name)
+        .nats(&url)
+        .version("1.2.3")
+        .description("echo for tests")
+        .metadata("team", "tests")
+        .method("upper", |r: Request| Ok::<_, RemoteError>(r.text()?.to_uppercase()))
+        .method("who", |r: Request| Ok::<_, RemoteError>(format!("{}/{}", r.peer().pid, r.peer().uid)))
+        .method("deadline", |r: Request| Ok::<_, RemoteError>(format!("{}", r.remaining().is_some())))
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let mut c = nats_client(&url, &name).connect().unwrap();
+    assert_eq!(c.via(), Transport::Nats);
+    assert_eq!(c.request(b"Give me some data back!!").unwrap(), b"Give me some data back!!");
+    assert_eq!(c.send_message("hello").unwrap(), "hello");
+    assert_eq!(c.call("upper", b"abc").unwrap(), b"ABC");
+    assert_eq!(c.request(b"").unwrap(), b"");
+    let big = vec![7u8; 200_000];
+    assert_eq!(c.request(&big).unwrap(), big);
+    // No kernel vouches for a NATS caller.
+    assert_eq!(c.call("who", b"").unwrap(), format!("0/{}", u32::MAX).as_bytes());
+    // Our client sends its timeout; the handler sees a deadline.
+    assert_eq!(c.call("deadline", b"").unwrap(), b"true");
+
+    // Built-ins over NATS: the same instance, the same counters as the local ones.
+    let ping = c.ping().unwrap();
+    let info = c.info().unwrap();
+    let stats = c.stats().unwrap();
+    let mut local = dir.client(&name).connect().unwrap();
+    let local_info = local.info().unwrap();
+    assert_eq!(info, local_info, "NATS $SRV.INFO and local $info differ");
+    assert_eq!(ping.id, info.id);
+    assert_eq!(ping.version, "1.2.3");
+    assert_eq!(info.description, "echo for tests");
+    assert_eq!(info.metadata.get("team").map(String::as_str), Some("tests"));
+    assert_eq!(info.metadata.get("pid"), Some(&std::process::id().to_string()));
+    assert!(info.metadata.contains_key("host"));
+    let subjects: Vec<_> = info.endpoints.iter().map(|e| (e.name.as_str(), e.subject.clone())).collect();
+    assert!(subjects.contains(&("default", name.clone())), "{subjects:?}");
+    assert!(subjects.contains(&("upper", format!("{name}.upper"))), "{subjects:?}");
+    assert!(info.endpoints.iter().all(|e| e.queue_group == "q"));
+    let count = |s: &microcs::micro::StatsResponse, ep: &str| {
+        s.endpoints.iter().find(|e| e.name == ep).map(|e| e.num_requests).unwrap()
+    };
+    assert_eq!(count(&stats, "default"), 4);
+    assert_eq!(count(&stats, "upper"), 1);
+    assert_eq!(local.request(b"x").unwrap(), b"x");
+    assert_eq!(count(&handle.stats(), "default"), 5, "local and NATS share counters");
+    handle.shutdown();
+}
+
+#[test]
+fn srv_subjects_at_three_levels_with_micro_json() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let name = unique("NSRV");
+    let handle = Server::builder(&name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .version("0.3.0")
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let id = handle.stats().id;
+    let rt = runtime();
+    rt.block_on(async {
+        let nc = async_nats::connect(&url).await.unwrap();
+        for (verb, kind) in [
+            ("PING", "io.nats.micro.v1.ping_response"),
+            ("INFO", "io.nats.micro.v1.info_response"),
+            ("STATS", "io.nats.micro.v1.stats_response"),
+        ] {
+            for subject in [format!("$SRV.{verb}.{name}"), format!("$SRV.{verb}.{name}.{id}")] {
+                let m = nc.request(subject.clone(), "".into()).await.unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                assert_eq!(v["type"], kind, "{subject}: {v}");
+                assert_eq!(v["name"], name.as_str());
+                assert_eq!(v["id"], id.as_str());
+                assert_eq!(v["version"], "0.3.0");
+            }
+            // `$SRV.X` reaches every service on the broker: gather and find ours.
+            let inbox = nc.new_inbox();
+            let mut sub = nc.subscribe(inbox.clone()).await.unwrap();
+            nc.publish_with_reply(format!("$SRV.{verb}"), inbox, "".into()).await.unwrap();
+            let mut found = false;
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), next(&mut sub)).await {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                assert_eq!(v["type"], kind);
+                if v["id"] == id.as_str() {
+                    found = true;
+                    break;
+                }
+            }
+            assert!(found, "no answer from {id} on $SRV.{verb}");
+        }
+    });
+    handle.shutdown();
+}
+
+async fn next(sub: &mut async_nats::Subscriber) -> Option<async_nats::Message> {
+    std::future::poll_fn(|cx| futures_core::Stream::poll_next(std::pin::Pin::new(&mut *sub), cx)).await
+}
+
+#[test]
+fn handler_errors_travel_as_nats_micro_headers() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let name = unique("NERR");
+    let handle = Server::builder(&name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .method("boom", |_r: Request| -> Result<Vec<u8>, RemoteError> { panic!("kaboom") })
+        .method("io", |_r: Request| -> Result<Vec<u8>, std::io::Error> {
+            Err(std::io::Error::other("disk on fire\nsecond line"))
+        })
+        .bind()
+        .unwrap()
+        .spawn(|r: Request| -> Result<Vec<u8>, RemoteError> {
+            Err(RemoteError::new(422, format!("cannot step a board of {} bytes", r.payload().len())))
+        })
+        .unwrap();
+    let mut c = nats_client(&url, &name).connect().unwrap();
+    let e = c.request(b"abc").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Remote, "{e}");
+    let r = e.remote().unwrap();
+    assert_eq!((r.code(), r.message()), (422, "cannot step a board of 3 bytes"));
+    let e = c.call("boom", b"").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Remote);
+    assert_eq!(e.remote().unwrap().code(), 500);
+    assert!(e.remote().unwrap().message().contains("kaboom"), "{e}");
+    let e = c.call("io", b"").unwrap_err();
+    assert_eq!(e.remote().unwrap().code(), 500);
+    assert!(e.remote().unwrap().message().contains("disk on fire second line"), "{e}");
+    // The server goes on after a panic.
+    let e = c.request(b"x").unwrap_err();
+    assert_eq!(e.remote().unwrap().code(), 422);
+
+    // A client we did not write sees the standard headers.
+    runtime().block_on(async {
+        let nc = async_nats::connect(&url).await.unwrap();
+        let m = nc.request(name.clone(), "abcd".into()).await.unwrap();
+        let h = m.headers.expect("error headers");
+        assert_eq!(h.get("Nats-Service-Error-Code").unwrap().as_str(), "422");
+        assert_eq!(h.get("Nats-Service-Error").unwrap().as_str(), "cannot step a board of 4 bytes");
+        assert!(m.payload.is_empty());
+    });
+    let stats = handle.stats();
+    let default = stats.endpoints.iter().find(|e| e.name == "default").unwrap();
+    assert_eq!((default.num_requests, default.num_errors), (3, 3));
+    assert_eq!(default.last_error, "cannot step a board of 4 bytes");
+    handle.shutdown();
+}
+
+#[test]
+fn nobody_serving_is_no_service_at_once() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let dir = TempDir::new("nnos");
+    let name = unique("NNOS");
+    // Auto: no local instance, NATS connected, nobody answers. A 60 s timeout: a timeout
+    // would be TimedOut, not NoService.
+    let mut c = dir.client(&name).nats(&url).timeout(Duration::from_secs(60)).connect().unwrap();
+    let e = c.request(b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoService, "{e}");
+    assert!(e.to_string().contains(&name) && e.to_string().contains(&url), "{e}");
+    // A method the service does not have: nobody subscribes to its subject either.
+    let handle =
+        Server::builder(&name).nats(&url).transport(Transport::Nats).bind().unwrap().spawn(echo).unwrap();
+    assert_eq!(c.request(b"x").unwrap(), b"x");
+    let e = c.call("nope", b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoService, "{e}");
+    assert!(e.to_string().contains("nope"), "{e}");
+    handle.shutdown();
+    // Gone again once the server stopped (it unsubscribed).
+    let e = c.request(b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoService, "{e}");
+}
+
+#[test]
+fn oversize_payloads_are_refused_before_sending() {
+    let _w = watchdog(Duration::from_secs(60));
+    // A broker of our own with a small max_payload.
+    let conf = TempDir::new("nbig");
+    let conf_file = conf.path().join("nats.conf");
+    std::fs::write(&conf_file, "max_payload: 65536\n").unwrap();
+    let Some(b) = Broker::start(&["-c", conf_file.to_str().unwrap()]) else { return };
+    let url = b.url();
+    let name = unique("NBIG");
+    let handle = Server::builder(&name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .max_frame(1000)
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let mut c = nats_client(&url, &name).timeout(Duration::from_secs(60)).connect().unwrap();
+    // Over the broker's max_payload: refused by our client, nothing sent.
+    let e = c.request(&vec![0u8; 70_000]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+    assert!(e.to_string().contains("65536"), "{e}");
+    assert!(!e.may_have_run());
+    // Under the broker's limit but over the server's max_frame: refused by the server.
+    let e = c.request(&vec![0u8; 5000]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+    assert!(e.to_string().contains("1000"), "{e}");
+    let stats = handle.stats();
+    assert_eq!(stats.endpoints[0].num_requests, 0, "the handler never ran");
+    assert_eq!(c.request(&[1u8; 1000]).unwrap(), vec![1u8; 1000]);
+    handle.shutdown();
+
+    // A reply over the broker's limit comes back as FrameTooLarge too, not as a timeout.
+    let name = unique("NBIGR");
+    let handle = Server::builder(&name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .bind()
+        .unwrap()
+        .spawn(|_r: Request| Ok::<_, RemoteError>(vec![0u8; 100_000]))
+        .unwrap();
+    let mut c = nats_client(&url, &name).timeout(Duration::from_secs(60)).connect().unwrap();
+    let e = c.request(b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+    assert!(e.to_string().contains("reply of 100000 bytes"), "{e}");
+    handle.shutdown();
+}
+
+#[test]
+fn three_instances_share_the_load() {
+    let _w = watchdog(Duration::from_secs(120));
+    let b = broker_url!();
+    let url = b.url();
+    let name = unique("NLB");
+    let counts: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let handles: Vec<_> = counts
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let n = n.clone();
+            Server::builder(&name)
+                .nats(&url)
+                .transport(Transport::Nats)
+                .bind()
+                .unwrap()
+                .spawn(move |_r: Request| {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, RemoteError>(i.to_string())
+                })
+                .unwrap()
+        })
+        .collect();
+    let ids: std::collections::HashSet<_> = handles.iter().map(|h| h.stats().id).collect();
+    assert_eq!(ids.len(), 3, "each instance has its own id");
+    let mut c = nats_client(&url, &name).connect().unwrap();
+    let mut by_reply: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        *by_reply.entry(c.send_message("x").unwrap()).or_default() += 1;
+    }
+    let seen: Vec<usize> = counts.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+    assert_eq!(seen.iter().sum::<usize>(), 300, "{seen:?}");
+    assert!(seen.iter().all(|&n| n > 0), "every instance should get some of the requests: {seen:?}");
+    assert_eq!(by_reply.len(), 3, "{by_reply:?}");
+    // $SRV.PING reaches all three.
+    let listed = microcs::nats::list(&NatsOptions::new(&url), Some(&name), Duration::from_secs(3)).unwrap();
+    let listed: std::collections::HashSet<_> = listed.into_iter().map(|i| i.id).collect();
+    assert_eq!(listed, ids);
+    for h in handles {
+        h.shutdown();
+    }
+}
+
+#[test]
+fn local_instance_first_nats_otherwise() {
+    let _w = watchdog(Duration::from_secs(90));
+    let b = broker_url!();
+    let url = b.url();
+    let dir = TempDir::new("nlf");
+    let name = unique("NLF");
+    let remote = Server::builder(&name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .bind()
+        .unwrap()
+        .spawn(|_r: Request| Ok::<_, RemoteError>("nats"))
+        .unwrap();
+    let start_local =
+        || dir.server(&name).bind().unwrap().spawn(|_r: Request| Ok::<_, RemoteError>("local")).unwrap();
+    let local = start_local();
+    let mut c = dir.client(&name).nats(&url).timeout(Duration::from_secs(10)).connect().unwrap();
+    assert_eq!(c.send_message("?").unwrap(), "local");
+    assert_eq!(c.via(), Transport::Local);
+    // The local instance goes away: the next request goes over NATS, nothing fails.
+    local.shutdown();
+    assert_eq!(c.send_message("?").unwrap(), "nats");
+    assert_eq!(c.via(), Transport::Nats);
+    // It comes back: the client finds it again (it looks once a second).
+    let local = start_local();
+    let back =
+        eventually(Duration::from_secs(10), || (c.send_message("?").unwrap() == "local").then_some(()));
+    assert!(back.is_some(), "the client never went back to the local instance");
+    // Forced transports.
+    let mut n = dir.client(&name).nats(&url).transport(Transport::Nats).connect().unwrap();
+    assert_eq!(n.send_message("?").unwrap(), "nats");
+    let mut l = dir.client(&name).nats(&url).transport(Transport::Local).connect().unwrap();
+    assert_eq!(l.send_message("?").unwrap(), "local");
+    local.shutdown();
+    let e = l.send_message("?").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoService, "{e}");
+    // A client that finds no local instance at connect time goes to NATS at once.
+    let mut c2 = dir.client(&name).nats(&url).connect().unwrap();
+    assert_eq!(c2.send_message("?").unwrap(), "nats");
+    remote.shutdown();
+}
+
+#[test]
+fn a_server_serves_local_and_nats_with_one_handler() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let dir = TempDir::new("nboth");
+    let name = unique("NBOTH");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let handle = dir
+        .server(&name)
+        .nats(&url)
+        .bind()
+        .unwrap()
+        .spawn(move |r: Request| {
+            s.lock().unwrap().push(r.peer().pid);
+            Ok::<_, RemoteError>(r.into_payload())
+        })
+        .unwrap();
+    assert!(handle.name().as_str() == name);
+    let mut local = dir.client(&name).transport(Transport::Local).connect().unwrap();
+    let mut remote = nats_client(&url, &name).connect().unwrap();
+    assert_eq!(local.request(b"a").unwrap(), b"a");
+    assert_eq!(remote.request(b"b").unwrap(), b"b");
+    assert_eq!(*seen.lock().unwrap(), vec![std::process::id(), 0]);
+    // Shutdown frees the local name and leaves NATS.
+    handle.shutdown();
+    assert_eq!(remote.request(b"c").unwrap_err().kind(), ErrorKind::NoService);
+    assert_eq!(local.request(b"c").unwrap_err().kind(), ErrorKind::NoService);
+}
+
+#[test]
+fn broker_restart_client_and_server_recover() {
+    let _w = watchdog(Duration::from_secs(90));
+    let Some(mut b) = Broker::start(&[]) else { return };
+    let url = b.url();
+    let name = unique("NRST");
+    let handle =
+        Server::builder(&name).nats(&url).transport(Transport::Nats).bind().unwrap().spawn(echo).unwrap();
+    let mut c = nats_client(&url, &name).timeout(Duration::from_secs(2)).connect().unwrap();
+    assert_eq!(c.request(b"before").unwrap(), b"before");
+    b.restart();
+    // Both sides reconnect by themselves (and the server subscribes again); requests made
+    // meanwhile fail with a clear kind, never hang.
+    let mut failures = Vec::new();
+    let ok = eventually(Duration::from_secs(30), || match c.request(b"after") {
+        Ok(r) => Some(r),
+        Err(e) => {
+            failures.push(e.kind());
+            None
+        }
+    });
+    assert_eq!(ok.as_deref(), Some(&b"after"[..]), "no recovery; errors: {failures:?}");
+    assert!(
+        failures.iter().all(|k| matches!(k, ErrorKind::TimedOut | ErrorKind::NoService | ErrorKind::Closed)),
+        "{failures:?}"
+    );
+    for i in 0..20 {
+        assert_eq!(c.request(format!("{i}").as_bytes()).unwrap(), format!("{i}").as_bytes());
+    }
+    handle.shutdown();
+}
+
+#[test]
+fn names_and_versions_nats_cannot_take_are_refused() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let dotted = format!("{}.svc", unique("NDOT"));
+    let e = Server::builder(&dotted).nats(&url).transport(Transport::Nats).bind().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName, "{e}");
+    assert!(e.to_string().contains("no dots"), "{e}");
+    let name = unique("NVER");
+    let e = Server::builder(&name).nats(&url).transport(Transport::Nats).version("1.0").bind().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName, "{e}");
+    assert!(e.to_string().contains("SemVer"), "{e}");
+    let e = Server::builder(&name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .bind()
+        .unwrap()
+        .method("v1.step", echo)
+        .spawn(echo)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName, "{e}");
+    assert!(e.to_string().contains("v1.step"), "{e}");
+    // A dotted name is still fine locally; the same builder without NATS binds.
+    let dir = TempDir::new("ndot");
+    dir.server(&dotted).bind().unwrap().spawn(echo).unwrap().shutdown();
+    // The server's broker URL never comes from the environment: Nats transport without one fails.
+    let e = Server::builder(&name).transport(Transport::Nats).bind().unwrap_err();
+    assert!(e.to_string().contains("needs a NATS URL"), "{e}");
+}
+
+#[test]
+fn unreachable_broker_is_a_clear_error_naming_the_url() {
+    let _w = watchdog(Duration::from_secs(60));
+    // A port nothing listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let dir = TempDir::new("nunr");
+    let name = unique("NUNR");
+    let e = dir.client(&name).nats(&url).transport(Transport::Nats).connect().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.to_string().contains(&url), "{e}");
+    // Auto: no local instance and no broker: both are said.
+    let e = dir.client(&name).nats(&url).connect().unwrap_err();
+    assert!(e.to_string().contains("no service named") && e.to_string().contains(&url), "{e}");
+    let e = Server::builder(&name).nats(&url).transport(Transport::Nats).bind().unwrap_err();
+    assert!(e.to_string().contains(&url), "{e}");
+    let e = microcs::nats::list(&NatsOptions::new(&url), None, Duration::from_millis(100)).unwrap_err();
+    assert!(e.to_string().contains(&url), "{e}");
+    // A password in the URL is not repeated in messages.
+    let e = dir
+        .client(&name)
+        .nats(&format!("nats://me:hunter2@127.0.0.1:{port}"))
+        .transport(Transport::Nats)
+        .connect()
+        .unwrap_err();
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+#[test]
+fn credentials_user_password_and_token() {
+    let _w = watchdog(Duration::from_secs(60));
+    let Some(b) = Broker::start(&["--user", "svc", "--pass", "s3cret-pw"]) else { return };
+    let url = b.url();
+    let name = unique("NAUTH");
+    let good = NatsOptions::new(&url).user_password("svc", "s3cret-pw");
+    let handle = Server::builder(&name)
+        .nats_options(good.clone())
+        .transport(Transport::Nats)
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let mut c = Client::builder(&name).nats_options(good).transport(Transport::Nats).connect().unwrap();
+    assert_eq!(c.request(b"in").unwrap(), b"in");
+    let bad = NatsOptions::new(&url).user_password("svc", "wrong");
+    let e = Client::builder(&name).nats_options(bad).transport(Transport::Nats).connect().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(!e.to_string().contains("wrong"), "{e}");
+    handle.shutdown();
+
+    let Some(t) = Broker::start(&["--auth", "tok-123"]) else { return };
+    let opts = NatsOptions::new(&t.url()).token("tok-123");
+    let handle = Server::builder(&name)
+        .nats_options(opts.clone())
+        .transport(Transport::Nats)
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let mut c = Client::builder(&name).nats_options(opts).transport(Transport::Nats).connect().unwrap();
+    assert_eq!(c.request(b"tok").unwrap(), b"tok");
+    handle.shutdown();
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1 with `openssl`; `None` without it.
+fn make_certs(dir: &Path) -> Option<()> {
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").ok()?;
+    let ok = run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=microcs test CA",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    ok.then_some(())
+}
+
+#[test]
+fn tls_urls_work() {
+    let _w = watchdog(Duration::from_secs(90));
+    let certs = TempDir::new("ntls");
+    if make_certs(certs.path()).is_none() {
+        assert!(!required(), "MICROCS_REQUIRE_NATS=1 but openssl could not make test certificates");
+        eprintln!("SKIPPED: no openssl to make test certificates");
+        return;
+    }
+    let p = |f: &str| certs.path().join(f).to_str().unwrap().to_owned();
+    let Some(b) = Broker::start(&["--tls", "--tlscert", &p("server.pem"), "--tlskey", &p("server.key")])
+    else {
+        return;
+    };
+    let url = b.url();
+    assert!(url.starts_with("tls://"));
+    let name = unique("NTLS");
+    let opts = NatsOptions::new(&url).root_certificate(p("ca.pem"));
+    let handle = Server::builder(&name)
+        .nats_options(opts.clone())
+        .transport(Transport::Nats)
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let mut c = Client::builder(&name).nats_options(opts).transport(Transport::Nats).connect().unwrap();
+    assert_eq!(c.request(b"over tls").unwrap(), b"over tls");
+    // Without trusting the CA, TLS fails, with a message naming the URL.
+    let e = Client::builder(&name).nats(&url).transport(Transport::Nats).connect().unwrap_err();
+    assert!(e.to_string().contains(&url), "{e}");
+    handle.shutdown();
+}
+
+#[test]
+fn list_finds_services_with_their_info() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let (a, z) = (unique("NLSA"), unique("NLSZ"));
+    let ha = Server::builder(&a)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .version("1.0.0")
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let hz = Server::builder(&z)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .method("m", echo)
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let all = microcs::nats::list(&NatsOptions::new(&url), None, Duration::from_secs(3)).unwrap();
+    let ours: Vec<_> = all.iter().filter(|i| i.name == a || i.name == z).collect();
+    assert_eq!(ours.len(), 2, "{all:?}");
+    assert_eq!(ours[0].name, a, "sorted by name");
+    assert_eq!(ours[0].version, "1.0.0");
+    assert_eq!(ours[1].endpoints.len(), 2);
+    assert_eq!(ours[1].metadata.get("pid"), Some(&std::process::id().to_string()));
+    let one = microcs::nats::list(&NatsOptions::new(&url), Some(&z), Duration::from_secs(3)).unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].name, z);
+    ha.shutdown();
+    hz.shutdown();
+}
