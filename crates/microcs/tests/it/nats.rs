@@ -776,3 +776,109 @@ fn list_finds_services_with_their_info() {
     ha.shutdown();
     hz.shutdown();
 }
+
+/// A Python with nats-py: `MICROCS_TEST_PYTHON`, else the project venv, else `python3`; `None`
+/// (after saying why) when none can import `nats`.
+fn python_with_nats() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    let candidates = std::env::var_os("MICROCS_TEST_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([venv, PathBuf::from("python3")]);
+    for py in candidates {
+        let ok = Command::new(&py)
+            .args(["-c", "import nats, nats.micro"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(py);
+        }
+    }
+    assert!(!required(), "MICROCS_REQUIRE_NATS=1 but no Python with nats-py was found (pip install nats-py)");
+    eprintln!("SKIPPED: no Python with nats-py (./scripts/test nats installs it into .venv)");
+    None
+}
+
+fn interop_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nats_interop").join(name)
+}
+
+#[test]
+fn interop_nats_py_calls_our_service_and_reads_srv_json() {
+    let _w = watchdog(Duration::from_secs(120));
+    let b = broker_url!();
+    let Some(py) = python_with_nats() else { return };
+    let url = b.url();
+    let name = unique("NPYC");
+    let handle = Server::builder(&name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .version("1.4.2")
+        .description("called from nats-py")
+        .method("upper", |r: Request| Ok::<_, RemoteError>(r.text()?.to_uppercase()))
+        .method("fail", |_r: Request| Err::<Vec<u8>, _>(RemoteError::new(422, "no good")))
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let out = Command::new(&py).arg(interop_script("call_microcs.py")).args([&url, &name]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "nats-py interop failed:\n{text}");
+    assert!(text.contains("interop ok"), "{text}");
+    // It really called: our counters saw it.
+    let stats = handle.stats();
+    let n = |ep: &str| stats.endpoints.iter().find(|e| e.name == ep).unwrap().num_requests;
+    assert!(n("default") >= 1 && n("upper") >= 1 && n("fail") >= 1, "{stats:?}");
+    handle.shutdown();
+}
+
+#[test]
+fn interop_our_client_calls_a_nats_py_micro_service() {
+    let _w = watchdog(Duration::from_secs(120));
+    let b = broker_url!();
+    let Some(py) = python_with_nats() else { return };
+    let url = b.url();
+    let name = unique("NPYS");
+    let mut child = Command::new(&py)
+        .arg(interop_script("micro_service.py"))
+        .args([&url, &name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "the nats-py service did not start");
+    let result = std::panic::catch_unwind(|| {
+        let mut c = nats_client(&url, &name).connect().unwrap();
+        assert_eq!(c.request(b"hello from rust").unwrap(), b"hello from rust");
+        assert_eq!(c.send_message("text").unwrap(), "text");
+        assert_eq!(c.call("upper", b"abc").unwrap(), b"ABC");
+        let e = c.call("fail", b"").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Remote, "{e}");
+        assert_eq!((e.remote().unwrap().code(), e.remote().unwrap().message()), (418, "i am a teapot"));
+        // Its $SRV answers parse as ours do.
+        let ping = c.ping().unwrap();
+        assert_eq!((ping.name.as_str(), ping.version.as_str()), (name.as_str(), "2.1.0"));
+        let info = c.info().unwrap();
+        assert_eq!(info.description, "nats-py micro service");
+        let mut eps: Vec<_> = info.endpoints.iter().map(|e| e.name.clone()).collect();
+        eps.sort();
+        assert_eq!(eps, ["default", "fail", "upper"]);
+        let stats = c.stats().unwrap();
+        let fail = stats.endpoints.iter().find(|e| e.name == "fail").unwrap();
+        assert_eq!((fail.num_requests, fail.num_errors), (1, 1));
+        let listed =
+            microcs::nats::list(&NatsOptions::new(&url), Some(&name), Duration::from_secs(3)).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, ping.id);
+    });
+    drop(child.stdin.take());
+    let _ = child.wait();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
