@@ -1,0 +1,123 @@
+// The checks behind the fuzz targets, shared word for word with the corpus replay test
+// (crates/microcs/tests/fuzz_corpus.rs) through `include!`, so an input the fuzzer saved is
+// judged the same way in the normal `cargo test` run. Plain functions only: this file is
+// included into other files, so it cannot carry inner attributes or module docs.
+
+/// Feeds `data` to the frame decoder as a connection's reader would and checks that whatever it
+/// says is consistent.
+///
+/// Input layout: the first 4 bytes (big-endian) are the connection's payload limit, the rest is
+/// the byte stream a peer sent. With fewer than 4 bytes, the limit is the default and all of
+/// `data` is the stream.
+///
+/// Checked: no panic; every frame re-encodes to exactly the bytes it was decoded from, respects
+/// the limits, needs every one of its bytes, and decodes the same under a larger limit; "need
+/// more" always asks for more than is there and for no more than the limit allows; an error is
+/// decided by the bytes seen (more input does not change it) and maps to a documented status;
+/// handshake bodies re-encode.
+#[allow(dead_code)]
+pub fn check_decode(data: &[u8]) {
+    use microcs::proto::{
+        self, DecodeError, Decoded, FRAME_OVERHEAD, HEADER_LEN, Hello, HelloAck, MAX_METHOD_LEN, VERSION,
+    };
+
+    let (limit, mut stream) = match data.split_first_chunk::<4>() {
+        Some((l, rest)) => (u32::from_be_bytes(*l), rest),
+        None => (proto::DEFAULT_MAX_PAYLOAD, data),
+    };
+    loop {
+        match proto::decode(stream, limit) {
+            Ok(Decoded::Frame(f)) => {
+                assert!(f.len >= FRAME_OVERHEAD && f.len <= stream.len(), "frame length {}", f.len);
+                assert_eq!(f.len, FRAME_OVERHEAD + f.method.len() + f.payload.len());
+                assert!(f.method.len() <= MAX_METHOD_LEN);
+                assert!(f.payload.len() as u64 <= u64::from(limit), "payload over the limit");
+                assert_eq!(f.header.version, VERSION);
+                let mut again = Vec::with_capacity(f.len);
+                proto::encode(&mut again, &f.header, f.method, f.payload);
+                assert_eq!(again, &stream[..f.len], "re-encoding changed the frame");
+                assert_eq!(
+                    proto::decode(&stream[..f.len - 1], limit),
+                    Ok(Decoded::Incomplete { needed: f.len }),
+                    "one byte short must ask for the whole frame"
+                );
+                assert_eq!(proto::decode(&stream[..f.len], limit), Ok(Decoded::Frame(f)));
+                assert_eq!(
+                    proto::decode(stream, u32::MAX),
+                    Ok(Decoded::Frame(f)),
+                    "a larger limit changed it"
+                );
+                if let Some(hello) = Hello::parse(f.payload) {
+                    assert_eq!(hello.to_bytes(), f.payload[..Hello::LEN]);
+                }
+                if let Some(ack) = HelloAck::parse(f.payload) {
+                    assert_eq!(ack.to_bytes(), f.payload);
+                }
+                if let Ok(method) = std::str::from_utf8(f.method) {
+                    let _ = proto::check_method(method);
+                }
+                let _ = (f.header.kind(), proto::status::reason(f.header.status));
+                stream = &stream[f.len..];
+            }
+            Ok(Decoded::Incomplete { needed }) => {
+                assert!(needed > stream.len(), "asked for {needed} bytes but {} are there", stream.len());
+                assert!(
+                    needed as u64 <= (FRAME_OVERHEAD + MAX_METHOD_LEN) as u64 + u64::from(limit),
+                    "asked for {needed} bytes, more than limit {limit} allows"
+                );
+                return;
+            }
+            Err(e) => {
+                let mut longer = stream.to_vec();
+                longer.extend_from_slice(&[0u8; FRAME_OVERHEAD]);
+                assert_eq!(proto::decode(&longer, limit), Err(e.clone()), "more input changed the error");
+                assert!([400, 413, 505].contains(&e.status()), "status {}", e.status());
+                if let DecodeError::TooShort { len } = e {
+                    assert!((len as usize) < HEADER_LEN);
+                }
+                assert!(!e.to_string().is_empty());
+                return;
+            }
+        }
+    }
+}
+
+/// Checks the service-name parser, and the method-name check, against the rules as written in
+/// DESIGN.md § 2 and docs/PROTOCOL.md § 13 (an independent re-statement, not the same code).
+///
+/// Input: the bytes as UTF-8 (names are strings in the API); invalid UTF-8 is checked in its
+/// lossy form.
+#[allow(dead_code)]
+pub fn check_name(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let s: &str = &text;
+    let token_ok =
+        |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let name_ok = s.len() <= microcs::Name::MAX_LEN && !s.starts_with('-') && s.split('.').all(token_ok);
+    match microcs::Name::new(s) {
+        Ok(name) => {
+            assert!(name_ok, "{s:?} was accepted as a name");
+            assert_eq!(name.as_str(), s);
+            assert_eq!(name.to_string(), s);
+            assert_eq!(s.parse::<microcs::Name>().map(|n| n == name).ok(), Some(true));
+            // Safe as a file name in the runtime directory.
+            assert!(!s.is_empty() && !s.contains('/') && !s.contains("..") && !s.starts_with('.'));
+        }
+        Err(e) => {
+            assert!(!name_ok, "{s:?} was refused as a name: {e}");
+            assert_eq!(e.kind(), microcs::ErrorKind::InvalidName);
+            assert!(e.to_string().contains("letters, digits"), "the message says what is allowed: {e}");
+        }
+    }
+    let body = s.strip_prefix('$').unwrap_or(s);
+    let method_ok = s.len() <= microcs::proto::MAX_METHOD_LEN
+        && !body.is_empty()
+        && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    match microcs::proto::check_method(s) {
+        Ok(()) => assert!(method_ok, "{s:?} was accepted as a method"),
+        Err(msg) => {
+            assert!(!method_ok, "{s:?} was refused as a method: {msg}");
+            assert!(msg.contains("letters, digits"), "the message says what is allowed: {msg}");
+        }
+    }
+}
