@@ -3,14 +3,30 @@
 //! with a u32 length prefix, one thread per connection).
 //!
 //! ```text
-//! cargo bench -p microcs --bench e2e -- [--quick] [--placement split|same|both] [--runs N] [--json FILE]
+//! cargo bench -p microcs --features tokio --bench e2e -- [--quick] [--placement split|same|both]
+//!     [--runs N] [--json FILE] [--microcs PATH]
+//! cargo bench -p microcs --features tokio --bench e2e -- --syscalls [--json FILE]  # needs strace
+//! cargo bench -p microcs --features tokio --bench e2e -- --allocs [--json FILE]
 //! ```
 //!
 //! `split` pins the server to CPU 0 and the client to CPU 1; `same` pins both to CPU 1. Every
-//! scenario runs `--runs` times, alternating systems, and the medians are reported. `--quick`
-//! (used by CI so the bench cannot rot) runs everything briefly and asserts nothing.
+//! scenario runs `--runs` times, alternating systems within a run so that drift hits them alike;
+//! each ratio is the median over the runs of (system / floor) in that run. `--quick` (used by CI
+//! so the bench cannot rot) runs everything briefly and asserts nothing about speed.
+//!
+//! Systems are named `client-server`: `floor`, `blocking` (blocking client, blocking server),
+//! `tokio` (tokio client, tokio server), `blocking-tokio`, `tokio-blocking`. Without the `tokio`
+//! feature only `floor` and `blocking` run. Tokio sides use a current-thread runtime (in a pinned
+//! process a multi-thread runtime would get one worker anyway).
+//!
+//! `--syscalls` runs each client and server process under `strace -c -f`, once with no request
+//! and once with N, and prints the difference per request. `--allocs` counts heap allocations
+//! per request with a counting global allocator (client and server in this process, each side's
+//! own thread counted).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::alloc::{GlobalAlloc, Layout, System as SysAlloc};
+use std::cell::Cell;
+use std::io::{BufRead, BufReader, IoSlice, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,31 +34,157 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use microcs::{Client, RemoteError, Request, Server};
+use serde_json::{Value, json};
 
-/// The systems compared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum System {
-    Floor,
-    Blocking,
+/// Largest payload used, with room for the frame header.
+const MAX_FRAME: u32 = 2 << 20;
+const BLOCKING_NAME: &str = "E2E_BLOCKING";
+#[cfg(feature = "tokio")]
+const TOKIO_NAME: &str = "E2E_TOKIO";
+/// Requests in flight on one connection in the pipelined scenario.
+#[cfg(feature = "tokio")]
+const DEPTH: usize = 64;
+/// Idle connections opened to measure their memory.
+const IDLE_CONNS: usize = 100;
+
+// ---------------------------------------------------------------- allocation counting
+
+/// The system allocator, counting allocations per thread (for `--allocs`). Counting costs a
+/// thread-local increment, the same for every system measured.
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
 }
 
-impl System {
-    fn all() -> &'static [System] {
-        &[System::Floor, System::Blocking]
+fn count_alloc() {
+    let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
+}
+
+/// Allocations made by the calling thread so far.
+fn thread_allocs() -> u64 {
+    ALLOCS.try_with(Cell::get).unwrap_or(0)
+}
+
+// SAFETY: every method forwards to the system allocator unchanged; the counter is a
+// const-initialised thread-local `Cell` without a destructor, which never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_alloc();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { SysAlloc.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_alloc();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { SysAlloc.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_alloc();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { SysAlloc.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { SysAlloc.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+// ---------------------------------------------------------------- systems
+
+/// A server process kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerKind {
+    Floor,
+    Blocking,
+    #[cfg(feature = "tokio")]
+    Tokio,
+}
+
+impl ServerKind {
+    fn all() -> &'static [ServerKind] {
+        &[
+            ServerKind::Floor,
+            ServerKind::Blocking,
+            #[cfg(feature = "tokio")]
+            ServerKind::Tokio,
+        ]
     }
     fn label(self) -> &'static str {
         match self {
-            System::Floor => "floor",
-            System::Blocking => "blocking",
+            ServerKind::Floor => "floor",
+            ServerKind::Blocking => "blocking",
+            #[cfg(feature = "tokio")]
+            ServerKind::Tokio => "tokio",
         }
     }
+    fn parse(s: &str) -> ServerKind {
+        *ServerKind::all().iter().find(|k| k.label() == s).unwrap_or_else(|| panic!("unknown kind {s}"))
+    }
 }
+
+/// A client kind; a system is a client kind talking to a server kind.
+type ClientKind = ServerKind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct System {
+    client: ClientKind,
+    server: ServerKind,
+}
+
+impl System {
+    const FLOOR: System = System { client: ServerKind::Floor, server: ServerKind::Floor };
+    const BLOCKING: System = System { client: ServerKind::Blocking, server: ServerKind::Blocking };
+    #[cfg(feature = "tokio")]
+    const TOKIO: System = System { client: ServerKind::Tokio, server: ServerKind::Tokio };
+
+    fn label(self) -> String {
+        if self.client == self.server {
+            self.client.label().to_owned()
+        } else {
+            format!("{}-{}", self.client.label(), self.server.label())
+        }
+    }
+
+    fn parse(s: &str) -> System {
+        let (c, srv) = s.split_once('-').unwrap_or((s, s));
+        System { client: ServerKind::parse(c), server: ServerKind::parse(srv) }
+    }
+
+    /// The floor and both flavours end to end.
+    fn main() -> Vec<System> {
+        vec![
+            System::FLOOR,
+            System::BLOCKING,
+            #[cfg(feature = "tokio")]
+            System::TOKIO,
+        ]
+    }
+
+    /// Also the mixed pairs (latency only).
+    fn with_mixed() -> Vec<System> {
+        #[allow(unused_mut)]
+        let mut v = System::main();
+        #[cfg(feature = "tokio")]
+        v.extend([
+            System { client: ServerKind::Blocking, server: ServerKind::Tokio },
+            System { client: ServerKind::Tokio, server: ServerKind::Blocking },
+        ]);
+        v
+    }
+}
+
+// ---------------------------------------------------------------- options and placement
 
 struct Opts {
     quick: bool,
     runs: usize,
     placements: Vec<Placement>,
     json: Option<PathBuf>,
+    microcs: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -69,6 +211,7 @@ impl Placement {
     }
 }
 
+/// Pins the calling thread (and the threads it starts afterwards) to `cpu`.
 fn pin(cpu: usize) {
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
@@ -79,18 +222,37 @@ fn pin(cpu: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--serve") {
-        serve(&args[1], Path::new(&args[2]), args[3].parse().unwrap());
-        return;
+    match args.first().map(String::as_str) {
+        Some("--serve") => {
+            return serve(ServerKind::parse(&args[1]), Path::new(&args[2]), args[3].parse().unwrap());
+        }
+        Some("--client") => {
+            return client_proc(
+                System::parse(&args[1]),
+                Path::new(&args[2]),
+                args[3].parse().unwrap(),
+                args[4].parse().unwrap(),
+            );
+        }
+        _ => {}
     }
-    let mut opts =
-        Opts { quick: false, runs: 5, placements: vec![Placement::Split, Placement::Same], json: None };
+    let mut opts = Opts {
+        quick: false,
+        runs: 5,
+        placements: vec![Placement::Split, Placement::Same],
+        json: None,
+        microcs: None,
+    };
+    let (mut syscalls, mut allocs) = (false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
+            "--syscalls" => syscalls = true,
+            "--allocs" => allocs = true,
             "--runs" => opts.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--json" => opts.json = it.next().map(PathBuf::from),
+            "--microcs" => opts.microcs = it.next().map(PathBuf::from),
             "--placement" => {
                 opts.placements = match it.next().map(String::as_str) {
                     Some("split") => vec![Placement::Split],
@@ -98,34 +260,60 @@ fn main() {
                     _ => vec![Placement::Split, Placement::Same],
                 }
             }
-            "--bench" => {} // passed by `cargo bench`
-            _ => {}
+            _ => {} // `--bench`, passed by `cargo bench`, and criterion-style filters
         }
     }
     if opts.quick {
         opts.runs = 1;
     }
     let _ = Placement::Same.cpus();
-    let mut report = Vec::new();
-    for &p in &opts.placements {
-        report.push(run_placement(&opts, p));
-    }
-    let json = format!("[{}]", report.join(","));
+    let report = if allocs {
+        json!({ "allocs": alloc_report(&opts) })
+    } else if syscalls {
+        json!({ "syscalls": syscall_report(&opts) })
+    } else {
+        let placements: Vec<Value> = opts.placements.iter().map(|&p| run_placement(&opts, p)).collect();
+        json!({ "placements": placements })
+    };
     if let Some(path) = &opts.json {
-        std::fs::write(path, &json).unwrap();
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
         eprintln!("wrote {}", path.display());
     }
 }
 
-/// One server process of a given kind.
+fn private_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("microcs-e2e-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    dir
+}
+
+// ---------------------------------------------------------------- server processes
+
+/// One server process of a given kind; stopped (stdin closed, waited for) on drop.
 struct ServerProc {
     child: Child,
 }
 
 impl ServerProc {
-    fn start(system: System, dir: &Path, cpu: usize) -> ServerProc {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--serve", system.label()])
+    fn start(kind: ServerKind, dir: &Path, cpu: usize) -> ServerProc {
+        ServerProc::start_with(&[], kind, dir, cpu)
+    }
+
+    /// Starts the server behind a command prefix (e.g. `strace -c -f -o FILE`).
+    fn start_with(prefix: &[String], kind: ServerKind, dir: &Path, cpu: usize) -> ServerProc {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = cmd
+            .args(["--serve", kind.label()])
             .arg(dir)
             .arg(cpu.to_string())
             .env("MICROCS_RUNTIME_DIR", dir)
@@ -135,7 +323,7 @@ impl ServerProc {
             .unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.starts_with("READY"), "server {system:?} did not start: {line:?}");
+        assert!(line.starts_with("READY"), "server {kind:?} did not start: {line:?}");
         ServerProc { child }
     }
 
@@ -151,15 +339,30 @@ impl Drop for ServerProc {
     }
 }
 
-fn serve(kind: &str, dir: &Path, cpu: usize) {
+fn echo(r: Request) -> Result<Vec<u8>, RemoteError> {
+    Ok(r.into_payload())
+}
+
+fn ready_then_wait_for_stdin() {
+    println!("READY");
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+/// Body of a server process: serves until its stdin closes.
+fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
     pin(cpu);
     match kind {
-        "floor" => {
+        ServerKind::Floor => {
+            // A previous floor server of this directory left its socket behind.
+            let _ = std::fs::remove_file(dir.join("floor.sock"));
             let l = UnixListener::bind(dir.join("floor.sock")).unwrap();
             std::thread::spawn(move || {
                 for s in l.incoming() {
                     let mut s = s.unwrap();
                     std::thread::spawn(move || {
+                        // One read of the prefix, one of the body, one write back: the least a
+                        // length-prefixed echo can do.
                         let mut buf = vec![0u8; 4];
                         while s.read_exact(&mut buf[..4]).is_ok() {
                             let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
@@ -171,99 +374,205 @@ fn serve(kind: &str, dir: &Path, cpu: usize) {
                     });
                 }
             });
-            println!("READY");
-            let _ = std::io::stdout().flush();
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            ready_then_wait_for_stdin();
         }
-        "blocking" => {
-            let h = Server::builder("blocking")
-                .max_frame(2 << 20)
-                .bind()
-                .unwrap()
-                .spawn(|r: Request| Ok::<_, RemoteError>(r.into_payload()))
-                .unwrap();
-            println!("READY");
-            let _ = std::io::stdout().flush();
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        ServerKind::Blocking => {
+            let h = Server::builder(BLOCKING_NAME).max_frame(MAX_FRAME).bind().unwrap().spawn(echo).unwrap();
+            ready_then_wait_for_stdin();
             h.shutdown();
         }
-        other => panic!("unknown server kind {other}"),
+        #[cfg(feature = "tokio")]
+        ServerKind::Tokio => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let h = microcs::tokio::Server::builder(TOKIO_NAME)
+                    .max_frame(MAX_FRAME)
+                    .bind()
+                    .await
+                    .unwrap()
+                    .spawn(|r: Request| async move { echo(r) })
+                    .unwrap();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                std::thread::spawn(move || {
+                    ready_then_wait_for_stdin();
+                    let _ = tx.send(());
+                });
+                let _ = rx.await;
+                h.shutdown().await;
+            });
+        }
     }
 }
 
-/// A synchronous echo client of one system.
+// ---------------------------------------------------------------- clients
+
+/// One connection of one client kind, to the server of a system.
 enum Caller {
     Floor(UnixStream, Vec<u8>),
     Blocking(Box<Client>),
+    #[cfg(feature = "tokio")]
+    Tokio(tokio::runtime::Runtime, microcs::tokio::Client),
+}
+
+fn service_name(server: ServerKind) -> &'static str {
+    match server {
+        ServerKind::Floor => unreachable!("the floor has no name"),
+        ServerKind::Blocking => BLOCKING_NAME,
+        #[cfg(feature = "tokio")]
+        ServerKind::Tokio => TOKIO_NAME,
+    }
+}
+
+fn floor_call(s: &mut UnixStream, buf: &mut Vec<u8>, payload: &[u8]) -> usize {
+    // Prefix and payload in one vectored write (no copy of the payload), then two reads.
+    let prefix = (payload.len() as u32).to_be_bytes();
+    let mut parts = [IoSlice::new(&prefix), IoSlice::new(payload)];
+    let mut parts = &mut parts[..];
+    while !parts.is_empty() {
+        let n = s.write_vectored(parts).unwrap();
+        IoSlice::advance_slices(&mut parts, n);
+    }
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let len = u32::from_be_bytes(len) as usize;
+    buf.resize(len, 0);
+    s.read_exact(buf).unwrap();
+    len
 }
 
 impl Caller {
     fn connect(system: System, dir: &Path) -> Caller {
-        match system {
-            System::Floor => Caller::Floor(UnixStream::connect(dir.join("floor.sock")).unwrap(), Vec::new()),
-            System::Blocking => Caller::Blocking(Box::new(
-                Client::builder("blocking").runtime_dir(dir).max_frame(2 << 20).connect().unwrap(),
+        match (system.client, system.server) {
+            (ServerKind::Floor, _) => {
+                Caller::Floor(UnixStream::connect(dir.join("floor.sock")).unwrap(), Vec::new())
+            }
+            (ServerKind::Blocking, server) => Caller::Blocking(Box::new(
+                Client::builder(service_name(server))
+                    .runtime_dir(dir)
+                    .max_frame(MAX_FRAME)
+                    .connect()
+                    .unwrap(),
             )),
+            #[cfg(feature = "tokio")]
+            (ServerKind::Tokio, server) => {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let c = rt
+                    .block_on(
+                        microcs::tokio::Client::builder(service_name(server))
+                            .runtime_dir(dir)
+                            .max_frame(MAX_FRAME)
+                            .connect(),
+                    )
+                    .unwrap();
+                Caller::Tokio(rt, c)
+            }
         }
     }
 
-    fn call(&mut self, payload: &[u8]) -> usize {
+    /// `n` calls; with `lat`, each one's latency in µs is pushed to it. Async callers run the
+    /// whole loop in one `block_on`, as an async program's loop would.
+    fn repeat(&mut self, payload: &[u8], n: usize, mut lat: Option<&mut Vec<f64>>) {
+        let mut record = |t0: Instant| {
+            if let Some(l) = lat.as_deref_mut() {
+                l.push(t0.elapsed().as_nanos() as f64 / 1000.0);
+            }
+        };
         match self {
             Caller::Floor(s, buf) => {
-                buf.clear();
-                buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-                buf.extend_from_slice(payload);
-                s.write_all(buf).unwrap();
-                s.read_exact(&mut buf[..4]).unwrap();
-                let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
-                buf.resize(len, 0);
-                s.read_exact(buf).unwrap();
-                len
+                for _ in 0..n {
+                    let t0 = Instant::now();
+                    assert_eq!(floor_call(s, buf, payload), payload.len());
+                    record(t0);
+                }
             }
-            Caller::Blocking(c) => c.request(payload).unwrap().len(),
+            Caller::Blocking(c) => {
+                for _ in 0..n {
+                    let t0 = Instant::now();
+                    assert_eq!(c.request(payload).unwrap().len(), payload.len());
+                    record(t0);
+                }
+            }
+            #[cfg(feature = "tokio")]
+            Caller::Tokio(rt, c) => rt.block_on(async {
+                for _ in 0..n {
+                    let t0 = Instant::now();
+                    assert_eq!(c.request(payload).await.unwrap().len(), payload.len());
+                    record(t0);
+                }
+            }),
         }
+    }
+
+    /// Calls until `stop`; returns how many.
+    fn until(&mut self, payload: &[u8], stop: &AtomicBool) -> u64 {
+        let mut n = 0;
+        match self {
+            Caller::Floor(s, buf) => {
+                while !stop.load(Ordering::Relaxed) {
+                    floor_call(s, buf, payload);
+                    n += 1;
+                }
+            }
+            Caller::Blocking(c) => {
+                while !stop.load(Ordering::Relaxed) {
+                    c.request(payload).unwrap();
+                    n += 1;
+                }
+            }
+            #[cfg(feature = "tokio")]
+            Caller::Tokio(rt, c) => rt.block_on(async {
+                while !stop.load(Ordering::Relaxed) {
+                    c.request(payload).await.unwrap();
+                    n += 1;
+                }
+            }),
+        }
+        n
     }
 }
 
-#[derive(Default, Clone)]
+/// Body of a `--client` process (for `--syscalls`): connect, `n` requests, exit.
+fn client_proc(system: System, dir: &Path, n: usize, size: usize) {
+    let mut c = Caller::connect(system, dir);
+    c.repeat(&vec![0xa5u8; size], n, None);
+}
+
+// ---------------------------------------------------------------- scenarios
+
+#[derive(Default, Clone, Copy)]
 struct Latency {
     p50: f64,
     p99: f64,
     p999: f64,
 }
 
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 fn latency_run(system: System, dir: &Path, size: usize, n: usize) -> Latency {
     let mut c = Caller::connect(system, dir);
     let payload = vec![0xa5u8; size];
-    for _ in 0..(n / 10).max(50) {
-        c.call(&payload);
-    }
+    c.repeat(&payload, (n / 10).max(50), None);
     let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t0 = Instant::now();
-        assert_eq!(c.call(&payload), size);
-        samples.push(t0.elapsed().as_nanos() as f64 / 1000.0);
-    }
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let q = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    Latency { p50: q(0.50), p99: q(0.99), p999: q(0.999) }
+    c.repeat(&payload, n, Some(&mut samples));
+    samples.sort_by(f64::total_cmp);
+    Latency { p50: quantile(&samples, 0.50), p99: quantile(&samples, 0.99), p999: quantile(&samples, 0.999) }
 }
 
 /// Requests per second with `clients` threads, each with its own connection, for `d`.
 fn throughput_run(system: System, dir: &Path, clients: usize, size: usize, d: Duration) -> f64 {
     let stop = AtomicBool::new(false);
     let total = AtomicU64::new(0);
+    let payload = vec![1u8; size];
+    let callers: Vec<Caller> = (0..clients).map(|_| Caller::connect(system, dir)).collect();
     let t0 = Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..clients {
-            s.spawn(|| {
-                let mut c = Caller::connect(system, dir);
-                let payload = vec![1u8; size];
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    c.call(&payload);
-                    n += 1;
-                }
+        for mut c in callers {
+            let (stop, total, payload) = (&stop, &total, &payload);
+            s.spawn(move || {
+                let n = c.until(payload, stop);
                 total.fetch_add(n, Ordering::Relaxed);
             });
         }
@@ -273,8 +582,64 @@ fn throughput_run(system: System, dir: &Path, clients: usize, size: usize, d: Du
     total.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+/// Requests per second over one tokio client connection with `depth` requests in flight.
+#[cfg(feature = "tokio")]
+fn inflight_run(server: ServerKind, dir: &Path, depth: usize, size: usize, d: Duration) -> f64 {
+    let Caller::Tokio(rt, client) = Caller::connect(System { client: ServerKind::Tokio, server }, dir) else {
+        unreachable!()
+    };
+    rt.block_on(async {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let payload = std::sync::Arc::new(vec![1u8; size]);
+        let mut tasks = tokio::task::JoinSet::new();
+        let t0 = Instant::now();
+        for _ in 0..depth {
+            let (c, stop, payload) = (client.clone(), stop.clone(), payload.clone());
+            tasks.spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    c.request(&payload).await.unwrap();
+                    n += 1;
+                }
+                n
+            });
+        }
+        tokio::time::sleep(d).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        while let Some(n) = tasks.join_next().await {
+            total += n.unwrap();
+        }
+        total as f64 / t0.elapsed().as_secs_f64()
+    })
+}
+
+/// MB/s of payload (one way) echoing `n` 1 MiB payloads back to back.
+fn bulk_run(system: System, dir: &Path, n: usize) -> f64 {
+    let mut c = Caller::connect(system, dir);
+    let payload = vec![3u8; 1 << 20];
+    c.repeat(&payload, 2, None);
+    let t0 = Instant::now();
+    c.repeat(&payload, n, None);
+    n as f64 * (1 << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6
+}
+
+/// Start-to-exit times (ms) of `n` runs of `cmd`.
+fn spawn_times(cmd: &mut Command, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let t0 = Instant::now();
+            let out = cmd.output().unwrap();
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            ms
+        })
+        .collect()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -287,111 +652,375 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn run_placement(opts: &Opts, placement: Placement) -> String {
+/// The release `microcs` binary: `--microcs`, `$MICROCS_BIN`, or next to this bench's directory
+/// (`target/release/deps/e2e-…` → `target/release/microcs`).
+fn microcs_bin(opts: &Opts) -> Option<PathBuf> {
+    let guess = std::env::current_exe().ok()?.parent()?.parent()?.join("microcs");
+    let path =
+        opts.microcs.clone().or_else(|| std::env::var_os("MICROCS_BIN").map(PathBuf::from)).unwrap_or(guess);
+    path.is_file().then_some(path)
+}
+
+/// Per-run values of one figure for each system, and how to summarise them.
+struct Series {
+    systems: Vec<System>,
+    /// `runs[r][i]`: run r, system i.
+    runs: Vec<Vec<f64>>,
+}
+
+impl Series {
+    fn measure(systems: Vec<System>, runs: usize, mut f: impl FnMut(System) -> f64) -> Series {
+        let runs = (0..runs).map(|_| systems.iter().map(|&s| f(s)).collect()).collect();
+        Series { systems, runs }
+    }
+    fn median(&self, i: usize) -> f64 {
+        median(&self.runs.iter().map(|r| r[i]).collect::<Vec<_>>())
+    }
+    /// Median, min and max over the runs of system i's value divided by the floor's value of
+    /// the same run (`floor` gives it from the run).
+    fn ratio(&self, i: usize, floor: impl Fn(usize) -> f64) -> (f64, f64, f64) {
+        let r: Vec<f64> = self.runs.iter().enumerate().map(|(k, run)| run[i] / floor(k)).collect();
+        (median(&r), r.iter().copied().fold(f64::INFINITY, f64::min), r.iter().copied().fold(0.0, f64::max))
+    }
+}
+
+fn run_placement(opts: &Opts, placement: Placement) -> Value {
     let (server_cpu, client_cpu) = placement.cpus();
     pin(client_cpu);
-    let dir = std::env::temp_dir().join(format!("microcs-e2e-{}-{}", std::process::id(), placement.label()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let servers: Vec<ServerProc> =
-        System::all().iter().map(|&s| ServerProc::start(s, &dir, server_cpu)).collect();
-    let (n_lat, n_big, dur) =
-        if opts.quick { (200, 5, Duration::from_millis(100)) } else { (20_000, 300, Duration::from_secs(2)) };
+    let dir = private_dir(placement.label());
+    let servers: Vec<(ServerKind, ServerProc)> =
+        ServerKind::all().iter().map(|&k| (k, ServerProc::start(k, &dir, server_cpu))).collect();
+    let (n_lat, n_big, dur, n_spawn) = if opts.quick {
+        (200, 3, Duration::from_millis(100), 3)
+    } else {
+        (20_000, 300, Duration::from_secs(2), 100)
+    };
+    let runs = opts.runs;
     println!(
-        "\n## placement: {} (server CPU {server_cpu}, client CPU {client_cpu}), {} run(s), medians\n",
-        placement.label(),
-        opts.runs
+        "\n## placement: {} (server CPU {server_cpu}, client CPU {client_cpu}), {runs} run(s), medians\n",
+        placement.label()
     );
     let mut json = Vec::new();
+    let ratio_json = |(r, lo, hi): (f64, f64, f64)| json!({"ratio": r, "ratio_min": lo, "ratio_max": hi});
 
-    // Latency, 32 B.
-    let mut lat: Vec<Vec<Latency>> = vec![Vec::new(); System::all().len()];
-    for _ in 0..opts.runs {
-        for (i, &s) in System::all().iter().enumerate() {
-            lat[i].push(latency_run(s, &dir, 32, n_lat));
-        }
-    }
-    let med = |v: &Vec<Latency>, f: fn(&Latency) -> f64| median(v.iter().map(f).collect());
-    let floor_p50 = med(&lat[0], |l| l.p50);
-    println!("| 32 B round trip | p50 µs | p99 µs | p99.9 µs | p50 / floor |");
-    println!("|---|---|---|---|---|");
-    for (i, &s) in System::all().iter().enumerate() {
-        let (p50, p99, p999) = (med(&lat[i], |l| l.p50), med(&lat[i], |l| l.p99), med(&lat[i], |l| l.p999));
-        println!("| {} | {p50:.1} | {p99:.1} | {p999:.1} | {:.2}× |", s.label(), p50 / floor_p50);
-        json.push(format!(
-            r#"{{"scenario":"latency_32","system":"{}","p50_us":{p50:.2},"p99_us":{p99:.2},"p999_us":{p999:.2},"ratio":{:.3}}}"#,
+    // Latency, 32 B, every pair. Each run measures p50, p99 and p99.9 together.
+    let systems = System::with_mixed();
+    let lat: Vec<Vec<Latency>> =
+        (0..runs).map(|_| systems.iter().map(|&s| latency_run(s, &dir, 32, n_lat)).collect()).collect();
+    println!("| 32 B round trip | p50 µs | p99 µs | p99.9 µs | p50 / floor | p99 / floor |");
+    println!("|---|---|---|---|---|---|");
+    let pick = |f: fn(&Latency) -> f64| Series {
+        systems: systems.clone(),
+        runs: lat.iter().map(|run| run.iter().map(f).collect()).collect(),
+    };
+    let (p50, p99, p999) = (pick(|l| l.p50), pick(|l| l.p99), pick(|l| l.p999));
+    for (i, s) in systems.iter().enumerate() {
+        let r50 = p50.ratio(i, |k| p50.runs[k][0]);
+        let r99 = p99.ratio(i, |k| p99.runs[k][0]);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
             s.label(),
-            p50 / floor_p50
-        ));
+            p50.median(i),
+            p99.median(i),
+            p999.median(i),
+            r50.0,
+            r99.0
+        );
+        let mut row = json!({
+            "scenario": "latency_32", "system": s.label(),
+            "p50_us": p50.median(i), "p99_us": p99.median(i), "p999_us": p999.median(i),
+            "p99_ratio": r99.0, "p999_ratio": p999.ratio(i, |k| p999.runs[k][0]).0,
+            "p50_runs": p50.runs.iter().map(|r| r[i]).collect::<Vec<_>>(),
+        });
+        merge(&mut row, ratio_json(r50));
+        json.push(row);
     }
 
     // Throughput: 1 client and 4 concurrent clients, 32 B.
+    let mut floor_1 = Vec::new();
     for clients in [1usize, 4] {
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); System::all().len()];
-        for _ in 0..opts.runs {
-            for (i, &s) in System::all().iter().enumerate() {
-                rates[i].push(throughput_run(s, &dir, clients, 32, dur));
-            }
+        let t = Series::measure(System::main(), runs, |s| throughput_run(s, &dir, clients, 32, dur));
+        if clients == 1 {
+            floor_1 = t.runs.iter().map(|r| r[0]).collect();
         }
-        let floor = median(rates[0].clone());
         println!("\n| {clients} client(s), 32 B | requests/s | / floor |");
         println!("|---|---|---|");
-        for (i, &s) in System::all().iter().enumerate() {
-            let r = median(rates[i].clone());
-            println!("| {} | {r:.0} | {:.2}× |", s.label(), r / floor);
-            json.push(format!(
-                r#"{{"scenario":"throughput_{clients}","system":"{}","rps":{r:.0},"ratio":{:.3}}}"#,
-                s.label(),
-                r / floor
-            ));
+        for (i, s) in t.systems.iter().enumerate() {
+            let r = t.ratio(i, |k| t.runs[k][0]);
+            println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
+            let mut row =
+                json!({"scenario": format!("throughput_{clients}"), "system": s.label(), "rps": t.median(i)});
+            merge(&mut row, ratio_json(r));
+            json.push(row);
         }
     }
+
+    // One connection, many requests in flight (the tokio client multiplexes), against the
+    // floor's one-client sequential rate of the same run.
+    #[cfg(feature = "tokio")]
+    {
+        let servers = [ServerKind::Tokio, ServerKind::Blocking];
+        let t = Series {
+            systems: servers.iter().map(|&server| System { client: ServerKind::Tokio, server }).collect(),
+            runs: (0..runs)
+                .map(|_| servers.iter().map(|&server| inflight_run(server, &dir, DEPTH, 32, dur)).collect())
+                .collect(),
+        };
+        println!("\n| one connection, {DEPTH} in flight, 32 B | requests/s | / floor's 1-client rate |");
+        println!("|---|---|---|");
+        println!("| floor, 1 client sequential | {:.0} | 1.00× |", median(&floor_1));
+        for (i, s) in t.systems.iter().enumerate() {
+            // Paired with the floor's 1-client run of the same index (the same conditions).
+            let r = t.ratio(i, |k| floor_1[k.min(floor_1.len() - 1)]);
+            println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
+            let mut row =
+                json!({"scenario": "inflight", "system": s.label(), "depth": DEPTH, "rps": t.median(i)});
+            merge(&mut row, ratio_json(r));
+            json.push(row);
+        }
+    }
+
+    let _ = &floor_1; // read by the in-flight scenario (feature tokio)
 
     // 1 MiB echo.
-    let mut mbs: Vec<Vec<f64>> = vec![Vec::new(); System::all().len()];
-    for _ in 0..opts.runs {
-        for (i, &s) in System::all().iter().enumerate() {
-            let mut c = Caller::connect(s, &dir);
-            let payload = vec![3u8; 1 << 20];
-            c.call(&payload);
-            let t0 = Instant::now();
-            for _ in 0..n_big {
-                c.call(&payload);
-            }
-            mbs[i].push(n_big as f64 * (1 << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6);
-        }
-    }
-    let floor = median(mbs[0].clone());
+    let t = Series::measure(System::main(), runs, |s| bulk_run(s, &dir, n_big));
     println!("\n| 1 MiB echo | MB/s (payload, one way) | / floor |");
     println!("|---|---|---|");
-    for (i, &s) in System::all().iter().enumerate() {
-        let r = median(mbs[i].clone());
-        println!("| {} | {r:.0} | {:.2}× |", s.label(), r / floor);
-        json.push(format!(
-            r#"{{"scenario":"echo_1mib","system":"{}","mbps":{r:.1},"ratio":{:.3}}}"#,
-            s.label(),
-            r / floor
-        ));
+    for (i, s) in t.systems.iter().enumerate() {
+        let r = t.ratio(i, |k| t.runs[k][0]);
+        println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
+        let mut row = json!({"scenario": "echo_1mib", "system": s.label(), "mbps": t.median(i)});
+        merge(&mut row, ratio_json(r));
+        json.push(row);
     }
 
-    // Memory of the blocking server: idle, then with 100 idle connections.
-    let blocking = &servers[1];
-    let idle = rss_kib(blocking.pid());
-    let conns: Vec<Client> =
-        (0..100).map(|_| Client::builder("blocking").runtime_dir(&dir).connect().unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let with = rss_kib(blocking.pid());
-    drop(conns);
-    let per = (with.saturating_sub(idle)) as f64 / 100.0;
-    println!(
-        "\n| blocking server memory | KiB |\n|---|---|\n| idle RSS | {idle} |\n| per idle connection | {per:.1} |"
-    );
-    json.push(format!(
-        r#"{{"scenario":"memory","system":"blocking","idle_kib":{idle},"per_conn_kib":{per:.1}}}"#
-    ));
+    // Memory of each microcs server, in a fresh process (the runs above left the allocator of
+    // the others with freed memory that new connections would reuse): idle, then with idle
+    // connections, each of which has made one request (so its buffers exist).
+    println!("\n| server memory | idle RSS KiB | per idle connection KiB |\n|---|---|---|");
+    for &kind in ServerKind::all().iter().filter(|&&k| k != ServerKind::Floor) {
+        let mem_dir = private_dir(&format!("mem-{}", placement.label()));
+        let proc_ = ServerProc::start(kind, &mem_dir, server_cpu);
+        std::thread::sleep(Duration::from_millis(200));
+        let idle = rss_kib(proc_.pid());
+        let mut conns: Vec<Client> = (0..IDLE_CONNS)
+            .map(|_| Client::builder(service_name(kind)).runtime_dir(&mem_dir).connect().unwrap())
+            .collect();
+        for c in &mut conns {
+            c.request(b"x").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let with = rss_kib(proc_.pid());
+        drop(conns);
+        drop(proc_);
+        let _ = std::fs::remove_dir_all(&mem_dir);
+        let per = with.saturating_sub(idle) as f64 / IDLE_CONNS as f64;
+        println!("| {} | {idle} | {per:.1} |", kind.label());
+        json.push(
+            json!({"scenario": "memory", "system": kind.label(), "idle_kib": idle, "per_conn_kib": per}),
+        );
+    }
+
+    // `microcs call` one-shot: process start to exit, against the blocking server; a process
+    // that does nothing (`true`) is the baseline of the same run.
+    match microcs_bin(opts) {
+        Some(bin) => {
+            let mut call = Command::new(&bin);
+            call.args(["call", BLOCKING_NAME, "hello"]).env("MICROCS_RUNTIME_DIR", &dir);
+            let mut noop = Command::new("true");
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                a.push(median(&spawn_times(&mut call, n_spawn)));
+                b.push(median(&spawn_times(&mut noop, n_spawn)));
+            }
+            let (call_ms, true_ms) = (median(&a), median(&b));
+            println!(
+                "\n| one-shot process | median ms |\n|---|---|\n| `true` | {true_ms:.2} |\n| `microcs call` | {call_ms:.2} |"
+            );
+            json.push(json!({"scenario": "oneshot", "system": "microcs call", "median_ms": call_ms, "true_ms": true_ms}));
+        }
+        None => {
+            eprintln!("`microcs call` not measured: no release binary (cargo build --release -p microcs-cli)")
+        }
+    }
 
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
-    format!(r#"{{"placement":"{}","results":[{}]}}"#, placement.label(), json.join(","))
+    json!({
+        "placement": placement.label(), "server_cpu": server_cpu, "client_cpu": client_cpu,
+        "runs": runs, "latency_samples": n_lat, "seconds_per_throughput_run": dur.as_secs_f64(),
+        "results": json,
+    })
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Value::Object(a), Value::Object(b)) = (into, from) {
+        a.extend(b);
+    }
+}
+
+// ---------------------------------------------------------------- syscalls (strace -c)
+
+/// `syscall -> calls` from an `strace -c` summary.
+fn parse_strace(path: &Path) -> std::collections::BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut m = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        // "% time  seconds  usecs/call  calls  [errors]  syscall"
+        if t.len() < 5 || t[0].parse::<f64>().is_err() || t[t.len() - 1] == "total" {
+            continue;
+        }
+        if let Ok(calls) = t[3].parse::<u64>() {
+            *m.entry(t[t.len() - 1].to_owned()).or_insert(0) += calls;
+        }
+    }
+    m
+}
+
+fn syscall_report(opts: &Opts) -> Value {
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("--syscalls needs strace (apt-get install strace)");
+        std::process::exit(2);
+    }
+    let n: usize = if opts.quick { 100 } else { 20_000 };
+    let (server_cpu, client_cpu) = Placement::Split.cpus();
+    let dir = private_dir("strace");
+    let exe = std::env::current_exe().unwrap();
+    let mut out = Vec::new();
+    #[allow(unused_mut)]
+    let mut systems = System::main();
+    #[cfg(feature = "tokio")]
+    systems.push(System { client: ServerKind::Tokio, server: ServerKind::Blocking });
+    for size in [32usize, 1 << 20] {
+        let n = if size > 1024 { n / 100 } else { n };
+        for &system in &systems {
+            let mut counts = Vec::new();
+            for reqs in [0, n] {
+                let (sf, cf) = (dir.join("server.strace"), dir.join("client.strace"));
+                let prefix = ["strace", "-c", "-f", "-o"].map(String::from);
+                let server = ServerProc::start_with(
+                    &[prefix.to_vec(), vec![sf.display().to_string()]].concat(),
+                    system.server,
+                    &dir,
+                    server_cpu,
+                );
+                let st = Command::new("taskset")
+                    .args(["-c", &client_cpu.to_string(), "strace", "-c", "-f", "-o"])
+                    .arg(&cf)
+                    .arg(&exe)
+                    .args(["--client", &system.label()])
+                    .arg(&dir)
+                    .args([reqs.to_string(), size.to_string()])
+                    .env("MICROCS_RUNTIME_DIR", &dir)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                drop(server);
+                counts.push((parse_strace(&cf), parse_strace(&sf)));
+            }
+            let per = |side: fn(&(_, _)) -> &std::collections::BTreeMap<String, u64>| {
+                let (base, full) = (side(&counts[0]), side(&counts[1]));
+                let mut m = serde_json::Map::new();
+                for (k, &v) in full {
+                    let d = v.saturating_sub(*base.get(k).unwrap_or(&0)) as f64 / n as f64;
+                    if d >= 0.005 {
+                        m.insert(k.clone(), json!((d * 100.0).round() / 100.0));
+                    }
+                }
+                Value::Object(m)
+            };
+            let (client, server) = (per(|c| &c.0), per(|c| &c.1));
+            println!("{} {size} B, per request: client {client} server {server}", system.label());
+            out.push(json!({"system": system.label(), "size": size, "requests": n, "client": client, "server": server}));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Value::Array(out)
+}
+
+// ---------------------------------------------------------------- allocations
+
+/// Allocations per request on each side, client and server in this process: the handler reads
+/// its own thread's counter (blocking: the connection thread; tokio: the server runtime's one
+/// thread), the client its own.
+fn alloc_report(opts: &Opts) -> Value {
+    static SERVER_ALLOCS: AtomicU64 = AtomicU64::new(0);
+    fn counted(r: Request) -> Result<Vec<u8>, RemoteError> {
+        SERVER_ALLOCS.store(thread_allocs(), Ordering::SeqCst);
+        Ok(r.into_payload())
+    }
+    let n: usize = if opts.quick { 100 } else { 10_000 };
+    let dir = private_dir("allocs");
+    let h = Server::builder(BLOCKING_NAME)
+        .runtime_dir(&dir)
+        .max_frame(MAX_FRAME)
+        .bind()
+        .unwrap()
+        .spawn(counted)
+        .unwrap();
+    #[cfg(feature = "tokio")]
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    #[cfg(feature = "tokio")]
+    let tokio_server = {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let dir = dir.clone();
+        let t = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let h = microcs::tokio::Server::builder(TOKIO_NAME)
+                    .runtime_dir(&dir)
+                    .max_frame(MAX_FRAME)
+                    .bind()
+                    .await
+                    .unwrap()
+                    .spawn(|r: Request| async move { counted(r) })
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                let _ = stop_rx.await;
+                h.shutdown().await;
+            });
+        });
+        ready_rx.recv().unwrap();
+        t
+    };
+    let mut out = Vec::new();
+    let mut systems = System::main();
+    systems.retain(|s| *s != System::FLOOR);
+    #[cfg(feature = "tokio")]
+    systems.extend([
+        System { client: ServerKind::Blocking, server: ServerKind::Tokio },
+        System { client: ServerKind::Tokio, server: ServerKind::Blocking },
+    ]);
+    println!("| system | payload | client allocations / request | server allocations / request |");
+    println!("|---|---|---|---|");
+    for size in [32usize, 64 * 1024, 1 << 20] {
+        let n = if size > 1024 { n / 10 } else { n };
+        for &system in &systems {
+            let payload = vec![7u8; size];
+            // In a thread of its own, so that the count is this client's alone.
+            let (client, server) = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut c = Caller::connect(system, &dir);
+                    c.repeat(&payload, 100, None);
+                    let (c0, s0) = (thread_allocs(), SERVER_ALLOCS.load(Ordering::SeqCst));
+                    c.repeat(&payload, n, None);
+                    let (c1, s1) = (thread_allocs(), SERVER_ALLOCS.load(Ordering::SeqCst));
+                    ((c1 - c0) as f64 / n as f64, (s1 - s0) as f64 / n as f64)
+                })
+                .join()
+                .unwrap()
+            });
+            println!("| {} | {size} | {client:.2} | {server:.2} |", system.label());
+            out.push(json!({"system": system.label(), "size": size, "client": client, "server": server}));
+        }
+    }
+    h.shutdown();
+    #[cfg(feature = "tokio")]
+    {
+        let _ = stop_tx.send(());
+        tokio_server.join().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Value::Array(out)
 }
