@@ -233,6 +233,40 @@ pub struct BenchArgs {
     /// Never draw the progress bar (it is drawn only when stderr is a terminal anyway).
     #[arg(long)]
     pub no_progress: bool,
+
+    /// Pin the clients to these CPUs (e.g. `1`, `0,1`, `0-3`): client i runs on the i-th CPU of
+    /// the list, round robin. Pin the server too (e.g. `taskset -c 0 microcs serve ...`): on a
+    /// small VM, same-CPU and cross-CPU round trips differ several times over.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
+    pub cpus: Option<CpuList>,
+}
+
+/// A list of CPU numbers, from `--cpus`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// Parses a CPU list as `taskset -c` takes it: numbers and ranges separated by commas
+/// (`1`, `0,2`, `0-3`, `0-1,4`).
+pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    // The kernel's CPU set size (CPU_SETSIZE); larger numbers cannot be pinned to.
+    const MAX_CPU: usize = 1024;
+    let bad = || format!("invalid CPU list {s:?}: expected CPU numbers or ranges, e.g. 1, 0,2 or 0-3");
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<usize>(), b.trim().parse::<usize>()),
+            None => (part.parse(), part.parse()),
+        };
+        let (lo, hi) = (lo.map_err(|_| bad())?, hi.map_err(|_| bad())?);
+        if lo > hi {
+            return Err(format!("invalid CPU range {part:?} in {s:?}: the first number must be the smaller"));
+        }
+        if hi >= MAX_CPU {
+            return Err(format!("CPU {hi} in {s:?} is out of range (at most {})", MAX_CPU - 1));
+        }
+        cpus.extend(lo..=hi);
+    }
+    Ok(CpuList(cpus))
 }
 
 /// Arguments of `microcs demo`.
@@ -320,6 +354,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpus("1"), Ok(CpuList(vec![1])));
+        assert_eq!(parse_cpus("0,2"), Ok(CpuList(vec![0, 2])));
+        assert_eq!(parse_cpus("0-3"), Ok(CpuList(vec![0, 1, 2, 3])));
+        assert_eq!(parse_cpus("0-1, 4"), Ok(CpuList(vec![0, 1, 4])));
+        for bad in ["", "a", "1,", "3-1", "-1", "1-", "5000"] {
+            assert!(parse_cpus(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn durations() {

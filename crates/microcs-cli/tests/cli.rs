@@ -308,6 +308,24 @@ fn serve_echo_then_call_ls_ping_info_stats_bench() {
 }
 
 #[test]
+fn bench_pins_its_clients_with_cpus() {
+    let env = Env::new("cpus");
+    let name = env.name("CPUS");
+    let _srv = env.serve(&[&name, "--echo"]);
+    let j = env.run(&["bench", &name, "-d", "200ms", "-c", "2", "--cpus", "0", "--json"]).ok().json();
+    assert_eq!(j["cpus"], serde_json::json!([0]), "{j}");
+    assert!(j["requests"].as_u64().unwrap() > 0, "{j}");
+    let j = env.run(&["bench", &name, "-d", "100ms", "--json"]).ok().json();
+    assert!(j["cpus"].is_null(), "{j}");
+    // A CPU this machine does not have: a local error (2) that says so, nothing measured.
+    let out = env.run(&["bench", &name, "-d", "100ms", "--cpus", "1023"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(out.stderr.contains("cannot pin a client to CPU 1023"), "{}", out.stderr);
+    let out = env.run(&["bench", &name, "--cpus", "3-1"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+}
+
+#[test]
 fn serve_command_replies_with_stdout_and_failures_carry_stderr() {
     let env = Env::new("cmd");
     let name = env.name("UPPER");

@@ -179,6 +179,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
         duration: args.bench_duration.max(Duration::from_millis(100)),
         warmup: 50,
         timeout: Duration::from_secs(5),
+        cpus: Vec::new(),
     };
     let m = bench::execute(&plan, !ctx.json && std::io::stderr().is_terminal())?;
     let report = Report::new(&plan, &m);

@@ -31,6 +31,8 @@ pub struct Plan {
     pub warmup: u64,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// CPUs to pin the clients to, round robin (client i on `cpus[i % len]`); empty: unpinned.
+    pub cpus: Vec<usize>,
 }
 
 /// Phases of a run, as [`Progress::phase`] reports them.
@@ -201,6 +203,15 @@ fn local(msg: &str) -> microcs::Error {
     microcs::Error::new(ErrorKind::Io, msg.to_owned())
 }
 
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) -> Result<(), microcs::Error> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).map_err(|e| {
+        local(&format!("cannot pin a client to CPU {cpu} ({e}); list the CPUs this machine has with lscpu"))
+    })
+}
+
 struct ClientResult {
     ok: u64,
     errors: u64,
@@ -211,12 +222,19 @@ struct ClientResult {
 
 /// One client: warm up, wait for the start, then requests back to back until the time is up.
 fn client_thread(
-    _index: usize,
+    index: usize,
     mut client: Client,
     plan: &Plan,
     progress: &Progress,
     gate: &Gate,
 ) -> Result<ClientResult, microcs::Error> {
+    // Placed before the first request, so the warm-up already runs where the measurement will.
+    let pinned = if plan.cpus.is_empty() { Ok(()) } else { pin(plan.cpus[index % plan.cpus.len()]) };
+    if let Err(e) = pinned {
+        // Arrive anyway, so the others are not held up; the run then stops with this error.
+        gate.arrive_and_wait(false);
+        return Err(e);
+    }
     let send = |client: &mut Client| match &plan.method {
         Some(m) => client.call(m, &plan.payload),
         None => client.request(&plan.payload),

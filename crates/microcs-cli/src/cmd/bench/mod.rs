@@ -62,6 +62,8 @@ pub struct Report {
     pub received_bytes_per_s: f64,
     /// Latency of successful requests, microseconds.
     pub latency_us: LatencyJson,
+    /// CPUs the clients were pinned to (`--cpus`); null when unpinned.
+    pub cpus: Option<Vec<usize>>,
 }
 
 impl Report {
@@ -91,6 +93,7 @@ impl Report {
                 p999: us(h.quantile(0.999)),
                 max: us(h.max()),
             },
+            cpus: (!plan.cpus.is_empty()).then(|| plan.cpus.clone()),
         }
     }
 
@@ -153,6 +156,7 @@ fn plan(ctx: &Ctx, args: &BenchArgs) -> CliResult<Plan> {
         duration: args.duration,
         warmup: args.warmup,
         timeout: args.timeout,
+        cpus: args.cpus.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
     })
 }
 
