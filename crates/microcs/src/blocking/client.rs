@@ -62,7 +62,9 @@ struct Connection {
     stream: UnixStream,
     rbuf: ReadBuf,
     server: HelloAck,
-    /// Largest reply payload this client accepts (announced in `Hello`).
+    /// Largest payload the decoder accepts: the reply limit announced in `Hello`, but never
+    /// below 64 KiB, so the handshake answer and short errors always get through (the server
+    /// holds replies to the announced limit itself).
     max_payload: u32,
     /// The receive timeout currently set on the socket, to avoid a syscall per request.
     rcv_timeout: Option<Duration>,
@@ -439,7 +441,7 @@ impl Client {
             stream,
             rbuf: ReadBuf::default(),
             server: placeholder_ack(),
-            max_payload: self.max_payload,
+            max_payload: self.max_payload.max(64 * 1024),
             rcv_timeout: Some(remaining),
         };
         let hello = Hello { max_payload: self.max_payload };

@@ -655,6 +655,9 @@ struct ReadState {
     rbuf: ReadBuf,
     /// `SO_RCVTIMEO` is set to the frame timeout (a frame is partly in).
     partial_timeout: bool,
+    /// When the frame now partly in started arriving: the frame timeout bounds the whole frame,
+    /// not each read, so a peer trickling a byte now and then is still cut off.
+    partial_since: Option<Instant>,
 }
 
 impl Conn {
@@ -679,6 +682,21 @@ impl Conn {
     fn send(&self, shared: &Shared, header: &Header, method: &[u8], payload: &[u8], batch: bool) {
         if self.closed.load(Ordering::Relaxed) {
             return;
+        }
+        // Nothing goes out over the client's announced limit: an error message is cut short, any
+        // other answer (built-in JSON, a pong) becomes a "too large" error.
+        let max = self.max_reply.load(Ordering::Relaxed) as usize;
+        if payload.len() > max {
+            if header.kind() == Some(Kind::Error) {
+                let mut cut = max;
+                while cut > 0 && payload.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
+                    cut -= 1; // keep the message valid UTF-8
+                }
+                return self.send(shared, header, method, &payload[..cut], batch);
+            }
+            let msg = format!("answer of {} bytes is over the client's limit of {max} bytes", payload.len());
+            let h = Header::error(header.id, status::TOO_LARGE, FLAG_SYSTEM);
+            return self.send(shared, &h, b"", msg.as_bytes(), batch);
         }
         let mut out = lock(&self.out);
         let size = FRAME_OVERHEAD + method.len() + payload.len();
@@ -835,8 +853,9 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         stream,
         peer,
         accepted: Instant::now(),
-        max_reply: AtomicU32::new(0),
-        read: Mutex::new(ReadState { rbuf: ReadBuf::default(), partial_timeout: false }),
+        // Until the client's Hello says otherwise: enough for any refusal or handshake answer.
+        max_reply: AtomicU32::new(64 * 1024),
+        read: Mutex::new(ReadState { rbuf: ReadBuf::default(), partial_timeout: false, partial_since: None }),
         out: Mutex::new(Vec::new()),
         out_since: AtomicU64::new(0),
         reader_active: AtomicBool::new(true),
@@ -918,14 +937,15 @@ fn handshake(shared: &Shared, conn: &Conn) -> bool {
                     );
                     return false;
                 };
-                conn.max_reply.store(hello.max_payload, Ordering::Relaxed);
                 let ack = HelloAck {
                     max_payload: max,
-                    max_in_flight: shared.config.max_in_flight as u32,
+                    max_in_flight: u32::try_from(shared.config.max_in_flight).unwrap_or(u32::MAX),
                     pid: std::process::id(),
                     name: shared.service.name.to_string(),
                 };
                 conn.send(shared, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes(), false);
+                // From here on, every answer respects the client's limit.
+                conn.max_reply.store(hello.max_payload, Ordering::Relaxed);
                 return sockopt::set_socket_timeout(&conn.stream, Timeout::Recv, None).is_ok()
                     && !conn.closed.load(Ordering::SeqCst);
             }
@@ -936,7 +956,15 @@ fn handshake(shared: &Shared, conn: &Conn) -> bool {
             }
         };
         match rs.rbuf.fill(&conn.stream, needed) {
-            Ok(Filled::Data) => {}
+            // The handshake timeout bounds the whole hello, not each read of it.
+            Ok(Filled::Data) if conn.accepted.elapsed() <= shared.config.handshake_timeout => {}
+            Ok(Filled::Data) => {
+                tracing::debug!(
+                    conn = conn.id,
+                    "hello trickled past the handshake timeout; dropping connection"
+                );
+                return false;
+            }
             Ok(Filled::Eof) => return false,
             Err(e) => {
                 tracing::debug!(conn = conn.id, error = %e, "no hello in time; dropping connection");
@@ -1064,16 +1092,18 @@ fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job>
             }
             rs.partial_timeout = partial;
         }
-        match rs.rbuf.fill(&conn.stream, needed) {
-            Ok(Filled::Data) => {}
+        rs.partial_since = if partial { rs.partial_since.or_else(|| Some(Instant::now())) } else { None };
+        let timed_out = match rs.rbuf.fill(&conn.stream, needed) {
+            Ok(Filled::Data) => rs.partial_since.is_some_and(|t| t.elapsed() > shared.config.frame_timeout),
             Ok(Filled::Eof) => return None,
-            Err(e) if is_timeout(&e) => {
-                tracing::debug!(conn = conn.id, "frame not completed within the frame timeout; closing");
-                let msg = format!("frame not completed within {:?}", shared.config.frame_timeout);
-                conn.error(shared, 0, status::TIMED_OUT, FLAG_SYSTEM, &msg, false);
-                return None;
-            }
+            Err(e) if is_timeout(&e) => true,
             Err(_) => return None,
+        };
+        if timed_out {
+            tracing::debug!(conn = conn.id, "frame not completed within the frame timeout; closing");
+            let msg = format!("frame not completed within {:?}", shared.config.frame_timeout);
+            conn.error(shared, 0, status::TIMED_OUT, FLAG_SYSTEM, &msg, false);
+            return None;
         }
     }
 }

@@ -28,7 +28,8 @@ impl Hello {
 /// Body of the server's `HelloAck` frame.
 ///
 /// Layout: `u32` largest request payload the server accepts, `u32` requests it runs at once per
-/// connection, `u32` server pid, then the service name (UTF-8, to the end of the body).
+/// connection, `u32` server pid, `u16` length of the service name, the name (UTF-8). Bytes after
+/// the name are accepted and ignored, so later versions can add fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloAck {
     /// Largest request payload, in bytes, the server will accept.
@@ -42,15 +43,21 @@ pub struct HelloAck {
 }
 
 impl HelloAck {
-    /// Length of the fixed part of the body.
-    pub const FIXED_LEN: usize = 12;
+    /// Length of the fixed part of the body (before the name's bytes).
+    pub const FIXED_LEN: usize = 14;
 
     /// The body bytes.
+    ///
+    /// # Panics
+    ///
+    /// If the name is longer than 65535 bytes (service names are at most 64).
     pub fn to_bytes(&self) -> Vec<u8> {
+        let name_len = u16::try_from(self.name.len()).expect("service name longer than 65535 bytes");
         let mut b = Vec::with_capacity(Self::FIXED_LEN + self.name.len());
         b.extend_from_slice(&self.max_payload.to_be_bytes());
         b.extend_from_slice(&self.max_in_flight.to_be_bytes());
         b.extend_from_slice(&self.pid.to_be_bytes());
+        b.extend_from_slice(&name_len.to_be_bytes());
         b.extend_from_slice(self.name.as_bytes());
         b
     }
@@ -58,11 +65,13 @@ impl HelloAck {
     /// Parses a body; `None` if it is too short or the name is not UTF-8.
     pub fn parse(b: &[u8]) -> Option<HelloAck> {
         let word = |i: usize| Some(u32::from_be_bytes(b.get(i..i + 4)?.try_into().ok()?));
+        let name_len = u16::from_be_bytes(b.get(12..14)?.try_into().ok()?) as usize;
+        let name = b.get(Self::FIXED_LEN..Self::FIXED_LEN + name_len)?;
         Some(HelloAck {
             max_payload: word(0)?,
             max_in_flight: word(4)?,
             pid: word(8)?,
-            name: std::str::from_utf8(&b[Self::FIXED_LEN..]).ok()?.to_owned(),
+            name: std::str::from_utf8(name).ok()?.to_owned(),
         })
     }
 }

@@ -511,13 +511,17 @@ fn hello_body_ignores_extra_bytes_and_refuses_short_ones() {
 #[test]
 fn hello_ack_body_layout() {
     let ack = HelloAck { max_payload: 1, max_in_flight: 2, pid: 3, name: "a.b".into() };
-    assert_eq!(ack.to_bytes(), [0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, b'a', b'.', b'b']);
-    assert_eq!(HelloAck::parse(&ack.to_bytes()), Some(ack));
-    // The name runs to the end; an empty one still parses (the fixed part is what matters).
-    assert_eq!(HelloAck::parse(&[0; 12]).map(|a| a.name), Some(String::new()));
-    assert_eq!(HelloAck::parse(&[0; 11]), None);
+    assert_eq!(ack.to_bytes(), [0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 3, b'a', b'.', b'b']);
+    assert_eq!(HelloAck::parse(&ack.to_bytes()), Some(ack.clone()));
+    // Bytes after the name are room for later fields, and ignored.
+    let mut longer = ack.to_bytes();
+    longer.extend_from_slice(&[9, 9, 9]);
+    assert_eq!(HelloAck::parse(&longer), Some(ack));
+    assert_eq!(HelloAck::parse(&[0; 14]).map(|a| a.name), Some(String::new()));
+    assert_eq!(HelloAck::parse(&[0; 13]), None);
+    assert_eq!(HelloAck::parse(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, b'a']), None, "name cut short");
     let mut bad = vec![0; 12];
-    bad.extend_from_slice(&[0xff, 0xfe]);
+    bad.extend_from_slice(&[0, 2, 0xff, 0xfe]);
     assert_eq!(HelloAck::parse(&bad), None, "a non-UTF-8 name is refused");
 }
 

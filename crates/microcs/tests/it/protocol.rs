@@ -354,3 +354,55 @@ fn a_server_that_answers_with_garbage_mid_session_is_a_protocol_error() {
     assert!(e.may_have_run());
     t.join().unwrap();
 }
+
+#[test]
+fn the_frame_timeout_bounds_a_whole_trickled_frame_not_each_read() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("trickle");
+    let name = unique("TRICKLE");
+    let (_h, _rx) = waiting_server(&dir, &name, |b| b.frame_timeout(Duration::from_millis(300)));
+    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut frame = Vec::new();
+    proto::encode(&mut frame, &Header::request(1, 0), b"", &[5u8; 40]);
+    let mut w = r.s.try_clone().unwrap();
+    // One byte every 100 ms: each read is quick, the frame as a whole is not (6.4 s).
+    let trickler = std::thread::spawn(move || {
+        for b in frame {
+            if w.write_all(&[b]).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    });
+    let (_, msg) = r.expect_error(0, status::TIMED_OUT);
+    assert!(msg.contains("not completed"), "{msg}");
+    r.expect_eof();
+    assert!(!trickler.join().unwrap(), "the server let the whole trickled frame through");
+}
+
+#[test]
+fn nothing_goes_out_over_the_clients_limit() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("smalllim");
+    let name = unique("SMALLLIM");
+    let h = dir
+        .server(&name)
+        .method("fail", |_r: Request| {
+            Err::<Vec<u8>, _>(RemoteError::new(418, "a message longer than the limit"))
+        })
+        .bind()
+        .unwrap()
+        .spawn(|r: Request| Ok::<_, RemoteError>(r.into_payload()))
+        .unwrap();
+    let mut c = dir.client(&name).max_frame(16).connect().unwrap();
+    // Built-in JSON is far over 16 bytes: a clean "too large", not a broken connection.
+    let e = c.info().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+    // An error message is cut to the limit.
+    let e = c.call("fail", b"").unwrap_err();
+    assert_eq!(e.remote().unwrap().code(), 418);
+    assert_eq!(e.remote().unwrap().message(), "a message longer");
+    assert_eq!(c.request(b"fits").unwrap(), b"fits");
+    h.shutdown();
+}
