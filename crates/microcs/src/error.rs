@@ -209,7 +209,9 @@ impl Error {
         };
         let mut e = Error::new(kind, text);
         e.inner.remote = Some(RemoteError::new(code, message));
-        e.inner.may_have_run = flags & FLAG_NOT_RUN == 0 && kind == ErrorKind::Remote;
+        // Per request, only FLAG_NOT_RUN says the handler did not start: a library verdict
+        // without it (reply too large, stopped at the deadline) came after the handler ran.
+        e.inner.may_have_run = flags & FLAG_NOT_RUN == 0;
         e
     }
 

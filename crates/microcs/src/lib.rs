@@ -32,6 +32,8 @@
 //! - [`blocking`]: the std-only [`Client`] and [`Server`] (re-exported at the root).
 //! - `nats` (feature `nats`): the same services and calls over a NATS broker, as NATS micro
 //!   services.
+//! - `tokio` (feature `tokio`): the same API with `async fn`, a multiplexed client and a
+//!   task-per-connection server; its docs say when to pick which.
 //!
 //! # Security
 //!
@@ -52,6 +54,8 @@ pub mod proto;
 pub mod registry;
 mod request;
 mod service;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use blocking::{Client, ClientBuilder, Server, ServerBuilder, ServerHandle, ShutdownTrigger};
 pub use error::{Error, ErrorKind, RemoteError, Result};

@@ -43,6 +43,13 @@ impl CancelState {
     pub(crate) fn is_set(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
+
+    /// Resolves once [`cancel`](CancelState::cancel) has been called (the server's side of
+    /// [`Request::cancelled`], for when the handler owns the request).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn wait(&self) -> Cancelled<'_> {
+        Cancelled { state: self }
+    }
 }
 
 /// One call, as the handler receives it.

@@ -8,9 +8,11 @@
 //! microcs-peer call NAME MSG   one request; prints the reply
 //! microcs-peer call-dir NAME DIR MSG   the same, with the runtime directory given explicitly
 //! microcs-peer call-method NAME METHOD PAYLOAD   one call of a method; prints the reply
+//! microcs-peer serve-tokio NAME   as `serve`, with the async server (feature `tokio`) and
+//!                                 async versions of the same methods
 //! ```
 //! Server options from the environment: PEER_GRACE_MS, PEER_WRITE_TIMEOUT_MS, PEER_MAX_PENDING,
-//! PEER_LOG (file for the `record` method).
+//! PEER_MAX_IN_FLIGHT, PEER_LOG (file for the `record` method).
 //! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
 
 use std::io::{Read, Write};
@@ -27,6 +29,8 @@ fn main() -> ExitCode {
     };
     match cmd.as_str() {
         "serve" => serve(name, false),
+        #[cfg(feature = "tokio")]
+        "serve-tokio" => async_peer::serve(name),
         "race" => serve(name, true),
         "call-method" => {
             let (method, payload) =
@@ -94,6 +98,7 @@ fn build(name: &str) -> microcs::Result<Server> {
         .grace_period(env_ms("PEER_GRACE_MS", 10_000))
         .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
         .max_pending_handshakes(pending)
+        .max_in_flight(max_in_flight())
         // Appends the payload as a line to the file named by $PEER_LOG, then echoes it: lets a
         // test count how many times each call really ran.
         .method("record", |req: Request| {
@@ -124,8 +129,22 @@ fn build(name: &str) -> microcs::Result<Server> {
         })
         .method("sleep_ms", |req: Request| {
             let ms: u64 = req.text()?.parse().map_err(|_| RemoteError::new(400, "want ms"))?;
+            let _running = Running::start();
             std::thread::sleep(Duration::from_millis(ms));
             Ok::<_, RemoteError>(format!("slept {ms}"))
+        })
+        .method("max_running", |_req: Request| Ok::<_, RemoteError>(Running::max().to_string()))
+        // "MS PATH": sleeps, then writes "finished" to PATH ("dropped" if the server drops it).
+        .method("sleep_marked", |req: Request| {
+            let (ms, mut marker) = Marker::parse(&req)?;
+            std::thread::sleep(ms);
+            marker.finish("finished");
+            Ok::<_, RemoteError>("finished")
+        })
+        // "MS:DATA": replies the whole payload after MS milliseconds.
+        .method("echo_after", |req: Request| {
+            std::thread::sleep(echo_delay(&req)?);
+            Ok::<_, RemoteError>(req.into_payload())
         })
         // Runs until cancelled (or 30 s), then appends "cancelled <ms>" to the file named by the
         // payload, so the test can see the server noticed.
@@ -142,4 +161,192 @@ fn build(name: &str) -> microcs::Result<Server> {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>("done")
         })
         .bind()
+}
+
+fn max_in_flight() -> usize {
+    std::env::var("PEER_MAX_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(128)
+}
+
+/// Counts `sleep_ms` handlers running at once, and the most ever seen (`max_running`).
+struct Running;
+
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static MAX_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Running {
+    fn start() -> Running {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = RUNNING.fetch_add(1, SeqCst) + 1;
+        MAX_RUNNING.fetch_max(now, SeqCst);
+        Running
+    }
+
+    fn max() -> usize {
+        MAX_RUNNING.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Appends one line to a file when the handler ends: the line it chose, or "dropped <ms>" when
+/// the handler was dropped before it finished (the async server stops handlers at the deadline).
+struct Marker {
+    path: String,
+    t0: Instant,
+    done: bool,
+}
+
+impl Marker {
+    fn new(path: String) -> Marker {
+        Marker { path, t0: Instant::now(), done: false }
+    }
+
+    /// From a "MS PATH" payload.
+    fn parse(req: &Request) -> Result<(Duration, Marker), RemoteError> {
+        let (ms, path) =
+            req.text()?.split_once(' ').ok_or_else(|| RemoteError::new(400, "want 'MS PATH'"))?;
+        let ms: u64 = ms.parse().map_err(|_| RemoteError::new(400, "want 'MS PATH'"))?;
+        Ok((Duration::from_millis(ms), Marker::new(path.to_owned())))
+    }
+
+    fn finish(&mut self, what: &str) {
+        self.done = true;
+        self.write(what);
+    }
+
+    fn write(&self, what: &str) {
+        let line = format!("{what} {}\n", self.t0.elapsed().as_millis());
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        if !self.done {
+            self.write("dropped");
+        }
+    }
+}
+
+/// The delay of an `echo_after` payload ("MS:DATA").
+fn echo_delay(req: &Request) -> Result<Duration, RemoteError> {
+    let want = || RemoteError::new(400, "want 'MS:DATA'");
+    let colon = req.payload().iter().position(|&b| b == b':').ok_or_else(want)?;
+    let ms = std::str::from_utf8(&req.payload()[..colon]).map_err(|_| want())?.parse().map_err(|_| want())?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// `serve-tokio`: the async server with async versions of the same methods.
+#[cfg(feature = "tokio")]
+mod async_peer {
+    use super::*;
+    use tokio::time::sleep;
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    pub fn serve(name: &str) -> ExitCode {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let server = match build(name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{:?}: {e}", e.kind());
+                    return ExitCode::from(1);
+                }
+            };
+            let handle = server
+                .spawn(|req: Request| async move { Ok::<_, RemoteError>(req.into_payload()) })
+                .expect("spawn");
+            println!("READY {}", std::process::id());
+            std::io::stdout().flush().unwrap();
+            // Serve until the test closes our stdin (or kills us).
+            let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new())).await;
+            handle.shutdown().await;
+            ExitCode::SUCCESS
+        })
+    }
+
+    async fn build(name: &str) -> microcs::Result<microcs::tokio::Server> {
+        let env_ms = |k: &str, default: u64| {
+            Duration::from_millis(std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+        };
+        let pending = std::env::var("PEER_MAX_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        microcs::tokio::Server::builder(name)
+            .grace_period(env_ms("PEER_GRACE_MS", 10_000))
+            .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
+            .max_pending_handshakes(pending)
+            .max_in_flight(max_in_flight())
+            .method("record", |req: Request| async move {
+                let path =
+                    std::env::var("PEER_LOG").map_err(|_| RemoteError::new(500, "PEER_LOG not set"))?;
+                let mut line = req.payload().to_vec();
+                line.push(b'\n');
+                std::fs::OpenOptions::new().create(true).append(true).open(path)?.write_all(&line)?;
+                Ok::<_, BoxError>(req.into_payload())
+            })
+            .version("1.2.3")
+            .description("test peer")
+            .method("pid", |_req: Request| async { Ok::<_, RemoteError>(std::process::id().to_string()) })
+            .method("peer", |req: Request| async move {
+                let p = req.peer();
+                Ok::<_, RemoteError>(format!("{} {} {}", p.pid, p.uid, p.gid))
+            })
+            .method("deadline_ms", |req: Request| async move {
+                Ok::<_, RemoteError>(req.remaining().map_or("none".into(), |d| d.as_millis().to_string()))
+            })
+            .method("fail", |_req: Request| async {
+                Err::<Vec<u8>, _>(RemoteError::new(418, "i am a teapot"))
+            })
+            .method("io_fail", |_req: Request| async {
+                Err::<Vec<u8>, _>(std::io::Error::new(std::io::ErrorKind::NotFound, "no such board"))
+            })
+            .method("panic", |_req: Request| async {
+                if std::process::id() != 0 {
+                    panic!("boom in handler");
+                }
+                Ok::<Vec<u8>, RemoteError>(Vec::new())
+            })
+            .method("big", |req: Request| async move {
+                let n: usize = req.text()?.parse().map_err(|_| RemoteError::new(400, "want a size"))?;
+                Ok::<_, RemoteError>(vec![b'x'; n])
+            })
+            .method("sleep_ms", |req: Request| async move {
+                let ms: u64 = req.text()?.parse().map_err(|_| RemoteError::new(400, "want ms"))?;
+                let _running = Running::start();
+                sleep(Duration::from_millis(ms)).await;
+                Ok::<_, RemoteError>(format!("slept {ms}"))
+            })
+            .method("max_running", |_req: Request| async { Ok::<_, RemoteError>(Running::max().to_string()) })
+            .method("sleep_marked", |req: Request| async move {
+                let (ms, mut marker) = Marker::parse(&req)?;
+                sleep(ms).await;
+                marker.finish("finished");
+                Ok::<_, RemoteError>("finished")
+            })
+            .method("echo_after", |req: Request| async move {
+                sleep(echo_delay(&req)?).await;
+                Ok::<_, RemoteError>(req.into_payload())
+            })
+            // Waits for the cancellation (or 30 s), then appends "cancelled <ms>" to the file named
+            // by the payload ("dropped <ms>" if the server drops it first, at the deadline).
+            .method("wait_cancel", |req: Request| async move {
+                let mut marker = Marker::new(String::from_utf8(req.payload().to_vec())?);
+                tokio::select! {
+                    () = req.cancelled() => {}
+                    () = sleep(Duration::from_secs(30)) => {}
+                }
+                marker.finish("cancelled");
+                // Answer late, so the caller has certainly given up by then.
+                sleep(Duration::from_millis(500)).await;
+                Ok::<_, BoxError>("done")
+            })
+            .bind()
+            .await
+    }
 }

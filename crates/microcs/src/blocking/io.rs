@@ -71,15 +71,6 @@ impl Source for &UnixStream {
     }
 }
 
-#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-struct SliceReader<F>(F);
-
-impl<F: FnMut(&mut [u8]) -> io::Result<usize>> Source for SliceReader<F> {
-    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (self.0)(buf)
-    }
-}
-
 /// Outcome of one `fill`.
 pub(crate) enum Filled {
     /// Read some bytes.
@@ -181,19 +172,8 @@ impl ReadBuf {
         self.fill_from(needed, &mut { stream })
     }
 
-    /// [`fill`](ReadBuf::fill) with any reader: `read` gets the free space and returns how many
-    /// bytes it put there (0 at end of stream). The async server and client pass a non-blocking
-    /// `try_read`, so both flavours share one buffering policy.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn fill_with(
-        &mut self,
-        needed: usize,
-        read: impl FnMut(&mut [u8]) -> io::Result<usize>,
-    ) -> io::Result<Filled> {
-        self.fill_from(needed, &mut SliceReader(read))
-    }
-
-    /// [`fill`](ReadBuf::fill) from any [`Source`].
+    /// [`fill`](ReadBuf::fill) from any [`Source`] (the async flavour passes a non-blocking
+    /// reader, so both flavours share one buffering policy).
     pub(crate) fn fill_from(&mut self, needed: usize, src: &mut impl Source) -> io::Result<Filled> {
         if self.large.is_none() {
             self.start_large();

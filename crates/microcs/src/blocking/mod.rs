@@ -16,5 +16,7 @@ mod client;
 pub(crate) mod io;
 mod server;
 
+#[cfg(feature = "tokio")]
+pub(crate) use client::deadline_ms;
 pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
 pub use server::{Server, ServerBuilder, ServerHandle, ShutdownTrigger};

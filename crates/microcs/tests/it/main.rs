@@ -10,3 +10,5 @@ mod faults;
 #[cfg(feature = "nats")]
 mod nats;
 mod protocol;
+#[cfg(feature = "tokio")]
+mod tokio;

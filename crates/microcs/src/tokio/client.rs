@@ -1,0 +1,902 @@
+//! The async client: one connection per client, shared by its clones, many requests in flight.
+//!
+//! # How a connection works
+//!
+//! A caller encodes its request straight into the connection's [`Outbox`] (one copy of the
+//! payload, under a short lock), registers a one-shot channel under the request's id in the
+//! same critical section, and waits on the channel. A writer task drains the outbox in batches;
+//! a reader task decodes replies and hands each to the channel registered under its id. Ids are
+//! never reused by a client, so a reply that arrives after its caller gave up finds no channel
+//! and is dropped — it can never be mistaken for the answer to another call.
+//!
+//! When the connection dies, the writer task (the only one that knows how many bytes went out)
+//! settles every pending request: a request none of whose bytes were written is reported as
+//! "not run", and the caller sends it once more on a new connection; any other gets an error
+//! that says whether it may have run.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ::tokio::net::UnixStream;
+use ::tokio::sync::oneshot;
+use ::tokio::time::{Instant, sleep, timeout_at};
+
+use super::io::{Outbox, read_more, shutdown, write_all};
+use crate::blocking::DEFAULT_TIMEOUT;
+use crate::blocking::io::{Filled, ReadBuf, is_disconnect};
+use crate::error::{Error, ErrorKind, Result};
+use crate::micro::{InfoResponse, PingResponse, StatsResponse};
+use crate::name::Name;
+use crate::proto::{self, Decoded, FLAG_NOT_RUN, Header, Hello, HelloAck, Kind, status};
+use crate::registry;
+
+/// An async connection to a named service. Cheap to clone; clones share one connection.
+///
+/// Any number of tasks may call at once: their requests travel over the one connection with
+/// distinct ids, are written in batches, and their replies come back in whatever order the server
+/// finishes them. Each call has a deadline ([`timeout`](ClientBuilder::timeout), default 30 s),
+/// which the server sees; when a call times out or its future is dropped, the server is told to
+/// cancel the work.
+///
+/// After the server restarts, the next request reconnects by itself. A request is sent again
+/// only when it provably never reached the server (the connection was already dead before any
+/// of its bytes were written, or the server answered that it did not run it); otherwise the
+/// error says [`may_have_run`](Error::may_have_run).
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> microcs::Result<()> {
+/// let client = microcs::tokio::Client::connect("LIFE_GEN").await?;
+/// let reply: Vec<u8> = client.request(b"Give me some data back!!").await?;
+/// // Many requests in flight at once, over one connection.
+/// let (a, b) = tokio::join!(client.call("step", b"..#"), client.call("step", b"#.."));
+/// # let _ = (reply, a, b);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    /// Per handle, so `set_timeout` on one clone leaves the others alone.
+    timeout: Duration,
+}
+
+/// What the clones of a client share.
+struct Shared {
+    name: Name,
+    path: PathBuf,
+    dir: PathBuf,
+    /// The application named the directory (so it may belong to another user).
+    explicit_dir: bool,
+    /// Largest reply payload this client accepts (announced in `Hello`).
+    max_payload: u32,
+    /// The connection new requests use; replaced when it dies or is retired.
+    conn: Mutex<Option<Arc<Conn>>>,
+    /// Serialises reconnecting, so a crowd of callers after a restart opens one connection.
+    connecting: ::tokio::sync::Mutex<()>,
+    /// Request ids, never reused (across reconnects too), so a late reply can never be taken
+    /// for the answer to a later request.
+    next_id: AtomicU64,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The last clone is gone: nobody can wait on this connection any more.
+        if let Some(c) = self.conn.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            c.close(Dead::Dropped);
+        }
+    }
+}
+
+/// One connection and the requests waiting on it.
+struct Conn {
+    stream: UnixStream,
+    /// The server's handshake answer: limits and identity.
+    server: HelloAck,
+    /// Requests to write, and the pending table, under one lock: a request is either queued
+    /// and registered, or refused because the connection is dead — never half of it.
+    outbox: Outbox<Book>,
+}
+
+/// Per-connection state kept under the outbox lock.
+#[derive(Default)]
+struct Book {
+    pending: HashMap<u64, Pending>,
+    /// Why the connection ended, once it has.
+    dead: Option<Dead>,
+    /// No longer used for new requests; closed once its last pending request is answered.
+    retired: bool,
+}
+
+/// A caller waiting for a reply.
+struct Pending {
+    tx: oneshot::Sender<Outcome>,
+    /// Offsets of the request's frame in the connection's byte stream.
+    start: u64,
+    end: u64,
+}
+
+/// What a caller receives.
+enum Outcome {
+    Reply(Vec<u8>),
+    Error {
+        status: u16,
+        flags: u16,
+        message: String,
+    },
+    /// The connection died first. `written`: bytes of the frame handed to the kernel.
+    Lost {
+        dead: Dead,
+        written: Written,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    None,
+    Part,
+    All,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone)]
+enum Dead {
+    /// The server closed the connection (or it broke: reset, broken pipe).
+    Closed(Option<String>),
+    /// Reading or writing failed otherwise.
+    Io(String),
+    /// The server sent bytes that are not microcs frames.
+    Protocol(String),
+    /// The server sent a connection-level `Error` frame (id 0) and closed.
+    Remote { status: u16, flags: u16, message: String },
+    /// The client was dropped.
+    Dropped,
+}
+
+impl Dead {
+    fn from_io(e: &io::Error) -> Dead {
+        if is_disconnect(e) { Dead::Closed(Some(e.to_string())) } else { Dead::Io(e.to_string()) }
+    }
+
+    /// The error a caller whose request was `written` to this connection gets.
+    fn error(&self, name: &Name, written: Written) -> Error {
+        let may = written == Written::All;
+        let tail = if may { "; the request may have run" } else { "" };
+        match self {
+            Dead::Closed(None) => {
+                Error::new(ErrorKind::Closed, format!("service '{name}' closed the connection{tail}"))
+            }
+            Dead::Closed(Some(why)) => {
+                Error::new(ErrorKind::Closed, format!("connection to service '{name}' broke: {why}{tail}"))
+            }
+            Dead::Io(why) => Error::new(ErrorKind::Io, format!("connection to service '{name}' failed: {why}{tail}")),
+            Dead::Protocol(why) => Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "service '{name}' sent bytes that are not a valid microcs frame ({why}); is it a microcs service?"
+                ),
+            ),
+            Dead::Remote { status, flags, message } => {
+                let e = Error::from_remote(name.as_str(), *status, *flags, message.clone());
+                return e.set_may_have_run(may && flags & FLAG_NOT_RUN == 0);
+            }
+            Dead::Dropped => Error::new(ErrorKind::Closed, format!("the client of service '{name}' was dropped")),
+        }
+        .set_may_have_run(may)
+    }
+}
+
+/// Result of one try, as in the blocking client.
+enum Attempt {
+    /// Provably not run: safe to send again on a new connection.
+    NotRun(Error),
+    Failed(Error),
+}
+
+impl Conn {
+    fn book(&self) -> MutexGuard<'_, super::io::OutState<Book>> {
+        self.outbox.lock()
+    }
+
+    /// Usable for new requests.
+    fn is_usable(&self) -> bool {
+        let st = self.book();
+        !st.is_closed() && !st.extra.retired
+    }
+
+    /// Ends the connection: no more requests; the writer task settles the pending ones.
+    fn close(&self, why: Dead) {
+        self.book().extra.dead.get_or_insert(why);
+        self.outbox.close();
+        shutdown(&self.stream);
+    }
+
+    /// Delivers an answer to the caller waiting for `id`, if it still waits.
+    fn resolve(&self, id: u64, outcome: Outcome) {
+        let (waiter, close) = {
+            let mut st = self.book();
+            let w = st.extra.pending.remove(&id);
+            (w, st.extra.retired && st.extra.pending.is_empty())
+        };
+        if let Some(p) = waiter {
+            let _ = p.tx.send(outcome);
+        }
+        if close {
+            self.close(Dead::Closed(None));
+        }
+    }
+
+    /// Forgets a request whose caller gave up and tells the server, if it was still pending.
+    fn abandon(&self, id: u64) {
+        let close = {
+            let mut st = self.book();
+            if st.extra.pending.remove(&id).is_none() {
+                return;
+            }
+            // Best effort: a Cancel that cannot be queued is moot (the connection is gone).
+            let _ = st.push(&Header::new(Kind::Cancel, id), b"", b"");
+            st.extra.retired && st.extra.pending.is_empty()
+        };
+        self.outbox.wake();
+        if close {
+            self.close(Dead::Closed(None));
+        }
+    }
+
+    /// Stops using this connection for new requests; closes it once nothing waits on it.
+    fn retire(&self) {
+        let close = {
+            let mut st = self.book();
+            st.extra.retired = true;
+            st.extra.pending.is_empty()
+        };
+        if close {
+            self.close(Dead::Closed(None));
+        }
+    }
+}
+
+/// Sends a `Cancel` for a request whose caller stops waiting (timeout, or its future dropped).
+struct CancelOnDrop<'a> {
+    conn: &'a Conn,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn.abandon(self.id);
+        }
+    }
+}
+
+/// Reads frames and hands them to their callers until the connection ends.
+async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
+    let dead = loop {
+        let needed = match rbuf.decode(max_payload) {
+            Err(e) => break Dead::Protocol(e.to_string()),
+            Ok(Decoded::Incomplete { needed }) => needed,
+            Ok(Decoded::Frame(f)) => {
+                let h = f.header;
+                let len = f.len;
+                match h.kind() {
+                    Some(Kind::Reply) if h.id != 0 => {
+                        // A large payload was read into a vector of its own: moved, not copied.
+                        let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
+                        let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
+                        conn.resolve(h.id, Outcome::Reply(payload));
+                    }
+                    Some(Kind::Error) if h.id != 0 => {
+                        let message = String::from_utf8_lossy(f.payload).into_owned();
+                        conn.resolve(h.id, Outcome::Error { status: h.status, flags: h.flags, message });
+                    }
+                    Some(Kind::Error) => {
+                        let message = String::from_utf8_lossy(f.payload).into_owned();
+                        break Dead::Remote { status: h.status, flags: h.flags, message };
+                    }
+                    Some(Kind::Ping) => {
+                        conn.outbox.push(&Header::new(Kind::Pong, h.id), b"", f.payload);
+                    }
+                    // Pongs, and kinds a server has no business sending: not ours, dropped.
+                    _ => {}
+                }
+                rbuf.consume(len);
+                continue;
+            }
+        };
+        match read_more(&conn.stream, &mut rbuf, needed).await {
+            Ok(Filled::Data) => {}
+            Ok(Filled::Eof) => break Dead::Closed(None),
+            Err(e) => break Dead::from_io(&e),
+        }
+    };
+    tracing::debug!(reason = ?dead, "connection ended");
+    conn.close(dead);
+}
+
+/// Writes queued frames; when the connection ends, settles every request still pending.
+async fn writer_task(conn: Arc<Conn>) {
+    let end = conn.outbox.run_writer(&conn.stream, None).await;
+    let (dead, pending) = {
+        let mut st = conn.book();
+        if let Some(e) = &end.error {
+            st.extra.dead.get_or_insert(Dead::from_io(e));
+        }
+        st.close();
+        let dead = st.extra.dead.clone().unwrap_or(Dead::Closed(None));
+        (dead, std::mem::take(&mut st.extra.pending))
+    };
+    shutdown(&conn.stream);
+    for (_, p) in pending {
+        let written = if p.end <= end.written {
+            Written::All
+        } else if p.start >= end.written {
+            Written::None
+        } else {
+            Written::Part
+        };
+        let _ = p.tx.send(Outcome::Lost { dead: dead.clone(), written });
+    }
+}
+
+/// Options for a [`Client`]; from [`Client::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until .connect()"]
+pub struct ClientBuilder {
+    name: String,
+    dir: Option<PathBuf>,
+    timeout: Duration,
+    max_payload: u32,
+}
+
+impl ClientBuilder {
+    /// Time each request may take, from the call to the reply (default 30 s). The server sees
+    /// the deadline. Also bounds connecting.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Largest reply payload to accept (default 16 MiB); the server refuses larger replies
+    /// with [`ErrorKind::FrameTooLarge`] instead of sending them.
+    pub fn max_frame(mut self, bytes: u32) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Looks for the service in this runtime directory instead of the default one (see
+    /// [`crate::ClientBuilder::runtime_dir`]).
+    pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Connects and shakes hands.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidName`], [`ErrorKind::NoService`] (at once, never by timing out),
+    /// [`ErrorKind::PermissionDenied`] (unsafe runtime directory, or the service refuses this
+    /// user), [`ErrorKind::TimedOut`], [`ErrorKind::Protocol`] (not a microcs service).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future closes the half-open connection; nothing was sent.
+    pub async fn connect(self) -> Result<Client> {
+        let name = Name::new(self.name)?;
+        let explicit_dir = self.dir.is_some();
+        let dir = self.dir.unwrap_or_else(registry::runtime_dir);
+        let path = registry::socket_path(&dir, &name)?;
+        let client = Client {
+            shared: Arc::new(Shared {
+                name,
+                path,
+                dir,
+                explicit_dir,
+                max_payload: self.max_payload,
+                conn: Mutex::new(None),
+                connecting: ::tokio::sync::Mutex::new(()),
+                next_id: AtomicU64::new(1),
+            }),
+            timeout: self.timeout,
+        };
+        client.connection(Instant::now() + client.timeout).await?;
+        Ok(client)
+    }
+}
+
+impl Client {
+    /// Connects to the service `name` with default options.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::connect`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`ClientBuilder::connect`].
+    pub async fn connect(name: &str) -> Result<Client> {
+        Client::builder(name).connect().await
+    }
+
+    /// Options for connecting to `name`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> microcs::Result<()> {
+    /// use std::time::Duration;
+    /// let client = microcs::tokio::Client::builder("LIFE_GEN")
+    ///     .timeout(Duration::from_secs(2))
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn builder(name: &str) -> ClientBuilder {
+        ClientBuilder {
+            name: name.to_owned(),
+            dir: None,
+            timeout: DEFAULT_TIMEOUT,
+            max_payload: proto::DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
+    /// Sends `payload` to the service's default handler and returns its reply.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Remote`] when the handler failed (see [`Error::remote`]),
+    /// [`ErrorKind::TimedOut`], [`ErrorKind::FrameTooLarge`] (checked before sending),
+    /// [`ErrorKind::Closed`] when the connection broke, [`ErrorKind::NoService`] when the
+    /// service is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future is safe and leaves the connection usable by every other call: if the
+    /// request was already queued, the server is sent a `Cancel` for it (its handler sees
+    /// [`Request::cancelled`](crate::Request::cancelled) resolve) and its reply, should it still
+    /// come, is dropped. The request may have run.
+    pub async fn request(&self, payload: &[u8]) -> Result<Vec<u8>> {
+        self.exchange("", payload).await
+    }
+
+    /// Calls the named method with `payload`.
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Client::request); [`ErrorKind::InvalidName`] for a malformed method name,
+    /// [`ErrorKind::Remote`] with code 404 for a method the service does not have.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`request`](Client::request).
+    pub async fn call(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        proto::check_method(method).map_err(|m| Error::new(ErrorKind::InvalidName, m))?;
+        self.exchange(method, payload).await
+    }
+
+    /// Sends text to the default handler and returns the reply as text.
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Client::request); [`ErrorKind::Protocol`] if the reply is not UTF-8.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`request`](Client::request).
+    pub async fn send_message(&self, message: &str) -> Result<String> {
+        let reply = self.request(message.as_bytes()).await?;
+        String::from_utf8(reply).map_err(|e| {
+            Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "service '{}' replied with bytes that are not UTF-8 text; use request() for bytes",
+                    self.shared.name
+                ),
+            )
+            .with_source(e)
+        })
+    }
+
+    /// The service's `$ping` answer.
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Client::request); [`ErrorKind::Protocol`] if the answer is not the
+    /// expected JSON.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`request`](Client::request).
+    pub async fn ping(&self) -> Result<PingResponse> {
+        self.builtin("$ping").await
+    }
+
+    /// The service's `$info` answer: name, version, endpoints.
+    ///
+    /// # Errors
+    ///
+    /// As [`ping`](Client::ping).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`request`](Client::request).
+    pub async fn info(&self) -> Result<InfoResponse> {
+        self.builtin("$info").await
+    }
+
+    /// The service's `$stats` answer: per-endpoint request and error counts and timings.
+    ///
+    /// # Errors
+    ///
+    /// As [`ping`](Client::ping).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`request`](Client::request).
+    pub async fn stats(&self) -> Result<StatsResponse> {
+        self.builtin("$stats").await
+    }
+
+    async fn builtin<T: serde::de::DeserializeOwned>(&self, method: &str) -> Result<T> {
+        let reply = self.exchange(method, b"").await?;
+        serde_json::from_slice(&reply).map_err(|e| {
+            Error::new(
+                ErrorKind::Protocol,
+                format!("service '{}' sent an invalid {method} answer: {e}", self.shared.name),
+            )
+            .with_source(e)
+        })
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &Name {
+        &self.shared.name
+    }
+
+    /// The socket this client connects to.
+    pub fn socket_path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// The per-request timeout of this handle.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Changes the per-request timeout of this handle (clones made earlier keep theirs).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The server's process id, from the handshake (`None` while disconnected).
+    pub fn server_pid(&self) -> Option<u32> {
+        self.shared.current().map(|c| c.server.pid)
+    }
+
+    /// Largest request payload the server accepts (`None` while disconnected).
+    pub fn max_request_payload(&self) -> Option<u32> {
+        self.shared.current().map(|c| c.server.max_payload)
+    }
+
+    /// Requests the server runs at once on one connection; more wait, unread, in the socket
+    /// (`None` while disconnected).
+    pub fn server_max_in_flight(&self) -> Option<u32> {
+        self.shared.current().map(|c| c.server.max_in_flight)
+    }
+
+    async fn exchange(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + self.timeout;
+        // At most one resend, and only of a request that provably did not run.
+        let mut resent = false;
+        loop {
+            let conn = self.connection(deadline).await?;
+            match self.attempt(&conn, method, payload, deadline).await {
+                Err(Attempt::NotRun(e)) if !resent => {
+                    tracing::debug!(service = %self.shared.name, error = %e, "request did not run; sending it on a new connection");
+                    self.shared.retire(&conn);
+                    resent = true;
+                }
+                Err(Attempt::NotRun(e) | Attempt::Failed(e)) => return Err(e),
+                Ok(reply) => return Ok(reply),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        conn: &Arc<Conn>,
+        method: &str,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Attempt> {
+        let name = &self.shared.name;
+        if payload.len() > conn.server.max_payload as usize {
+            return Err(Attempt::Failed(Error::new(
+                ErrorKind::FrameTooLarge,
+                format!(
+                    "payload of {} bytes is over service '{name}''s limit of {} bytes; nothing was sent",
+                    payload.len(),
+                    conn.server.max_payload
+                ),
+            )));
+        }
+        // Backpressure: while the server does not keep up, callers wait here rather than pile
+        // their requests up in memory.
+        if timeout_at(deadline, conn.outbox.wait_space()).await.is_err() {
+            return Err(Attempt::Failed(Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "service '{name}' did not take the request within {:?}; it did not run",
+                    self.timeout
+                ),
+            )));
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let header = Header::request(id, crate::blocking::deadline_ms(remaining));
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = conn.book();
+            let Some((start, end)) = st.push(&header, method.as_bytes(), payload) else {
+                let dead = st.extra.dead.clone().unwrap_or(Dead::Closed(None));
+                return Err(Attempt::NotRun(dead.error(name, Written::None)));
+            };
+            st.extra.pending.insert(id, Pending { tx, start, end });
+        }
+        conn.outbox.wake();
+        let mut guard = CancelOnDrop { conn, id, armed: true };
+        let outcome = match timeout_at(deadline, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            // The connection's tasks are gone without a word: the runtime is shutting down.
+            Ok(Err(_)) => {
+                guard.armed = false;
+                return Err(Attempt::Failed(Dead::Closed(None).error(name, Written::All)));
+            }
+            Err(_) => {
+                // `guard` tells the server to stop working on it.
+                return Err(Attempt::Failed(
+                    Error::new(
+                        ErrorKind::TimedOut,
+                        format!(
+                            "service '{name}' did not answer within {:?}; the request may have run",
+                            self.timeout
+                        ),
+                    )
+                    .set_may_have_run(true),
+                ));
+            }
+        };
+        guard.armed = false;
+        match outcome {
+            Outcome::Reply(reply) => Ok(reply),
+            Outcome::Error { status: code, flags, message } => {
+                let err = Error::from_remote(name.as_str(), code, flags, message);
+                if flags & FLAG_NOT_RUN != 0 && code == status::BUSY {
+                    Err(Attempt::NotRun(err))
+                } else {
+                    Err(Attempt::Failed(err))
+                }
+            }
+            Outcome::Lost { dead, written } => {
+                let err = dead.error(name, written);
+                let disconnected = matches!(dead, Dead::Closed(_));
+                if written == Written::None && disconnected {
+                    Err(Attempt::NotRun(err))
+                } else {
+                    Err(Attempt::Failed(err))
+                }
+            }
+        }
+    }
+
+    /// The live connection, opening one if needed.
+    async fn connection(&self, deadline: Instant) -> Result<Arc<Conn>> {
+        if let Some(c) = self.shared.current() {
+            return Ok(c);
+        }
+        let timed_out = || {
+            Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "service '{}' did not accept the connection within {:?}",
+                    self.shared.name, self.timeout
+                ),
+            )
+        };
+        let _one_at_a_time =
+            timeout_at(deadline, self.shared.connecting.lock()).await.map_err(|_| timed_out())?;
+        if let Some(c) = self.shared.current() {
+            return Ok(c);
+        }
+        let conn = self.open(deadline).await?;
+        let old = self.shared.slot().replace(conn.clone());
+        if let Some(old) = old {
+            old.retire();
+        }
+        Ok(conn)
+    }
+
+    /// Opens a connection, shakes hands and starts its reader and writer tasks.
+    async fn open(&self, deadline: Instant) -> Result<Arc<Conn>> {
+        let s = &self.shared;
+        let name = &s.name;
+        let no_service = |detail: &str| {
+            Error::new(
+                ErrorKind::NoService,
+                format!("no service named '{name}' is running (looked in {}{detail})", s.dir.display()),
+            )
+        };
+        let exists = if s.explicit_dir {
+            registry::check_foreign_dir_exists(&s.dir)?
+        } else {
+            registry::check_dir_exists(&s.dir)?
+        };
+        if !exists {
+            return Err(no_service(""));
+        }
+        let timed_out = |what: &str| {
+            Error::new(
+                ErrorKind::TimedOut,
+                format!("service '{name}' did not {what} within {:?}", self.timeout),
+            )
+        };
+        let stream = match timeout_at(deadline, connect(&s.path)).await {
+            Err(_) => return Err(timed_out("accept the connection")),
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                return Err(match e.kind() {
+                    io::ErrorKind::NotFound => no_service(""),
+                    io::ErrorKind::ConnectionRefused => no_service("; found only a stale socket"),
+                    _ => Error::io(format_args!("cannot connect to {}", s.path.display()), e),
+                });
+            }
+        };
+        let mut rbuf = ReadBuf::default();
+        let handshake = async {
+            let mut hello = Vec::new();
+            proto::encode(
+                &mut hello,
+                &Header::new(Kind::Hello, 0),
+                b"",
+                &Hello { max_payload: s.max_payload }.to_bytes(),
+            );
+            let sent = write_all(&stream, &hello, None, &mut 0).await;
+            // A server that refuses us (busy, another user) writes why and closes without
+            // reading: our hello may then fail with EPIPE, but its answer is still there to read.
+            let got = read_frame(&stream, &mut rbuf, s.max_payload).await;
+            match (sent, got) {
+                (Err(e), Err(_)) => Err(Error::io(format_args!("handshake with service '{name}' failed"), e)),
+                (_, got) => got.map_err(|e| e.into_error(name, &s.path)),
+            }
+        };
+        let (h, body) = timeout_at(deadline, handshake).await.map_err(|_| {
+            Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "service '{name}' did not answer the handshake in time; is {} a microcs service?",
+                    s.path.display()
+                ),
+            )
+        })??;
+        let server = match h.kind() {
+            Some(Kind::HelloAck) => HelloAck::parse(&body)
+                .ok_or_else(|| not_microcs(&s.path, "its handshake answer is malformed"))?,
+            Some(Kind::Error) => {
+                let message = String::from_utf8_lossy(&body).into_owned();
+                return Err(
+                    Error::from_remote(name.as_str(), h.status, h.flags, message).set_may_have_run(false)
+                );
+            }
+            _ => return Err(not_microcs(&s.path, "it answered the handshake with an unexpected frame")),
+        };
+        tracing::debug!(service = %name, pid = server.pid, "connected");
+        let conn = Arc::new(Conn { stream, server, outbox: Outbox::new(Book::default()) });
+        ::tokio::spawn(writer_task(conn.clone()));
+        ::tokio::spawn(reader_task(conn.clone(), rbuf, s.max_payload));
+        Ok(conn)
+    }
+}
+
+impl Shared {
+    fn slot(&self) -> MutexGuard<'_, Option<Arc<Conn>>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection new requests should use, if there is a usable one.
+    fn current(&self) -> Option<Arc<Conn>> {
+        self.slot().as_ref().filter(|c| c.is_usable()).cloned()
+    }
+
+    /// Stops sending new requests over `conn` (it failed one of them); the next request opens
+    /// a new connection.
+    fn retire(&self, conn: &Arc<Conn>) {
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *slot = None;
+        }
+        drop(slot);
+        conn.retire();
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.shared.name)
+            .field("path", &self.shared.path)
+            .field("timeout", &self.timeout)
+            .field("server_pid", &self.server_pid())
+            .finish()
+    }
+}
+
+/// `connect()`, waiting while the server's listen backlog is full (a non-blocking `connect` on a
+/// Unix socket fails with `EAGAIN` then, instead of waiting as a blocking one does). The caller
+/// bounds the wait.
+async fn connect(path: &Path) -> io::Result<UnixStream> {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
+enum ReadError {
+    Eof,
+    Io(io::Error),
+    Decode(proto::DecodeError),
+}
+
+impl ReadError {
+    fn into_error(self, name: &Name, path: &Path) -> Error {
+        match self {
+            ReadError::Eof => Error::new(
+                ErrorKind::Closed,
+                format!("service '{name}' closed the connection during the handshake"),
+            ),
+            ReadError::Io(e) => Error::io(format_args!("handshake with service '{name}' failed"), e),
+            ReadError::Decode(e) => {
+                not_microcs(path, &format!("it sent bytes that are not a microcs frame ({e})")).with_source(e)
+            }
+        }
+    }
+}
+
+/// Reads one whole frame (the handshake answer).
+async fn read_frame(
+    stream: &UnixStream,
+    rbuf: &mut ReadBuf,
+    max_payload: u32,
+) -> Result<(Header, Vec<u8>), ReadError> {
+    loop {
+        let needed = match rbuf.decode(max_payload).map_err(ReadError::Decode)? {
+            Decoded::Frame(f) => {
+                let out = (f.header, f.payload.to_vec());
+                let len = f.len;
+                rbuf.consume(len);
+                return Ok(out);
+            }
+            Decoded::Incomplete { needed } => needed,
+        };
+        match read_more(stream, rbuf, needed).await {
+            Ok(Filled::Data) => {}
+            Ok(Filled::Eof) => return Err(ReadError::Eof),
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+fn not_microcs(path: &Path, why: &str) -> Error {
+    Error::new(ErrorKind::Protocol, format!("{} is not a microcs service: {why}", path.display()))
+}

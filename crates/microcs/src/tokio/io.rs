@@ -1,0 +1,261 @@
+//! Frame I/O on a tokio Unix stream, shared by the async client and server.
+//!
+//! Reading uses the blocking flavour's [`ReadBuf`] (one buffering policy: memory follows the
+//! bytes received, never a declared size) through a non-blocking `try_read`. Writing goes through
+//! an [`Outbox`]: producers (callers on the client, handler tasks on the server) encode whole
+//! frames into one shared buffer under a short lock, and one writer task per connection drains
+//! it with as few `send` calls as the kernel allows. While a write is in progress, new frames
+//! pile up in the other buffer, so a busy connection batches by itself and an idle one sends at
+//! once.
+
+use std::io;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use ::tokio::io::Interest;
+use ::tokio::net::UnixStream;
+use ::tokio::sync::Notify;
+use rustix::net::SendFlags;
+
+use crate::blocking::io::{Filled, ReadBuf, Source};
+use crate::proto::{self, Header};
+
+/// Queued bytes past which producers wait (client) or the connection stops reading (server):
+/// enough to batch well, small enough that a peer that does not read cannot make us hoard.
+pub(crate) const HIGH_WATER: usize = 1024 * 1024;
+/// A drained batch buffer larger than this is given back instead of kept for the next batch.
+const KEEP_CAPACITY: usize = 2 * HIGH_WATER;
+
+/// Frames waiting for the writer task, plus state `T` that must change atomically with them
+/// (the client keeps its table of pending requests here).
+pub(crate) struct Outbox<T> {
+    state: Mutex<OutState<T>>,
+    /// Wakes the writer task (one waiter; `notify_one` keeps a permit if it is busy).
+    writer: Notify,
+    /// Wakes producers waiting for the queue to drain below [`HIGH_WATER`].
+    space: Notify,
+}
+
+/// The part of an [`Outbox`] behind its lock.
+pub(crate) struct OutState<T> {
+    buf: Vec<u8>,
+    /// Bytes queued since the connection opened: the stream offset at which `buf` ends. Lets
+    /// the client tell, after a failure, which frames were written in full, in part, or not at
+    /// all (see [`WriterEnd::written`]).
+    enqueued: u64,
+    /// The connection is finished: nothing more is queued and the writer drops what is left.
+    closed: bool,
+    /// The writer sends what is queued, then stops; nothing more is queued.
+    finishing: bool,
+    /// The owner's state, changed under the same lock as the queue.
+    pub extra: T,
+}
+
+impl<T> OutState<T> {
+    /// Queues one frame. Returns its `(start, end)` offsets in the connection's byte stream, or
+    /// `None` if the outbox no longer takes frames.
+    pub(crate) fn push(&mut self, header: &Header, method: &[u8], payload: &[u8]) -> Option<(u64, u64)> {
+        if self.closed || self.finishing {
+            return None;
+        }
+        let start = self.enqueued;
+        let before = self.buf.len();
+        proto::encode(&mut self.buf, header, method, payload);
+        self.enqueued += (self.buf.len() - before) as u64;
+        Some((start, self.enqueued))
+    }
+
+    /// True once the outbox takes no more frames.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed || self.finishing
+    }
+
+    /// Takes no more frames and drops the queued ones; the writer stops.
+    pub(crate) fn close(&mut self) {
+        self.closed = true;
+        self.buf = Vec::new();
+    }
+}
+
+/// How a writer task ended.
+pub(crate) struct WriterEnd {
+    /// Bytes handed to the kernel in all; frames that end at or before this offset may have
+    /// reached the peer, frames that start at or after it certainly did not.
+    pub written: u64,
+    /// The write error that ended it, if any.
+    pub error: Option<io::Error>,
+}
+
+impl<T> Outbox<T> {
+    pub(crate) fn new(extra: T) -> Outbox<T> {
+        Outbox {
+            state: Mutex::new(OutState {
+                buf: Vec::new(),
+                enqueued: 0,
+                closed: false,
+                finishing: false,
+                extra,
+            }),
+            writer: Notify::new(),
+            space: Notify::new(),
+        }
+    }
+
+    /// Locks the queue and the owner's state. Never held across an `.await`.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, OutState<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the writer there is something to do; call after pushing, with the lock released.
+    pub(crate) fn wake(&self) {
+        self.writer.notify_one();
+    }
+
+    /// Queues one frame and wakes the writer; `false` if the outbox no longer takes frames.
+    pub(crate) fn push(&self, header: &Header, method: &[u8], payload: &[u8]) -> bool {
+        let queued = self.lock().push(header, method, payload).is_some();
+        if queued {
+            self.wake();
+        }
+        queued
+    }
+
+    /// Bytes queued and not yet taken by the writer.
+    pub(crate) fn queued(&self) -> usize {
+        self.lock().buf.len()
+    }
+
+    /// Waits until fewer than [`HIGH_WATER`] bytes are queued (or the outbox is closed).
+    ///
+    /// Cancel safe: it only waits.
+    pub(crate) async fn wait_space(&self) {
+        loop {
+            let notified = self.space.notified();
+            ::tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.buf.len() < HIGH_WATER || st.is_closed() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Takes no more frames and drops the queued ones; wakes the writer and waiting producers.
+    pub(crate) fn close(&self) {
+        self.lock().close();
+        self.wake();
+        self.space.notify_waiters();
+    }
+
+    /// Takes no more frames; the writer sends what is queued, then stops.
+    pub(crate) fn finish(&self) {
+        self.lock().finishing = true;
+        self.wake();
+        self.space.notify_waiters();
+    }
+
+    /// The writer task's body: sends queued frames until the outbox is closed or finished, or
+    /// a write fails. `stall` bounds how long one write may wait for the peer to make room.
+    pub(crate) async fn run_writer(&self, stream: &UnixStream, stall: Option<Duration>) -> WriterEnd {
+        let mut batch = Vec::new();
+        let mut written = 0u64;
+        loop {
+            let got_batch = {
+                let mut st = self.lock();
+                if st.closed || (st.buf.is_empty() && st.finishing) {
+                    return WriterEnd { written, error: None };
+                }
+                std::mem::swap(&mut st.buf, &mut batch);
+                !batch.is_empty()
+            };
+            if !got_batch {
+                self.writer.notified().await;
+                continue;
+            }
+            self.space.notify_waiters();
+            if let Err(e) = write_all(stream, &batch, stall, &mut written).await {
+                self.close();
+                return WriterEnd { written, error: Some(e) };
+            }
+            batch.clear();
+            if batch.capacity() > KEEP_CAPACITY {
+                batch = Vec::new();
+            }
+        }
+    }
+}
+
+/// Writes all of `bytes`, counting progress in `written`. Never raises SIGPIPE.
+pub(crate) async fn write_all(
+    stream: &UnixStream,
+    mut bytes: &[u8],
+    stall: Option<Duration>,
+    written: &mut u64,
+) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match stall {
+            Some(t) => ::tokio::time::timeout(t, stream.writable())
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
+            None => stream.writable().await?,
+        }
+        match stream.try_io(Interest::WRITABLE, || Ok(rustix::net::send(stream, bytes, SendFlags::NOSIGNAL)?))
+        {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                bytes = &bytes[n..];
+                *written += n as u64;
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads once more into `rbuf` (see [`ReadBuf::fill`]), waiting for the socket to be readable.
+///
+/// Cancel safe: bytes are only ever taken from the socket and stored in `rbuf` in one step.
+pub(crate) async fn read_more(stream: &UnixStream, rbuf: &mut ReadBuf, needed: usize) -> io::Result<Filled> {
+    loop {
+        stream.readable().await?;
+        match rbuf.fill_from(needed, &mut TryRead(stream)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// A non-blocking read of a registered stream: `WouldBlock` clears tokio's readiness, so the
+/// next `readable().await` really waits.
+struct TryRead<'a>(&'a UnixStream);
+
+impl Source for TryRead<'_> {
+    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+
+    /// Straight into the vector's spare capacity, without zero-filling it first: a large
+    /// payload's pages become resident only as its bytes arrive.
+    fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
+        let stream = self.0;
+        stream.try_io(Interest::READABLE, || Ok(rustix::io::read(stream, rustix::buffer::spare_capacity(v))?))
+    }
+}
+
+/// Sends one frame now if the socket takes it whole without waiting; for the refusals sent
+/// right after `accept`, where nothing else has been written yet. Never raises SIGPIPE.
+pub(crate) fn send_now(stream: &UnixStream, header: &Header, payload: &[u8]) {
+    let mut b = Vec::new();
+    proto::encode(&mut b, header, b"", payload);
+    let _ = rustix::net::send(stream, &b, SendFlags::NOSIGNAL | SendFlags::DONTWAIT);
+}
+
+/// Shuts both directions of the socket down: wakes a task blocked reading or writing it, and
+/// tells the peer we are gone even while other references keep the descriptor open.
+pub(crate) fn shutdown(stream: &UnixStream) {
+    let _ = rustix::net::shutdown(stream, rustix::net::Shutdown::Both);
+}

@@ -1,0 +1,1142 @@
+//! The async API (issue "Async API (tokio)"): the same cases on all four client × server pairs
+//! across processes, then what only the async flavour promises — one multiplexed connection,
+//! deadlines that stop handlers, cancellation by dropping a future, and bounded memory under a
+//! flood.
+//!
+//! Servers run in the `microcs-peer` process (`serve` = blocking, `serve-tokio` = async);
+//! clients run here. Paths spell `::tokio` because this module is itself named `tokio`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::tokio::runtime::Runtime;
+use microcs::proto::{self, Decoded, FLAG_NOT_RUN, FLAG_SYSTEM, Header, Hello, Kind, status};
+use microcs::{ErrorKind, RemoteError, Request};
+
+use crate::common::*;
+
+fn rt() -> Arc<Runtime> {
+    Arc::new(
+        ::tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime"),
+    )
+}
+
+fn text(v: Vec<u8>) -> String {
+    String::from_utf8(v).unwrap()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    Blocking,
+    Tokio,
+}
+
+/// Starts the peer's server of this flavour and asserts it came up.
+fn serve(dir: &TempDir, name: &str, flavour: Flavour, env: &[(&str, &str)]) -> PeerProcess {
+    let mode = match flavour {
+        Flavour::Blocking => "serve",
+        Flavour::Tokio => "serve-tokio",
+    };
+    let p = PeerProcess::start(dir.path(), mode, name, env);
+    assert_eq!(p.first_line, format!("READY {}", p.pid), "{mode} peer did not start");
+    p
+}
+
+/// Either client, driven synchronously, so that each case is written once for all pairs.
+enum AnyClient {
+    Blocking(Box<microcs::Client>),
+    Tokio(microcs::tokio::Client, Arc<Runtime>),
+}
+
+impl AnyClient {
+    fn connect(flavour: Flavour, dir: &TempDir, name: &str, timeout: Duration) -> microcs::Result<AnyClient> {
+        AnyClient::connect_with(flavour, dir, name, timeout, microcs::proto::DEFAULT_MAX_PAYLOAD)
+    }
+
+    fn connect_with(
+        flavour: Flavour,
+        dir: &TempDir,
+        name: &str,
+        timeout: Duration,
+        max_frame: u32,
+    ) -> microcs::Result<AnyClient> {
+        Ok(match flavour {
+            Flavour::Blocking => AnyClient::Blocking(Box::new(
+                dir.client(name).timeout(timeout).max_frame(max_frame).connect()?,
+            )),
+            Flavour::Tokio => {
+                let rt = rt();
+                let b = microcs::tokio::Client::builder(name)
+                    .runtime_dir(dir.path())
+                    .timeout(timeout)
+                    .max_frame(max_frame);
+                let c = rt.block_on(b.connect())?;
+                AnyClient::Tokio(c, rt)
+            }
+        })
+    }
+
+    fn request(&mut self, payload: &[u8]) -> microcs::Result<Vec<u8>> {
+        match self {
+            AnyClient::Blocking(c) => c.request(payload),
+            AnyClient::Tokio(c, rt) => rt.block_on(c.request(payload)),
+        }
+    }
+
+    fn call(&mut self, method: &str, payload: &[u8]) -> microcs::Result<Vec<u8>> {
+        match self {
+            AnyClient::Blocking(c) => c.call(method, payload),
+            AnyClient::Tokio(c, rt) => rt.block_on(c.call(method, payload)),
+        }
+    }
+
+    fn send_message(&mut self, m: &str) -> microcs::Result<String> {
+        match self {
+            AnyClient::Blocking(c) => c.send_message(m),
+            AnyClient::Tokio(c, rt) => rt.block_on(c.send_message(m)),
+        }
+    }
+
+    fn ping(&mut self) -> microcs::Result<microcs::micro::PingResponse> {
+        match self {
+            AnyClient::Blocking(c) => c.ping(),
+            AnyClient::Tokio(c, rt) => rt.block_on(c.ping()),
+        }
+    }
+
+    fn info(&mut self) -> microcs::Result<microcs::micro::InfoResponse> {
+        match self {
+            AnyClient::Blocking(c) => c.info(),
+            AnyClient::Tokio(c, rt) => rt.block_on(c.info()),
+        }
+    }
+
+    fn stats(&mut self) -> microcs::Result<microcs::micro::StatsResponse> {
+        match self {
+            AnyClient::Blocking(c) => c.stats(),
+            AnyClient::Tokio(c, rt) => rt.block_on(c.stats()),
+        }
+    }
+
+    fn set_timeout(&mut self, t: Duration) {
+        match self {
+            AnyClient::Blocking(c) => c.set_timeout(t),
+            AnyClient::Tokio(c, _) => c.set_timeout(t),
+        }
+    }
+
+    fn server_pid(&self) -> Option<u32> {
+        match self {
+            AnyClient::Blocking(c) => c.server_pid(),
+            AnyClient::Tokio(c, _) => c.server_pid(),
+        }
+    }
+
+    fn max_request_payload(&self) -> Option<u32> {
+        match self {
+            AnyClient::Blocking(c) => c.max_request_payload(),
+            AnyClient::Tokio(c, _) => c.max_request_payload(),
+        }
+    }
+}
+
+/// One conformance case, run for one (client, server) pair.
+struct Pair {
+    client: Flavour,
+    server: Flavour,
+    dir: TempDir,
+    name: String,
+}
+
+impl Pair {
+    fn new(client: Flavour, server: Flavour, tag: &str) -> Pair {
+        Pair { client, server, dir: TempDir::new(tag), name: unique(&tag.to_uppercase()) }
+    }
+
+    fn serve(&self) -> PeerProcess {
+        serve(&self.dir, &self.name, self.server, &[])
+    }
+
+    fn connect(&self, timeout: Duration) -> AnyClient {
+        AnyClient::connect(self.client, &self.dir, &self.name, timeout).unwrap()
+    }
+
+    fn marker(&self, tag: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{tag}.marker"))
+    }
+}
+
+/// Waits for a marker file written by the peer and returns its first word.
+fn marker_word(path: &std::path::Path) -> Option<String> {
+    eventually(Duration::from_secs(15), || {
+        let s = std::fs::read_to_string(path).ok()?;
+        s.split_whitespace().next().map(str::to_owned)
+    })
+}
+
+/// Runs each case for every pair: `case::blocking_client_tokio_server` and so on.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use super::Flavour::{Blocking, Tokio};
+                #[test]
+                fn blocking_client_blocking_server() {
+                    super::cases::$case(super::Pair::new(Blocking, Blocking, stringify!($case)));
+                }
+                #[test]
+                fn blocking_client_tokio_server() {
+                    super::cases::$case(super::Pair::new(Blocking, Tokio, stringify!($case)));
+                }
+                #[test]
+                fn tokio_client_blocking_server() {
+                    super::cases::$case(super::Pair::new(Tokio, Blocking, stringify!($case)));
+                }
+                #[test]
+                fn tokio_client_tokio_server() {
+                    super::cases::$case(super::Pair::new(Tokio, Tokio, stringify!($case)));
+                }
+            }
+        )*
+    };
+}
+
+conformance!(
+    echo_and_methods,
+    credentials_and_deadline,
+    errors_and_panics,
+    builtin_methods,
+    payload_limits,
+    timeout_cancels_and_the_connection_survives,
+    restart_reconnects,
+    killed_mid_request_may_have_run,
+    concurrent_callers_get_their_own_replies,
+);
+
+/// Runs each raw-frame case against both servers.
+macro_rules! server_conformance {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use super::Flavour::{Blocking, Tokio};
+                #[test]
+                fn blocking_server() {
+                    super::raw_cases::$case(Blocking, stringify!($case));
+                }
+                #[test]
+                fn tokio_server() {
+                    super::raw_cases::$case(Tokio, stringify!($case));
+                }
+            }
+        )*
+    };
+}
+
+server_conformance!(
+    raw_control_frames_and_bad_requests,
+    raw_cancel_reaches_the_handler_and_suppresses_the_reply,
+    raw_slow_request_does_not_hold_up_a_fast_one,
+    raw_malformed_streams_get_an_error_and_a_close,
+    raw_hang_up_cancels_running_handlers,
+);
+
+mod cases {
+    use super::*;
+
+    pub fn echo_and_methods(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let server = p.serve();
+        let mut c = p.connect(Duration::from_secs(10));
+        assert_eq!(c.server_pid(), Some(server.pid));
+        assert_eq!(c.request(b"Give me some data back!!").unwrap(), b"Give me some data back!!");
+        assert_eq!(c.send_message("hello").unwrap(), "hello");
+        assert_eq!(c.request(b"").unwrap(), b"", "empty payloads are fine");
+        assert_eq!(text(c.call("pid", b"").unwrap()), server.pid.to_string());
+        for i in 0..100u32 {
+            assert_eq!(c.request(&i.to_be_bytes()).unwrap(), i.to_be_bytes());
+        }
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(c.request(&bytes).unwrap(), bytes, "any bytes, not just text");
+        assert!(server.stop().success());
+    }
+
+    pub fn credentials_and_deadline(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let _server = p.serve();
+        let mut c = p.connect(Duration::from_secs(7));
+        let uid = rustix::process::geteuid().as_raw();
+        let gid = rustix::process::getegid().as_raw();
+        assert_eq!(text(c.call("peer", b"").unwrap()), format!("{} {uid} {gid}", std::process::id()));
+        let ms: u64 = text(c.call("deadline_ms", b"").unwrap()).parse().unwrap();
+        assert!(ms > 5_000 && ms <= 7_000, "deadline seen by the server: {ms} ms");
+    }
+
+    pub fn errors_and_panics(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let _server = p.serve();
+        let mut c = p.connect(Duration::from_secs(10));
+        let e = c.call("fail", b"").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Remote);
+        assert_eq!(e.remote().unwrap().code(), 418);
+        assert_eq!(e.remote().unwrap().message(), "i am a teapot");
+        assert!(e.may_have_run());
+        let e = c.call("io_fail", b"").unwrap_err();
+        assert_eq!((e.kind(), e.remote().unwrap().code()), (ErrorKind::Remote, 500));
+        assert_eq!(e.remote().unwrap().message(), "no such board");
+        let e = c.call("panic", b"").unwrap_err();
+        assert_eq!((e.kind(), e.remote().unwrap().code()), (ErrorKind::Remote, 500));
+        assert!(e.remote().unwrap().message().contains("boom in handler"), "{e}");
+        assert_eq!(c.request(b"still here").unwrap(), b"still here");
+        let e = c.call("no_such_method", b"").unwrap_err();
+        assert_eq!((e.kind(), e.remote().unwrap().code()), (ErrorKind::Remote, 404));
+        assert!(!e.may_have_run(), "an unknown method never ran");
+        assert!(e.to_string().contains("no_such_method"), "{e}");
+        assert_eq!(c.call("bad name", b"").unwrap_err().kind(), ErrorKind::InvalidName);
+        assert_eq!(c.call("$reserved_nope", b"").unwrap_err().remote().map(|r| r.code()), Some(404));
+        // A second connection is served as well.
+        let mut other = p.connect(Duration::from_secs(10));
+        assert_eq!(other.request(b"x").unwrap(), b"x");
+    }
+
+    pub fn builtin_methods(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let server = p.serve();
+        let mut c = p.connect(Duration::from_secs(10));
+        let ping = c.ping().unwrap();
+        assert_eq!(ping.kind, "io.nats.micro.v1.ping_response");
+        assert_eq!((ping.name.as_str(), ping.version.as_str()), (p.name.as_str(), "1.2.3"));
+        assert_eq!(ping.id.len(), 22);
+        assert_eq!(ping.metadata["pid"], server.pid.to_string());
+        let info = c.info().unwrap();
+        assert_eq!(info.description, "test peer");
+        assert_eq!(
+            (info.endpoints[0].name.as_str(), info.endpoints[0].subject.as_str()),
+            ("default", &*p.name)
+        );
+        for m in ["wait_cancel", "sleep_ms", "fail", "echo_after"] {
+            assert!(info.endpoints.iter().any(|e| e.name == m), "no endpoint {m}");
+        }
+        c.request(b"a").unwrap();
+        c.request(b"b").unwrap();
+        let _ = c.call("fail", b"");
+        let stats = c.stats().unwrap();
+        assert_eq!(stats.id, ping.id);
+        let def = stats.endpoints.iter().find(|e| e.name == "default").unwrap();
+        assert_eq!((def.num_requests, def.num_errors), (2, 0));
+        let fail = stats.endpoints.iter().find(|e| e.name == "fail").unwrap();
+        assert_eq!((fail.num_requests, fail.num_errors, fail.last_error.as_str()), (1, 1, "i am a teapot"));
+        let raw: serde_json::Value = serde_json::from_slice(&c.call("$stats", b"").unwrap()).unwrap();
+        for k in ["type", "name", "id", "version", "metadata", "started", "endpoints"] {
+            assert!(raw.get(k).is_some(), "missing {k}");
+        }
+    }
+
+    pub fn payload_limits(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let _server = p.serve();
+        let mut c =
+            AnyClient::connect_with(p.client, &p.dir, &p.name, Duration::from_secs(30), 1000).unwrap();
+        assert_eq!(c.max_request_payload(), Some(proto::DEFAULT_MAX_PAYLOAD));
+        assert_eq!(c.call("big", b"1000").unwrap().len(), 1000);
+        let e = c.call("big", b"1001").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+        let too_big = vec![7u8; proto::DEFAULT_MAX_PAYLOAD as usize + 1];
+        let e = c.request(&too_big).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+        assert!(e.to_string().contains("nothing was sent"), "{e}");
+        drop(too_big);
+        // Big payloads both ways, on a client that accepts them.
+        let mut c = p.connect(Duration::from_secs(30));
+        let payload: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(c.request(&payload).unwrap(), payload);
+        assert_eq!(c.call("big", b"3000000").unwrap().len(), 3_000_000);
+        assert_eq!(c.request(b"small after big").unwrap(), b"small after big");
+    }
+
+    pub fn timeout_cancels_and_the_connection_survives(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let _server = p.serve();
+        let mut c = p.connect(Duration::from_millis(300));
+        let marker = p.marker("cancel");
+        let e = c.call("wait_cancel", marker.to_str().unwrap().as_bytes()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert!(e.may_have_run());
+        c.set_timeout(Duration::from_secs(10));
+        assert_eq!(c.request(b"after timeout").unwrap(), b"after timeout");
+        // The handler stopped: it saw the cancellation (or, on the async server, was dropped at
+        // the deadline, whichever came first).
+        let word = marker_word(&marker);
+        assert!(matches!(word.as_deref(), Some("cancelled" | "dropped")), "server-side handler: {word:?}");
+        // A hung handler does not hold up later requests on the same connection.
+        c.set_timeout(Duration::from_millis(200));
+        assert_eq!(c.call("sleep_ms", b"3000").unwrap_err().kind(), ErrorKind::TimedOut);
+        c.set_timeout(Duration::from_secs(10));
+        assert_eq!(c.request(b"next").unwrap(), b"next");
+    }
+
+    pub fn restart_reconnects(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let first = p.serve();
+        let mut c = p.connect(Duration::from_secs(10));
+        assert_eq!(text(c.call("pid", b"").unwrap()), first.pid.to_string());
+        assert!(first.stop().success());
+        let second = p.serve();
+        assert_eq!(text(c.call("pid", b"").unwrap()), second.pid.to_string(), "reconnected by itself");
+        second.kill9();
+        let third = p.serve();
+        assert_eq!(text(c.call("pid", b"").unwrap()), third.pid.to_string(), "and after kill -9");
+        drop(third);
+        let e = c.request(b"x").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoService, "{e}");
+    }
+
+    pub fn killed_mid_request_may_have_run(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let server = p.serve();
+        let mut c = p.connect(Duration::from_secs(30));
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            server.kill9();
+        });
+        let e = c.call("sleep_ms", b"20000").unwrap_err();
+        killer.join().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+        assert!(e.may_have_run());
+        assert!(e.to_string().contains("may have run"), "{e}");
+    }
+
+    /// Several callers at once, each with its own connection (blocking) or sharing one (async),
+    /// replies arriving out of order: everyone gets their own.
+    pub fn concurrent_callers_get_their_own_replies(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let _server = p.serve();
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let mut c = p.connect(Duration::from_secs(30));
+                std::thread::spawn(move || {
+                    for i in 0..25u32 {
+                        let payload = format!("{}:{t}-{i}", (t * 7 + i) % 5);
+                        assert_eq!(text(c.call("echo_after", payload.as_bytes()).unwrap()), payload);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// A hand-written protocol client, to hold both servers to the same wire behaviour.
+struct Raw {
+    s: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    fn connect(dir: &TempDir, name: &str) -> Raw {
+        let s = UnixStream::connect(dir.path().join(format!("{name}.sock"))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    fn hello(dir: &TempDir, name: &str) -> Raw {
+        let mut r = Raw::connect(dir, name);
+        r.send(&Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 20 }.to_bytes());
+        let (h, _) = r.read().expect("hello ack");
+        assert_eq!(h.kind(), Some(Kind::HelloAck));
+        r
+    }
+
+    fn send(&mut self, h: &Header, method: &[u8], payload: &[u8]) {
+        let mut b = Vec::new();
+        proto::encode(&mut b, h, method, payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    fn request(&mut self, id: u64, method: &str, payload: &[u8]) {
+        self.send(&Header::request(id, 0), method.as_bytes(), payload);
+    }
+
+    /// Next frame, or `None` at EOF (or a reset).
+    fn read(&mut self) -> Option<(Header, Vec<u8>)> {
+        loop {
+            if let Decoded::Frame(f) = proto::decode(&self.buf, u32::MAX - 100).unwrap() {
+                let got = (f.header, f.payload.to_vec());
+                let n = f.len;
+                self.buf.drain(..n);
+                return Some(got);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("no frame within the read timeout: {e}"),
+            }
+        }
+    }
+
+    fn expect_reply(&mut self, id: u64) -> Vec<u8> {
+        let (h, p) = self.read().expect("a reply");
+        assert_eq!((h.kind(), h.id), (Some(Kind::Reply), id), "{}", String::from_utf8_lossy(&p));
+        p
+    }
+
+    fn expect_error(&mut self, id: u64, code: u16) -> (u16, String) {
+        let (h, p) = self.read().expect("an error frame");
+        assert_eq!(
+            (h.kind(), h.id, h.status),
+            (Some(Kind::Error), id, code),
+            "{}",
+            String::from_utf8_lossy(&p)
+        );
+        (h.flags, String::from_utf8(p).unwrap())
+    }
+}
+
+mod raw_cases {
+    use super::*;
+
+    fn up(flavour: Flavour, tag: &str) -> (TempDir, String, PeerProcess) {
+        let dir = TempDir::new(tag);
+        let name = unique("RAW");
+        let p = serve(&dir, &name, flavour, &[]);
+        (dir, name, p)
+    }
+
+    pub fn raw_control_frames_and_bad_requests(flavour: Flavour, tag: &str) {
+        let _w = watchdog(Duration::from_secs(60));
+        let (dir, name, _p) = up(flavour, tag);
+        let mut r = Raw::hello(&dir, &name);
+        r.send(&Header { kind: 42, ..Header::new(Kind::Request, 9) }, b"", b"?");
+        let (flags, msg) = r.expect_error(9, status::BAD_REQUEST);
+        assert_eq!(flags, FLAG_SYSTEM | FLAG_NOT_RUN);
+        assert!(msg.contains("unknown frame kind 42"), "{msg}");
+        r.send(&Header { flags: 0x8000, ..Header::request(10, 0) }, b"", b"");
+        assert!(r.expect_error(10, status::BAD_REQUEST).1.contains("flags"));
+        r.request(0, "", b"");
+        assert!(r.expect_error(0, status::BAD_REQUEST).1.contains("id 0"));
+        r.send(&Header::new(Kind::Reply, 11), b"", b"");
+        r.expect_error(11, status::BAD_REQUEST);
+        r.request(12, "no_such", b"");
+        let (flags, msg) = r.expect_error(12, status::NO_METHOD);
+        assert_eq!(flags, FLAG_SYSTEM | FLAG_NOT_RUN);
+        assert!(msg.contains("no_such"), "{msg}");
+        r.send(&Header::new(Kind::Ping, 77), b"", b"are you there");
+        let (h, p) = r.read().unwrap();
+        assert_eq!((h.kind(), h.id, &p[..]), (Some(Kind::Pong), 77, &b"are you there"[..]));
+        r.send(&Header::new(Kind::Cancel, 999), b"", b""); // unknown id: ignored
+        r.request(13, "", b"still fine");
+        assert_eq!(r.expect_reply(13), b"still fine");
+        // A duplicate id while the first is in flight.
+        r.request(14, "sleep_ms", b"300");
+        r.request(14, "", b"dup");
+        let (flags, msg) = r.expect_error(14, status::BAD_REQUEST);
+        assert_eq!(flags, FLAG_SYSTEM | FLAG_NOT_RUN);
+        assert!(msg.contains("already in flight"), "{msg}");
+        assert_eq!(r.expect_reply(14), b"slept 300");
+        // Once answered, the id may be used again.
+        r.request(14, "", b"again");
+        assert_eq!(r.expect_reply(14), b"again");
+    }
+
+    pub fn raw_cancel_reaches_the_handler_and_suppresses_the_reply(flavour: Flavour, tag: &str) {
+        let _w = watchdog(Duration::from_secs(60));
+        let (dir, name, _p) = up(flavour, tag);
+        let marker = dir.path().join("raw.marker");
+        let mut r = Raw::hello(&dir, &name);
+        r.request(5, "wait_cancel", marker.to_str().unwrap().as_bytes()); // no deadline
+        std::thread::sleep(Duration::from_millis(100));
+        r.send(&Header::new(Kind::Cancel, 5), b"", b"");
+        assert_eq!(marker_word(&marker).as_deref(), Some("cancelled"));
+        r.request(6, "", b"next");
+        assert_eq!(r.expect_reply(6), b"next");
+        // The handler answers 500 ms after the cancel; that answer must not be sent.
+        std::thread::sleep(Duration::from_millis(800));
+        r.send(&Header::new(Kind::Ping, 7), b"", b"");
+        let (h, _) = r.read().unwrap();
+        assert_eq!((h.kind(), h.id), (Some(Kind::Pong), 7), "a cancelled request was answered");
+    }
+
+    pub fn raw_slow_request_does_not_hold_up_a_fast_one(flavour: Flavour, tag: &str) {
+        let _w = watchdog(Duration::from_secs(60));
+        let (dir, name, _p) = up(flavour, tag);
+        let mut r = Raw::hello(&dir, &name);
+        r.request(1, "sleep_ms", b"1500");
+        r.request(2, "", b"fast");
+        assert_eq!(r.expect_reply(2), b"fast", "the fast request waited for the slow one");
+        assert_eq!(r.expect_reply(1), b"slept 1500");
+    }
+
+    pub fn raw_malformed_streams_get_an_error_and_a_close(flavour: Flavour, tag: &str) {
+        let _w = watchdog(Duration::from_secs(60));
+        let (dir, name, _p) = up(flavour, tag);
+        for (what, bytes, code) in [
+            ("giant length", vec![0xff, 0xff, 0xff, 0xff], status::TOO_LARGE),
+            ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), status::TOO_LARGE),
+            ("short length", vec![0, 0, 0, 3, 1, 2, 3], status::BAD_REQUEST),
+        ] {
+            for after_hello in [false, true] {
+                let mut r = if after_hello { Raw::hello(&dir, &name) } else { Raw::connect(&dir, &name) };
+                r.s.write_all(&bytes).unwrap();
+                let (h, p) = r.read().unwrap_or_else(|| panic!("{what}: no error frame"));
+                assert_eq!(
+                    (h.kind(), h.id, h.status),
+                    (Some(Kind::Error), 0, code),
+                    "{what}: {}",
+                    String::from_utf8_lossy(&p)
+                );
+                assert!(r.read().is_none(), "{what}: the connection stays open");
+            }
+        }
+        let mut r = Raw::hello(&dir, &name);
+        r.send(&Header { version: 9, ..Header::request(1, 0) }, b"", b"");
+        assert!(r.expect_error(0, status::VERSION_UNSUPPORTED).1.contains("version 9"));
+        assert!(r.read().is_none());
+        let mut r = Raw::connect(&dir, &name);
+        r.request(1, "", b"too early");
+        assert!(r.expect_error(0, status::BAD_REQUEST).1.contains("Hello"));
+        assert!(r.read().is_none());
+        // And the server still serves.
+        let mut r = Raw::hello(&dir, &name);
+        r.request(1, "", b"fine");
+        assert_eq!(r.expect_reply(1), b"fine");
+    }
+
+    pub fn raw_hang_up_cancels_running_handlers(flavour: Flavour, tag: &str) {
+        let _w = watchdog(Duration::from_secs(60));
+        let (dir, name, _p) = up(flavour, tag);
+        let marker = dir.path().join("hangup.marker");
+        let mut r = Raw::hello(&dir, &name);
+        r.request(1, "wait_cancel", marker.to_str().unwrap().as_bytes());
+        std::thread::sleep(Duration::from_millis(100));
+        drop(r);
+        assert_eq!(marker_word(&marker).as_deref(), Some("cancelled"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What only the async flavour promises.
+
+/// The open sockets of a process (listener + connections).
+fn socket_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// A field of /proc/<pid>/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn assert_clone_send_sync<T: Clone + Send + Sync + 'static>() {}
+
+#[test]
+fn the_client_is_clone_send_sync_and_its_futures_are_send() {
+    assert_clone_send_sync::<microcs::tokio::Client>();
+    fn is_send<T: Send>(_: &T) {}
+    let rt = rt();
+    let dir = TempDir::new("send");
+    let e =
+        rt.block_on(microcs::tokio::Client::builder("NOBODY").runtime_dir(dir.path()).connect()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoService);
+    // Futures of every call can be spawned on a multi-thread runtime.
+    let _ = |c: microcs::tokio::Client| {
+        is_send(&c.request(b""));
+        is_send(&c.call("m", b""));
+        is_send(&c.send_message(""));
+        is_send(&c.ping());
+    };
+}
+
+/// 1,000 concurrent requests from 50 tasks over one connection, all answered correctly.
+fn thousand_requests_over_one_connection(server: Flavour) {
+    let _w = watchdog(Duration::from_secs(120));
+    let dir = TempDir::new("thousand");
+    let name = unique("THOUSAND");
+    let peer = serve(&dir, &name, server, &[]);
+    let rt = rt();
+    rt.block_on(async {
+        let client =
+            microcs::tokio::Client::builder(&name).runtime_dir(dir.path()).timeout(Duration::from_secs(60));
+        let client = client.connect().await.unwrap();
+        let tasks: Vec<_> = (0..50u32)
+            .map(|t| {
+                let c = client.clone();
+                ::tokio::spawn(async move {
+                    // 20 requests in flight at once per task; replies come back out of order
+                    // because each waits a different time on the server.
+                    let calls = (0..20u32).map(|i| {
+                        let c = &c;
+                        async move {
+                            let payload = format!("{}:task {t} request {i}", (t + 3 * i) % 7);
+                            let reply = c.call("echo_after", payload.as_bytes()).await.unwrap();
+                            assert_eq!(text(reply), payload, "a reply reached the wrong caller");
+                        }
+                    });
+                    futures_join_all(calls).await;
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // One connection carried it all: the peer holds its listener and one connection.
+        assert_eq!(socket_count(peer.pid), 2, "requests were spread over several connections");
+        drop(client);
+    });
+}
+
+/// Runs futures concurrently on the current task (a small `join_all`).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    let mut futs: Vec<_> = futs.map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        futs.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if futs.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+}
+
+#[test]
+fn thousand_concurrent_requests_from_fifty_tasks_over_one_connection_tokio_server() {
+    thousand_requests_over_one_connection(Flavour::Tokio);
+}
+
+#[test]
+fn thousand_concurrent_requests_from_fifty_tasks_over_one_connection_blocking_server() {
+    thousand_requests_over_one_connection(Flavour::Blocking);
+}
+
+/// Callers that time out while their (slow) replies are still coming, mixed with callers that
+/// get answers: every answer reaches its own caller, and late replies reach nobody.
+fn late_replies_are_dropped(server: Flavour) {
+    let _w = watchdog(Duration::from_secs(120));
+    let dir = TempDir::new("late");
+    let name = unique("LATE");
+    let _peer = serve(&dir, &name, server, &[]);
+    let rt = rt();
+    rt.block_on(async {
+        let client = microcs::tokio::Client::builder(&name)
+            .runtime_dir(dir.path())
+            .timeout(Duration::from_millis(500))
+            .connect()
+            .await
+            .unwrap();
+        let slow: Vec<_> = (0..20)
+            .map(|i| {
+                let c = client.clone();
+                ::tokio::spawn(async move { c.call("echo_after", format!("1000:slow {i}").as_bytes()).await })
+            })
+            .collect();
+        for s in slow {
+            let e = s.await.unwrap().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+            assert!(e.may_have_run());
+        }
+        // The slow replies (from the blocking server, whose handlers cannot be stopped) arrive
+        // during the next second, while these calls are in flight.
+        let mut fast = client.clone();
+        fast.set_timeout(Duration::from_secs(30));
+        let t0 = std::time::Instant::now();
+        let mut n = 0u32;
+        while t0.elapsed() < Duration::from_millis(1500) {
+            let calls = (0..10).map(|j| {
+                let fast = &fast;
+                async move {
+                    let payload = format!("{}:fast {n} {j}", j % 3);
+                    assert_eq!(text(fast.call("echo_after", payload.as_bytes()).await.unwrap()), payload);
+                }
+            });
+            futures_join_all(calls).await;
+            n += 1;
+        }
+    });
+}
+
+#[test]
+fn replies_after_the_caller_gave_up_are_dropped_tokio_server() {
+    late_replies_are_dropped(Flavour::Tokio);
+}
+
+#[test]
+fn replies_after_the_caller_gave_up_are_dropped_blocking_server() {
+    late_replies_are_dropped(Flavour::Blocking);
+}
+
+#[test]
+fn a_handler_still_running_at_the_deadline_is_stopped_on_the_tokio_server() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("deadline");
+    let name = unique("DEADLINE");
+    let _peer = serve(&dir, &name, Flavour::Tokio, &[]);
+    for client in [Flavour::Tokio, Flavour::Blocking] {
+        let marker = dir.path().join(format!("{client:?}.marker"));
+        let mut c = AnyClient::connect(client, &dir, &name, Duration::from_millis(300)).unwrap();
+        let payload = format!("20000 {}", marker.display());
+        let e = c.call("sleep_marked", payload.as_bytes()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        // Dropped at the deadline, not left to sleep for 20 s.
+        assert_eq!(marker_word(&marker).as_deref(), Some("dropped"), "{client:?} client");
+    }
+    let mut c = AnyClient::connect(Flavour::Tokio, &dir, &name, Duration::from_secs(10)).unwrap();
+    // Recorded as the handler is dropped; poll, since the marker is written a moment before.
+    let ep = eventually(Duration::from_secs(10), || {
+        let stats = c.stats().unwrap();
+        stats.endpoints.into_iter().find(|e| e.name == "sleep_marked" && e.num_requests == 2)
+    })
+    .expect("two sleep_marked requests in $stats");
+    assert_eq!(ep.num_errors, 2);
+    assert!(ep.last_error.contains("deadline"), "{}", ep.last_error);
+    // A handler that finishes in time is not disturbed.
+    let marker = dir.path().join("in-time.marker");
+    assert_eq!(
+        text(c.call("sleep_marked", format!("10 {}", marker.display()).as_bytes()).unwrap()),
+        "finished"
+    );
+    assert_eq!(marker_word(&marker).as_deref(), Some("finished"));
+}
+
+/// Dropping the future of a call (here: an outer timeout far shorter than the client's own)
+/// sends a Cancel; the handler sees it — on either server.
+fn dropping_the_future_cancels(server: Flavour) {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("dropfut");
+    let name = unique("DROPFUT");
+    let _peer = serve(&dir, &name, server, &[]);
+    let marker = dir.path().join("drop.marker");
+    let rt = rt();
+    rt.block_on(async {
+        let client = microcs::tokio::Client::builder(&name)
+            .runtime_dir(dir.path())
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .unwrap();
+        let call = client.call("wait_cancel", marker.to_str().unwrap().as_bytes());
+        assert!(::tokio::time::timeout(Duration::from_millis(200), call).await.is_err());
+        // Only the Cancel frame can have stopped it: its deadline is 30 s away.
+        let word = ::tokio::task::spawn_blocking(move || marker_word(&marker)).await.unwrap();
+        assert_eq!(word.as_deref(), Some("cancelled"));
+        assert_eq!(client.request(b"still usable").await.unwrap(), b"still usable");
+    });
+}
+
+#[test]
+fn dropping_a_call_future_cancels_the_work_on_the_tokio_server() {
+    dropping_the_future_cancels(Flavour::Tokio);
+}
+
+#[test]
+fn dropping_a_call_future_cancels_the_work_on_the_blocking_server() {
+    dropping_the_future_cancels(Flavour::Blocking);
+}
+
+#[test]
+fn the_in_flight_cap_bounds_running_handlers_and_memory_under_a_flood() {
+    let _w = watchdog(Duration::from_secs(180));
+    let dir = TempDir::new("flood");
+    let name = unique("FLOOD");
+    const CAP: usize = 32;
+    let peer = serve(&dir, &name, Flavour::Tokio, &[("PEER_MAX_IN_FLIGHT", &CAP.to_string())]);
+    let rt = rt();
+    // 1,000 requests of 64 KiB sent at once, each held 100 ms by its handler: a server that read
+    // them all would hold about 62 MiB at once; one that stops reading at the cap holds 2 MiB.
+    const N: usize = 1000;
+    const SIZE: usize = 64 * 1024;
+    rt.block_on(async {
+        let client = microcs::tokio::Client::builder(&name)
+            .runtime_dir(dir.path())
+            .timeout(Duration::from_secs(120))
+            .connect()
+            .await
+            .unwrap();
+        assert_eq!(client.server_max_in_flight(), Some(CAP as u32));
+        let mut payload = b"100:".to_vec();
+        payload.resize(SIZE, b'x');
+        let payload = Arc::new(payload);
+        // Warm up, so that the baseline includes the allocator's steady state.
+        let warm = (0..CAP).map(|_| async {
+            assert_eq!(client.call("echo_after", &payload[..]).await.unwrap().len(), SIZE);
+        });
+        futures_join_all(warm).await;
+        let before = status_kib(peer.pid, "VmRSS:");
+        let tasks: Vec<_> = (0..N)
+            .map(|_| {
+                let c = client.clone();
+                let p = payload.clone();
+                ::tokio::spawn(async move {
+                    assert_eq!(c.call("echo_after", &p[..]).await.unwrap().len(), SIZE);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let peak = status_kib(peer.pid, "VmHWM:");
+        let growth_mib = peak.saturating_sub(before) / 1024;
+        let flood_mib = N * SIZE / (1024 * 1024);
+        eprintln!("server RSS before {before} KiB, peak {peak} KiB during a {flood_mib} MiB flood");
+        assert!(growth_mib < 16, "server memory grew by {growth_mib} MiB during a {flood_mib} MiB flood");
+        // And never more handlers at once than the cap.
+        let calls = (0..400).map(|_| async {
+            assert_eq!(client.call("sleep_ms", b"5").await.unwrap(), b"slept 5");
+        });
+        futures_join_all(calls).await;
+        let most: usize = text(client.call("max_running", b"").await.unwrap()).parse().unwrap();
+        assert!((2..=CAP).contains(&most), "{most} handlers ran at once (cap {CAP})");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The async server in-process: shutdown, limits and security checks.
+
+fn tokio_dir_server(dir: &TempDir, name: &str) -> microcs::tokio::ServerBuilder {
+    microcs::tokio::Server::builder(name).runtime_dir(dir.path())
+}
+
+fn tokio_dir_client(dir: &TempDir, name: &str) -> microcs::tokio::ClientBuilder {
+    microcs::tokio::Client::builder(name).runtime_dir(dir.path())
+}
+
+#[test]
+fn shutdown_lets_inflight_requests_finish_refuses_new_ones_and_frees_the_name() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("tdrain");
+    let name = unique("TDRAIN");
+    rt().block_on(async {
+        let handle = tokio_dir_server(&dir, &name)
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: Request| async move {
+                ::tokio::time::sleep(Duration::from_millis(400)).await;
+                Ok::<_, RemoteError>(r.into_payload())
+            })
+            .unwrap();
+        let client = tokio_dir_client(&dir, &name).connect().await.unwrap();
+        let c2 = client.clone();
+        let inflight = ::tokio::spawn(async move { c2.request(b"finish me").await });
+        ::tokio::time::sleep(Duration::from_millis(100)).await;
+        handle.shutdown().await;
+        assert_eq!(inflight.await.unwrap().unwrap(), b"finish me");
+        assert!(!dir.path().join(format!("{name}.sock")).exists());
+        assert!(!dir.path().join(format!("{name}.lock")).exists());
+        let e = client.request(b"x").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoService, "{e}");
+        // The name is free: a new server binds, and the same client reaches it.
+        let _h2 = tokio_dir_server(&dir, &name)
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|_r: Request| async { Ok::<_, RemoteError>("second") })
+            .unwrap();
+        assert_eq!(client.request(b"x").await.unwrap(), b"second");
+    });
+}
+
+#[test]
+fn serve_with_shutdown_stops_when_the_signal_resolves() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("tsignal");
+    let name = unique("TSIGNAL");
+    rt().block_on(async {
+        let server = tokio_dir_server(&dir, &name).bind().await.unwrap();
+        let trigger = server.shutdown_trigger();
+        let (tx, rx) = ::tokio::sync::oneshot::channel::<()>();
+        let serving = ::tokio::spawn(server.serve_with_shutdown(
+            |r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) },
+            async {
+                let _ = rx.await;
+            },
+        ));
+        let client = tokio_dir_client(&dir, &name).connect().await.unwrap();
+        assert_eq!(client.request(b"up").await.unwrap(), b"up");
+        tx.send(()).unwrap();
+        serving.await.unwrap().unwrap();
+        assert_eq!(client.request(b"x").await.unwrap_err().kind(), ErrorKind::NoService);
+        // `serve` returns when its trigger fires.
+        let server = tokio_dir_server(&dir, &name).bind().await.unwrap();
+        let trigger2 = server.shutdown_trigger();
+        let serving =
+            ::tokio::spawn(server.serve(|r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) }));
+        assert_eq!(client.request(b"again").await.unwrap(), b"again");
+        trigger2.shutdown();
+        serving.await.unwrap().unwrap();
+        drop(trigger);
+    });
+}
+
+#[test]
+fn the_tokio_server_caps_connections_and_silent_handshakes() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("tcap");
+    let name = unique("TCAP");
+    rt().block_on(async {
+        let h = tokio_dir_server(&dir, &name)
+            .max_connections(2)
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) })
+            .unwrap();
+        let a = tokio_dir_client(&dir, &name).connect().await.unwrap();
+        let _b = tokio_dir_client(&dir, &name).connect().await.unwrap();
+        let e = tokio_dir_client(&dir, &name).connect().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Remote, "{e}");
+        assert_eq!(e.remote().unwrap().code(), 503);
+        assert!(e.to_string().contains("limit of 2 connections"), "{e}");
+        assert_eq!(a.request(b"fine").await.unwrap(), b"fine");
+        assert_eq!(h.connections(), 2);
+        h.shutdown().await;
+    });
+    // Connections that never say hello are dropped, oldest first, to make room.
+    let name = unique("TSILENT");
+    rt().block_on(async {
+        let h = tokio_dir_server(&dir, &name)
+            .max_pending_handshakes(4)
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) })
+            .unwrap();
+        let silent: Vec<_> = (0..10).map(|_| Raw::connect(&dir, &name)).collect();
+        let c = tokio_dir_client(&dir, &name).connect().await.unwrap();
+        assert_eq!(c.request(b"let in").await.unwrap(), b"let in");
+        let mut silent = silent;
+        let first = &mut silent[0];
+        assert!(first.read().is_none(), "the oldest silent connection was kept");
+        h.shutdown().await;
+    });
+}
+
+#[test]
+fn the_tokio_server_times_out_silent_and_trickling_connections() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("tslow");
+    let name = unique("TSLOW");
+    let rt = rt();
+    let _h = rt.block_on(async {
+        tokio_dir_server(&dir, &name)
+            .handshake_timeout(Duration::from_millis(200))
+            .frame_timeout(Duration::from_millis(200))
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) })
+            .unwrap()
+    });
+    let mut r = Raw::connect(&dir, &name);
+    assert!(r.read().is_none(), "a connection that never says hello is closed");
+    let mut r = Raw::hello(&dir, &name);
+    let mut b = Vec::new();
+    proto::encode(&mut b, &Header::request(1, 0), b"", &[0u8; 64]);
+    r.s.write_all(&b[..30]).unwrap();
+    let (_, msg) = r.expect_error(0, status::TIMED_OUT);
+    assert!(msg.contains("not completed"), "{msg}");
+    assert!(r.read().is_none());
+    let mut r = Raw::hello(&dir, &name);
+    std::thread::sleep(Duration::from_millis(500));
+    r.request(2, "", b"idle is fine");
+    assert_eq!(r.expect_reply(2), b"idle is fine");
+}
+
+#[test]
+fn handler_panics_in_sync_part_and_after_await_become_errors() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("tpanic");
+    let name = unique("TPANIC");
+    rt().block_on(async {
+        let h = tokio_dir_server(&dir, &name)
+            .method("before", |_r: Request| -> std::future::Ready<Result<Vec<u8>, RemoteError>> {
+                panic!("before the future")
+            })
+            .method("after", |_r: Request| async {
+                ::tokio::task::yield_now().await;
+                if std::process::id() != 0 {
+                    panic!("after an await");
+                }
+                Ok::<_, RemoteError>("unreachable")
+            })
+            .method("invalid", |r: Request| async move { r.text().map(str::to_owned) })
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) })
+            .unwrap();
+        let c = tokio_dir_client(&dir, &name).connect().await.unwrap();
+        for (m, text) in [("before", "before the future"), ("after", "after an await")] {
+            let e = c.call(m, b"").await.unwrap_err();
+            assert_eq!(e.remote().map(|r| r.code()), Some(500), "{e}");
+            assert!(e.to_string().contains(text), "{e}");
+        }
+        let e = c.call("invalid", &[0xff, 0xfe]).await.unwrap_err();
+        assert_eq!(e.remote().map(|r| r.code()), Some(400), "{e}");
+        assert_eq!(c.request(b"alive").await.unwrap(), b"alive");
+        let stats = h.stats();
+        let after = stats.endpoints.iter().find(|e| e.name == "after").unwrap();
+        assert_eq!((after.num_requests, after.num_errors), (1, 1));
+        h.shutdown().await;
+    });
+}
+
+#[test]
+fn invalid_method_names_are_reported_by_bind() {
+    let dir = TempDir::new("tbadm");
+    rt().block_on(async {
+        let ok = |_r: Request| async { Ok::<_, RemoteError>("") };
+        for bad in ["", "a b", "$ping", "x/y"] {
+            let e = tokio_dir_server(&dir, "BADM").method(bad, ok).bind().await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidName, "{bad:?}: {e}");
+        }
+        let e = tokio_dir_server(&dir, "BADM").method("m", ok).method("m", ok).bind().await.unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = tokio_dir_server(&dir, "bad name").bind().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidName);
+        // And the name is taken while a blocking server holds it: one registry for both.
+        let _blocking = dir.server("SHARED").bind().unwrap();
+        let e = tokio_dir_server(&dir, "SHARED").bind().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NameTaken);
+        assert_eq!(e.owner_pid(), Some(std::process::id()));
+    });
+}
+
+#[test]
+fn another_user_is_rejected_by_the_tokio_server_before_a_byte_is_read() {
+    let _w = watchdog(Duration::from_secs(30));
+    if rustix::process::geteuid().as_raw() != 0
+        || std::process::Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!("skipped: needs root and setpriv to act as another user");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("tuid");
+    let name = unique("TUID");
+    let _server = serve(&dir, &name, Flavour::Tokio, &[]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let sock = dir.path().join(format!("{name}.sock"));
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", PEER, "call-dir", &name])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("PermissionDenied") && stderr.contains("user 65534"), "{stderr}");
+    let mut c = AnyClient::connect(Flavour::Tokio, &dir, &name, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.request(b"me").unwrap(), b"me");
+}
