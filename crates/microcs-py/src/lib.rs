@@ -109,6 +109,7 @@ fn _microcs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(list_services, m)?)?;
     m.add_function(wrap_pyfunction!(runtime_dir, m)?)?;
     m.add_function(wrap_pyfunction!(server::_stop_all, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DEFAULT_TIMEOUT", microcs::blocking::DEFAULT_TIMEOUT.as_secs_f64())?;
     Ok(())
 }

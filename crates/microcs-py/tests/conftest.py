@@ -84,6 +84,13 @@ def wait_gone(name: str, runtime_dir: Path) -> None:
     raise AssertionError(f"service {name!r} still listed after 20 s")
 
 
+def _default_sigint() -> None:
+    # A shell running this suite in the background (as CI harnesses may) starts it with SIGINT
+    # ignored, which children inherit and Python then respects: give the servers the default
+    # disposition, so that Python turns Ctrl-C into KeyboardInterrupt as in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_python(script: Path, *args: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """Starts `script` with this interpreter (and this environment) as a separate process."""
     return subprocess.Popen(
@@ -91,6 +98,7 @@ def run_python(script: Path, *args: str, cwd: Path | None = None) -> subprocess.
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=cwd,
+        preexec_fn=_default_sigint,
     )
 
 

@@ -43,12 +43,14 @@ from ._microcs import (
     Request,
     Server,
     ServiceInfo,
+    __version__,
     list_services,
     runtime_dir,
 )
 from ._microcs import _stop_all
 
 __all__ = [
+    "__version__",
     "Client",
     "Closed",
     "DEFAULT_TIMEOUT",

@@ -20,6 +20,7 @@ Handler: TypeAlias = Callable[[_P], Reply] | Callable[[_P, Request], Reply]
 _PathLike: TypeAlias = str | os.PathLike[str]
 
 DEFAULT_TIMEOUT: float
+__version__: str
 
 @final
 class Request:

@@ -1,0 +1,279 @@
+"""Python client -> Python handler round trip: microcs vs multiprocessing.connection vs pyzmq.
+
+Not a test: a measurement. Each system echoes the payload from a Python handler in a separate
+server process; the client (this process) sends a request, waits for the reply, and repeats.
+Both processes are pinned (os.sched_setaffinity), once on the same CPU and once on different
+CPUs. Systems are measured in turns within each run (so drift hits them alike), several runs,
+and the median of the runs is reported, with microcs's ratio to each of the others.
+
+    pip install pyzmq      # in the venv, for this benchmark only
+    python crates/microcs-py/bench/roundtrip.py                     # print the table
+    python crates/microcs-py/bench/roundtrip.py --write docs/BENCHMARKS.md
+
+The compared systems:
+  microcs      microcs.Client.request -> microcs.Server handler (Python function)
+  mp.conn      multiprocessing.connection.Client over AF_UNIX, send_bytes/recv_bytes, and a
+               Python loop recv_bytes/send_bytes in the server (no pickling either way)
+  pyzmq        zmq REQ socket -> REP socket over ipc://, a Python loop recv/send in the server
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("microcs", "mp.conn", "pyzmq")
+SECTION = "## Python"
+
+
+# ---------------------------------------------------------------- server side (child process)
+
+
+def serve(system: str, address: str, cpu: int) -> None:
+    """Runs one echo server until killed. Pins itself first, so all its threads inherit it."""
+    os.sched_setaffinity(0, {cpu})
+    if system == "microcs":
+        import microcs
+
+        def echo(data: bytes) -> bytes:
+            return data
+
+        server = microcs.Server(echo, address)
+        print("ready", flush=True)
+        server.start_listening()
+    elif system == "mp.conn":
+        from multiprocessing.connection import Listener
+
+        with Listener(address, family="AF_UNIX") as listener:
+            print("ready", flush=True)
+            with listener.accept() as conn:
+                while True:
+                    try:
+                        data = conn.recv_bytes()
+                    except EOFError:
+                        return
+                    conn.send_bytes(data)
+    elif system == "pyzmq":
+        import zmq
+
+        ctx = zmq.Context()
+        rep = ctx.socket(zmq.REP)
+        rep.bind(address)
+        print("ready", flush=True)
+        while True:
+            rep.send(rep.recv(copy=True))
+    else:
+        raise SystemExit(f"unknown system {system!r}")
+
+
+# ---------------------------------------------------------------- client side
+
+
+def connect(system: str, address: str) -> tuple[Callable[[bytes], bytes], Callable[[], None]]:
+    """A request function and a close function for `system` at `address`."""
+    if system == "microcs":
+        import microcs
+
+        client = microcs.Client(address, timeout=30)
+        return client.request, client.close
+    if system == "mp.conn":
+        from multiprocessing.connection import Client
+
+        conn = Client(address, family="AF_UNIX")
+
+        def mp_request(data: bytes) -> bytes:
+            conn.send_bytes(data)
+            return conn.recv_bytes()
+
+        return mp_request, conn.close
+    if system == "pyzmq":
+        import zmq
+
+        ctx = zmq.Context()
+        req = ctx.socket(zmq.REQ)
+        req.connect(address)
+
+        def zmq_request(data: bytes) -> bytes:
+            req.send(data)
+            reply: bytes = req.recv(copy=True)
+            return reply
+
+        def zmq_close() -> None:
+            req.close(linger=0)
+            ctx.term()
+
+        return zmq_request, zmq_close
+    raise ValueError(system)
+
+
+def start_server(system: str, address: str, cpu: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", system, address, str(cpu)],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != b"ready":
+        proc.kill()
+        raise SystemExit(f"{system} server did not start (exit code {proc.wait()})")
+    return proc
+
+
+def measure(request: Callable[[bytes], bytes], payload: bytes, n: int) -> float:
+    """Median-free raw figure: mean microseconds per round trip over `n` round trips."""
+    for _ in range(n // 10):  # warm-up: caches, branch predictors, lazy allocations
+        request(payload)
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        request(payload)
+    elapsed = time.perf_counter_ns() - t0
+    if request(payload) != payload:
+        raise SystemExit("wrong reply")
+    return elapsed / n / 1000
+
+
+def run(args: argparse.Namespace) -> dict[tuple[str, int, str], list[float]]:
+    """All measurements: (placement, payload size, system) -> microseconds per run."""
+    tmp = Path(tempfile.mkdtemp(prefix="mcs-bench-", dir="/tmp"))
+    env = dict(os.environ, MICROCS_RUNTIME_DIR=str(tmp / "rt"))
+    os.environ["MICROCS_RUNTIME_DIR"] = env["MICROCS_RUNTIME_DIR"]
+    addresses = {
+        "microcs": f"BENCH_{os.getpid()}",
+        "mp.conn": str(tmp / "mp.sock"),
+        "pyzmq": f"ipc://{tmp / 'zmq.sock'}",
+    }
+    placements = {"same CPU": (0, 0), "different CPUs": (0, 1)}
+    results: dict[tuple[str, int, str], list[float]] = {}
+    for placement, (client_cpu, server_cpu) in placements.items():
+        os.sched_setaffinity(0, {client_cpu})
+        servers = {s: start_server(s, addresses[s], server_cpu, env) for s in args.systems}
+        try:
+            conns = {s: connect(s, addresses[s]) for s in args.systems}
+            for size in args.sizes:
+                payload = os.urandom(size)
+                for r in range(args.runs):
+                    for s in args.systems:
+                        us = measure(conns[s][0], payload, args.n)
+                        results.setdefault((placement, size, s), []).append(us)
+                        print(f"  {placement:14} {size:>7} B  run {r + 1}/{args.runs}  {s:8} {us:8.2f} µs", file=sys.stderr)
+            for _, close in conns.values():
+                close()
+        finally:
+            for proc in servers.values():
+                proc.kill()
+                proc.wait()
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return results
+
+
+def table(args: argparse.Namespace, results: dict[tuple[str, int, str], list[float]]) -> str:
+    systems = args.systems
+    head = "| placement | payload | " + " | ".join(f"{s} (µs)" for s in systems)
+    others = [s for s in systems if s != "microcs"]
+    head += "".join(f" | microcs / {s}" for s in others) + " |"
+    lines = [head, "|" + "---|" * (2 + len(systems) + len(others))]
+    placements = list(dict.fromkeys(p for p, _, _ in results))
+    for placement in placements:
+        for size in args.sizes:
+            med = {s: statistics.median(results[(placement, size, s)]) for s in systems}
+            row = f"| {placement} | {size} B | " + " | ".join(f"{med[s]:.1f}" for s in systems)
+            if "microcs" in med:
+                row += "".join(f" | {med['microcs'] / med[s]:.2f}×" for s in others)
+            lines.append(row + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = [f"Python {platform.python_version()}"]
+    for mod in ("microcs", "zmq"):
+        try:
+            m: Any = __import__(mod)
+            v = getattr(m, "__version__", None) or getattr(m, "pyzmq_version", lambda: "?")()
+            versions.append(f"{mod} {v}")
+        except ImportError:
+            pass
+    return (
+        f"{socket.gethostname()}: {model}, {os.cpu_count()} CPUs, Linux {platform.release()}; "
+        + ", ".join(versions)
+    )
+
+
+def write_section(path: Path, text: str) -> None:
+    """Puts `text` as the "## Python" section of `path`, keeping every other section."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text.rstrip() + "\n\n", old, count=1)
+    else:
+        new = old.rstrip() + "\n\n" + text.rstrip() + "\n"
+    path.write_text(new.rstrip() + "\n")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=20000, help="round trips per run (default 20000)")
+    p.add_argument("--runs", type=int, default=5, help="runs per system and placement (default 5)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 4096], help="payload sizes in bytes")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--write", type=Path, help="put the results in this Markdown file's Python section")
+    args = p.parse_args()
+    if "pyzmq" in args.systems:
+        try:
+            import zmq  # noqa: F401
+        except ImportError:
+            raise SystemExit("pyzmq is not installed: pip install pyzmq (or pass --systems microcs mp.conn)")
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs 2 CPUs (to measure both placements)")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results = run(args)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
+    body = table(args, results)
+    print(body)
+    if args.write:
+        text = f"""{SECTION}
+
+Python client → Python handler round trip (an echo), against `multiprocessing.connection`
+(AF_UNIX, `send_bytes`/`recv_bytes`) and pyzmq REQ/REP (`ipc://`), each server a separate
+process. Client and server pinned with `os.sched_setaffinity` to the same CPU or to different
+CPUs. Median of {args.runs} runs of {args.n} round trips each (after a warm-up); systems measured
+in turns within each run. Lower is better; a ratio under 1 means microcs is faster.
+
+{body}
+
+- Machine: {machine()}
+- Date: {started:%Y-%m-%d %H:%M} UTC
+- Command: `{command}` (from the repository root, in `.venv`, with pyzmq installed there)
+- The goal of the Python bindings: at most 1.2× the `multiprocessing.connection` time and at
+  most 0.6× pyzmq's.
+"""
+        write_section(args.write, text)
+        print(f"wrote the {SECTION!r} section of {args.write}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
