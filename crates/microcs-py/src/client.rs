@@ -162,9 +162,8 @@ impl Client {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> bool {
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) {
         self.close(py);
-        false
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {

@@ -8,6 +8,7 @@
 //!
 //! - `server`: `Server`, `Request` — a Python handler behind the Rust blocking server.
 //! - `client`: `Client` — the Rust blocking client.
+//! - `aio`: `AsyncClient` — the Rust tokio client, driven from asyncio.
 //! - `errors`: Rust errors → the Python exception of their kind.
 //! - `payload`: what may be sent and returned (bytes, never pickles).
 
@@ -16,6 +17,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+mod aio;
 mod client;
 mod errors;
 mod payload;
@@ -105,6 +107,7 @@ fn _microcs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<server::PyRequest>()?;
     m.add_class::<server::MethodDecorator>()?;
     m.add_class::<client::Client>()?;
+    m.add_class::<aio::AsyncClient>()?;
     m.add_class::<ServiceInfo>()?;
     m.add_function(wrap_pyfunction!(list_services, m)?)?;
     m.add_function(wrap_pyfunction!(runtime_dir, m)?)?;

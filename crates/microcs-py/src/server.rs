@@ -693,9 +693,8 @@ impl Server {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> bool {
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) {
         self.stop(py);
-        false
     }
 
     fn __repr__(&self) -> String {

@@ -18,6 +18,11 @@ Call, from another process::
     with microcs.Client("LIFE_GEN", timeout=5.0) as client:
         print(client.request(b"give me some data back"))
 
+or from asyncio, with many calls in flight over one connection::
+
+    async with microcs.AsyncClient("LIFE_GEN") as client:
+        replies = await asyncio.gather(*(client.request(b"%d" % i) for i in range(1000)))
+
 The work is done by the Rust library ``microcs``; the GIL is released during every wait.
 """
 
@@ -39,6 +44,7 @@ from ._errors import (
 )
 from ._microcs import (
     DEFAULT_TIMEOUT,
+    AsyncClient,
     Client,
     Request,
     Server,
@@ -51,6 +57,7 @@ from ._microcs import _stop_all
 
 __all__ = [
     "__version__",
+    "AsyncClient",
     "Client",
     "Closed",
     "DEFAULT_TIMEOUT",

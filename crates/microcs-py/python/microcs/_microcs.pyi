@@ -1,6 +1,7 @@
 """Type stubs of the extension module (the Rust part of ``microcs``)."""
 
 import os
+from asyncio import Future
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, final, overload
@@ -139,7 +140,7 @@ class Server(Generic[_P]):
         exc: BaseException | None,
         tb: TracebackType | None,
         /,
-    ) -> bool: ...
+    ) -> None: ...
 
 @final
 class Client:
@@ -192,7 +193,59 @@ class Client:
         exc: BaseException | None,
         tb: TracebackType | None,
         /,
-    ) -> bool: ...
+    ) -> None: ...
+
+@final
+class AsyncClient:
+    """An asyncio client: many requests in flight over one connection.
+
+    Every call returns an ``asyncio.Future`` of the running loop; awaiting thousands at once
+    costs no thread per call. Connects on first use, on ``await client.connect()``, or on
+    entering ``async with``. Cancelling a call's future tells the server to cancel the work.
+    A client serves the event loop it is first used on.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        timeout: float = 30.0,
+        *,
+        runtime_dir: _PathLike | None = None,
+        max_frame: int | None = None,
+    ) -> None: ...
+    def connect(self) -> Future[AsyncClient]:
+        """Connects now (``NoService`` if nobody serves the name); resolves to the client."""
+    def request(self, payload: Payload) -> Future[bytes]:
+        """Sends ``payload`` to the default handler; resolves to the reply."""
+    def call(self, method: str, payload: Payload | None = None) -> Future[bytes]:
+        """Calls the method ``method`` with ``payload``; resolves to the reply."""
+    def send_message(self, message: str) -> Future[str]:
+        """Sends text to the default handler; resolves to the reply as text."""
+    def ping(self) -> Future[dict[str, Any]]:
+        """The service's ``$ping`` answer."""
+    def info(self) -> Future[dict[str, Any]]:
+        """The service's ``$info`` answer."""
+    def stats(self) -> Future[dict[str, Any]]:
+        """The service's ``$stats`` answer."""
+    @property
+    def name(self) -> str:
+        """The service name."""
+    @property
+    def timeout(self) -> float:
+        """Seconds each request may take."""
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+    def close(self) -> None:
+        """Later calls raise ``Closed``; calls already in flight still complete."""
+    def __aenter__(self) -> Future[AsyncClient]: ...
+    def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> Future[None]: ...
 
 @final
 class ServiceInfo:

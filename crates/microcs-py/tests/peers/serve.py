@@ -9,7 +9,8 @@ Modes:
 
 Methods (all modes): upper, request (the Request's fields as JSON), fail (raises ValueError),
 custom (raises RemoteError 400), none (returns None), binary (returns non-UTF-8 bytes), slow
-(payload "SECONDS [MARKER]": touches MARKER, sleeps), concurrency (sleeps 0.3 s, reports the most handlers seen
+(payload "SECONDS [MARKER]": touches MARKER, sleeps), watch (touches the file named by the payload
+once the caller cancels), concurrency (sleeps 0.3 s, reports the most handlers seen
 running at once), big (a reply of int(payload) bytes), stop (stops the server), pid.
 """
 
@@ -110,6 +111,17 @@ def concurrency(data: Payload) -> str:
         return str(_most)
 
 
+def watch(data: Payload, req: microcs.Request) -> bytes:
+    # Waits (at most 20 s) until the caller cancels, then touches the marker file named by the
+    # payload: the test sees that the cancellation reached the handler.
+    give_up = time.monotonic() + 20
+    while not req.is_cancelled() and time.monotonic() < give_up:
+        time.sleep(0.005)
+    if req.is_cancelled():
+        open(as_bytes(data).decode(), "w").close()
+    return b"not cancelled"
+
+
 def big(data: Payload) -> bytes:
     return b"x" * int(as_bytes(data))
 
@@ -128,6 +140,7 @@ methods: dict[str, Any] = {
     "slow": slow,
     "concurrency": concurrency,
     "big": big,
+    "watch": watch,
 }
 
 options: dict[str, Any] = {}

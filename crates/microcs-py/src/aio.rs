@@ -1,0 +1,471 @@
+//! `microcs.AsyncClient`: the Rust tokio client (multiplexed: one connection, many requests in
+//! flight), driven from asyncio.
+//!
+//! # How a call reaches asyncio
+//!
+//! Each call creates an `asyncio.Future` on the running loop and spawns a task on one shared
+//! tokio runtime (one worker thread for the whole process; no thread per call). The task never
+//! touches Python: when the reply comes it pushes the outcome onto the client's completion
+//! queue and, if the queue was empty, writes one byte to a socket pair whose other end the loop
+//! watches (`loop.add_reader`). The loop then drains the whole queue in one callback, setting
+//! each future's result — so a burst of a thousand replies costs one wake-up of the loop, and
+//! the tokio thread never waits for the GIL.
+//!
+//! Cancelling the asyncio future (a cancelled task, `asyncio.wait_for`, `asyncio.timeout`)
+//! aborts the tokio task, which drops the request: the server is sent a `Cancel`.
+
+use std::io::{ErrorKind as IoKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use microcs::ErrorKind;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+use tokio::runtime::Runtime;
+use tokio::task::AbortHandle;
+
+use crate::duration;
+use crate::errors::to_py;
+use crate::payload::extract_payload;
+
+fn py_none(py: Python<'_>) -> Bound<'_, PyAny> {
+    py.None().into_bound(py)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The process's tokio runtime for async clients: one worker thread (the work per request is
+/// encoding and decoding frames; the waiting is asyncio's).
+fn runtime() -> PyResult<&'static Runtime> {
+    static RT: OnceLock<Result<Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("microcs-async")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))
+    })
+    .as_ref()
+    .map_err(|e| PyRuntimeError::new_err(e.clone()))
+}
+
+/// What a finished call hands to the loop.
+enum Outcome {
+    Bytes(Vec<u8>),
+    Text(String),
+    /// A JSON document, returned as the object `json.loads` makes of it.
+    Json(String),
+    /// `connect()` and `__aenter__`: the client itself.
+    Client,
+    Failed(microcs::Error),
+}
+
+/// A finished call: the asyncio future to complete and how.
+struct Done {
+    future: Py<PyAny>,
+    outcome: Outcome,
+    /// The client, kept alive (and so its loop registration) while any of its calls runs.
+    owner: Py<AsyncClient>,
+}
+
+/// The path from tokio tasks to the event loop (see the module docs).
+struct Bridge {
+    queue: Mutex<Vec<Done>>,
+    /// Written by tokio tasks (one byte when the queue stops being empty).
+    wake_tx: UnixStream,
+    /// Watched by the loop (`add_reader`); drained before the queue is taken.
+    wake_rx: UnixStream,
+}
+
+impl Bridge {
+    fn new() -> std::io::Result<Bridge> {
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        Ok(Bridge { queue: Mutex::new(Vec::new()), wake_tx, wake_rx })
+    }
+
+    fn push(&self, done: Done) {
+        let was_empty = {
+            let mut q = lock(&self.queue);
+            let was_empty = q.is_empty();
+            q.push(done);
+            was_empty
+        };
+        if was_empty {
+            // A full socket buffer means a wake-up is already pending: nothing is lost.
+            let _ = (&self.wake_tx).write(&[1]);
+        }
+    }
+
+    /// Takes every finished call. The wake-up bytes are read first, so a push that comes after
+    /// the queue was taken always writes a new byte (it finds the queue empty).
+    fn take(&self) -> Vec<Done> {
+        let mut buf = [0u8; 256];
+        loop {
+            match (&self.wake_rx).read(&mut buf) {
+                Ok(n) if n == buf.len() => continue,
+                Ok(_) => break,
+                Err(e) if e.kind() == IoKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        std::mem::take(&mut *lock(&self.queue))
+    }
+}
+
+/// The loop callback registered with `add_reader`: completes the finished calls' futures.
+#[pyclass(module = "microcs", frozen)]
+struct Drain {
+    bridge: Arc<Bridge>,
+}
+
+#[pymethods]
+impl Drain {
+    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
+        for done in self.bridge.take() {
+            let fut = done.future.bind(py);
+            // A cancelled future takes no result (and its task was aborted).
+            if fut.call_method0("done")?.is_truthy()? {
+                continue;
+            }
+            let value: PyResult<Bound<'_, PyAny>> = match done.outcome {
+                Outcome::Bytes(b) => Ok(PyBytes::new(py, &b).into_any()),
+                Outcome::Text(s) => Ok(s.into_pyobject(py)?.into_any()),
+                Outcome::Json(s) => py.import("json").and_then(|j| j.call_method1("loads", (s,))),
+                Outcome::Client => Ok(done.owner.bind(py).clone().into_any()),
+                Outcome::Failed(e) => Err(to_py(py, e)),
+            };
+            // Each future is settled on its own: one failing callback must not strand the rest.
+            let settled = match value {
+                Ok(v) => fut.call_method1("set_result", (v,)),
+                Err(e) => fut.call_method1("set_exception", (e.into_value(py),)),
+            };
+            if let Err(e) = settled {
+                e.write_unraisable(py, Some(fut));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Added to each call's future: aborts the tokio task when the future is cancelled.
+#[pyclass(module = "microcs", frozen)]
+struct AbortOnCancel {
+    abort: AbortHandle,
+}
+
+#[pymethods]
+impl AbortOnCancel {
+    fn __call__(&self, fut: &Bound<'_, PyAny>) -> PyResult<()> {
+        if fut.call_method0("cancelled")?.is_truthy()? {
+            self.abort.abort();
+        }
+        Ok(())
+    }
+}
+
+/// What the tokio tasks of one `AsyncClient` share.
+struct Shared {
+    name: String,
+    timeout: Duration,
+    runtime_dir: Option<PathBuf>,
+    max_frame: Option<u32>,
+    /// The connection, once made; clones share it.
+    client: Mutex<Option<microcs::tokio::Client>>,
+    /// Serialises connecting, so that a crowd of first calls opens one connection.
+    connecting: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn closed_error(&self) -> microcs::Error {
+        microcs::Error::new(
+            ErrorKind::Closed,
+            format!(
+                "the client of service '{}' is closed; create a new AsyncClient to call it again",
+                self.name
+            ),
+        )
+    }
+
+    async fn client(&self) -> microcs::Result<microcs::tokio::Client> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(self.closed_error());
+        }
+        if let Some(c) = lock(&self.client).clone() {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = lock(&self.client).clone() {
+            return Ok(c);
+        }
+        let mut b = microcs::tokio::Client::builder(&self.name).timeout(self.timeout);
+        if let Some(d) = &self.runtime_dir {
+            b = b.runtime_dir(d);
+        }
+        if let Some(n) = self.max_frame {
+            b = b.max_frame(n);
+        }
+        let c = b.connect().await?;
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(self.closed_error());
+        }
+        *lock(&self.client) = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// The event loop this client delivers to, and its registration.
+struct LoopBinding {
+    event_loop: Py<PyAny>,
+    bridge: Arc<Bridge>,
+}
+
+/// An asyncio client of a named service: many requests in flight over one connection.
+#[pyclass(module = "microcs", frozen)]
+pub struct AsyncClient {
+    shared: Arc<Shared>,
+    binding: Mutex<Option<LoopBinding>>,
+}
+
+impl AsyncClient {
+    /// The running loop's bridge, registering it on first use. A client serves one loop.
+    fn bridge<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Arc<Bridge>)> {
+        let py = slf.py();
+        let running = py.import("asyncio")?.call_method0("get_running_loop")?;
+        let this = slf.get();
+        let mut binding = lock(&this.binding);
+        if let Some(b) = binding.as_ref() {
+            if !b.event_loop.bind(py).is(&running) {
+                return Err(PyRuntimeError::new_err(format!(
+                    "this AsyncClient of service '{}' belongs to another event loop; create one per loop",
+                    this.shared.name
+                )));
+            }
+            return Ok((running, b.bridge.clone()));
+        }
+        let bridge = Arc::new(Bridge::new().map_err(|e| {
+            PyRuntimeError::new_err(format!("cannot create the async client's wake-up socket: {e}"))
+        })?);
+        let drain = Drain { bridge: bridge.clone() };
+        running.call_method1("add_reader", (bridge.wake_rx.as_raw_fd(), drain))?;
+        *binding = Some(LoopBinding { event_loop: running.clone().unbind(), bridge: bridge.clone() });
+        Ok((running, bridge))
+    }
+
+    /// Starts `work` on the runtime; returns the asyncio future it will complete.
+    fn spawn<'py, F>(slf: &Bound<'py, Self>, work: F) -> PyResult<Bound<'py, PyAny>>
+    where
+        F: Future<Output = Outcome> + Send + 'static,
+    {
+        let (event_loop, bridge) = Self::bridge(slf)?;
+        let fut = event_loop.call_method0("create_future")?;
+        let future = fut.clone().unbind();
+        let owner = slf.clone().unbind();
+        let task = runtime()?.spawn(async move {
+            let outcome = work.await;
+            bridge.push(Done { future, outcome, owner });
+        });
+        fut.call_method1("add_done_callback", (AbortOnCancel { abort: task.abort_handle() },))?;
+        Ok(fut)
+    }
+
+    fn exchange<'py>(
+        slf: &Bound<'py, Self>,
+        method: Option<String>,
+        payload: impl AsRef<[u8]> + Send + Sync + 'static,
+        text: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let shared = slf.get().shared.clone();
+        Self::spawn(slf, async move {
+            let result = async {
+                let c = shared.client().await?;
+                match &method {
+                    Some(m) => c.call(m, payload.as_ref()).await,
+                    None => c.request(payload.as_ref()).await,
+                }
+            }
+            .await;
+            match result {
+                Ok(reply) if text => match String::from_utf8(reply) {
+                    Ok(s) => Outcome::Text(s),
+                    Err(e) => Outcome::Failed(
+                        microcs::Error::new(
+                            ErrorKind::Protocol,
+                            format!(
+                                "service '{}' replied with bytes that are not UTF-8 text; use request() for bytes",
+                                shared.name
+                            ),
+                        )
+                        .with_source(e),
+                    ),
+                },
+                Ok(reply) => Outcome::Bytes(reply),
+                Err(e) => Outcome::Failed(e),
+            }
+        })
+    }
+
+    fn builtin<'py>(slf: &Bound<'py, Self>, which: &'static str) -> PyResult<Bound<'py, PyAny>> {
+        let shared = slf.get().shared.clone();
+        Self::spawn(slf, async move {
+            let json = async {
+                let c = shared.client().await?;
+                let text = match which {
+                    "ping" => serde_json::to_string(&c.ping().await?),
+                    "info" => serde_json::to_string(&c.info().await?),
+                    _ => serde_json::to_string(&c.stats().await?),
+                };
+                text.map_err(|e| microcs::Error::new(ErrorKind::Protocol, e.to_string()))
+            }
+            .await;
+            match json {
+                Ok(s) => Outcome::Json(s),
+                Err(e) => Outcome::Failed(e),
+            }
+        })
+    }
+}
+
+#[pymethods]
+impl AsyncClient {
+    /// A client of the service `name`; connects on first use (or `await client.connect()`).
+    #[new]
+    #[pyo3(signature = (name, timeout = 30.0, *, runtime_dir = None, max_frame = None))]
+    fn new(
+        name: &str,
+        timeout: f64,
+        runtime_dir: Option<PathBuf>,
+        max_frame: Option<u32>,
+    ) -> PyResult<AsyncClient> {
+        // Checked now rather than on first use, so a typo fails where it is written.
+        microcs::Name::new(name).map_err(|e| Python::attach(|py| to_py(py, e)))?;
+        Ok(AsyncClient {
+            shared: Arc::new(Shared {
+                name: name.to_owned(),
+                timeout: duration(timeout, "timeout")?,
+                runtime_dir,
+                max_frame,
+                client: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                closed: AtomicBool::new(false),
+            }),
+            binding: Mutex::new(None),
+        })
+    }
+
+    /// Connects now (rather than on the first call); resolves to the client itself.
+    fn connect<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let shared = slf.get().shared.clone();
+        Self::spawn(slf, async move {
+            match shared.client().await {
+                Ok(_) => Outcome::Client,
+                Err(e) => Outcome::Failed(e),
+            }
+        })
+    }
+
+    /// Sends `payload` to the default handler; resolves to the reply.
+    fn request<'py>(slf: &Bound<'py, Self>, payload: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let payload = extract_payload(payload)?;
+        Self::exchange(slf, None, payload, false)
+    }
+
+    /// Calls the method `method` with `payload`; resolves to the reply.
+    #[pyo3(signature = (method, payload = None))]
+    fn call<'py>(
+        slf: &Bound<'py, Self>,
+        method: &str,
+        payload: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match payload {
+            Some(p) => Self::exchange(slf, Some(method.to_owned()), extract_payload(p)?, false),
+            None => Self::exchange(slf, Some(method.to_owned()), Vec::new(), false),
+        }
+    }
+
+    /// Sends text to the default handler; resolves to the reply as text.
+    fn send_message<'py>(slf: &Bound<'py, Self>, message: String) -> PyResult<Bound<'py, PyAny>> {
+        Self::exchange(slf, None, message.into_bytes(), true)
+    }
+
+    /// The service's `$ping` answer, as a dict.
+    fn ping<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        Self::builtin(slf, "ping")
+    }
+
+    /// The service's `$info` answer, as a dict.
+    fn info<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        Self::builtin(slf, "info")
+    }
+
+    /// The service's `$stats` answer, as a dict.
+    fn stats<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        Self::builtin(slf, "stats")
+    }
+
+    /// The service name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Seconds each request may take.
+    #[getter]
+    fn timeout(&self) -> f64 {
+        self.shared.timeout.as_secs_f64()
+    }
+
+    /// True once close() was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// Closes the client: later calls raise `Closed`; calls already in flight still complete.
+    fn close(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        drop(lock(&self.shared.client).take());
+    }
+
+    fn __aenter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        Self::connect(slf)
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __aexit__<'py>(slf: &Bound<'py, Self>, _exc: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().close();
+        let (event_loop, _) = Self::bridge(slf)?;
+        let fut = event_loop.call_method0("create_future")?;
+        fut.call_method1("set_result", (py_none(slf.py()),))?;
+        Ok(fut)
+    }
+
+    fn __repr__(&self) -> String {
+        let state = if self.closed() { " closed" } else { "" };
+        format!("<microcs.AsyncClient name={:?}{state}>", self.shared.name)
+    }
+}
+
+impl Drop for AsyncClient {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        // No call is in flight (each call keeps its client alive until its future is settled):
+        // stop watching the wake-up socket. The loop may be closed already.
+        if let Some(b) = self.binding.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            Python::attach(|py| {
+                let fd = b.bridge.wake_rx.as_raw_fd();
+                let _ = b.event_loop.bind(py).call_method1("remove_reader", (fd,));
+            });
+        }
+    }
+}
