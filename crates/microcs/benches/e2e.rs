@@ -185,6 +185,15 @@ struct Opts {
     placements: Vec<Placement>,
     json: Option<PathBuf>,
     microcs: Option<PathBuf>,
+    /// `--only a,b`: run only these scenarios (latency, throughput, inflight, bulk, memory,
+    /// oneshot); all when empty.
+    only: Vec<String>,
+}
+
+impl Opts {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -242,6 +251,7 @@ fn main() {
         placements: vec![Placement::Split, Placement::Same],
         json: None,
         microcs: None,
+        only: Vec::new(),
     };
     let (mut syscalls, mut allocs) = (false, false);
     let mut it = args.iter();
@@ -253,6 +263,7 @@ fn main() {
             "--runs" => opts.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--json" => opts.json = it.next().map(PathBuf::from),
             "--microcs" => opts.microcs = it.next().map(PathBuf::from),
+            "--only" => opts.only = it.next().expect("--only LIST").split(',').map(String::from).collect(),
             "--placement" => {
                 opts.placements = match it.next().map(String::as_str) {
                     Some("split") => vec![Placement::Split],
@@ -704,45 +715,43 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     let ratio_json = |(r, lo, hi): (f64, f64, f64)| json!({"ratio": r, "ratio_min": lo, "ratio_max": hi});
 
     // Latency, 32 B, every pair. Each run measures p50, p99 and p99.9 together.
-    let systems = System::with_mixed();
-    let lat: Vec<Vec<Latency>> =
-        (0..runs).map(|_| systems.iter().map(|&s| latency_run(s, &dir, 32, n_lat)).collect()).collect();
-    println!("| 32 B round trip | p50 µs | p99 µs | p99.9 µs | p50 / floor | p99 / floor |");
-    println!("|---|---|---|---|---|---|");
-    let pick = |f: fn(&Latency) -> f64| Series {
-        systems: systems.clone(),
-        runs: lat.iter().map(|run| run.iter().map(f).collect()).collect(),
-    };
-    let (p50, p99, p999) = (pick(|l| l.p50), pick(|l| l.p99), pick(|l| l.p999));
-    for (i, s) in systems.iter().enumerate() {
-        let r50 = p50.ratio(i, |k| p50.runs[k][0]);
-        let r99 = p99.ratio(i, |k| p99.runs[k][0]);
-        println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
-            s.label(),
-            p50.median(i),
-            p99.median(i),
-            p999.median(i),
-            r50.0,
-            r99.0
-        );
-        let mut row = json!({
-            "scenario": "latency_32", "system": s.label(),
-            "p50_us": p50.median(i), "p99_us": p99.median(i), "p999_us": p999.median(i),
-            "p99_ratio": r99.0, "p999_ratio": p999.ratio(i, |k| p999.runs[k][0]).0,
-            "p50_runs": p50.runs.iter().map(|r| r[i]).collect::<Vec<_>>(),
-        });
-        merge(&mut row, ratio_json(r50));
-        json.push(row);
+    if opts.wants("latency") {
+        let systems = System::with_mixed();
+        let lat: Vec<Vec<Latency>> =
+            (0..runs).map(|_| systems.iter().map(|&s| latency_run(s, &dir, 32, n_lat)).collect()).collect();
+        println!("| 32 B round trip | p50 µs | p99 µs | p99.9 µs | p50 / floor | p99 / floor |");
+        println!("|---|---|---|---|---|---|");
+        let pick = |f: fn(&Latency) -> f64| Series {
+            systems: systems.clone(),
+            runs: lat.iter().map(|run| run.iter().map(f).collect()).collect(),
+        };
+        let (p50, p99, p999) = (pick(|l| l.p50), pick(|l| l.p99), pick(|l| l.p999));
+        for (i, s) in systems.iter().enumerate() {
+            let r50 = p50.ratio(i, |k| p50.runs[k][0]);
+            let r99 = p99.ratio(i, |k| p99.runs[k][0]);
+            println!(
+                "| {} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
+                s.label(),
+                p50.median(i),
+                p99.median(i),
+                p999.median(i),
+                r50.0,
+                r99.0
+            );
+            let mut row = json!({
+                "scenario": "latency_32", "system": s.label(),
+                "p50_us": p50.median(i), "p99_us": p99.median(i), "p999_us": p999.median(i),
+                "p99_ratio": r99.0, "p999_ratio": p999.ratio(i, |k| p999.runs[k][0]).0,
+                "p50_runs": p50.runs.iter().map(|r| r[i]).collect::<Vec<_>>(),
+            });
+            merge(&mut row, ratio_json(r50));
+            json.push(row);
+        }
     }
 
     // Throughput: 1 client and 4 concurrent clients, 32 B.
-    let mut floor_1 = Vec::new();
-    for clients in [1usize, 4] {
+    for clients in [1usize, 4].into_iter().filter(|_| opts.wants("throughput")) {
         let t = Series::measure(System::main(), runs, |s| throughput_run(s, &dir, clients, 32, dur));
-        if clients == 1 {
-            floor_1 = t.runs.iter().map(|r| r[0]).collect();
-        }
         println!("\n| {clients} client(s), 32 B | requests/s | / floor |");
         println!("|---|---|---|");
         for (i, s) in t.systems.iter().enumerate() {
@@ -756,22 +765,26 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     }
 
     // One connection, many requests in flight (the tokio client multiplexes), against the
-    // floor's one-client sequential rate of the same run.
+    // floor's one-client sequential rate, measured again in each run.
     #[cfg(feature = "tokio")]
-    {
-        let servers = [ServerKind::Tokio, ServerKind::Blocking];
-        let t = Series {
-            systems: servers.iter().map(|&server| System { client: ServerKind::Tokio, server }).collect(),
-            runs: (0..runs)
-                .map(|_| servers.iter().map(|&server| inflight_run(server, &dir, DEPTH, 32, dur)).collect())
-                .collect(),
-        };
+    if opts.wants("inflight") {
+        let t = Series::measure(
+            vec![
+                System::FLOOR,
+                System::TOKIO,
+                System { client: ServerKind::Tokio, server: ServerKind::Blocking },
+            ],
+            runs,
+            |s| match s.client {
+                ServerKind::Floor => throughput_run(s, &dir, 1, 32, dur),
+                _ => inflight_run(s.server, &dir, DEPTH, 32, dur),
+            },
+        );
         println!("\n| one connection, {DEPTH} in flight, 32 B | requests/s | / floor's 1-client rate |");
         println!("|---|---|---|");
-        println!("| floor, 1 client sequential | {:.0} | 1.00× |", median(&floor_1));
-        for (i, s) in t.systems.iter().enumerate() {
-            // Paired with the floor's 1-client run of the same index (the same conditions).
-            let r = t.ratio(i, |k| floor_1[k.min(floor_1.len() - 1)]);
+        println!("| floor, 1 client sequential | {:.0} | 1.00× |", t.median(0));
+        for (i, s) in t.systems.iter().enumerate().skip(1) {
+            let r = t.ratio(i, |k| t.runs[k][0]);
             println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
             let mut row =
                 json!({"scenario": "inflight", "system": s.label(), "depth": DEPTH, "rps": t.median(i)});
@@ -780,25 +793,27 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
         }
     }
 
-    let _ = &floor_1; // read by the in-flight scenario (feature tokio)
-
     // 1 MiB echo.
-    let t = Series::measure(System::main(), runs, |s| bulk_run(s, &dir, n_big));
-    println!("\n| 1 MiB echo | MB/s (payload, one way) | / floor |");
-    println!("|---|---|---|");
-    for (i, s) in t.systems.iter().enumerate() {
-        let r = t.ratio(i, |k| t.runs[k][0]);
-        println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
-        let mut row = json!({"scenario": "echo_1mib", "system": s.label(), "mbps": t.median(i)});
-        merge(&mut row, ratio_json(r));
-        json.push(row);
+    if opts.wants("bulk") {
+        let t = Series::measure(System::main(), runs, |s| bulk_run(s, &dir, n_big));
+        println!("\n| 1 MiB echo | MB/s (payload, one way) | / floor |");
+        println!("|---|---|---|");
+        for (i, s) in t.systems.iter().enumerate() {
+            let r = t.ratio(i, |k| t.runs[k][0]);
+            println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
+            let mut row = json!({"scenario": "echo_1mib", "system": s.label(), "mbps": t.median(i)});
+            merge(&mut row, ratio_json(r));
+            json.push(row);
+        }
     }
 
     // Memory of each microcs server, in a fresh process (the runs above left the allocator of
     // the others with freed memory that new connections would reuse): idle, then with idle
     // connections, each of which has made one request (so its buffers exist).
-    println!("\n| server memory | idle RSS KiB | per idle connection KiB |\n|---|---|---|");
-    for &kind in ServerKind::all().iter().filter(|&&k| k != ServerKind::Floor) {
+    if opts.wants("memory") {
+        println!("\n| server memory | idle RSS KiB | per idle connection KiB |\n|---|---|---|");
+    }
+    for &kind in ServerKind::all().iter().filter(|&&k| k != ServerKind::Floor && opts.wants("memory")) {
         let mem_dir = private_dir(&format!("mem-{}", placement.label()));
         let proc_ = ServerProc::start(kind, &mem_dir, server_cpu);
         std::thread::sleep(Duration::from_millis(200));
@@ -823,7 +838,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
 
     // `microcs call` one-shot: process start to exit, against the blocking server; a process
     // that does nothing (`true`) is the baseline of the same run.
-    match microcs_bin(opts) {
+    match microcs_bin(opts).filter(|_| opts.wants("oneshot")) {
         Some(bin) => {
             let mut call = Command::new(&bin);
             call.args(["call", BLOCKING_NAME, "hello"]).env("MICROCS_RUNTIME_DIR", &dir);
@@ -839,9 +854,10 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
             );
             json.push(json!({"scenario": "oneshot", "system": "microcs call", "median_ms": call_ms, "true_ms": true_ms}));
         }
-        None => {
+        None if opts.wants("oneshot") => {
             eprintln!("`microcs call` not measured: no release binary (cargo build --release -p microcs-cli)")
         }
+        None => {}
     }
 
     drop(servers);
