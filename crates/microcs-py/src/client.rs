@@ -3,6 +3,8 @@
 //! Every wait (connecting, sending, waiting for the reply) happens with the GIL released, so
 //! other Python threads run meanwhile. One request at a time goes over a `Client`'s connection;
 //! threads sharing one `Client` take turns (for many requests in flight, use `AsyncClient`).
+//! A call in progress is not interrupted by Ctrl-C (the Rust client retries interrupted
+//! syscalls); Python raises `KeyboardInterrupt` when it returns, at the latest at its timeout.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};

@@ -147,7 +147,9 @@ class Client:
     """A connection to a named service; every wait releases the GIL.
 
     Connects at once (``NoService`` if nobody serves the name). One request at a time goes over
-    the connection; threads sharing a ``Client`` take turns.
+    the connection; threads sharing a ``Client`` take turns. A call in progress is not
+    interrupted by Ctrl-C: ``KeyboardInterrupt`` is raised when it returns, at the latest at
+    its timeout (use ``AsyncClient`` under asyncio for calls that can be cancelled).
     """
 
     def __init__(

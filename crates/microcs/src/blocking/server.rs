@@ -213,7 +213,10 @@ impl ServerBuilder {
         // After the local claim, so that a taken name is reported first; a failure here
         // releases the claim.
         #[cfg(feature = "nats")]
-        let nats = crate::nats::bind_blocking(name.as_str(), &self.nats, &self.identity.version)?;
+        let nats = {
+            let methods: Vec<String> = self.methods.iter().map(|(m, _)| m.clone()).collect();
+            crate::nats::bind_blocking(name.as_str(), &self.nats, &self.identity.version, &methods)?
+        };
         Ok(Server {
             name,
             dir,

@@ -177,20 +177,30 @@ impl ServerBuilder {
 }
 
 /// Connects a blocking server to its broker at bind time; `None` when it serves locally only.
-pub(crate) fn bind_nats(name: &str, config: &super::ServerConfig, version: &str) -> Result<Option<Pending>> {
+pub(crate) fn bind_nats(
+    name: &str,
+    config: &super::ServerConfig,
+    version: &str,
+    methods: &[String],
+) -> Result<Option<Pending>> {
     let Some(opts) = config.resolve()? else { return Ok(None) };
-    let (name, version) = (name.to_owned(), version.to_owned());
-    rt::run(async move { Pending::connect(&opts, &name, &version).await }).and_then(|r| r.map(Some))
+    let (name, version, methods) = (name.to_owned(), version.to_owned(), methods.to_vec());
+    rt::run(async move { Pending::connect(&opts, &name, &version, &methods).await }).and_then(|r| r.map(Some))
 }
 
-/// Starts serving a blocking server's endpoints on NATS.
+/// Starts serving a blocking server's endpoints on NATS; returns once every subject is
+/// subscribed.
 pub(crate) fn start_nats(
     pending: Pending,
     service: Arc<Service<Arc<SyncHandler>>>,
     config: &Config,
 ) -> Result<Side> {
     let limits = Limits { max_payload: config.max_payload, max_in_flight: config.max_in_flight };
-    rt::run(async move { pending.start(service, limits).await })?
+    rt::run(async move {
+        let mut side = pending.start(service, limits)?;
+        side.subscribed().await?;
+        Ok(side)
+    })?
 }
 
 /// Stops a blocking server's NATS side in the background; wait with [`wait_stopped`].

@@ -70,6 +70,8 @@ mod conn;
 mod list;
 mod rt;
 mod serve;
+#[cfg(feature = "tokio")]
+mod tokio;
 
 pub use list::{list, list_async};
 
@@ -78,6 +80,8 @@ pub(crate) use blocking::{
     wait_stopped,
 };
 pub(crate) use serve::{Pending, Side};
+#[cfg(feature = "tokio")]
+pub(crate) use tokio::{AsyncLink, bind_nats as bind_async, start_nats as start_async};
 
 /// Environment variable with the NATS URL every client uses when its builder names none.
 pub const ENV_URL: &str = "MICROCS_NATS_URL";

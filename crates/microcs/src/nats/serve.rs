@@ -46,54 +46,64 @@ pub(crate) struct Limits {
 }
 
 /// A connection to the broker, made when the server is bound (so that a wrong URL or
-/// credentials fail `bind`), not yet serving.
+/// credentials fail `bind`), with the service's subjects already subscribed: once `bind` has
+/// returned, requests reach this instance (they wait in the subscriptions until it serves).
 pub(crate) struct Pending {
     client: async_nats::Client,
     url: String,
+    name: String,
+    /// Subscriptions made at bind time: endpoint subjects, `$SRV.X` and `$SRV.X.NAME`.
+    subs: Vec<(Key, Subscriber)>,
+}
+
+/// What a subscription made at bind time is for.
+enum Key {
+    Subject(String),
+    Builtin(Builtin),
 }
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("Pending").field("url", &self.url).field("name", &self.name).finish_non_exhaustive()
     }
 }
 
-impl Pending {
-    /// Checks that the service can be a NATS micro service and connects to the broker.
-    pub(crate) async fn connect(opts: &NatsOptions, name: &str, version: &str) -> Result<Pending> {
-        super::check_micro_names(name, &[])?;
-        super::check_semver(version)?;
-        let client = conn::connect(opts, &format!("microcs server {name}")).await?;
-        Ok(Pending { client, url: opts.display_url() })
-    }
+const VERBS: [(&str, Builtin); 3] =
+    [("PING", Builtin::Ping), ("INFO", Builtin::Info), ("STATS", Builtin::Stats)];
 
-    /// Subscribes every subject and starts serving `service`.
-    pub(crate) async fn start<H: Invoke>(self, service: Arc<Service<H>>, limits: Limits) -> Result<Side> {
-        let Pending { client, url } = self;
-        let name = service.name.to_string();
-        super::check_micro_names(&name, &service.method_names())?;
-        let id = service.id.clone();
-        let sub_err = |subject: &str, e: async_nats::SubscribeError| {
-            Error::new(
-                ErrorKind::Io,
-                format!("cannot subscribe to '{subject}' on the NATS server at {url}: {e}"),
-            )
-            .with_source(e)
-        };
+fn sub_error(url: &str, subject: &str, e: async_nats::SubscribeError) -> Error {
+    Error::new(ErrorKind::Io, format!("cannot subscribe to '{subject}' on the NATS server at {url}: {e}"))
+        .with_source(e)
+}
+
+impl Pending {
+    /// Checks that the service can be a NATS micro service, connects to the broker and
+    /// subscribes the subjects known now (the default handler, `methods`, and `$SRV.X` and
+    /// `$SRV.X.NAME`).
+    pub(crate) async fn connect(
+        opts: &NatsOptions,
+        name: &str,
+        version: &str,
+        methods: &[String],
+    ) -> Result<Pending> {
+        super::check_micro_names(name, methods)?;
+        super::check_semver(version)?;
+        let url = opts.display_url();
+        let client = conn::connect(opts, &format!("microcs server {name}")).await?;
         let mut subs = Vec::new();
-        for (i, ep) in endpoints(&service).enumerate() {
+        let subjects = std::iter::once(name.to_owned()).chain(methods.iter().map(|m| format!("{name}.{m}")));
+        for subject in subjects {
             let sub = client
-                .queue_subscribe(ep.subject.clone(), QUEUE_GROUP.to_owned())
+                .queue_subscribe(subject.clone(), QUEUE_GROUP.to_owned())
                 .await
-                .map_err(|e| sub_err(&ep.subject, e))?;
-            subs.push((Tag::Endpoint(i), sub));
+                .map_err(|e| sub_error(&url, &subject, e))?;
+            subs.push((Key::Subject(subject), sub));
         }
-        for (verb, b) in [("PING", Builtin::Ping), ("INFO", Builtin::Info), ("STATS", Builtin::Stats)] {
-            for subject in
-                [format!("$SRV.{verb}"), format!("$SRV.{verb}.{name}"), format!("$SRV.{verb}.{name}.{id}")]
-            {
-                let sub = client.subscribe(subject.clone()).await.map_err(|e| sub_err(&subject, e))?;
-                subs.push((Tag::Builtin(b), sub));
+        for (verb, b) in VERBS {
+            for subject in [format!("$SRV.{verb}"), format!("$SRV.{verb}.{name}")] {
+                let sub =
+                    client.subscribe(subject.clone()).await.map_err(|e| sub_error(&url, &subject, e))?;
+                subs.push((Key::Builtin(b), sub));
             }
         }
         // Subscriptions are in effect once the broker has read them: after this flush, a request
@@ -105,7 +115,35 @@ impl Pending {
             )
             .with_source(e)
         })?;
+        Ok(Pending { client, url, name: name.to_owned(), subs })
+    }
+
+    /// Starts serving `service` (in a task of the current tokio runtime). The subjects that
+    /// could not be known at bind time (`$SRV.X.NAME.ID`, methods added after bind) are
+    /// subscribed in the background; [`Side::subscribed`] waits for them.
+    pub(crate) fn start<H: Invoke>(self, service: Arc<Service<H>>, limits: Limits) -> Result<Side> {
+        let Pending { client, url, name, subs: mut early } = self;
+        super::check_micro_names(&name, &service.method_names())?;
+        let mut subs = Vec::new();
+        let mut late = Vec::new();
+        for (i, ep) in endpoints(&service).enumerate() {
+            let found = early.iter().position(|(k, _)| matches!(k, Key::Subject(s) if *s == ep.subject));
+            match found {
+                Some(pos) => subs.push((Tag::Endpoint(i), early.swap_remove(pos).1)),
+                None => late.push((Tag::Endpoint(i), ep.subject.clone(), true)),
+            }
+        }
+        for (k, sub) in early {
+            if let Key::Builtin(b) = k {
+                subs.push((Tag::Builtin(b), sub));
+            }
+        }
+        for (verb, b) in VERBS {
+            late.push((Tag::Builtin(b), format!("$SRV.{verb}.{name}.{}", service.id), false));
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (late_tx, late_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let permits = limits.max_in_flight.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let shared = Arc::new(Shared {
             service,
@@ -115,9 +153,42 @@ impl Pending {
             next_id: AtomicU64::new(1),
             cancels: std::sync::Mutex::new(Vec::new()),
         });
+        let u = url.clone();
+        tokio::spawn(async move {
+            let mut result = Ok(());
+            for (tag, subject, queue) in late {
+                let sub = if queue {
+                    client.queue_subscribe(subject.clone(), QUEUE_GROUP.to_owned()).await
+                } else {
+                    client.subscribe(subject.clone()).await
+                };
+                match sub {
+                    Ok(sub) => {
+                        let _ = late_tx.send((tag, sub));
+                    }
+                    Err(e) => {
+                        result = Err(sub_error(&u, &subject, e));
+                        break;
+                    }
+                }
+            }
+            if result.is_ok() {
+                result = client.flush().await.map_err(|e| {
+                    Error::new(
+                        ErrorKind::Io,
+                        format!("the NATS server at {u} did not confirm our subscriptions: {e}"),
+                    )
+                    .with_source(e)
+                });
+            }
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "serving on NATS without some subjects");
+            }
+            let _ = ready_tx.send(result);
+        });
         tracing::info!(service = %name, url = %url, "serving on NATS");
-        let task = tokio::spawn(read_loop(shared.clone(), subs, stop_rx));
-        Ok(Side { shared, stop: stop_tx, task: Some(task), permits, url })
+        let task = tokio::spawn(read_loop(shared.clone(), subs, late_rx, stop_rx));
+        Ok(Side { shared, stop: stop_tx, task: Some(task), permits, url, ready: Some(ready_rx) })
     }
 }
 
@@ -128,6 +199,8 @@ pub(crate) struct Side {
     task: Option<JoinHandle<()>>,
     permits: usize,
     url: String,
+    /// Resolves when the subjects subscribed at start are in effect.
+    ready: Option<tokio::sync::oneshot::Receiver<Result<()>>>,
 }
 
 impl std::fmt::Debug for Side {
@@ -144,6 +217,15 @@ impl Drop for Side {
 }
 
 impl Side {
+    /// Waits until every subject is subscribed and confirmed by the broker (those known at bind
+    /// time already are).
+    pub(crate) async fn subscribed(&mut self) -> Result<()> {
+        match self.ready.take() {
+            Some(rx) => rx.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+
     /// Stops taking requests (unsubscribes, so the broker sends new ones to other instances),
     /// answers those already received, waits up to `grace` for running handlers, then flushes
     /// the replies and closes the connection.
@@ -212,6 +294,7 @@ fn endpoints<H>(service: &Service<H>) -> impl Iterator<Item = &Endpoint<H>> {
 async fn read_loop<H: Invoke>(
     shared: Arc<Shared<H>>,
     mut subs: Vec<(Tag, Subscriber)>,
+    mut late: tokio::sync::mpsc::UnboundedReceiver<(Tag, Subscriber)>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut start = 0usize;
@@ -219,10 +302,17 @@ async fn read_loop<H: Invoke>(
         let next = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => None,
+            Some(sub) = late.recv() => {
+                subs.push(sub);
+                continue;
+            }
             m = next_message(&mut subs, &mut start) => m,
         };
         let Some((tag, msg)) = next else { break };
         dispatch(&shared, tag, msg).await;
+    }
+    while let Ok(sub) = late.try_recv() {
+        subs.push(sub);
     }
     // Unsubscribe (the broker then sends new requests to other instances), then answer what was
     // already delivered to us: each subscription ends after its buffered messages.

@@ -81,6 +81,9 @@ struct Shared {
     /// Request ids, never reused (across reconnects too), so a late reply can never be taken
     /// for the answer to a later request.
     next_id: AtomicU64,
+    /// NATS settings and connection, when NATS is configured (see `crate::nats`).
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::AsyncLink>,
 }
 
 impl Drop for Shared {
@@ -352,6 +355,8 @@ pub struct ClientBuilder {
     dir: Option<PathBuf>,
     timeout: Duration,
     max_payload: u32,
+    #[cfg(feature = "nats")]
+    pub(crate) nats: crate::nats::ClientConfig,
 }
 
 impl ClientBuilder {
@@ -402,9 +407,16 @@ impl ClientBuilder {
                 conn: Mutex::new(None),
                 connecting: ::tokio::sync::Mutex::new(()),
                 next_id: AtomicU64::new(1),
+                #[cfg(feature = "nats")]
+                nats: crate::nats::AsyncLink::new(self.nats)?,
             }),
             timeout: self.timeout,
         };
+        #[cfg(feature = "nats")]
+        if let Some(link) = &client.shared.nats {
+            link.connect(&client, Instant::now() + client.timeout).await?;
+            return Ok(client);
+        }
         client.connection(Instant::now() + client.timeout).await?;
         Ok(client)
     }
@@ -443,6 +455,8 @@ impl Client {
             dir: None,
             timeout: DEFAULT_TIMEOUT,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
+            #[cfg(feature = "nats")]
+            nats: Default::default(),
         }
     }
 
@@ -591,6 +605,33 @@ impl Client {
     }
 
     async fn exchange(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        #[cfg(feature = "nats")]
+        if let Some(link) = &self.shared.nats {
+            return link.exchange(self, method, payload).await;
+        }
+        self.exchange_local(method, payload).await
+    }
+
+    /// NATS hook: the client's NATS state, if NATS is configured.
+    #[cfg(feature = "nats")]
+    pub(crate) fn nats_link(&self) -> Option<&crate::nats::AsyncLink> {
+        self.shared.nats.as_ref()
+    }
+
+    /// NATS hook: whether a local connection is open.
+    #[cfg(feature = "nats")]
+    pub(crate) fn has_local(&self) -> bool {
+        self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// NATS hook: connects to the local instance.
+    #[cfg(feature = "nats")]
+    pub(crate) async fn connect_local(&self, deadline: Instant) -> Result<()> {
+        self.connection(deadline).await.map(drop)
+    }
+
+    /// One request to the local instance (reconnecting when needed).
+    pub(crate) async fn exchange_local(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         let deadline = Instant::now() + self.timeout;
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;

@@ -70,6 +70,9 @@ pub struct ServerBuilder {
     identity: Identity,
     methods: Vec<(String, Arc<AsyncHandler>)>,
     error: Option<Error>,
+    /// Where to serve besides (or instead of) the local socket (see `crate::nats`).
+    #[cfg(feature = "nats")]
+    pub(crate) nats: crate::nats::ServerConfig,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -205,16 +208,37 @@ impl ServerBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let identity = self.identity.clone();
-        let (name, dir) = (self.name, self.dir);
-        // Claiming touches files and may wait a moment for a racing claimant: off the runtime.
-        let bound = ::tokio::task::spawn_blocking(move || claim_and_bind(name, dir, &identity))
-            .await
-            .map_err(|e| Error::io("cannot claim the name", std::io::Error::other(e.to_string())))??;
-        let Bound { name, dir, claim, listener, started_ms } = bound;
-        let listener = UnixListener::from_std(listener).map_err(|e| {
-            Error::io(format_args!("cannot register {} with the runtime", claim.socket_path().display()), e)
-        })?;
+        #[cfg(feature = "nats")]
+        let nats_only = self.nats.nats_only();
+        #[cfg(not(feature = "nats"))]
+        let nats_only = false;
+        let (name, dir, claim, listener, started_ms) = if nats_only {
+            let dir = self.dir.unwrap_or_else(registry::runtime_dir);
+            (Name::new(self.name)?, dir, None, None, registry::now_ms())
+        } else {
+            let identity = self.identity.clone();
+            let (name, dir) = (self.name, self.dir);
+            // Claiming touches files and may wait a moment for a racing claimant: off the runtime.
+            let bound =
+                ::tokio::task::spawn_blocking(move || claim_and_bind(name, dir, &identity)).await.map_err(
+                    |e| Error::io("cannot claim the name", std::io::Error::other(e.to_string())),
+                )??;
+            let Bound { name, dir, claim, listener, started_ms } = bound;
+            let listener = UnixListener::from_std(listener).map_err(|e| {
+                Error::io(
+                    format_args!("cannot register {} with the runtime", claim.socket_path().display()),
+                    e,
+                )
+            })?;
+            (name, dir, Some(claim), Some(listener), started_ms)
+        };
+        // After the local claim, so that a taken name is reported first; a failure here
+        // releases the claim.
+        #[cfg(feature = "nats")]
+        let nats = {
+            let methods: Vec<String> = self.methods.iter().map(|(m, _)| m.clone()).collect();
+            crate::nats::bind_async(name.as_str(), &self.nats, &self.identity.version, &methods).await?
+        };
         let (stop, _) = watch::channel(false);
         Ok(Server {
             name,
@@ -227,6 +251,8 @@ impl ServerBuilder {
             methods: self.methods,
             error: None,
             stop: Arc::new(stop),
+            #[cfg(feature = "nats")]
+            nats,
         })
     }
 }
@@ -263,14 +289,18 @@ impl ServerBuilder {
 pub struct Server {
     name: Name,
     dir: PathBuf,
-    claim: Claim,
-    listener: UnixListener,
+    /// The name's lock and socket; `None` when serving on NATS only.
+    claim: Option<Claim>,
+    listener: Option<UnixListener>,
     started_ms: u64,
     config: Config,
     identity: Identity,
     methods: Vec<(String, Arc<AsyncHandler>)>,
     error: Option<Error>,
     stop: Arc<watch::Sender<bool>>,
+    /// The broker connection, when serving on NATS too.
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::Pending>,
 }
 
 impl std::fmt::Debug for Server {
@@ -302,6 +332,8 @@ impl Server {
             identity: Identity::default(),
             methods: Vec::new(),
             error: None,
+            #[cfg(feature = "nats")]
+            nats: Default::default(),
         }
     }
 
@@ -325,7 +357,7 @@ impl Server {
 
     /// The socket the server listens on.
     pub fn socket_path(&self) -> &Path {
-        self.claim.socket_path()
+        self.claim.as_ref().map_or(Path::new(""), Claim::socket_path)
     }
 
     /// A handle that stops [`serve`](Server::serve) (or the spawned server) from any thread or
@@ -423,27 +455,39 @@ impl Server {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let service = Service::new(self.name.clone(), self.identity, default, self.methods);
-        self.claim.write_meta(&meta(
-            self.started_ms,
-            &service.identity,
-            &service.id,
-            &service.method_names(),
-        ))?;
+        let service = Arc::new(Service::new(self.name.clone(), self.identity, default, self.methods));
+        if let Some(claim) = &self.claim {
+            claim.write_meta(&meta(
+                self.started_ms,
+                &service.identity,
+                &service.id,
+                &service.method_names(),
+            ))?;
+        }
+        #[cfg(feature = "nats")]
+        let nats = match self.nats {
+            Some(pending) => Some(crate::nats::start_async(pending, service.clone(), &self.config)?),
+            None => None,
+        };
         let (kill, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             service,
             config: self.config,
             stop: self.stop,
             kill,
-            claim: Mutex::new(Some(self.claim)),
+            claim: Mutex::new(self.claim),
             conns: Mutex::new(HashMap::new()),
             drained: Notify::new(),
             next_conn: AtomicU64::new(1),
         });
-        let accept = ::tokio::spawn(accept_loop(shared.clone(), self.listener));
+        let accept = self.listener.map(|l| ::tokio::spawn(accept_loop(shared.clone(), l)));
         tracing::info!(service = %self.name, "serving");
-        Ok(ServerHandle { shared, accept: Some(accept) })
+        Ok(ServerHandle {
+            shared,
+            accept,
+            #[cfg(feature = "nats")]
+            nats,
+        })
     }
 }
 
@@ -471,6 +515,9 @@ impl std::fmt::Debug for ShutdownTrigger {
 pub struct ServerHandle {
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    /// The NATS side; dropping it stops it too.
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::Side>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -493,6 +540,10 @@ impl ServerHandle {
     pub async fn shutdown(mut self) {
         let shared = self.shared.clone();
         shared.stop.send_replace(true);
+        // NATS first: it unsubscribes at once (new requests go to other instances), then drains
+        // alongside the local connections.
+        #[cfg(feature = "nats")]
+        let nats = self.nats.take().map(|side| ::tokio::spawn(side.stop(shared.config.grace)));
         if let Some(accept) = self.accept.take() {
             let _ = accept.await;
         }
@@ -512,6 +563,10 @@ impl ServerHandle {
                     shared.kill.send_replace(true);
                 }
             }
+        }
+        #[cfg(feature = "nats")]
+        if let Some(task) = nats {
+            let _ = task.await;
         }
         tracing::info!(service = %shared.service.name, "stopped");
     }
@@ -557,7 +612,8 @@ impl Drop for ServerHandle {
 
 /// What the server's tasks share.
 struct Shared {
-    service: Service<Arc<AsyncHandler>>,
+    /// Shared with the NATS side, when there is one.
+    service: Arc<Service<Arc<AsyncHandler>>>,
     config: Config,
     /// Shutdown started: stop accepting, refuse new requests, let running ones finish.
     stop: Arc<watch::Sender<bool>>,

@@ -882,3 +882,118 @@ fn interop_our_client_calls_a_nats_py_micro_service() {
         std::panic::resume_unwind(p);
     }
 }
+
+/// The async API over NATS: a tokio server (async handlers) and the tokio client, crossed with
+/// the blocking ones.
+#[cfg(feature = "tokio")]
+#[test]
+fn tokio_server_and_client_over_nats() {
+    let _w = watchdog(Duration::from_secs(90));
+    let b = broker_url!();
+    let url = b.url();
+    let dir = TempDir::new("ntok");
+    let name = unique("NTOK");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let handle = rt.block_on(async {
+        microcs::tokio::Server::builder(&name)
+            .runtime_dir(dir.path())
+            .nats(&url)
+            .version("3.0.0")
+            .method("upper", |r: Request| async move { Ok::<_, RemoteError>(r.text()?.to_uppercase()) })
+            .method("slow", |_r: Request| async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok::<_, RemoteError>("late")
+            })
+            .method("boom", |_r: Request| async move {
+                if true {
+                    panic!("async kaboom");
+                }
+                Ok::<_, RemoteError>("")
+            })
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: Request| async move {
+                if r.payload() == b"fail" {
+                    return Err(RemoteError::new(409, "conflict"));
+                }
+                Ok::<_, RemoteError>(r.into_payload())
+            })
+            .unwrap()
+    });
+    rt.block_on(async {
+        let c = microcs::tokio::Client::builder(&name)
+            .nats(&url)
+            .transport(Transport::Nats)
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap();
+        assert_eq!(c.via(), Transport::Nats);
+        assert_eq!(c.request(b"async").await.unwrap(), b"async");
+        assert_eq!(c.call("upper", b"abc").await.unwrap(), b"ABC");
+        let e = c.request(b"fail").await.unwrap_err();
+        assert_eq!((e.kind(), e.remote().unwrap().code()), (ErrorKind::Remote, 409));
+        let e = c.call("boom", b"").await.unwrap_err();
+        assert!(e.remote().unwrap().message().contains("async kaboom"), "{e}");
+        // The deadline the client sends stops the handler: TimedOut, not a 30 s wait.
+        let mut short = c.clone();
+        short.set_timeout(Duration::from_millis(300));
+        let e = short.call("slow", b"").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        // Many requests in flight on one client.
+        let calls = (0..50).map(|i| {
+            let c = c.clone();
+            async move { c.request(format!("{i}").as_bytes()).await.map(|r| (i, r)) }
+        });
+        let mut set = tokio::task::JoinSet::new();
+        for f in calls {
+            set.spawn(f);
+        }
+        while let Some(r) = set.join_next().await {
+            let (i, reply) = r.unwrap().unwrap();
+            assert_eq!(reply, format!("{i}").as_bytes());
+        }
+        let info = c.info().await.unwrap();
+        assert_eq!(info.version, "3.0.0");
+        // Local first for the async client too.
+        let local = microcs::tokio::Client::builder(&name)
+            .runtime_dir(dir.path())
+            .nats(&url)
+            .connect()
+            .await
+            .unwrap();
+        assert_eq!(local.request(b"l").await.unwrap(), b"l");
+        assert_eq!(local.via(), Transport::Local);
+    });
+    // The blocking client calls the async server over NATS.
+    let mut bc = nats_client(&url, &name).connect().unwrap();
+    assert_eq!(bc.call("upper", b"xyz").unwrap(), b"XYZ");
+    let stats = handle.stats();
+    assert!(stats.endpoints.iter().find(|e| e.name == "default").unwrap().num_requests >= 52);
+    rt.block_on(handle.shutdown());
+    assert_eq!(bc.request(b"x").unwrap_err().kind(), ErrorKind::NoService);
+
+    // NATS only, and the async client against a blocking server.
+    let bname = unique("NTOKB");
+    let bh =
+        Server::builder(&bname).nats(&url).transport(Transport::Nats).bind().unwrap().spawn(echo).unwrap();
+    rt.block_on(async {
+        let c = microcs::tokio::Client::builder(&bname).nats(&url).connect().await.unwrap();
+        assert_eq!(c.request(b"to blocking").await.unwrap(), b"to blocking");
+        assert_eq!(c.via(), Transport::Nats);
+        let h = microcs::tokio::Server::builder(&name)
+            .nats(&url)
+            .transport(Transport::Nats)
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|_r: Request| async move { Ok::<_, RemoteError>("nats only") })
+            .unwrap();
+        assert!(h.name().as_str() == name);
+        let c = microcs::tokio::Client::builder(&name).nats(&url).connect().await.unwrap();
+        assert_eq!(c.request(b"").await.unwrap(), b"nats only");
+        h.shutdown().await;
+    });
+    bh.shutdown();
+}

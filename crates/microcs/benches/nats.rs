@@ -1,0 +1,206 @@
+//! NATS round trips, same run, same broker: a bare async-nats request to a bare async-nats
+//! responder (the floor) against microcs's clients and servers over NATS.
+//!
+//! ```text
+//! cargo bench -p microcs --features nats,tokio --bench nats              # full
+//! cargo bench -p microcs --features nats,tokio --bench nats -- --test    # each case once
+//! ```
+//!
+//! Needs `nats-server` in `PATH` (or `/usr/sbin`), started here on a free loopback port, or
+//! `MICROCS_TEST_NATS_URL`. Each responder runs on a runtime of its own thread, as a separate
+//! service would; requests are sequential (one in flight), so a case measures latency. See
+//! docs/BENCHMARKS.md, section NATS.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use microcs::nats::Transport;
+use microcs::{Client, RemoteError, Request, Server};
+
+const SIZES: [usize; 2] = [32, 4096];
+
+struct Broker(Option<Child>, String);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn broker() -> Broker {
+    if let Ok(u) = std::env::var("MICROCS_TEST_NATS_URL") {
+        return Broker(None, u);
+    }
+    let bin = ["nats-server", "/usr/sbin/nats-server"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok())
+        .expect("nats-server not found: apt-get install nats-server, or set MICROCS_TEST_NATS_URL");
+    let mut child = Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", "-1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nats-server");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let port = loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "nats-server exited");
+        if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+            break rest.trim().rsplit(':').next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in err.lines() {});
+    Broker(Some(child), format!("nats://127.0.0.1:{port}"))
+}
+
+/// A current-thread runtime on a thread of its own, kept alive until the process ends.
+fn service_runtime() -> tokio::runtime::Handle {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let handle = rt.handle().clone();
+    std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+    handle
+}
+
+/// The floor: a bare async-nats echo responder on `subject`.
+fn bare_responder(url: &str, subject: &str) {
+    let (url, subject) = (url.to_owned(), subject.to_owned());
+    let h = service_runtime();
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.spawn(async move {
+        let nc = async_nats::connect(url).await.unwrap();
+        let mut sub = nc.queue_subscribe(subject, "q".into()).await.unwrap();
+        nc.flush().await.unwrap();
+        tx.send(()).unwrap();
+        while let Some(m) = next(&mut sub).await {
+            if let Some(r) = m.reply {
+                nc.publish(r, m.payload).await.unwrap();
+            }
+        }
+    });
+    rx.recv().unwrap();
+}
+
+async fn next(sub: &mut async_nats::Subscriber) -> Option<async_nats::Message> {
+    std::future::poll_fn(|cx| futures_core::Stream::poll_next(std::pin::Pin::new(&mut *sub), cx)).await
+}
+
+/// `n` sequential bare async-nats requests on a current-thread runtime (the client side of
+/// the floor), timed inside the runtime.
+fn bare_requests(
+    rt: &tokio::runtime::Runtime,
+    nc: &async_nats::Client,
+    subject: &str,
+    payload: &[u8],
+    n: u64,
+) -> Duration {
+    let payload = bytes::Bytes::copy_from_slice(payload);
+    rt.block_on(async {
+        let t = Instant::now();
+        for _ in 0..n {
+            let r = nc.request(subject.to_owned(), payload.clone()).await.unwrap();
+            assert_eq!(r.payload.len(), payload.len());
+        }
+        t.elapsed()
+    })
+}
+
+fn bench(c: &mut Criterion) {
+    let b = broker();
+    let url = b.1.clone();
+    let pid = std::process::id();
+    let bare_subject = format!("BARE_{pid}");
+    bare_responder(&url, &bare_subject);
+    let blocking_name = format!("BENCH_BLOCKING_{pid}");
+    let _blocking = Server::builder(&blocking_name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .bind()
+        .unwrap()
+        .spawn(|r: Request| Ok::<_, RemoteError>(r.into_payload()))
+        .unwrap();
+    #[cfg(feature = "tokio")]
+    let tokio_name = format!("BENCH_TOKIO_{pid}");
+    #[cfg(feature = "tokio")]
+    let _tokio = {
+        let h = service_runtime();
+        let (name, url) = (tokio_name.clone(), url.clone());
+        std::thread::spawn(move || {
+            h.block_on(async move {
+                microcs::tokio::Server::builder(&name)
+                    .nats(&url)
+                    .transport(Transport::Nats)
+                    .bind()
+                    .await
+                    .unwrap()
+                    .spawn(|r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) })
+                    .unwrap()
+            })
+        })
+        .join()
+        .unwrap()
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let nc = rt.block_on(async_nats::connect(&url)).unwrap();
+    let mut blocking_client =
+        Client::builder(&blocking_name).nats(&url).transport(Transport::Nats).connect().unwrap();
+    #[cfg(feature = "tokio")]
+    let tokio_client = rt
+        .block_on(
+            microcs::tokio::Client::builder(&tokio_name).nats(&url).transport(Transport::Nats).connect(),
+        )
+        .unwrap();
+
+    let mut g = c.benchmark_group("nats_roundtrip");
+    g.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1)).sample_size(30);
+    for size in SIZES {
+        let payload = vec![0x5au8; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::new("bare_async_nats", size), &payload, |bn, p| {
+            bn.iter_custom(|n| bare_requests(&rt, &nc, &bare_subject, p, n))
+        });
+        g.bench_with_input(
+            BenchmarkId::new("bare_client_microcs_blocking_server", size),
+            &payload,
+            |bn, p| bn.iter_custom(|n| bare_requests(&rt, &nc, &blocking_name, p, n)),
+        );
+        g.bench_with_input(
+            BenchmarkId::new("microcs_blocking_client_and_server", size),
+            &payload,
+            |bn, p| bn.iter(|| blocking_client.request(p).unwrap()),
+        );
+        #[cfg(feature = "tokio")]
+        {
+            g.bench_with_input(
+                BenchmarkId::new("bare_client_microcs_tokio_server", size),
+                &payload,
+                |bn, p| bn.iter_custom(|n| bare_requests(&rt, &nc, &tokio_name, p, n)),
+            );
+            g.bench_with_input(
+                BenchmarkId::new("microcs_tokio_client_and_server", size),
+                &payload,
+                |bn, p| {
+                    bn.iter_custom(|n| {
+                        rt.block_on(async {
+                            let t = Instant::now();
+                            for _ in 0..n {
+                                tokio_client.request(p).await.unwrap();
+                            }
+                            t.elapsed()
+                        })
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
