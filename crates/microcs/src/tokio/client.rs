@@ -113,6 +113,9 @@ struct Book {
     dead: Option<Dead>,
     /// No longer used for new requests; closed once its last pending request is answered.
     retired: bool,
+    /// Bytes the writer task handed to the kernel, once it has stopped: from then on whoever
+    /// ends the connection settles the requests still pending.
+    written_final: Option<u64>,
 }
 
 /// A caller waiting for a reply.
@@ -213,9 +216,19 @@ impl Conn {
 
     /// Ends the connection: no more requests; the writer task settles the pending ones.
     fn close(&self, why: Dead) {
-        self.book().extra.dead.get_or_insert(why);
+        let settle = {
+            let mut st = self.book();
+            let dead = st.extra.dead.get_or_insert(why).clone();
+            st.close();
+            // With the writer still running, it settles them when it stops (it alone knows how
+            // many bytes went out).
+            st.extra.written_final.map(|w| (dead, w, std::mem::take(&mut st.extra.pending)))
+        };
         self.outbox.close();
         shutdown(&self.stream);
+        if let Some((dead, written, pending)) = settle {
+            settle_lost(pending, &dead, written);
+        }
     }
 
     /// Delivers an answer to the caller waiting for `id`, if it still waits.
@@ -280,6 +293,7 @@ impl Drop for CancelOnDrop<'_> {
 
 /// Reads frames and hands them to their callers until the connection ends.
 async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
+    let orphaned = TaskGuard { conn: &conn, writer: false };
     let dead = loop {
         let needed = match rbuf.decode(max_payload) {
             Err(e) => break Dead::Protocol(e.to_string()),
@@ -319,31 +333,73 @@ async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
         }
     };
     tracing::debug!(reason = ?dead, "connection ended");
+    std::mem::forget(orphaned);
     conn.close(dead);
 }
 
-/// Writes queued frames; when the connection ends, settles every request still pending.
+/// Writes queued frames; when writing stops, settles the requests that cannot be answered.
 async fn writer_task(conn: Arc<Conn>) {
+    let orphaned = TaskGuard { conn: &conn, writer: true };
     let end = conn.outbox.run_writer(&conn.stream, None).await;
-    let (dead, pending) = {
+    std::mem::forget(orphaned);
+    let (lost, dead, close) = {
         let mut st = conn.book();
-        if let Some(e) = &end.error {
-            st.extra.dead.get_or_insert(Dead::from_io(e));
-        }
+        st.extra.written_final = Some(end.written);
         st.close();
-        let dead = st.extra.dead.clone().unwrap_or(Dead::Closed(None));
-        (dead, std::mem::take(&mut st.extra.pending))
+        match (st.extra.dead.clone(), &end.error) {
+            // The connection was ended: nothing more will be answered.
+            (Some(dead), _) => (std::mem::take(&mut st.extra.pending), dead, None),
+            // Only writing failed (for example the server shut our direction down as it drains):
+            // requests written in full may still be answered, so the reader keeps going for
+            // them; the others are settled now, and the connection takes no new ones.
+            (None, Some(e)) => {
+                let dead = Dead::from_io(e);
+                let unsent: Vec<u64> =
+                    st.extra.pending.iter().filter(|(_, p)| p.end > end.written).map(|(id, _)| *id).collect();
+                let lost =
+                    unsent.into_iter().filter_map(|id| Some((id, st.extra.pending.remove(&id)?))).collect();
+                st.extra.retired = true;
+                let close = st.extra.pending.is_empty().then(|| dead.clone());
+                (lost, dead, close)
+            }
+            (None, None) => (HashMap::new(), Dead::Closed(None), Some(Dead::Closed(None))),
+        }
     };
-    shutdown(&conn.stream);
+    settle_lost(lost, &dead, end.written);
+    if let Some(why) = close {
+        conn.close(why);
+    }
+}
+
+/// Ends the connection when its reader or writer task is dropped before it finished — the
+/// runtime it was spawned on shut down — so that the client's next request opens a connection
+/// on the runtime it runs on instead of queueing into a connection nobody serves.
+struct TaskGuard<'a> {
+    conn: &'a Conn,
+    writer: bool,
+}
+
+impl Drop for TaskGuard<'_> {
+    fn drop(&mut self) {
+        if self.writer {
+            // How much went out is unknown: every pending request may have run.
+            self.conn.book().extra.written_final.get_or_insert(u64::MAX);
+        }
+        self.conn.close(Dead::Io("the runtime that ran this connection shut down".into()));
+    }
+}
+
+/// Tells each request that the connection ended first, and how much of it was written.
+fn settle_lost(pending: HashMap<u64, Pending>, dead: &Dead, written: u64) {
     for (_, p) in pending {
-        let written = if p.end <= end.written {
+        let w = if p.end <= written {
             Written::All
-        } else if p.start >= end.written {
+        } else if p.start >= written {
             Written::None
         } else {
             Written::Part
         };
-        let _ = p.tx.send(Outcome::Lost { dead: dead.clone(), written });
+        let _ = p.tx.send(Outcome::Lost { dead: dead.clone(), written: w });
     }
 }
 
@@ -799,6 +855,9 @@ impl Client {
             }
         };
         let mut rbuf = ReadBuf::default();
+        // The reply limit announced in `Hello`, but never below 64 KiB, so the handshake answer
+        // and short errors always get through (the server holds replies to the limit itself).
+        let decode_limit = s.max_payload.max(64 * 1024);
         let handshake = async {
             let mut hello = Vec::new();
             proto::encode(
@@ -810,7 +869,7 @@ impl Client {
             let sent = write_all(&stream, &hello, None, &mut 0).await;
             // A server that refuses us (busy, another user) writes why and closes without
             // reading: our hello may then fail with EPIPE, but its answer is still there to read.
-            let got = read_frame(&stream, &mut rbuf, s.max_payload).await;
+            let got = read_frame(&stream, &mut rbuf, decode_limit).await;
             match (sent, got) {
                 (Err(e), Err(_)) => Err(Error::io(format_args!("handshake with service '{name}' failed"), e)),
                 (_, got) => got.map_err(|e| e.into_error(name, &s.path)),
@@ -839,7 +898,7 @@ impl Client {
         tracing::debug!(service = %name, pid = server.pid, "connected");
         let conn = Arc::new(Conn { stream, server, outbox: Outbox::new(Book::default()) });
         ::tokio::spawn(writer_task(conn.clone()));
-        ::tokio::spawn(reader_task(conn.clone(), rbuf, s.max_payload));
+        ::tokio::spawn(reader_task(conn.clone(), rbuf, decode_limit));
         Ok(conn)
     }
 }

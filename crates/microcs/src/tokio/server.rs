@@ -181,6 +181,11 @@ impl ServerBuilder {
     /// Adds a named method with an async handler. Clients call it with
     /// [`Client::call`](super::Client::call).
     ///
+    /// The handler is an `async fn`, an `async` closure, or a closure returning a future. Each
+    /// call's future must own what it uses (`Send + 'static`): a handler with state clones it
+    /// into the future, as in `move |req| { let db = db.clone(); async move { ... } }` (an
+    /// `async move` closure that captures state does not implement `Fn`).
+    ///
     /// An invalid or duplicate method name is reported by [`bind`](ServerBuilder::bind).
     pub fn method<F, Fut, R, E>(mut self, name: &str, handler: F) -> Self
     where
@@ -757,7 +762,8 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         id,
         stream,
         peer,
-        max_reply: AtomicU32::new(0),
+        // Until the client's Hello says otherwise: enough for any refusal or handshake answer.
+        max_reply: AtomicU32::new(64 * 1024),
         outbox: Outbox::new(()),
         inflight: Mutex::new(HashMap::new()),
         permits: Arc::new(Semaphore::new(shared.config.max_in_flight)),
@@ -793,8 +799,26 @@ impl Conn {
         }
     }
 
+    /// Queues an answer. Nothing goes out over the client's announced limit: an error message
+    /// is cut short, any other answer (built-in JSON, a pong) becomes a "too large" error.
+    fn send(&self, header: &Header, payload: &[u8]) -> bool {
+        let max = self.max_reply.load(Ordering::Relaxed) as usize;
+        if payload.len() <= max {
+            return self.outbox.push(header, b"", payload);
+        }
+        if header.kind() == Some(Kind::Error) {
+            let mut cut = max;
+            while cut > 0 && payload.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
+                cut -= 1; // keep the message valid UTF-8
+            }
+            return self.outbox.push(header, b"", &payload[..cut]);
+        }
+        let msg = format!("answer of {} bytes is over the client's limit of {max} bytes", payload.len());
+        self.outbox.push(&Header::error(header.id, status::TOO_LARGE, FLAG_SYSTEM), b"", msg.as_bytes())
+    }
+
     fn error(&self, id: u64, code: u16, flags: u16, message: &str) {
-        self.outbox.push(&Header::error(id, code, flags), b"", message.as_bytes());
+        self.send(&Header::error(id, code, flags), message.as_bytes());
     }
 
     fn reject_stream(&self, e: &DecodeError) {
@@ -834,7 +858,7 @@ async fn conn_task(shared: Arc<Shared>, conn: Arc<Conn>, _guard: ConnGuard) {
             conn.cancel_all();
         }
         // Wait for this connection's handlers: all permits back.
-        let all = shared.config.max_in_flight as u32;
+        let all = u32::try_from(shared.config.max_in_flight).unwrap_or(u32::MAX);
         ::tokio::select! {
             _ = conn.permits.acquire_many(all) => {}
             _ = kill.wait_for(|k| *k) => {}
@@ -873,14 +897,16 @@ async fn handshake(shared: &Shared, conn: &Conn, rbuf: &mut ReadBuf) -> bool {
                     );
                     return false;
                 };
-                conn.max_reply.store(hello.max_payload, Ordering::Relaxed);
                 let ack = HelloAck {
                     max_payload: max,
-                    max_in_flight: shared.config.max_in_flight as u32,
+                    max_in_flight: u32::try_from(shared.config.max_in_flight).unwrap_or(u32::MAX),
                     pid: std::process::id(),
                     name: shared.service.name.to_string(),
                 };
-                return conn.outbox.push(&Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
+                let sent = conn.send(&Header::new(Kind::HelloAck, 0), &ack.to_bytes());
+                // From here on, every answer respects the client's limit.
+                conn.max_reply.store(hello.max_payload, Ordering::Relaxed);
+                return sent;
             }
             Ok(Decoded::Incomplete { needed }) => needed,
             Err(e) => {
@@ -962,7 +988,7 @@ async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mut ReadBuf) 
                         }
                     }
                     Some(Kind::Ping) => {
-                        conn.outbox.push(&Header::new(Kind::Pong, h.id), b"", f.payload);
+                        conn.send(&Header::new(Kind::Pong, h.id), f.payload);
                     }
                     Some(Kind::Pong) => {}
                     Some(k) => conn.error(
@@ -1097,7 +1123,7 @@ async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit: OwnedSemap
     let id = job.id;
     let finish = |header: Header, payload: &[u8]| {
         lock(&conn.inflight).remove(&id);
-        conn.outbox.push(&header, b"", payload);
+        conn.send(&header, payload);
     };
     let ep = match shared.service.route(&job.method) {
         Route::Endpoint(ep) => ep,

@@ -217,6 +217,7 @@ conformance!(
     restart_reconnects,
     killed_mid_request_may_have_run,
     concurrent_callers_get_their_own_replies,
+    answers_respect_a_small_client_limit,
 );
 
 /// Runs each raw-frame case against both servers.
@@ -409,6 +410,21 @@ mod cases {
         assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
         assert!(e.may_have_run());
         assert!(e.to_string().contains("may have run"), "{e}");
+    }
+
+    pub fn answers_respect_a_small_client_limit(p: Pair) {
+        let _w = watchdog(Duration::from_secs(60));
+        let _server = p.serve();
+        let mut c = AnyClient::connect_with(p.client, &p.dir, &p.name, Duration::from_secs(10), 8).unwrap();
+        // Built-in JSON is far over 8 bytes: a clean "too large", not a broken connection.
+        let e = c.info().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+        // An error message is cut to the limit.
+        let e = c.call("fail", b"").unwrap_err();
+        assert_eq!((e.remote().unwrap().code(), e.remote().unwrap().message()), (418, "i am a t"));
+        assert_eq!(c.request(b"fits").unwrap(), b"fits");
+        assert_eq!(c.call("big", b"9").unwrap_err().kind(), ErrorKind::FrameTooLarge);
+        assert_eq!(c.request(b"still ok").unwrap(), b"still ok");
     }
 
     /// Several callers at once, each with its own connection (blocking) or sharing one (async),
@@ -843,6 +859,49 @@ fn dropping_a_call_future_cancels_the_work_on_the_blocking_server() {
     dropping_the_future_cancels(Flavour::Blocking);
 }
 
+/// A server shutting down answers what it is running, while a request sent after its shutdown
+/// began fails on the client as "not run" and is sent again (here: to nobody) — over one
+/// multiplexed connection, the failure of the new request must not take the old one down.
+fn shutdown_drains_in_flight_while_new_requests_are_not_run(server: Flavour) {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("tshutdrain");
+    let name = unique("TSHUTDRAIN");
+    let peer = serve(&dir, &name, server, &[]);
+    let rt = rt();
+    rt.block_on(async {
+        let client = microcs::tokio::Client::builder(&name)
+            .runtime_dir(dir.path())
+            .timeout(Duration::from_secs(20))
+            .connect()
+            .await
+            .unwrap();
+        let c = client.clone();
+        let slow = ::tokio::spawn(async move { c.call("sleep_ms", b"1000").await });
+        ::tokio::time::sleep(Duration::from_millis(200)).await;
+        let stopper = std::thread::spawn(move || peer.stop());
+        // Wait until the name is released: shutdown has begun.
+        let sock = dir.path().join(format!("{name}.sock"));
+        while sock.exists() {
+            ::tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let e = client.request(b"too late").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoService, "{e}");
+        assert!(!e.may_have_run(), "{e}");
+        assert_eq!(slow.await.unwrap().unwrap(), b"slept 1000", "the running request was not drained");
+        assert!(stopper.join().unwrap().success());
+    });
+}
+
+#[test]
+fn shutdown_drains_in_flight_while_new_requests_are_not_run_tokio_server() {
+    shutdown_drains_in_flight_while_new_requests_are_not_run(Flavour::Tokio);
+}
+
+#[test]
+fn shutdown_drains_in_flight_while_new_requests_are_not_run_blocking_server() {
+    shutdown_drains_in_flight_while_new_requests_are_not_run(Flavour::Blocking);
+}
+
 #[test]
 fn the_in_flight_cap_bounds_running_handlers_and_memory_under_a_flood() {
     let _w = watchdog(Duration::from_secs(180));
@@ -1089,6 +1148,62 @@ fn handler_panics_in_sync_part_and_after_await_become_errors() {
         assert_eq!((after.num_requests, after.num_errors), (1, 1));
         h.shutdown().await;
     });
+}
+
+async fn echo_fn(req: Request) -> Result<Vec<u8>, RemoteError> {
+    Ok(req.into_payload())
+}
+
+#[test]
+fn handlers_are_async_fns_async_closures_or_closures_returning_futures() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("tkinds");
+    let name = unique("TKINDS");
+    rt().block_on(async {
+        let prefix = Arc::new(String::from("hello "));
+        let h = tokio_dir_server(&dir, &name)
+            .method("fn", echo_fn)
+            .method("async_closure", async |req: Request| Ok::<_, RemoteError>(req.text()?.to_uppercase()))
+            // State goes into each call's future by cloning it first.
+            .method("captures", move |req: Request| {
+                let prefix = prefix.clone();
+                async move { Ok::<_, RemoteError>(format!("{prefix}{}", req.text()?)) }
+            })
+            .method("remaining", |req: Request| async move {
+                let left = req.remaining().ok_or_else(|| RemoteError::new(400, "no deadline"))?;
+                Ok::<_, RemoteError>(format!("{}", left.as_millis() > 0))
+            })
+            .bind()
+            .await
+            .unwrap()
+            .spawn(echo_fn)
+            .unwrap();
+        let c = tokio_dir_client(&dir, &name).connect().await.unwrap();
+        assert_eq!(c.call("fn", b"a").await.unwrap(), b"a");
+        assert_eq!(c.call("async_closure", b"b").await.unwrap(), b"B");
+        assert_eq!(c.call("captures", b"b").await.unwrap(), b"hello b");
+        assert_eq!(c.call("remaining", b"").await.unwrap(), b"true");
+        assert_eq!(c.request(b"c").await.unwrap(), b"c");
+        h.shutdown().await;
+    });
+}
+
+#[test]
+fn a_client_outlives_the_runtime_it_connected_on() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("truntime");
+    let name = unique("TRUNTIME");
+    let _peer = serve(&dir, &name, Flavour::Tokio, &[]);
+    let first = ::tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = first.block_on(tokio_dir_client(&dir, &name).connect()).unwrap();
+    assert_eq!(first.block_on(client.request(b"one")).unwrap(), b"one");
+    // The connection's tasks die with their runtime; the client notices and reconnects on the
+    // runtime it is used on next, instead of waiting for its timeout.
+    drop(first);
+    let second = rt();
+    let mut c = client.clone();
+    c.set_timeout(Duration::from_secs(20));
+    assert_eq!(second.block_on(c.request(b"two")).unwrap(), b"two");
 }
 
 #[test]
