@@ -7,7 +7,8 @@
 //! # Caveats
 //!
 //! - A [`Client`] carries one request at a time (`&mut self`). For many requests in flight over
-//!   one connection, or thousands of concurrent callers, use the async API.
+//!   one connection, or thousands of concurrent callers, use the async API (`microcs::tokio`,
+//!   feature `tokio`; its module docs say when to pick which).
 //! - Each connection costs the server a thread; connections are capped (default 1024).
 //! - A handler that blocks for long holds its thread; it should watch
 //!   [`Request::is_cancelled`](crate::Request::is_cancelled) and return early when it turns true.
