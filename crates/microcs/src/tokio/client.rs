@@ -782,12 +782,8 @@ impl Client {
             }
             Outcome::Lost { dead, written } => {
                 let err = dead.error(name, written);
-                let disconnected = matches!(dead, Dead::Closed(_));
-                if written == Written::None && disconnected {
-                    Err(Attempt::NotRun(err))
-                } else {
-                    Err(Attempt::Failed(err))
-                }
+                // Not a byte of it reached the socket, whatever ended the connection.
+                if written == Written::None { Err(Attempt::NotRun(err)) } else { Err(Attempt::Failed(err)) }
             }
         }
     }
