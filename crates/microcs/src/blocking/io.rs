@@ -211,7 +211,11 @@ impl ReadBuf {
         if self.end == self.buf.len() || self.end + needed.saturating_sub(held) > self.buf.len() {
             let want = needed.max(held + 1);
             let grown = (self.buf.len() * 2).max(INITIAL_CAPACITY);
-            let cap = want.min(grown).max(self.end + 1);
+            // At least INITIAL_CAPACITY whatever the frame needs: room for the frames queued
+            // behind it (one read takes a pipelined batch), and a read that comes back short
+            // shows the socket is drained (the async reader then skips the read that would
+            // only say EAGAIN). Sized to the frame alone, every read filled the buffer exactly.
+            let cap = want.max(INITIAL_CAPACITY).min(grown).max(self.end + 1);
             if cap > self.buf.len() {
                 self.buf.resize(cap, 0);
             }
@@ -313,7 +317,10 @@ mod tests {
             got += rb.end + rb.large.as_ref().map_or(0, |l| proto::FRAME_OVERHEAD + l.payload.len()) - before;
         }
         assert!(rb.buf.len() <= 64 * 1024, "buffer grew to {} bytes", rb.buf.len());
-        // The large payload holds exactly what arrived; its reservation is address space only.
+        // The next fill switches to the large payload's own vector (the first read may have
+        // taken the header and the bytes after it at once), which holds exactly what arrived;
+        // its reservation is address space only.
+        rb.start_large();
         assert_eq!(rb.large.as_ref().unwrap().payload.len(), 10);
     }
 

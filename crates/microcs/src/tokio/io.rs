@@ -231,18 +231,43 @@ pub(crate) async fn read_more(stream: &UnixStream, rbuf: &mut ReadBuf, needed: u
 
 /// A non-blocking read of a registered stream: `WouldBlock` clears tokio's readiness, so the
 /// next `readable().await` really waits.
+///
+/// A short read clears it too. On a stream socket, a read that returns less than it was given
+/// room for has emptied the receive queue, so the `read` that would follow could only say
+/// `EAGAIN`: one system call per wake-up saved, on both sides of every request. This is safe
+/// against bytes arriving in between: tokio clears only the readiness event it saw before the
+/// read, and a later arrival is a new event.
 struct TryRead<'a>(&'a UnixStream);
+
+impl TryRead<'_> {
+    /// `read` runs inside `try_io` and returns (bytes read, room it had).
+    fn read_with(&self, read: impl FnOnce() -> io::Result<(usize, usize)>) -> io::Result<usize> {
+        let mut got = 0;
+        let r = self.0.try_io(Interest::READABLE, || {
+            let (n, room) = read()?;
+            got = n;
+            if n > 0 && n < room { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(n) }
+        });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+            r => r,
+        }
+    }
+}
 
 impl Source for TryRead<'_> {
     fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
+        let stream = self.0;
+        let room = buf.len();
+        self.read_with(|| Ok((rustix::io::read(stream, buf)?, room)))
     }
 
     /// Straight into the vector's spare capacity, without zero-filling it first: a large
     /// payload's pages become resident only as its bytes arrive.
     fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
         let stream = self.0;
-        stream.try_io(Interest::READABLE, || Ok(rustix::io::read(stream, rustix::buffer::spare_capacity(v))?))
+        let room = v.capacity() - v.len();
+        self.read_with(|| Ok((rustix::io::read(stream, rustix::buffer::spare_capacity(v))?, room)))
     }
 }
 
