@@ -902,6 +902,99 @@ fn shutdown_drains_in_flight_while_new_requests_are_not_run_blocking_server() {
     shutdown_drains_in_flight_while_new_requests_are_not_run(Flavour::Blocking);
 }
 
+/// Servers of both flavours restarted over and over (kill -9 and graceful) under many concurrent
+/// callers sharing one async client: every call gets its own reply or a typed error, nothing
+/// runs twice, and nothing reported as "not run" ran.
+#[test]
+fn chaos_restarts_of_both_servers_under_a_shared_client_run_nothing_twice() {
+    let _w = watchdog(Duration::from_secs(120));
+    let dir = TempDir::new("tchaos");
+    let name = unique("TCHAOS");
+    let log = dir.path().join("executions.log");
+    let log_s = log.to_str().unwrap().to_owned();
+    let env = [("PEER_LOG", log_s.as_str()), ("PEER_GRACE_MS", "2000")];
+    let mut server = Some(serve(&dir, &name, Flavour::Tokio, &env));
+    let rt = rt();
+    let client =
+        rt.block_on(tokio_dir_client(&dir, &name).timeout(Duration::from_secs(5)).connect()).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..16)
+        .map(|t| {
+            let (c, stop) = (client.clone(), stop.clone());
+            rt.spawn(async move {
+                let mut results = Vec::new();
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let tag = format!("t{t}-{i}");
+                    i += 1;
+                    match c.call("record", tag.as_bytes()).await {
+                        Ok(reply) => {
+                            assert_eq!(reply, tag.as_bytes(), "misrouted reply");
+                            results.push((tag, true, true));
+                        }
+                        Err(e) => {
+                            assert!(
+                                matches!(
+                                    e.kind(),
+                                    ErrorKind::NoService
+                                        | ErrorKind::Closed
+                                        | ErrorKind::Io
+                                        | ErrorKind::TimedOut
+                                ),
+                                "untyped failure: {e:?}"
+                            );
+                            if e.kind() == ErrorKind::NoService {
+                                ::tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                            results.push((tag, false, e.may_have_run()));
+                        }
+                    }
+                }
+                results
+            })
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut round = 0;
+    while t0.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(150));
+        let s = server.take().unwrap();
+        if round % 2 == 0 {
+            s.kill9();
+        } else {
+            assert!(s.stop().success());
+        }
+        round += 1;
+        let flavour = if round % 3 == 0 { Flavour::Blocking } else { Flavour::Tokio };
+        server = Some(serve(&dir, &name, flavour, &env));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<_> = rt.block_on(async {
+        let mut all = Vec::new();
+        for c in callers {
+            all.extend(c.await.unwrap());
+        }
+        all
+    });
+    drop(server);
+    let mut runs: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        *runs.entry(line.to_owned()).or_default() += 1;
+    }
+    let ok = results.iter().filter(|r| r.1).count();
+    assert!(ok > 100, "only {ok} calls succeeded across {round} restarts");
+    assert!(results.len() > ok, "the chaos never interrupted a call ({round} restarts)");
+    for (tag, succeeded, may_have_run) in &results {
+        let n = runs.get(tag).copied().unwrap_or(0);
+        assert!(n <= 1, "{tag} ran {n} times");
+        if *succeeded {
+            assert_eq!(n, 1, "{tag} succeeded but never ran");
+        } else if !may_have_run {
+            assert_eq!(n, 0, "{tag} was reported as not run, but it ran");
+        }
+    }
+}
+
 #[test]
 fn the_in_flight_cap_bounds_running_handlers_and_memory_under_a_flood() {
     let _w = watchdog(Duration::from_secs(180));
