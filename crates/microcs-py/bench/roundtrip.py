@@ -4,7 +4,8 @@ Not a test: a measurement. Each system echoes the payload from a Python handler 
 server process; the client (this process) sends a request, waits for the reply, and repeats.
 Both processes are pinned (os.sched_setaffinity), once on the same CPU and once on different
 CPUs. Systems are measured in turns within each run (so drift hits them alike), several runs,
-and the median of the runs is reported, with microcs's ratio to each of the others.
+and the median of the runs is reported, with microcs's ratio to each of the others (the
+median of the ratios of runs measured side by side).
 
     pip install pyzmq      # in the venv, for this benchmark only
     python crates/microcs-py/bench/roundtrip.py                     # print the table
@@ -189,10 +190,16 @@ def table(args: argparse.Namespace, results: dict[tuple[str, int, str], list[flo
     placements = list(dict.fromkeys(p for p, _, _ in results))
     for placement in placements:
         for size in args.sizes:
-            med = {s: statistics.median(results[(placement, size, s)]) for s in systems}
+            runs = {s: results[(placement, size, s)] for s in systems}
+            med = {s: statistics.median(r) for s, r in runs.items()}
             row = f"| {placement} | {size} B | " + " | ".join(f"{med[s]:.1f}" for s in systems)
             if "microcs" in med:
-                row += "".join(f" | {med['microcs'] / med[s]:.2f}×" for s in others)
+                # Ratios of runs measured side by side, then their median: drift in the machine's
+                # load between runs cancels out.
+                row += "".join(
+                    f" | {statistics.median(m / o for m, o in zip(runs['microcs'], runs[s])):.2f}×"
+                    for s in others
+                )
             lines.append(row + " |")
     return "\n".join(lines)
 
@@ -261,7 +268,8 @@ Python client → Python handler round trip (an echo), against `multiprocessing.
 (AF_UNIX, `send_bytes`/`recv_bytes`) and pyzmq REQ/REP (`ipc://`), each server a separate
 process. Client and server pinned with `os.sched_setaffinity` to the same CPU or to different
 CPUs. Median of {args.runs} runs of {args.n} round trips each (after a warm-up); systems measured
-in turns within each run. Lower is better; a ratio under 1 means microcs is faster.
+in turns within each run, and each ratio is the median of the per-run ratios. Lower is better;
+a ratio under 1 means microcs is faster.
 
 {body}
 
