@@ -238,20 +238,27 @@ pub struct AsyncClient {
 }
 
 impl AsyncClient {
-    /// The running loop's bridge, registering it on first use. A client serves one loop.
+    /// The running loop's bridge, registering it on first use. A client serves one loop at a
+    /// time.
     fn bridge<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Arc<Bridge>)> {
         let py = slf.py();
         let running = py.import("asyncio")?.call_method0("get_running_loop")?;
         let this = slf.get();
         let mut binding = lock(&this.binding);
         if let Some(b) = binding.as_ref() {
-            if !b.event_loop.bind(py).is(&running) {
+            let bound = b.event_loop.bind(py);
+            if bound.is(&running) {
+                return Ok((running, b.bridge.clone()));
+            }
+            // A closed loop has no calls left to complete: move to the running one (as when a
+            // program calls asyncio.run() twice with one client).
+            if !bound.call_method0("is_closed")?.is_truthy()? {
                 return Err(PyRuntimeError::new_err(format!(
-                    "this AsyncClient of service '{}' belongs to another event loop; create one per loop",
+                    "this AsyncClient of service '{}' belongs to another event loop that is still open; \
+                     create one client per loop",
                     this.shared.name
                 )));
             }
-            return Ok((running, b.bridge.clone()));
         }
         let bridge = Arc::new(Bridge::new().map_err(|e| {
             PyRuntimeError::new_err(format!("cannot create the async client's wake-up socket: {e}"))

@@ -58,8 +58,8 @@ pub(crate) fn remote_error_class(py: Python<'_>) -> PyResult<Bound<'_, PyType>> 
 pub(crate) fn to_py(py: Python<'_>, err: microcs::Error) -> PyErr {
     match build(py, &err) {
         Ok(e) => e,
-        // Only when the Python side of the package is broken (the classes cannot be imported);
-        // that error says why, and the original message is kept in its notes.
+        // Only when the Python side of the package is broken (its classes cannot be imported):
+        // raise that problem, which says what is missing.
         Err(e) => e,
     }
 }

@@ -24,7 +24,7 @@ __all__ = [
 
 
 class Error(Exception):
-    """Base class of every microcs error."""
+    """Base class of every microcs error; raised as itself for other I/O failures."""
 
     #: True when the request may have reached the server and run before the failure (for
     #: example, the connection broke while waiting for the reply). microcs never re-sends such

@@ -204,7 +204,8 @@ class AsyncClient:
     Every call returns an ``asyncio.Future`` of the running loop; awaiting thousands at once
     costs no thread per call. Connects on first use, on ``await client.connect()``, or on
     entering ``async with``. Cancelling a call's future tells the server to cancel the work.
-    A client serves the event loop it is first used on.
+    A client serves one event loop at a time: the one it was first used on, until that loop is
+    closed.
     """
 
     def __init__(
