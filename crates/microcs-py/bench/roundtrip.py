@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 SYSTEMS = ("microcs", "mp.conn", "pyzmq")
+#: The AsyncClient row: requests made many at a time over one connection (throughput, not latency).
+ASYNC = "microcs AsyncClient"
 SECTION = "## Python"
 
 
@@ -147,6 +149,26 @@ def measure(request: Callable[[bytes], bytes], payload: bytes, n: int) -> float:
     return elapsed / n / 1000
 
 
+def measure_async(name: str, payload: bytes, n: int, width: int) -> float:
+    """Microseconds per request for `n` requests made `width` at a time by one AsyncClient."""
+    import asyncio
+
+    import microcs
+
+    async def main() -> float:
+        async with microcs.AsyncClient(name, timeout=60) as client:
+            await asyncio.gather(*(client.request(payload) for _ in range(width)))  # warm-up
+            t0 = time.perf_counter_ns()
+            for _ in range(max(1, n // width)):
+                replies = await asyncio.gather(*(client.request(payload) for _ in range(width)))
+            elapsed = time.perf_counter_ns() - t0
+            if replies[-1] != payload:
+                raise SystemExit("wrong reply")
+            return elapsed / (max(1, n // width) * width) / 1000
+
+    return asyncio.run(main())
+
+
 def run(args: argparse.Namespace) -> dict[tuple[str, int, str], list[float]]:
     """All measurements: (placement, payload size, system) -> microseconds per run."""
     tmp = Path(tempfile.mkdtemp(prefix="mcs-bench-", dir="/tmp"))
@@ -171,6 +193,9 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int, str], list[float]]:
                         us = measure(conns[s][0], payload, args.n)
                         results.setdefault((placement, size, s), []).append(us)
                         print(f"  {placement:14} {size:>7} B  run {r + 1}/{args.runs}  {s:8} {us:8.2f} µs", file=sys.stderr)
+                    if "microcs" in args.systems and args.width:
+                        us = measure_async(addresses["microcs"], payload, args.n, args.width)
+                        results.setdefault((placement, size, ASYNC), []).append(us)
             for _, close in conns.values():
                 close()
         finally:
@@ -201,6 +226,19 @@ def table(args: argparse.Namespace, results: dict[tuple[str, int, str], list[flo
                     for s in others
                 )
             lines.append(row + " |")
+    if any(k[2] == ASYNC for k in results):
+        lines += [
+            "",
+            f"`microcs.AsyncClient` with {args.width} requests in flight over its one connection"
+            " (same server; time per request, so a throughput figure rather than a latency):",
+            "",
+            "| placement | payload | µs per request | requests/s |",
+            "|---|---|---|---|",
+        ]
+        for placement in placements:
+            for size in args.sizes:
+                us = statistics.median(results[(placement, size, ASYNC)])
+                lines.append(f"| {placement} | {size} B | {us:.1f} | {1e6 / us:,.0f} |")
     return "\n".join(lines)
 
 
@@ -247,6 +285,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5, help="runs per system and placement (default 5)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 4096], help="payload sizes in bytes")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--width", type=int, default=1000, help="AsyncClient requests in flight (0: skip)")
     p.add_argument("--write", type=Path, help="put the results in this Markdown file's Python section")
     args = p.parse_args()
     if "pyzmq" in args.systems:
