@@ -200,6 +200,44 @@ fn bench(c: &mut Criterion) {
         }
     }
     g.finish();
+
+    // Paired rounds: the cases alternate in short bursts, so a change in the machine's load
+    // hits both sides of each ratio alike (criterion runs cases one after the other, which on
+    // a shared 2-vCPU machine can skew a ratio by tens of percent).
+    let payload = [0x5au8; 32];
+    let rounds = 41;
+    let per = 200;
+    let mut ratios: Vec<(&str, Vec<f64>)> = vec![("microcs_blocking_client_and_server", Vec::new())];
+    #[cfg(feature = "tokio")]
+    ratios.push(("microcs_tokio_client_and_server", Vec::new()));
+    for _ in 0..rounds {
+        let bare = bare_requests(&rt, &nc, &bare_subject, &payload, per).as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..per {
+            blocking_client.request(&payload).unwrap();
+        }
+        ratios[0].1.push(t.elapsed().as_secs_f64() / bare);
+        #[cfg(feature = "tokio")]
+        {
+            let ours = rt.block_on(async {
+                let t = Instant::now();
+                for _ in 0..per {
+                    tokio_client.request(&payload).await.unwrap();
+                }
+                t.elapsed()
+            });
+            ratios[1].1.push(ours.as_secs_f64() / bare);
+        }
+    }
+    for (name, mut r) in ratios {
+        r.sort_by(f64::total_cmp);
+        println!(
+            "paired 32 B, {rounds} rounds of {per}: {name} / bare_async_nats = {:.2} (quartiles {:.2}..{:.2})",
+            r[r.len() / 2],
+            r[r.len() / 4],
+            r[r.len() * 3 / 4]
+        );
+    }
 }
 
 criterion_group!(benches, bench);
