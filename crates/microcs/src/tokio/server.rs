@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use ::tokio::net::{UnixListener, UnixStream};
@@ -1094,7 +1094,15 @@ fn admit(
             .then(|| Instant::now() + Duration::from_millis(u64::from(h.deadline_ms))),
         cancel,
     };
-    ::tokio::spawn(run(shared.clone(), conn.clone(), job, permit));
+    // Most handlers answer without waiting for anything: poll the request once here, on the
+    // connection's task, and start a task only for one still pending. That saves a task per
+    // request (its allocation, the move of this future into it, a trip through the scheduler).
+    // The task polls the future again at once, so whatever it waits for is registered with the
+    // task's waker; the no-op waker of this first poll is never needed.
+    let mut fut = Box::pin(run(shared.clone(), conn.clone(), job, permit));
+    if fut.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+        ::tokio::spawn(fut);
+    }
 }
 
 /// A request taken off the wire, not yet run.
