@@ -683,6 +683,9 @@ fn thousand_requests_over_one_connection(server: Flavour) {
     let dir = TempDir::new("thousand");
     let name = unique("THOUSAND");
     let peer = serve(&dir, &name, server, &[]);
+    // Sockets the server holds before any client (its listener, and whatever its runtime uses
+    // internally, e.g. tokio's signal driver when that feature is on in the build).
+    let before = socket_count(peer.pid);
     let rt = rt();
     rt.block_on(async {
         let client =
@@ -709,8 +712,8 @@ fn thousand_requests_over_one_connection(server: Flavour) {
         for t in tasks {
             t.await.unwrap();
         }
-        // One connection carried it all: the peer holds its listener and one connection.
-        assert_eq!(socket_count(peer.pid), 2, "requests were spread over several connections");
+        // One connection carried it all.
+        assert_eq!(socket_count(peer.pid), before + 1, "requests were spread over several connections");
         drop(client);
     });
 }
