@@ -7,6 +7,7 @@
 //!     [--runs N] [--json FILE] [--microcs PATH]
 //! cargo bench -p microcs --features tokio --bench e2e -- --syscalls [--json FILE]  # needs strace
 //! cargo bench -p microcs --features tokio --bench e2e -- --allocs [--json FILE]
+//! cargo bench -p microcs --features tokio --bench e2e -- --instructions [--json FILE]  # valgrind
 //! ```
 //!
 //! `split` pins the server to CPU 0 and the client to CPU 1; `same` pins both to CPU 1. Every
@@ -20,7 +21,8 @@
 //! process a multi-thread runtime would get one worker anyway).
 //!
 //! `--syscalls` runs each client and server process under `strace -c -f`, once with no request
-//! and once with N, and prints the difference per request. `--allocs` counts heap allocations
+//! and once with N, and prints the difference per request; `--instructions` does the same under
+//! `valgrind --tool=callgrind` (user-space instructions, deterministic on a busy machine). `--allocs` counts heap allocations
 //! per request with a counting global allocator (client and server in this process, each side's
 //! own thread counted).
 
@@ -253,13 +255,14 @@ fn main() {
         microcs: None,
         only: Vec::new(),
     };
-    let (mut syscalls, mut allocs) = (false, false);
+    let (mut syscalls, mut allocs, mut instructions) = (false, false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--syscalls" => syscalls = true,
             "--allocs" => allocs = true,
+            "--instructions" => instructions = true,
             "--runs" => opts.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--json" => opts.json = it.next().map(PathBuf::from),
             "--microcs" => opts.microcs = it.next().map(PathBuf::from),
@@ -281,7 +284,9 @@ fn main() {
     let report = if allocs {
         json!({ "allocs": alloc_report(&opts) })
     } else if syscalls {
-        json!({ "syscalls": syscall_report(&opts) })
+        json!({ "syscalls": traced_report(&opts, Tracer::Strace) })
+    } else if instructions {
+        json!({ "instructions": traced_report(&opts, Tracer::Callgrind) })
     } else {
         let placements: Vec<Value> = opts.placements.iter().map(|&p| run_placement(&opts, p)).collect();
         json!({ "placements": placements })
@@ -894,36 +899,87 @@ fn parse_strace(path: &Path) -> std::collections::BTreeMap<String, u64> {
     m
 }
 
-fn syscall_report(opts: &Opts) -> Value {
-    if Command::new("strace").arg("-V").output().is_err() {
-        eprintln!("--syscalls needs strace (apt-get install strace)");
+/// What `--syscalls` and `--instructions` run the client and server processes under.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tracer {
+    /// `strace -c -f`: system calls by name.
+    Strace,
+    /// `valgrind --tool=callgrind`: instructions executed in user space (all threads).
+    Callgrind,
+}
+
+impl Tracer {
+    fn prefix(self, out: &Path) -> Vec<String> {
+        let out = out.display();
+        match self {
+            Tracer::Strace => vec!["strace".into(), "-c".into(), "-f".into(), "-o".into(), out.to_string()],
+            Tracer::Callgrind => {
+                vec![
+                    "valgrind".into(),
+                    "-q".into(),
+                    "--tool=callgrind".into(),
+                    format!("--callgrind-out-file={out}"),
+                ]
+            }
+        }
+    }
+
+    fn parse(self, path: &Path) -> std::collections::BTreeMap<String, u64> {
+        match self {
+            Tracer::Strace => parse_strace(path),
+            Tracer::Callgrind => {
+                let text =
+                    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let ir = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                    .unwrap_or(0);
+                [("instructions".to_owned(), ir)].into()
+            }
+        }
+    }
+}
+
+/// Runs each system's client and server processes under `tracer`, once with no request and
+/// once with N, and reports the difference per request (so start-up and the handshake drop
+/// out). Split placement.
+fn traced_report(opts: &Opts, tracer: Tracer) -> Value {
+    let (tool, install) = match tracer {
+        Tracer::Strace => ("strace", "--syscalls needs strace (apt-get install strace)"),
+        Tracer::Callgrind => ("valgrind", "--instructions needs valgrind (apt-get install valgrind)"),
+    };
+    if Command::new(tool).arg("--version").output().is_err() {
+        eprintln!("{install}");
         std::process::exit(2);
     }
-    let n: usize = if opts.quick { 100 } else { 20_000 };
+    let n: usize = match (opts.quick, tracer) {
+        (true, _) => 100,
+        (false, Tracer::Strace) => 20_000,
+        (false, Tracer::Callgrind) => 5_000,
+    };
+    let sizes: &[usize] = match tracer {
+        Tracer::Strace => &[32, 1 << 20],
+        Tracer::Callgrind => &[32],
+    };
     let (server_cpu, client_cpu) = Placement::Split.cpus();
-    let dir = private_dir("strace");
+    let dir = private_dir("traced");
     let exe = std::env::current_exe().unwrap();
     let mut out = Vec::new();
     #[allow(unused_mut)]
     let mut systems = System::main();
     #[cfg(feature = "tokio")]
     systems.push(System { client: ServerKind::Tokio, server: ServerKind::Blocking });
-    for size in [32usize, 1 << 20] {
-        let n = if size > 1024 { n / 100 } else { n };
+    for &size in sizes {
+        let n = if size > 1024 { (n / 100).max(1) } else { n };
         for &system in &systems {
             let mut counts = Vec::new();
             for reqs in [0, n] {
-                let (sf, cf) = (dir.join("server.strace"), dir.join("client.strace"));
-                let prefix = ["strace", "-c", "-f", "-o"].map(String::from);
-                let server = ServerProc::start_with(
-                    &[prefix.to_vec(), vec![sf.display().to_string()]].concat(),
-                    system.server,
-                    &dir,
-                    server_cpu,
-                );
+                let (sf, cf) = (dir.join("server.trace"), dir.join("client.trace"));
+                let server = ServerProc::start_with(&tracer.prefix(&sf), system.server, &dir, server_cpu);
                 let st = Command::new("taskset")
-                    .args(["-c", &client_cpu.to_string(), "strace", "-c", "-f", "-o"])
-                    .arg(&cf)
+                    .args(["-c", &client_cpu.to_string()])
+                    .args(tracer.prefix(&cf))
                     .arg(&exe)
                     .args(["--client", &system.label()])
                     .arg(&dir)
@@ -933,7 +989,7 @@ fn syscall_report(opts: &Opts) -> Value {
                     .unwrap();
                 assert!(st.success());
                 drop(server);
-                counts.push((parse_strace(&cf), parse_strace(&sf)));
+                counts.push((tracer.parse(&cf), tracer.parse(&sf)));
             }
             let per = |side: fn(&(_, _)) -> &std::collections::BTreeMap<String, u64>| {
                 let (base, full) = (side(&counts[0]), side(&counts[1]));
