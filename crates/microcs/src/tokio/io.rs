@@ -8,14 +8,14 @@
 //! pile up in the other buffer, so a busy connection batches by itself and an idle one sends at
 //! once.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use ::tokio::io::Interest;
 use ::tokio::net::UnixStream;
 use ::tokio::sync::Notify;
-use rustix::net::SendFlags;
+use rustix::net::{SendAncillaryBuffer, SendFlags};
 
 use crate::blocking::io::{Filled, ReadBuf, Source};
 use crate::proto::{self, Header};
@@ -25,6 +25,9 @@ use crate::proto::{self, Header};
 pub(crate) const HIGH_WATER: usize = 1024 * 1024;
 /// A drained batch buffer larger than this is given back instead of kept for the next batch.
 const KEEP_CAPACITY: usize = 2 * HIGH_WATER;
+/// Owned payloads at least this large are queued as they are and written from where they lie
+/// (a vectored write), instead of being copied into the batch buffer.
+const SPLICE_MIN: usize = 64 * 1024;
 
 /// Frames waiting for the writer task, plus state `T` that must change atomically with them
 /// (the client keeps its table of pending requests here).
@@ -39,6 +42,11 @@ pub(crate) struct Outbox<T> {
 /// The part of an [`Outbox`] behind its lock.
 pub(crate) struct OutState<T> {
     buf: Vec<u8>,
+    /// Large payloads queued without a copy: each goes into the stream at its offset in `buf`
+    /// (after the header already there).
+    spliced: Vec<(usize, Vec<u8>)>,
+    /// Bytes in `spliced`.
+    spliced_len: usize,
     /// Bytes queued since the connection opened: the stream offset at which `buf` ends. Lets
     /// the client tell, after a failure, which frames were written in full, in part, or not at
     /// all (see [`WriterEnd::written`]).
@@ -65,6 +73,34 @@ impl<T> OutState<T> {
         Some((start, self.enqueued))
     }
 
+    /// Queues one frame whose payload the caller gives away: a large one is written from its
+    /// own vector, not copied.
+    pub(crate) fn push_owned(
+        &mut self,
+        header: &Header,
+        method: &[u8],
+        payload: Vec<u8>,
+    ) -> Option<(u64, u64)> {
+        if payload.len() < SPLICE_MIN {
+            return self.push(header, method, &payload);
+        }
+        if self.closed || self.finishing {
+            return None;
+        }
+        let start = self.enqueued;
+        self.buf.extend_from_slice(&header.to_bytes(method.len(), payload.len()));
+        self.buf.extend_from_slice(method);
+        self.enqueued += (proto::FRAME_OVERHEAD + method.len() + payload.len()) as u64;
+        self.spliced_len += payload.len();
+        self.spliced.push((self.buf.len(), payload));
+        Some((start, self.enqueued))
+    }
+
+    /// Bytes queued and not yet taken by the writer.
+    fn queued(&self) -> usize {
+        self.buf.len() + self.spliced_len
+    }
+
     /// True once the outbox takes no more frames.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed || self.finishing
@@ -74,6 +110,8 @@ impl<T> OutState<T> {
     pub(crate) fn close(&mut self) {
         self.closed = true;
         self.buf = Vec::new();
+        self.spliced = Vec::new();
+        self.spliced_len = 0;
     }
 }
 
@@ -91,6 +129,8 @@ impl<T> Outbox<T> {
         Outbox {
             state: Mutex::new(OutState {
                 buf: Vec::new(),
+                spliced: Vec::new(),
+                spliced_len: 0,
                 enqueued: 0,
                 closed: false,
                 finishing: false,
@@ -120,9 +160,18 @@ impl<T> Outbox<T> {
         queued
     }
 
+    /// As [`push`](Outbox::push), giving the payload away (see [`OutState::push_owned`]).
+    pub(crate) fn push_owned(&self, header: &Header, method: &[u8], payload: Vec<u8>) -> bool {
+        let queued = self.lock().push_owned(header, method, payload).is_some();
+        if queued {
+            self.wake();
+        }
+        queued
+    }
+
     /// Bytes queued and not yet taken by the writer.
     pub(crate) fn queued(&self) -> usize {
-        self.lock().buf.len()
+        self.lock().queued()
     }
 
     /// Waits until fewer than [`HIGH_WATER`] bytes are queued (or the outbox is closed).
@@ -135,7 +184,7 @@ impl<T> Outbox<T> {
             notified.as_mut().enable();
             {
                 let st = self.lock();
-                if st.buf.len() < HIGH_WATER || st.is_closed() {
+                if st.queued() < HIGH_WATER || st.is_closed() {
                     return;
                 }
             }
@@ -161,6 +210,7 @@ impl<T> Outbox<T> {
     /// a write fails. `stall` bounds how long one write may wait for the peer to make room.
     pub(crate) async fn run_writer(&self, stream: &UnixStream, stall: Option<Duration>) -> WriterEnd {
         let mut batch = Vec::new();
+        let mut spliced = Vec::new();
         let mut written = 0u64;
         loop {
             let got_batch = {
@@ -169,6 +219,8 @@ impl<T> Outbox<T> {
                     return WriterEnd { written, error: None };
                 }
                 std::mem::swap(&mut st.buf, &mut batch);
+                std::mem::swap(&mut st.spliced, &mut spliced);
+                st.spliced_len = 0;
                 !batch.is_empty()
             };
             if !got_batch {
@@ -176,7 +228,22 @@ impl<T> Outbox<T> {
                 continue;
             }
             self.space.notify_waiters();
-            if let Err(e) = write_all(stream, &batch, stall, &mut written).await {
+            let sent = if spliced.is_empty() {
+                write_all(stream, &batch, stall, &mut written).await
+            } else {
+                // The batch buffer around the spliced payloads, in stream order.
+                let mut parts = Vec::with_capacity(2 * spliced.len() + 1);
+                let mut at = 0;
+                for (offset, payload) in &spliced {
+                    parts.push(IoSlice::new(&batch[at..*offset]));
+                    parts.push(IoSlice::new(payload));
+                    at = *offset;
+                }
+                parts.push(IoSlice::new(&batch[at..]));
+                write_all_vectored(stream, &mut parts, stall, &mut written).await
+            };
+            spliced.clear();
+            if let Err(e) = sent {
                 self.close();
                 return WriterEnd { written, error: Some(e) };
             }
@@ -207,6 +274,38 @@ pub(crate) async fn write_all(
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 bytes = &bytes[n..];
+                *written += n as u64;
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// [`write_all`] for several slices, with one `sendmsg` for as many of them as the socket takes.
+async fn write_all_vectored(
+    stream: &UnixStream,
+    mut parts: &mut [IoSlice<'_>],
+    stall: Option<Duration>,
+    written: &mut u64,
+) -> io::Result<()> {
+    let mut left: usize = parts.iter().map(|p| p.len()).sum();
+    while left > 0 {
+        match stall {
+            Some(t) => ::tokio::time::timeout(t, stream.writable())
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
+            None => stream.writable().await?,
+        }
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            Ok(rustix::net::sendmsg(stream, parts, &mut SendAncillaryBuffer::default(), SendFlags::NOSIGNAL)?)
+        });
+        match sent {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                IoSlice::advance_slices(&mut parts, n);
+                left -= n;
                 *written += n as u64;
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}

@@ -801,6 +801,14 @@ impl Conn {
 
     /// Queues an answer. Nothing goes out over the client's announced limit: an error message
     /// is cut short, any other answer (built-in JSON, a pong) becomes a "too large" error.
+    /// Sends a reply whose payload is given away: a large one is written without a copy.
+    fn send_reply(&self, header: &Header, payload: Vec<u8>) -> bool {
+        if payload.len() <= self.max_reply.load(Ordering::Relaxed) as usize {
+            return self.outbox.push_owned(header, b"", payload);
+        }
+        self.send(header, &payload)
+    }
+
     fn send(&self, header: &Header, payload: &[u8]) -> bool {
         let max = self.max_reply.load(Ordering::Relaxed) as usize;
         if payload.len() <= max {
@@ -1222,7 +1230,10 @@ async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit: OwnedSemap
         return;
     }
     match result {
-        Ok(reply) => finish(Header::new(Kind::Reply, id), &reply),
+        Ok(reply) => {
+            lock(&conn.inflight).remove(&id);
+            conn.send_reply(&Header::new(Kind::Reply, id), reply);
+        }
         Err(e) if verdict => finish(Header::error(id, e.code(), FLAG_SYSTEM), e.message().as_bytes()),
         Err(e) => finish(Header::error(id, e.code(), 0), e.message().as_bytes()),
     }
