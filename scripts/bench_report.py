@@ -288,6 +288,7 @@ def section(dirp: Path, doc_dir: Path) -> str:
     meta = load(dirp / "meta.json") or {}
     sysc = (load(dirp / "syscalls.json") or {}).get("syscalls")
     allocs = (load(dirp / "allocs.json") or {}).get("allocs")
+    instr = (load(dirp / "instructions.json") or {}).get("instructions")
     crit = load(dirp / "criterion.json")
     placements = e2e["placements"]
     (doc_dir / LAT_SVG).write_text(latency_svg(placements))
@@ -396,6 +397,19 @@ def section(dirp: Path, doc_dir: Path) -> str:
                          f"{sum(s['client'].values()):.2f}", fmt(s["client"]),
                          f"{sum(s['server'].values()):.2f}", fmt(s["server"])])
         out.append(md_table(["system", "payload", "client total", "client", "server total", "server"], rows) + "\n")
+    if instr:
+        out.append("### Instructions per request\n")
+        out.append("User-space instructions executed per 32 B request, counted by `valgrind --tool=callgrind` "
+                   "on each process (all its threads), as the difference between a run with N requests and one "
+                   "with none. Unlike times, these counts do not depend on the machine's load.\n")
+        rows = []
+        floor = next((i for i in instr if i["system"] == "floor"), None)
+        for i in instr:
+            c, s_ = i["client"].get("instructions", 0), i["server"].get("instructions", 0)
+            ratio = "" if floor is None else (
+                f"{(c + s_) / (floor['client'].get('instructions', 1) + floor['server'].get('instructions', 1)):.1f}×")
+            rows.append([SYSTEM_TEXT.get(i["system"], i["system"]), f"{c:,.0f}", f"{s_:,.0f}", f"{c + s_:,.0f}", ratio])
+        out.append(md_table(["system", "client", "server", "both", "÷ floor"], rows) + "\n")
     if allocs:
         out.append("### Heap allocations per request\n")
         out.append("A counting `#[global_allocator]` in the e2e bench (`--allocs`), client and server in one "
@@ -453,12 +467,13 @@ def write_doc(doc: Path, body: str) -> None:
     if pat.search(old):
         new = pat.sub(lambda _: block, old, count=1)
     else:
-        # First time: right under the title, so the charts are what a reader sees first.
-        head, sep, rest = old.partition("\n")
-        if head.startswith("# "):
-            new = f"{head}\n\n{block}\n{rest}"
+        # First time: before the first section (under the title and its introduction), so the
+        # charts are what a reader sees first.
+        m = re.search(r"^## ", old, re.M)
+        if m:
+            new = f"{old[:m.start()]}{block}\n\n{old[m.start():]}"
         else:
-            new = f"# Benchmarks\n\n{block}\n\n{old}"
+            new = f"{old.rstrip()}\n\n{block}\n"
     doc.write_text(new.rstrip() + "\n")
 
 
