@@ -1166,6 +1166,7 @@ fn run(shared: &Shared, conn: &Conn, job: Job, batch: bool) {
         return finish(Header::error(id, status::TIMED_OUT, FLAG_SYSTEM | FLAG_NOT_RUN), msg.as_bytes());
     }
     let cancel = job.cancel.clone();
+    let deadline = job.deadline;
     let req = Request {
         id,
         method: (!job.method.is_empty()).then(|| String::from_utf8_lossy(&job.method).into_owned()),
@@ -1207,8 +1208,11 @@ fn run(shared: &Shared, conn: &Conn, job: Job, batch: bool) {
         r => r,
     };
     ep.counters.record(elapsed, result.as_ref().err());
-    if cancel.is_set() {
-        // The caller gave up or left: nobody reads this reply.
+    // The caller gave up (cancelled, left, or its deadline passed) — nobody reads this answer.
+    // The server's deadline is never earlier than the caller's (it counts from the request's
+    // arrival and rounds up), so past it the caller has already timed out by itself; not
+    // answering keeps its outcome a plain `TimedOut` instead of a race with a late reply.
+    if cancel.is_set() || deadline.is_some_and(|d| Instant::now() >= d) {
         lock(&conn.inflight).remove(&id);
         return;
     }
