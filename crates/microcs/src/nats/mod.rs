@@ -73,7 +73,7 @@ mod serve;
 #[cfg(feature = "tokio")]
 mod tokio;
 
-pub use list::{list, list_async};
+pub use list::{list, list_async, list_stats, list_stats_async};
 
 pub(crate) use blocking::{
     ClientLink, bind_nats as bind_blocking, start_nats as start_blocking, stop_nats as stop_blocking,
