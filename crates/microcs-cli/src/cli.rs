@@ -9,10 +9,33 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// benchmark services, all from the shell.
 ///
 /// Services live in a private runtime directory ($MICROCS_RUNTIME_DIR, else
-/// $XDG_RUNTIME_DIR/microcs, else /tmp/microcs-UID) and talk over Unix sockets.
+/// $XDG_RUNTIME_DIR/microcs, else /tmp/microcs-UID) and talk over Unix sockets. Across machines,
+/// the same names work over a NATS server: `serve NAME --nats URL` there, `call NAME --nats URL`
+/// (or $MICROCS_NATS_URL) anywhere.
 ///
 /// Exit status: 0 success, 1 the request failed (remote error, timeout, no such service),
 /// 2 usage or local error.
+/// The `--help` paragraph on NATS credentials.
+macro_rules! nats_creds_help {
+    () => {
+        "NATS credentials come from the environment only (never from arguments, which `ps` \
+         shows):\n  MICROCS_NATS_USER + MICROCS_NATS_PASSWORD, or MICROCS_NATS_TOKEN, or \
+         MICROCS_NATS_CREDS (a .creds file);\n  MICROCS_NATS_CA: a PEM file of CA certificates for \
+         tls:// URLs."
+    };
+}
+
+/// The `--help` paragraph on NATS, shared by the commands that call services.
+macro_rules! nats_env_help {
+    () => {
+        concat!(
+            "With --nats URL (or $MICROCS_NATS_URL), a service with no local instance is reached over \
+             that NATS server. ",
+            nats_creds_help!()
+        )
+    };
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "microcs", version, propagate_version = true, max_term_width = 100)]
 #[command(after_help = "New here? Run `microcs demo` for a guided tour (a few seconds, nothing to set up).")]
@@ -46,9 +69,18 @@ pub enum Command {
     ///
     /// Ctrl-C or SIGTERM stops taking requests, frees the name at once, lets running requests
     /// finish (see --grace), and exits 0. A second Ctrl-C kills running commands and exits 130.
-    #[command(after_help = "Examples:\n  microcs serve UPPER -- tr a-z A-Z\n  microcs serve ECHO --echo\n  \
+    ///
+    /// With --nats URL the service is also a NATS micro service on that NATS server (callers on
+    /// other machines reach it by the same name; several instances share the load); with
+    /// --transport nats it is only there, and claims no local name.
+    #[command(after_help = concat!("Examples:\n  microcs serve UPPER -- tr a-z A-Z\n  microcs serve ECHO --echo\n  \
                             microcs serve TOOLS --method wc='wc -c' --method date=date\n  \
-                            microcs serve LIFE_GEN --life")]
+                            microcs serve LIFE_GEN --life\n  \
+                            microcs serve UPPER --nats nats://broker:4222 -- tr a-z A-Z\n  \
+                            microcs serve UPPER --nats nats://broker:4222 --transport nats -- tr a-z A-Z\n\n\
+                            Over NATS, MICROCS_PEER_PID is 0 and MICROCS_PEER_UID 4294967295: no kernel \
+                            vouches for a NATS caller.\n\n",
+                            nats_creds_help!()))]
     Serve(ServeArgs),
 
     /// Send one request and print the raw reply on stdout.
@@ -56,25 +88,37 @@ pub enum Command {
     /// The payload is MESSAGE, or standard input when MESSAGE is `-`, or empty when MESSAGE is
     /// omitted. The reply's bytes are written to stdout exactly as received (no newline added);
     /// errors go to stderr.
-    #[command(after_help = "Examples:\n  microcs call UPPER hello\n  \
-                            printf '.#.\\n.#.\\n.#.\\n' | microcs call LIFE_GEN -\n  \
-                            microcs call TOOLS --method wc 'count me'")]
+    #[command(after_help = concat!(
+        "Examples:\n  microcs call UPPER hello\n  \
+         printf '.#.\\n.#.\\n.#.\\n' | microcs call LIFE_GEN -\n  \
+         microcs call TOOLS --method wc 'count me'\n  \
+         microcs call UPPER hello --nats nats://broker:4222\n\n",
+        nats_env_help!()
+    ))]
     Call(CallArgs),
 
-    /// List the running services: name, pid, uptime, requests, errors, methods.
-    #[command(visible_alias = "list")]
+    /// List the running services: name, where, pid, uptime, requests, errors, methods.
+    ///
+    /// Lists the services of the runtime directory and, with --nats URL (or $MICROCS_NATS_URL),
+    /// the NATS micro services on that NATS server, one row per instance; WHERE says where each
+    /// was found (local, nats, or local+nats for a local service also served on NATS).
+    #[command(visible_alias = "list", after_help = nats_creds_help!())]
     Ls(LsArgs),
 
     /// Measure round trips to a service with its built-in $ping, like ping(8).
+    #[command(after_help = nats_env_help!())]
     Ping(PingArgs),
 
     /// Show what a service says about itself ($info): version, description, endpoints.
+    #[command(after_help = nats_env_help!())]
     Info(TargetArgs),
 
     /// Show a service's request and error counters per endpoint ($stats).
+    #[command(after_help = nats_env_help!())]
     Stats(TargetArgs),
 
     /// Measure a service's latency percentiles and throughput under load.
+    #[command(after_help = nats_env_help!())]
     Bench(BenchArgs),
 
     /// A guided tour: start a Game of Life service, call, list, ping and benchmark it, stop it.
@@ -132,6 +176,58 @@ pub struct ServeArgs {
     /// Largest request or reply a command may take or give, in bytes (suffixes K, M accepted).
     #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
     pub max_size: u64,
+
+    /// Also serve as a NATS micro service on the NATS server at URL (nats://host:4222,
+    /// tls://host:4222, or a comma-separated list of one cluster's URLs). NAME must then have no
+    /// dots. Not read from $MICROCS_NATS_URL: a service goes on a NATS server only when told so.
+    #[arg(long, value_name = "URL", help_heading = "NATS")]
+    pub nats: Option<String>,
+
+    /// Where to serve: auto (the local socket, plus NATS with --nats), local (the local socket
+    /// only), nats (NATS only, with --nats: no local name is claimed, so several instances may
+    /// run on one machine).
+    #[arg(long, value_name = "WHERE", value_enum, default_value_t = Way::Auto, hide_possible_values = true,
+          help_heading = "NATS")]
+    pub transport: Way,
+}
+
+/// `--nats` and `--transport` of the commands that call services.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "NATS")]
+pub struct NatsArgs {
+    /// Reach services that have no local instance over the NATS server at URL (nats://host:4222,
+    /// tls://host:4222, or a comma-separated list of one cluster's URLs) [default:
+    /// $MICROCS_NATS_URL].
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+
+    /// How to reach services: auto (a local instance first, else NATS), local (local only), nats
+    /// (NATS only) [default: $MICROCS_TRANSPORT, else auto].
+    #[arg(long, value_name = "WAY", value_enum, hide_possible_values = true)]
+    pub transport: Option<Way>,
+}
+
+/// Values of `--transport`: the library's [`microcs::nats::Transport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Way {
+    /// Local first, else NATS (calls); the local socket, plus NATS when given (serve).
+    #[default]
+    Auto,
+    /// The local socket only.
+    Local,
+    /// NATS only.
+    Nats,
+}
+
+impl Way {
+    /// The library's transport.
+    pub fn transport(self) -> microcs::nats::Transport {
+        match self {
+            Way::Auto => microcs::nats::Transport::Auto,
+            Way::Local => microcs::nats::Transport::Local,
+            Way::Nats => microcs::nats::Transport::Nats,
+        }
+    }
 }
 
 /// Arguments of `microcs call`.
@@ -151,14 +247,29 @@ pub struct CallArgs {
     /// Give up after this long (e.g. 500ms, 2s, 1m).
     #[arg(long, short = 't', value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// NATS: `--nats URL`, `--transport`.
+    #[command(flatten)]
+    pub net: NatsArgs,
 }
 
 /// Arguments of `microcs ls`.
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// How long to wait for each service's counters before showing `-`.
+    /// How long to wait for each service's counters before showing `-`, and for the answers of
+    /// the services on NATS.
     #[arg(long, short = 't', value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// Also list the NATS micro services on the NATS server at URL (microcs services and any
+    /// other) [default: $MICROCS_NATS_URL].
+    #[arg(long, value_name = "URL", help_heading = "NATS")]
+    pub nats: Option<String>,
+
+    /// What to list: auto (local services, plus NATS with a URL), local (local only), nats (NATS
+    /// only) [default: $MICROCS_TRANSPORT, else auto].
+    #[arg(long, value_name = "WAY", value_enum, hide_possible_values = true, help_heading = "NATS")]
+    pub transport: Option<Way>,
 }
 
 /// Arguments of `microcs ping`.
@@ -182,6 +293,10 @@ pub struct PingArgs {
     /// Print only the summary.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+
+    /// NATS: `--nats URL`, `--transport`.
+    #[command(flatten)]
+    pub net: NatsArgs,
 }
 
 /// Arguments of `microcs info` and `microcs stats`.
@@ -193,6 +308,10 @@ pub struct TargetArgs {
     /// Give up after this long.
     #[arg(long, short = 't', value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// NATS: `--nats URL`, `--transport`.
+    #[command(flatten)]
+    pub net: NatsArgs,
 }
 
 /// Arguments of `microcs bench`.
@@ -239,6 +358,10 @@ pub struct BenchArgs {
     /// small VM, same-CPU and cross-CPU round trips differ several times over.
     #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
     pub cpus: Option<CpuList>,
+
+    /// NATS: `--nats URL`, `--transport`.
+    #[command(flatten)]
+    pub net: NatsArgs,
 }
 
 /// A list of CPU numbers, from `--cpus`.

@@ -84,6 +84,12 @@ impl From<microcs::Error> for CliError {
         let mut message = e.to_string();
         // Name the next step for failures whose library message cannot know the command line.
         match kind {
+            ErrorKind::NoService if message.contains("on NATS") && !message.contains("microcs ls") => {
+                message.push_str(
+                    "; start it with `microcs serve NAME --nats URL`, or see the services there with \
+                     `microcs ls --nats URL`",
+                );
+            }
             ErrorKind::NoService if !message.contains("microcs ls") => {
                 message
                     .push_str("; start it with `microcs serve`, or see running services with `microcs ls`");

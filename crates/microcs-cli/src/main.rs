@@ -11,6 +11,7 @@
 //! - `error`: [`error::CliError`] and the single mapping from failures to exit codes.
 //! - `exec`: running a command per request for `serve -- CMD`.
 //! - `life`: the Game of Life the demo serves.
+//! - `net`: `--nats URL` and `--transport` (checked, then handed to the library).
 //! - `output`: JSON, tables, human numbers.
 //! - `signals`: Ctrl-C / SIGTERM on a side thread.
 
@@ -28,6 +29,7 @@ mod cmd;
 mod error;
 mod exec;
 mod life;
+mod net;
 mod output;
 mod signals;
 

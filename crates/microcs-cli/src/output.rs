@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::CliResult;
+use crate::net::Net;
 
 /// What every command gets from the global options.
 #[derive(Debug, Clone)]
@@ -18,10 +19,16 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// A client builder for `name` in this context's runtime directory.
-    pub fn client(&self, name: &str, timeout: Duration) -> microcs::ClientBuilder {
-        microcs::Client::builder(name).runtime_dir(&self.dir).timeout(timeout)
+    /// A client builder for `name` in this context's runtime directory, reaching it as `net`
+    /// says (local first, else NATS, unless told otherwise).
+    pub fn client(&self, name: &str, timeout: Duration, net: &Net) -> microcs::ClientBuilder {
+        net.apply(microcs::Client::builder(name).runtime_dir(&self.dir).timeout(timeout))
     }
+}
+
+/// `"local"` or `"nats"`: where a client's requests went, for output.
+pub fn via(client: &microcs::Client) -> &'static str {
+    client.via().as_str()
 }
 
 /// Writes one compact JSON document and a newline on stdout.

@@ -43,6 +43,8 @@ impl Env {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(EXE);
         c.args(args).env("MICROCS_RUNTIME_DIR", &self.dir).env_remove("XDG_RUNTIME_DIR");
+        // Local only, whatever the shell running the tests says (tests/nats.rs covers NATS).
+        c.env_remove("MICROCS_NATS_URL").env_remove("MICROCS_TRANSPORT");
         c
     }
 

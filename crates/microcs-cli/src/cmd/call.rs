@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::cli::CallArgs;
 use crate::error::{CliError, CliResult};
-use crate::output::{Ctx, base64, print_json};
+use crate::net::Net;
+use crate::output::{Ctx, base64, print_json, via};
 
 /// `--json` output of `microcs call`.
 #[derive(Serialize)]
@@ -20,6 +21,10 @@ struct CallJson<'a> {
     reply_base64: String,
     bytes: usize,
     elapsed_us: u64,
+    /// Where the request went: `"local"` or `"nats"`.
+    via: &'static str,
+    /// The NATS server this call could use (password masked), or null when NATS was not set up.
+    nats_url: Option<String>,
 }
 
 /// Runs `microcs call`.
@@ -36,8 +41,9 @@ pub fn run(ctx: &Ctx, args: CallArgs) -> CliResult {
         }
         Some(text) => text.as_bytes().to_vec(),
     };
+    let net = Net::from_args(&args.net)?;
     let t0 = Instant::now();
-    let mut client = ctx.client(&args.name, args.timeout).connect()?;
+    let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
     let reply = match args.method.as_deref() {
         Some(m) => client.call(m, &payload)?,
         None => client.request(&payload)?,
@@ -51,6 +57,8 @@ pub fn run(ctx: &Ctx, args: CallArgs) -> CliResult {
             reply_base64: base64(&reply),
             bytes: reply.len(),
             elapsed_us: elapsed.as_micros() as u64,
+            via: via(&client),
+            nats_url: client.nats_url(),
         })
     } else {
         let mut out = std::io::stdout().lock();

@@ -22,6 +22,7 @@ use super::ping::{self, Summary};
 use crate::cli::DemoArgs;
 use crate::error::{CliError, CliResult};
 use crate::life::{Board, GLIDER};
+use crate::net::Net;
 use crate::output::{Ctx, print_json};
 use crate::signals;
 
@@ -130,7 +131,9 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
     // 2. Call it.
     say.step(2, "Call it by name: send a board, get the next generation back")?;
     say.cmd("microcs call LIFE_GEN - < glider.txt      # once per generation")?;
-    let mut client = dctx.client(NAME, Duration::from_secs(5)).connect()?;
+    // Local only, whatever MICROCS_NATS_URL or MICROCS_TRANSPORT say: the demo never leaves its
+    // private directory.
+    let mut client = dctx.client(NAME, Duration::from_secs(5), &Net::local()).connect()?;
     let mut generations = vec![GLIDER.to_owned()];
     for _ in 0..GENERATIONS {
         let next = client.send_message(generations.last().expect("generation 0"))?;
@@ -149,7 +152,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
     say.step(3, "See what is running")?;
     say.cmd("microcs ls")?;
     let rows = ls::collect(&dctx, Duration::from_secs(2))?;
-    say.block(&ls::render(&rows))?;
+    say.block(&ls::render(&rows, false))?;
     say.line("   Every service answers the built-in $stats, so `ls` can show its counters.")?;
 
     // 4. Ping.
@@ -173,6 +176,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
     let plan = Plan {
         name: NAME.into(),
         dir: dir.clone(),
+        net: Net::local(),
         method: None,
         payload: GLIDER.as_bytes().to_vec(),
         clients: 2,
@@ -202,6 +206,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
     let freed = microcs::list_in(&dir)?.is_empty()
         && Client::builder(NAME)
             .runtime_dir(&dir)
+            .transport(microcs::nats::Transport::Local)
             .connect()
             .is_err_and(|e| e.kind() == microcs::ErrorKind::NoService);
     say.line(&format!(

@@ -3,14 +3,19 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use microcs::nats::Transport;
+
 use crate::cli::TargetArgs;
 use crate::error::CliResult;
+use crate::net::Net;
 use crate::output::{Ctx, count, latency, print, print_json, table};
 
 /// Runs `microcs info`: the service's `$info` answer (JSON as the service sent it with `--json`).
 pub fn info(ctx: &Ctx, args: TargetArgs) -> CliResult {
-    let mut client = ctx.client(&args.name, args.timeout).connect()?;
+    let net = Net::from_args(&args.net)?;
+    let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
     let info = client.info()?;
+    let on_nats = client.via() == Transport::Nats;
     if ctx.json {
         return print_json(&info);
     }
@@ -23,13 +28,22 @@ pub fn info(ctx: &Ctx, args: TargetArgs) -> CliResult {
     if let Some(pid) = client.server_pid() {
         fields.push(("pid".into(), pid.to_string()));
     }
-    fields.push(("socket".into(), client.socket_path().display().to_string()));
+    if on_nats {
+        // Over NATS any one instance answered; there is no socket and no handshake.
+        fields.push(("via".into(), format!("NATS at {}", client.nats_url().unwrap_or_default())));
+    } else {
+        fields.push(("socket".into(), client.socket_path().display().to_string()));
+    }
     if let Some(max) = client.max_request_payload() {
         fields.push(("accepts".into(), format!("requests up to {} bytes", count(u64::from(max)))));
     }
-    // The service's own pid is already shown from the handshake.
+    // The service's own pid is already shown when it came from the handshake.
+    let shown_pid = client.server_pid().is_some();
     fields.extend(
-        info.metadata.iter().filter(|(k, _)| k.as_str() != "pid").map(|(k, v)| (k.clone(), v.clone())),
+        info.metadata
+            .iter()
+            .filter(|(k, _)| !(shown_pid && k.as_str() == "pid"))
+            .map(|(k, v)| (k.clone(), v.clone())),
     );
     let w = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     for (k, v) in &fields {
@@ -40,10 +54,11 @@ pub fn info(ctx: &Ctx, args: TargetArgs) -> CliResult {
         .endpoints
         .iter()
         .map(|e| {
+            let nats = if on_nats { " --nats URL" } else { "" };
             let how = if e.name == microcs::micro::DEFAULT_ENDPOINT {
-                format!("microcs call {}", info.name)
+                format!("microcs call {}{nats}", info.name)
             } else {
-                format!("microcs call {} --method {}", info.name, e.name)
+                format!("microcs call {} --method {}{nats}", info.name, e.name)
             };
             vec![e.name.clone(), e.subject.clone(), how]
         })
@@ -54,12 +69,22 @@ pub fn info(ctx: &Ctx, args: TargetArgs) -> CliResult {
 
 /// Runs `microcs stats`: request and error counts and handler times per endpoint.
 pub fn stats(ctx: &Ctx, args: TargetArgs) -> CliResult {
-    let mut client = ctx.client(&args.name, args.timeout).connect()?;
+    let net = Net::from_args(&args.net)?;
+    let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
     let stats = client.stats()?;
     if ctx.json {
         return print_json(&stats);
     }
-    let mut s = format!("{}  started {}\n", stats.name, stats.started);
+    let mut s = format!("{}  started {}", stats.name, stats.started);
+    if client.via() == Transport::Nats {
+        // Over NATS one instance answers: say which.
+        s.push_str(&format!(
+            "  (instance {} via NATS at {})",
+            stats.id,
+            client.nats_url().unwrap_or_default()
+        ));
+    }
+    s.push('\n');
     let rows: Vec<Vec<String>> = stats
         .endpoints
         .iter()

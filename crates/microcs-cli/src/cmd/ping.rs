@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use microcs::nats::Transport;
 use serde::Serialize;
 
 use crate::cli::PingArgs;
 use crate::error::{CliError, CliResult};
+use crate::net::Net;
 use crate::output::{Ctx, print_json};
 use crate::signals;
 
@@ -28,8 +30,10 @@ pub struct Reply {
 pub struct Summary {
     /// Service name.
     pub name: String,
-    /// Server pid, from the handshake.
+    /// Server pid, from the handshake (null over NATS, where any instance may answer).
     pub pid: Option<u32>,
+    /// Where the pings went: `"local"` or `"nats"` (the last one's way).
+    pub via: &'static str,
     /// Pings sent.
     pub sent: u64,
     /// Replies received.
@@ -106,6 +110,7 @@ pub fn ping_loop(
     Ok(Summary {
         name: client.name().to_string(),
         pid: client.server_pid(),
+        via: client.via().as_str(),
         sent,
         received,
         loss_pct: if sent == 0 { 0.0 } else { 100.0 * (sent - received) as f64 / sent as f64 },
@@ -156,12 +161,18 @@ pub fn run(ctx: &Ctx, args: PingArgs) -> CliResult {
             stop.store(true, Ordering::SeqCst);
         })?;
     }
-    let mut client = ctx.client(&args.name, args.timeout).connect()?;
+    let net = Net::from_args(&args.net)?;
+    let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
     let human = !ctx.json;
     if human && !args.quiet {
-        let pid = client.server_pid().map_or_else(String::new, |p| format!(" (pid {p})"));
         let mut out = std::io::stdout().lock();
-        writeln!(out, "PING {}{pid} at {}", args.name, client.socket_path().display())?;
+        match (client.via(), client.nats_url()) {
+            (Transport::Nats, Some(url)) => writeln!(out, "PING {} via NATS at {url}", args.name)?,
+            _ => {
+                let pid = client.server_pid().map_or_else(String::new, |p| format!(" (pid {p})"));
+                writeln!(out, "PING {}{pid} at {}", args.name, client.socket_path().display())?;
+            }
+        }
     }
     let name = args.name.clone();
     let summary = ping_loop(&mut client, args.count, args.interval, &stop, |r| {

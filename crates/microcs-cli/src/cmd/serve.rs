@@ -9,10 +9,11 @@ use microcs::proto::status;
 use microcs::{RemoteError, Request, Server, ShutdownTrigger};
 use serde::Serialize;
 
-use crate::cli::ServeArgs;
+use crate::cli::{ServeArgs, Way};
 use crate::error::{CliError, CliResult};
 use crate::exec::{Program, Runner};
 use crate::life;
+use crate::net;
 use crate::output::{Ctx, print_json};
 use crate::signals::{self, Sig};
 
@@ -30,8 +31,14 @@ struct Ready<'a> {
     event: &'static str,
     name: &'a str,
     pid: u32,
-    socket: String,
+    /// Null when serving on NATS only.
+    socket: Option<String>,
     runtime_dir: String,
+    /// `["local"]`, `["nats"]` or `["local", "nats"]`.
+    #[serde(rename = "where")]
+    found: Vec<&'static str>,
+    /// The NATS server it serves on (password masked), or null.
+    nats_url: Option<String>,
     handler: String,
     methods: Vec<String>,
     jobs: u32,
@@ -62,6 +69,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
             )));
         }
     }
+    let nats_url = check_nats(&args)?;
     let max_frame = u32::try_from(args.max_size)
         .ok()
         .filter(|&n| n > 0)
@@ -103,7 +111,11 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
         .grace_period(args.grace)
         .max_frame(max_frame)
         .metadata("served_by", "microcs serve")
-        .version(env!("CARGO_PKG_VERSION"));
+        .version(env!("CARGO_PKG_VERSION"))
+        .transport(args.transport.transport());
+    if let Some(url) = &nats_url {
+        builder = builder.nats(url);
+    }
     let handler_desc;
     let default: Handler = if args.echo {
         handler_desc = "echo".to_owned();
@@ -152,25 +164,41 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
         }
         s.trigger = Some(t);
     }
-    let socket = server.socket_path().to_owned();
+    let on_nats = args.transport == Way::Nats;
+    let socket = (!on_nats).then(|| server.socket_path().display().to_string());
     let handle = server.spawn(default)?;
     let mut methods: Vec<String> = args.methods.iter().map(|(m, _)| m.clone()).collect();
     if args.life {
         methods.insert(0, "steps".into());
     }
+    let shown_url = nats_url.as_deref().map(net::redact);
+    let place = match (&socket, &shown_url) {
+        (Some(sock), Some(url)) => format!("at {sock} and on NATS at {url}"),
+        (Some(sock), None) => format!("at {sock}"),
+        (None, Some(url)) => format!("on NATS at {url} only"),
+        (None, None) => unreachable!("checked: NATS only has a URL"),
+    };
     note!(
-        "microcs: serving '{name}' (pid {}) at {}: {handler_desc}{}; up to {jobs} at once. Ctrl-C to stop.",
+        "microcs: serving '{name}' (pid {}) {place}: {handler_desc}{}; up to {jobs} at once. Ctrl-C to stop.",
         std::process::id(),
-        socket.display(),
         if methods.is_empty() { String::new() } else { format!(", methods: {}", methods.join(", ")) },
     );
+    let mut found = Vec::new();
+    if socket.is_some() {
+        found.push("local");
+    }
+    if shown_url.is_some() {
+        found.push("nats");
+    }
     if ctx.json {
         print_json(&Ready {
             event: "ready",
             name,
             pid: std::process::id(),
-            socket: socket.display().to_string(),
+            socket,
             runtime_dir: ctx.dir.display().to_string(),
+            found,
+            nats_url: shown_url,
             handler: handler_desc.clone(),
             methods: methods.clone(),
             jobs,
@@ -186,6 +214,25 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     }
     let _ = std::io::stderr().flush();
     Ok(())
+}
+
+/// Checks `--nats` and `--transport`; returns the URL to serve on NATS with, if any.
+fn check_nats(args: &ServeArgs) -> CliResult<Option<String>> {
+    if let Some(url) = &args.nats {
+        net::check_url(url)?;
+    }
+    match (args.transport, &args.nats) {
+        (Way::Nats, None) => Err(CliError::local(
+            "--transport nats serves on NATS only, so it needs --nats URL (MICROCS_NATS_URL is for callers \
+             only: a service goes on a NATS server only when told so)",
+        )),
+        (Way::Local, Some(_)) => Err(CliError::local(
+            "--transport local and --nats contradict each other (local serves on the local socket only); \
+             drop one",
+        )),
+        (Way::Local, None) => Ok(None),
+        (_, url) => Ok(url.as_ref().map(|u| u.trim().to_owned())),
+    }
 }
 
 /// Where `program` would be found by exec: itself when it has a `/`, else the first executable

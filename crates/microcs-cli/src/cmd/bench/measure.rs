@@ -10,7 +10,10 @@ use std::sync::{Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use microcs::nats::Transport;
 use microcs::{Client, ErrorKind};
+
+use crate::net::Net;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -19,6 +22,8 @@ pub struct Plan {
     pub name: String,
     /// Runtime directory to find it in.
     pub dir: PathBuf,
+    /// How to reach it (local, NATS).
+    pub net: Net,
     /// Method to call; `None` for the default handler.
     pub method: Option<String>,
     /// Payload of every request.
@@ -86,6 +91,8 @@ pub struct Measurement {
     pub bytes_sent: u64,
     /// Bytes of replies received.
     pub bytes_received: u64,
+    /// Where the requests went: `"local"`, `"nats"`, or `"local+nats"` when clients differed.
+    pub via: &'static str,
 }
 
 /// Runs `plan`, updating `progress` as it goes.
@@ -97,7 +104,8 @@ pub struct Measurement {
 pub fn run(plan: &Plan, progress: &Progress) -> Result<Measurement, microcs::Error> {
     let mut clients = Vec::with_capacity(plan.clients as usize);
     for _ in 0..plan.clients {
-        clients.push(Client::builder(&plan.name).runtime_dir(&plan.dir).timeout(plan.timeout).connect()?);
+        let builder = Client::builder(&plan.name).runtime_dir(&plan.dir).timeout(plan.timeout);
+        clients.push(plan.net.apply(builder).connect()?);
     }
     let gate = Gate::default();
     let results: Vec<Result<ClientResult, microcs::Error>> = thread::scope(|s| {
@@ -141,9 +149,13 @@ pub fn run(plan: &Plan, progress: &Progress) -> Result<Measurement, microcs::Err
         latency: Histogram::new(),
         bytes_sent: 0,
         bytes_received: 0,
+        via: "local",
     };
+    let (mut local, mut nats) = (false, false);
     for r in results {
         let r = r?;
+        local |= r.via == Transport::Local;
+        nats |= r.via == Transport::Nats;
         m.requests += r.ok;
         m.errors += r.errors;
         m.bytes_sent += r.ok * plan.payload.len() as u64;
@@ -153,6 +165,11 @@ pub fn run(plan: &Plan, progress: &Progress) -> Result<Measurement, microcs::Err
             m.first_error = r.first_error;
         }
     }
+    m.via = match (local, nats) {
+        (true, true) => "local+nats",
+        (false, true) => "nats",
+        _ => "local",
+    };
     Ok(m)
 }
 
@@ -218,6 +235,8 @@ struct ClientResult {
     bytes_received: u64,
     first_error: Option<String>,
     latency: Histogram,
+    /// Where the client's last request went.
+    via: Transport,
 }
 
 /// One client: warm up, wait for the start, then requests back to back until the time is up.
@@ -252,8 +271,14 @@ fn client_thread(
     if !go {
         return Err(local("the benchmark was aborted before it started"));
     }
-    let mut r =
-        ClientResult { ok: 0, errors: 0, bytes_received: 0, first_error: None, latency: Histogram::new() };
+    let mut r = ClientResult {
+        ok: 0,
+        errors: 0,
+        bytes_received: 0,
+        first_error: None,
+        latency: Histogram::new(),
+        via: client.via(),
+    };
     let end = Instant::now() + plan.duration;
     loop {
         let t0 = Instant::now();
@@ -282,6 +307,7 @@ fn client_thread(
             }
         }
     }
+    r.via = client.via();
     Ok(r)
 }
 

@@ -14,6 +14,7 @@ use serde::Serialize;
 use self::measure::{Measurement, Plan, Progress, phase};
 use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult};
+use crate::net::Net;
 use crate::output::{Ctx, byte_rate, count, latency, print, print_json};
 
 /// Latencies in `microcs bench --json`, microseconds.
@@ -64,6 +65,9 @@ pub struct Report {
     pub latency_us: LatencyJson,
     /// CPUs the clients were pinned to (`--cpus`); null when unpinned.
     pub cpus: Option<Vec<usize>>,
+    /// Where the requests went: `"local"`, `"nats"` (or `"local+nats"` when a local instance
+    /// started or stopped during the run).
+    pub via: &'static str,
 }
 
 impl Report {
@@ -94,6 +98,7 @@ impl Report {
                 max: us(h.max()),
             },
             cpus: (!plan.cpus.is_empty()).then(|| plan.cpus.clone()),
+            via: m.via,
         }
     }
 
@@ -102,9 +107,14 @@ impl Report {
         let l = |us: f64| latency(Duration::from_nanos((us * 1e3) as u64));
         let lat = &self.latency_us;
         let mut s = format!(
-            "{} {}: {} client{}, {}-byte payload, {:.2} s\n",
+            "{} {}{}: {} client{}, {}-byte payload, {:.2} s\n",
             self.name,
             self.method.as_deref().map_or_else(|| "(default handler)".to_owned(), |m| format!("method {m}")),
+            match self.via {
+                "local" => "",
+                "nats" => " via NATS",
+                _ => " via local and NATS",
+            },
             self.clients,
             if self.clients == 1 { "" } else { "s" },
             self.payload_bytes,
@@ -150,6 +160,7 @@ fn plan(ctx: &Ctx, args: &BenchArgs) -> CliResult<Plan> {
     Ok(Plan {
         name: args.name.clone(),
         dir: ctx.dir.clone(),
+        net: Net::from_args(&args.net)?,
         method: args.method.clone(),
         payload,
         clients: args.clients,
