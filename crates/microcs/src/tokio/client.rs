@@ -25,7 +25,7 @@ use ::tokio::net::UnixStream;
 use ::tokio::sync::oneshot;
 use ::tokio::time::{Instant, sleep, timeout_at};
 
-use super::io::{Outbox, read_more, shutdown, write_all};
+use super::io::{Outbox, Stream, read_more, shutdown, write_all};
 use crate::blocking::DEFAULT_TIMEOUT;
 use crate::blocking::io::{Filled, ReadBuf, is_disconnect};
 use crate::error::{Error, ErrorKind, Result};
@@ -97,7 +97,7 @@ impl Drop for Shared {
 
 /// One connection and the requests waiting on it.
 struct Conn {
-    stream: UnixStream,
+    stream: Stream,
     /// The server's handshake answer: limits and identity.
     server: HelloAck,
     /// Requests to write, and the pending table, under one lock: a request is either queued
@@ -841,7 +841,9 @@ impl Client {
         };
         let stream = match timeout_at(deadline, connect(&s.path)).await {
             Err(_) => return Err(timed_out("accept the connection")),
-            Ok(Ok(stream)) => stream,
+            Ok(Ok(stream)) => Stream::new(stream).map_err(|e| {
+                Error::io(format_args!("cannot watch the connection to {}", s.path.display()), e)
+            })?,
             Ok(Err(e)) => {
                 return Err(match e.kind() {
                     io::ErrorKind::NotFound => no_service(""),
@@ -971,7 +973,7 @@ impl ReadError {
 
 /// Reads one whole frame (the handshake answer).
 async fn read_frame(
-    stream: &UnixStream,
+    stream: &Stream,
     rbuf: &mut ReadBuf,
     max_payload: u32,
 ) -> Result<(Header, Vec<u8>), ReadError> {

@@ -9,16 +9,96 @@
 //! once.
 
 use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdStream;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use ::tokio::io::Interest;
-use ::tokio::net::UnixStream;
+use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use ::tokio::sync::Notify;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
 
 use crate::blocking::io::{Filled, ReadBuf, Source};
 use crate::proto::{self, Header};
+
+/// A connected Unix stream, registered with tokio for *read* readiness only.
+///
+/// tokio's own `UnixStream` registers for reading and writing. A Unix socket tells its writer
+/// "writable" every time the peer takes data out, so with write interest each reply the client
+/// reads woke the server's `epoll_wait` for nothing, and each request the server read woke the
+/// client's: a wake-up and a system call per request on each side, two context switches when
+/// both share a CPU. Here writes go straight to the socket, and only a write that would block
+/// registers for write readiness (a second descriptor of the same socket), for as long as it
+/// waits.
+pub(crate) struct Stream {
+    fd: AsyncFd<StdStream>,
+}
+
+impl Stream {
+    /// Takes over a connected tokio stream (which stops watching it).
+    pub(crate) fn new(stream: ::tokio::net::UnixStream) -> io::Result<Stream> {
+        // Still non-blocking, as tokio documents for `into_std`.
+        let std = stream.into_std()?;
+        // SAFETY: the stream is owned by the `AsyncFd` and never replaced (no `get_mut`), so its
+        // descriptor stays open and the same for the registration's whole life.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(std, Interest::READABLE) }.map_err(io::Error::from)?;
+        Ok(Stream { fd })
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}
+
+/// Waits for write readiness on behalf of one write that found the socket full; registered on
+/// the first wait, deregistered when dropped (the write is done).
+struct WriteWaiter<'a> {
+    stream: &'a Stream,
+    stall: Option<Duration>,
+    fd: Option<AsyncFd<OwnedFd>>,
+}
+
+impl<'a> WriteWaiter<'a> {
+    fn new(stream: &'a Stream, stall: Option<Duration>) -> WriteWaiter<'a> {
+        WriteWaiter { stream, stall, fd: None }
+    }
+
+    /// Runs `send` (a non-blocking send) once the socket may take bytes: at once the first
+    /// time, then after each wait for write readiness. `None`: it would still block (tokio's
+    /// readiness is cleared; call again to wait).
+    async fn send(&mut self, send: impl FnOnce() -> io::Result<usize>) -> io::Result<Option<usize>> {
+        let Some(fd) = &self.fd else {
+            return match send() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A registration of its own, on a second descriptor of the socket: the
+                    // reading one stays deaf to write readiness. An event that came between the
+                    // failed send and this registration is reported by the registration itself.
+                    let dup = rustix::io::fcntl_dupfd_cloexec(self.stream, 0)?;
+                    // SAFETY: `dup` is owned by the `AsyncFd` and never replaced, so the descriptor
+                    // stays open and the same until the registration is dropped.
+                    let fd = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) };
+                    self.fd = Some(fd.map_err(io::Error::from)?);
+                    Ok(None)
+                }
+                r => r.map(Some),
+            };
+        };
+        let mut guard = match self.stall {
+            Some(t) => ::tokio::time::timeout(t, fd.writable())
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
+            None => fd.writable().await?,
+        };
+        match guard.try_io(|_| send()) {
+            Ok(r) => r.map(Some),
+            Err(_would_block) => Ok(None),
+        }
+    }
+}
 
 /// Queued bytes past which producers wait (client) or the connection stops reading (server):
 /// enough to batch well, small enough that a peer that does not read cannot make us hoard.
@@ -208,7 +288,7 @@ impl<T> Outbox<T> {
 
     /// The writer task's body: sends queued frames until the outbox is closed or finished, or
     /// a write fails. `stall` bounds how long one write may wait for the peer to make room.
-    pub(crate) async fn run_writer(&self, stream: &UnixStream, stall: Option<Duration>) -> WriterEnd {
+    pub(crate) async fn run_writer(&self, stream: &Stream, stall: Option<Duration>) -> WriterEnd {
         let mut batch = Vec::new();
         let mut spliced = Vec::new();
         let mut written = 0u64;
@@ -257,26 +337,22 @@ impl<T> Outbox<T> {
 
 /// Writes all of `bytes`, counting progress in `written`. Never raises SIGPIPE.
 pub(crate) async fn write_all(
-    stream: &UnixStream,
+    stream: &Stream,
     mut bytes: &[u8],
     stall: Option<Duration>,
     written: &mut u64,
 ) -> io::Result<()> {
+    let mut waiter = WriteWaiter::new(stream, stall);
     while !bytes.is_empty() {
-        match stall {
-            Some(t) => ::tokio::time::timeout(t, stream.writable())
-                .await
-                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
-            None => stream.writable().await?,
-        }
-        match stream.try_io(Interest::WRITABLE, || Ok(rustix::net::send(stream, bytes, SendFlags::NOSIGNAL)?))
-        {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
+        let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+        match waiter.send(|| Ok(rustix::net::send(stream, bytes, flags)?)).await {
+            Ok(Some(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Some(n)) => {
                 bytes = &bytes[n..];
                 *written += n as u64;
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -285,30 +361,27 @@ pub(crate) async fn write_all(
 
 /// [`write_all`] for several slices, with one `sendmsg` for as many of them as the socket takes.
 async fn write_all_vectored(
-    stream: &UnixStream,
+    stream: &Stream,
     mut parts: &mut [IoSlice<'_>],
     stall: Option<Duration>,
     written: &mut u64,
 ) -> io::Result<()> {
     let mut left: usize = parts.iter().map(|p| p.len()).sum();
+    let mut waiter = WriteWaiter::new(stream, stall);
     while left > 0 {
-        match stall {
-            Some(t) => ::tokio::time::timeout(t, stream.writable())
-                .await
-                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
-            None => stream.writable().await?,
-        }
-        let sent = stream.try_io(Interest::WRITABLE, || {
-            Ok(rustix::net::sendmsg(stream, parts, &mut SendAncillaryBuffer::default(), SendFlags::NOSIGNAL)?)
-        });
+        let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+        let sent = waiter
+            .send(|| Ok(rustix::net::sendmsg(stream, parts, &mut SendAncillaryBuffer::default(), flags)?))
+            .await;
         match sent {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
+            Ok(Some(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Some(n)) => {
                 IoSlice::advance_slices(&mut parts, n);
                 left -= n;
                 *written += n as u64;
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -318,17 +391,17 @@ async fn write_all_vectored(
 /// Reads once more into `rbuf` (see [`ReadBuf::fill`]), waiting for the socket to be readable.
 ///
 /// Cancel safe: bytes are only ever taken from the socket and stored in `rbuf` in one step.
-pub(crate) async fn read_more(stream: &UnixStream, rbuf: &mut ReadBuf, needed: usize) -> io::Result<Filled> {
+pub(crate) async fn read_more(stream: &Stream, rbuf: &mut ReadBuf, needed: usize) -> io::Result<Filled> {
     loop {
-        stream.readable().await?;
-        match rbuf.fill_from(needed, &mut TryRead(stream)) {
+        let mut guard = stream.fd.readable().await?;
+        match rbuf.fill_from(needed, &mut TryRead(&mut guard)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
         }
     }
 }
 
-/// A non-blocking read of a registered stream: `WouldBlock` clears tokio's readiness, so the
+/// A non-blocking read under a readiness guard: `WouldBlock` clears tokio's readiness, so the
 /// next `readable().await` really waits.
 ///
 /// A short read clears it too. On a stream socket, a read that returns less than it was given
@@ -336,43 +409,45 @@ pub(crate) async fn read_more(stream: &UnixStream, rbuf: &mut ReadBuf, needed: u
 /// `EAGAIN`: one system call per wake-up saved, on both sides of every request. This is safe
 /// against bytes arriving in between: tokio clears only the readiness event it saw before the
 /// read, and a later arrival is a new event.
-struct TryRead<'a>(&'a UnixStream);
+struct TryRead<'g, 'a>(&'g mut AsyncFdReadyGuard<'a, StdStream>);
 
-impl TryRead<'_> {
+impl TryRead<'_, '_> {
     /// `read` runs inside `try_io` and returns (bytes read, room it had).
-    fn read_with(&self, read: impl FnOnce() -> io::Result<(usize, usize)>) -> io::Result<usize> {
+    fn read_with(
+        &mut self,
+        read: impl FnOnce(&StdStream) -> io::Result<(usize, usize)>,
+    ) -> io::Result<usize> {
         let mut got = 0;
-        let r = self.0.try_io(Interest::READABLE, || {
-            let (n, room) = read()?;
+        let r = self.0.try_io(|fd| {
+            let (n, room) = read(fd.get_ref())?;
             got = n;
             if n > 0 && n < room { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(n) }
         });
         match r {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-            r => r,
+            Ok(r) => r,
+            Err(_would_block) if got > 0 => Ok(got),
+            Err(_would_block) => Err(io::ErrorKind::WouldBlock.into()),
         }
     }
 }
 
-impl Source for TryRead<'_> {
+impl Source for TryRead<'_, '_> {
     fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let stream = self.0;
         let room = buf.len();
-        self.read_with(|| Ok((rustix::io::read(stream, buf)?, room)))
+        self.read_with(|s| Ok((rustix::io::read(s, buf)?, room)))
     }
 
     /// Straight into the vector's spare capacity, without zero-filling it first: a large
     /// payload's pages become resident only as its bytes arrive.
     fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
-        let stream = self.0;
         let room = v.capacity() - v.len();
-        self.read_with(|| Ok((rustix::io::read(stream, rustix::buffer::spare_capacity(v))?, room)))
+        self.read_with(|s| Ok((rustix::io::read(s, rustix::buffer::spare_capacity(v))?, room)))
     }
 }
 
 /// Sends one frame now if the socket takes it whole without waiting; for the refusals sent
 /// right after `accept`, where nothing else has been written yet. Never raises SIGPIPE.
-pub(crate) fn send_now(stream: &UnixStream, header: &Header, payload: &[u8]) {
+pub(crate) fn send_now(stream: &impl AsFd, header: &Header, payload: &[u8]) {
     let mut b = Vec::new();
     proto::encode(&mut b, header, b"", payload);
     let _ = rustix::net::send(stream, &b, SendFlags::NOSIGNAL | SendFlags::DONTWAIT);
@@ -380,6 +455,6 @@ pub(crate) fn send_now(stream: &UnixStream, header: &Header, payload: &[u8]) {
 
 /// Shuts both directions of the socket down: wakes a task blocked reading or writing it, and
 /// tells the peer we are gone even while other references keep the descriptor open.
-pub(crate) fn shutdown(stream: &UnixStream) {
+pub(crate) fn shutdown(stream: &impl AsFd) {
     let _ = rustix::net::shutdown(stream, rustix::net::Shutdown::Both);
 }

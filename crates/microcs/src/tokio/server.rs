@@ -31,7 +31,7 @@ use ::tokio::task::{AbortHandle, JoinHandle};
 use ::tokio::time::{Instant, sleep, sleep_until};
 use rustix::net::sockopt;
 
-use super::io::{HIGH_WATER, Outbox, read_more, send_now, shutdown};
+use super::io::{HIGH_WATER, Outbox, Stream, read_more, send_now, shutdown};
 use crate::blocking::io::{Filled, ReadBuf};
 #[cfg(doc)]
 use crate::error::ErrorKind;
@@ -757,6 +757,13 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
             oldest.abort.abort();
         }
     }
+    let stream = match Stream::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch a new connection; dropping it");
+            return;
+        }
+    };
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let conn = Arc::new(Conn {
         id,
@@ -780,7 +787,7 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
 /// tasks of its requests.
 struct Conn {
     id: u64,
-    stream: UnixStream,
+    stream: Stream,
     peer: Peer,
     /// Largest reply payload the client accepts (from its `Hello`).
     max_reply: AtomicU32,
