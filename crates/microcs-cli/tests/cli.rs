@@ -606,3 +606,63 @@ fn demo_runs_the_whole_story_and_cleans_up() {
     assert!(!dir.exists(), "{} removed", dir.display());
     assert_eq!(std::fs::read_dir(&env.dir).unwrap().count(), 0);
 }
+
+#[test]
+fn sigterm_under_load_drains_in_flight_calls_and_exits_0() {
+    use rustix::process::Signal;
+    let env = Env::new("termload");
+    let name = env.name("TERMLOAD");
+    let marks = env.dir.join("started");
+    std::fs::create_dir(&marks).unwrap();
+    let slow_cmd = format!("slow=touch {}/$$; sleep 0.4; cat", marks.display());
+    let srv = env.serve(&[&name, "--echo", "--method", &slow_cmd]);
+    // Slow calls in flight in other processes, and a flood of quick ones from this one.
+    let slow: Vec<Child> = (0..4)
+        .map(|i| {
+            env.cmd(&["call", &name, "-m", "slow", &format!("slow {i}")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let (dir, n) = (env.dir.clone(), name.clone());
+    let flood = std::thread::spawn(move || {
+        let mut c = microcs::Client::builder(&n).runtime_dir(&dir).connect().unwrap();
+        let (mut ok, mut refused) = (0u32, 0u32);
+        for i in 0..100_000u32 {
+            match c.request(&i.to_be_bytes()) {
+                Ok(r) => {
+                    assert_eq!(r, i.to_be_bytes(), "misrouted reply");
+                    ok += 1;
+                }
+                // Once the server stops, calls fail with a typed error, never a wrong answer.
+                Err(e) => {
+                    assert!(
+                        matches!(e.kind(), microcs::ErrorKind::NoService | microcs::ErrorKind::Closed),
+                        "{e:?}"
+                    );
+                    refused += 1;
+                    break;
+                }
+            }
+        }
+        (ok, refused)
+    });
+    // SIGTERM once all four slow commands are running (each marks its start).
+    let t0 = Instant::now();
+    while std::fs::read_dir(&marks).unwrap().count() < 4 {
+        assert!(t0.elapsed() < WATCHDOG, "the slow calls never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    srv.signal(Signal::TERM);
+    let (status, _lines, err) = srv.wait();
+    assert_eq!(status.code(), Some(0), "{err}");
+    for (i, child) in slow.into_iter().enumerate() {
+        let out = wait_output(child, &["call"]);
+        assert_eq!(out.code(), 0, "slow call {i} was in flight at SIGTERM and must finish: {}", out.stderr);
+        assert_eq!(out.text(), format!("slow {i}"));
+    }
+    let (ok, refused) = flood.join().unwrap();
+    assert!(ok > 0 && refused == 1, "flood: {ok} ok, {refused} refused");
+}
