@@ -123,3 +123,73 @@ pub fn check_name(data: &[u8]) {
         }
     }
 }
+
+/// A blocking server shared by every `check_server_stream` call of this process: it lives in a
+/// private temporary runtime directory and echoes; its methods cover an error and a built-in.
+#[allow(dead_code)]
+fn fuzz_server() -> &'static (std::path::PathBuf, String) {
+    use std::sync::OnceLock;
+    static SERVER: OnceLock<(std::path::PathBuf, String)> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("microcs-fuzz-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let name = "FUZZ".to_owned();
+        let handle = microcs::Server::builder(&name)
+            .runtime_dir(&dir)
+            .max_frame(64 * 1024)
+            .handshake_timeout(std::time::Duration::from_millis(500))
+            .frame_timeout(std::time::Duration::from_millis(500))
+            .method("fail", |_r: microcs::Request| {
+                Err::<Vec<u8>, _>(microcs::RemoteError::new(418, "refused"))
+            })
+            .bind()
+            .expect("fuzz server binds")
+            .spawn(|r: microcs::Request| Ok::<_, microcs::RemoteError>(r.into_payload()))
+            .expect("fuzz server starts");
+        // Lives for the whole process, like the fuzzer.
+        std::mem::forget(handle);
+        (dir, name)
+    })
+}
+
+/// Feeds `data` to a live server over a real connection, as a hostile client would, and checks
+/// the server's state machine copes: it answers or closes within a bound (never hangs), and
+/// afterwards still serves a well-behaved client.
+///
+/// Input layout: if the first byte is odd, a valid `Hello` is sent before the rest (so the
+/// fuzzer reaches the states after the handshake); the remaining bytes are written as they are,
+/// then the write side is shut.
+#[allow(dead_code)]
+pub fn check_server_stream(data: &[u8]) {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let (dir, name) = fuzz_server();
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join(format!("{name}.sock"))).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (first, rest) = data.split_first().map_or((0, data), |(f, r)| (*f, r));
+    if first & 1 == 1 {
+        let mut hello = Vec::new();
+        let h = microcs::proto::Hello { max_payload: 1 << 20 };
+        microcs::proto::encode(&mut hello, &microcs::proto::Header::new(microcs::proto::Kind::Hello, 0), b"", &h.to_bytes());
+        let _ = s.write_all(&hello);
+    }
+    // The server may close early (a fatal frame): a failed write is fine.
+    let _ = s.write_all(rest);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; 4096];
+    loop {
+        match s.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server neither answered nor closed within 10 s: {e}"),
+        }
+    }
+    let mut client = microcs::Client::builder(name)
+        .runtime_dir(dir)
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .expect("the server still accepts a well-behaved client");
+    assert_eq!(client.request(b"ok").expect("and serves it"), b"ok");
+}

@@ -67,6 +67,11 @@ fn name_corpus_and_crash_inputs_pass_the_fuzz_checks() {
 }
 
 #[test]
+fn server_stream_corpus_and_crash_inputs_pass_the_fuzz_checks() {
+    replay("server_stream", check_server_stream);
+}
+
+#[test]
 fn decode_seeds_cover_every_frame_kind_and_every_decode_error() {
     // The seeds are where the fuzzer starts from; a seed set that lost a whole class of input
     // would make fuzzing runs weaker without anyone noticing.
