@@ -265,6 +265,13 @@ def machine() -> str:
     )
 
 
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "unknown"
+
+
 def write_section(path: Path, text: str) -> None:
     """Puts `text` as the "## Python" section of `path`, keeping every other section."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -296,7 +303,9 @@ def main() -> None:
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 CPUs (to measure both placements)")
     started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = loadavg()
     results = run(args)
+    load_after = loadavg()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
     body = table(args, results)
     print(body)
@@ -313,7 +322,9 @@ a ratio under 1 means microcs is faster.
 {body}
 
 - Machine: {machine()}
-- Date: {started:%Y-%m-%d %H:%M} UTC
+- Date: {started:%Y-%m-%d %H:%M} UTC; 1-minute load average {load_before} before the run and
+  {load_after} after (anything above 0 is other work sharing the 2 CPUs: the pinned processes
+  compete with it, which is why the ratios of runs taken side by side are the figures to read)
 - Command: `{command}` (from the repository root, in `.venv`, with pyzmq installed there)
 - The goal of the Python bindings: at most 1.2× the `multiprocessing.connection` time and at
   most 0.6× pyzmq's.
