@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import microcs
-from conftest import ServerFactory, wait_gone
+from conftest import PEERS, ServerFactory, wait_gone
 
 
 def test_request_object_tells_method_peer_and_deadline(server: ServerFactory, name: str) -> None:
@@ -152,3 +152,21 @@ def test_many_servers_in_one_process(runtime_dir: Path, name: str) -> None:
     for s in servers:
         s.stop()
     assert microcs.list_services() == []
+
+
+def test_interpreter_exit_stops_a_background_server(
+    server: ServerFactory, name: str, runtime_dir: Path
+) -> None:
+    proc = server("-", script=PEERS / "exit_while_serving.py")
+    client = microcs.Client(name, timeout=10)  # an open connection while the server exits
+    assert client.request(b"x") == b"x"
+    assert client.request(b"bye") == b"bye"
+    assert proc.wait(timeout=30) == 0
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read() == b"leaving without stop()\n"
+    assert proc.stderr.read() == b""
+    wait_gone(name, runtime_dir)
+    assert list(runtime_dir.iterdir()) == []
+    with pytest.raises((microcs.Closed, microcs.NoService)):
+        client.request(b"after exit")
+    client.close()
