@@ -327,7 +327,9 @@ a ratio under 1 means microcs is faster.
   compete with it, which is why the ratios of runs taken side by side are the figures to read)
 - Command: `{command}` (from the repository root, in `.venv`, with pyzmq installed there)
 - The goal of the Python bindings: at most 1.2× the `multiprocessing.connection` time and at
-  most 0.6× pyzmq's.
+  most 0.6× pyzmq's. On this VM the different-CPU figures vary most from one invocation to the
+  next (each round trip is two cross-CPU wake-ups, and other work on the machine shifts them):
+  rerun before reading much into a few hundredths.
 """
         write_section(args.write, text)
         print(f"wrote the {SECTION!r} section of {args.write}", file=sys.stderr)
