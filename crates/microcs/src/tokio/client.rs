@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ::tokio::net::UnixStream;
-use ::tokio::sync::oneshot;
-use ::tokio::time::{Instant, sleep, timeout_at};
+use ::tokio::sync::{Notify, oneshot};
+use ::tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
 use super::io::{Outbox, Stream, read_more, shutdown, write_all};
 use crate::blocking::DEFAULT_TIMEOUT;
@@ -103,6 +103,9 @@ struct Conn {
     /// Requests to write, and the pending table, under one lock: a request is either queued
     /// and registered, or refused because the connection is dead — never half of it.
     outbox: Outbox<Book>,
+    /// Wakes the deadline task: a request's deadline is earlier than the one it sleeps until,
+    /// or the connection ended.
+    deadlines: Notify,
 }
 
 /// Per-connection state kept under the outbox lock.
@@ -116,11 +119,16 @@ struct Book {
     /// Bytes the writer task handed to the kernel, once it has stopped: from then on whoever
     /// ends the connection settles the requests still pending.
     written_final: Option<u64>,
+    /// When the deadline task next looks at the pending requests' deadlines (`None`: when one
+    /// is added).
+    next_deadline: Option<Instant>,
 }
 
 /// A caller waiting for a reply.
 struct Pending {
     tx: oneshot::Sender<Outcome>,
+    /// When the caller stops waiting (the deadline task then answers `TimedOut`).
+    deadline: Instant,
     /// Offsets of the request's frame in the connection's byte stream.
     start: u64,
     end: u64,
@@ -134,6 +142,8 @@ enum Outcome {
         flags: u16,
         message: String,
     },
+    /// The deadline passed first (the server was sent a `Cancel`).
+    TimedOut,
     /// The connection died first. `written`: bytes of the frame handed to the kernel.
     Lost {
         dead: Dead,
@@ -225,9 +235,39 @@ impl Conn {
             st.extra.written_final.map(|w| (dead, w, std::mem::take(&mut st.extra.pending)))
         };
         self.outbox.close();
+        self.deadlines.notify_one();
         shutdown(&self.stream);
         if let Some((dead, written, pending)) = settle {
             settle_lost(pending, &dead, written);
+        }
+    }
+
+    /// Answers `TimedOut` to the callers whose deadline is at or before `now`, queues a `Cancel`
+    /// for each, and sets when to look again.
+    fn expire(&self, now: Instant) {
+        let (expired, close) = {
+            let mut st = self.book();
+            let ids: Vec<u64> =
+                st.extra.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(&id, _)| id).collect();
+            let mut expired = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(p) = st.extra.pending.remove(&id) {
+                    // Best effort: a Cancel that cannot be queued is moot (the connection is gone).
+                    let _ = st.push(&Header::new(Kind::Cancel, id), b"", b"");
+                    expired.push(p.tx);
+                }
+            }
+            st.extra.next_deadline = st.extra.pending.values().map(|p| p.deadline).min();
+            (expired, st.extra.retired && st.extra.pending.is_empty())
+        };
+        if !expired.is_empty() {
+            self.outbox.wake();
+        }
+        for tx in expired {
+            let _ = tx.send(Outcome::TimedOut);
+        }
+        if close {
+            self.close(Dead::Closed(None));
         }
     }
 
@@ -335,6 +375,36 @@ async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
     tracing::debug!(reason = ?dead, "connection ended");
     std::mem::forget(orphaned);
     conn.close(dead);
+}
+
+/// Answers `TimedOut` to the callers whose deadline passed and tells the server to cancel their
+/// requests, until the connection ends.
+///
+/// One timer per connection, set to the earliest deadline it knows of, instead of a tokio timer
+/// per request: registering and removing a timer in tokio's wheel for every call (and the wheel
+/// walk every park then does) was about a quarter of the client's instructions per request.
+async fn deadline_task(conn: Arc<Conn>) {
+    loop {
+        let next = {
+            let st = conn.book();
+            // Every end of a connection goes through `Conn::close`, which sets `dead` and wakes
+            // this task. Until then requests may still be answered (a connection whose writing
+            // failed keeps reading), so their deadlines still count.
+            if st.extra.dead.is_some() {
+                return;
+            }
+            st.extra.next_deadline
+        };
+        match next {
+            None => conn.deadlines.notified().await,
+            Some(at) => {
+                ::tokio::select! {
+                    () = sleep_until(at) => conn.expire(Instant::now()),
+                    () = conn.deadlines.notified() => {}
+                }
+            }
+        }
+    }
 }
 
 /// Writes queued frames; when writing stops, settles the requests that cannot be answered.
@@ -738,39 +808,44 @@ impl Client {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let header = Header::request(id, crate::blocking::deadline_ms(remaining));
         let (tx, rx) = oneshot::channel();
-        {
+        let earlier = {
             let mut st = conn.book();
             let Some((start, end)) = st.push(&header, method.as_bytes(), payload) else {
                 let dead = st.extra.dead.clone().unwrap_or(Dead::Closed(None));
                 return Err(Attempt::NotRun(dead.error(name, Written::None)));
             };
-            st.extra.pending.insert(id, Pending { tx, start, end });
-        }
-        conn.outbox.wake();
-        let mut guard = CancelOnDrop { conn, id, armed: true };
-        let outcome = match timeout_at(deadline, rx).await {
-            Ok(Ok(outcome)) => outcome,
-            // The connection's tasks are gone without a word: the runtime is shutting down.
-            Ok(Err(_)) => {
-                guard.armed = false;
-                return Err(Attempt::Failed(Dead::Closed(None).error(name, Written::All)));
+            st.extra.pending.insert(id, Pending { tx, deadline, start, end });
+            let earlier = st.extra.next_deadline.is_none_or(|t| deadline < t);
+            if earlier {
+                st.extra.next_deadline = Some(deadline);
             }
-            Err(_) => {
-                // `guard` tells the server to stop working on it.
-                return Err(Attempt::Failed(
-                    Error::new(
-                        ErrorKind::TimedOut,
-                        format!(
-                            "service '{name}' did not answer within {:?}; the request may have run",
-                            self.timeout
-                        ),
-                    )
-                    .set_may_have_run(true),
-                ));
-            }
+            earlier
         };
+        conn.outbox.wake();
+        if earlier {
+            conn.deadlines.notify_one();
+        }
+        // The connection's deadline task answers `TimedOut` at the deadline; if this future is
+        // dropped first, `guard` takes the request back and tells the server to cancel it.
+        let mut guard = CancelOnDrop { conn, id, armed: true };
+        let outcome = rx.await;
         guard.armed = false;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            // The connection's tasks are gone without a word: the runtime is shutting down.
+            Err(_) => return Err(Attempt::Failed(Dead::Closed(None).error(name, Written::All))),
+        };
         match outcome {
+            Outcome::TimedOut => Err(Attempt::Failed(
+                Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "service '{name}' did not answer within {:?}; the request may have run",
+                        self.timeout
+                    ),
+                )
+                .set_may_have_run(true),
+            )),
             Outcome::Reply(reply) => Ok(reply),
             Outcome::Error { status: code, flags, message } => {
                 let err = Error::from_remote(name.as_str(), code, flags, message);
@@ -894,9 +969,11 @@ impl Client {
             _ => return Err(not_microcs(&s.path, "it answered the handshake with an unexpected frame")),
         };
         tracing::debug!(service = %name, pid = server.pid, "connected");
-        let conn = Arc::new(Conn { stream, server, outbox: Outbox::new(Book::default()) });
+        let conn =
+            Arc::new(Conn { stream, server, outbox: Outbox::new(Book::default()), deadlines: Notify::new() });
         ::tokio::spawn(writer_task(conn.clone()));
         ::tokio::spawn(reader_task(conn.clone(), rbuf, decode_limit));
+        ::tokio::spawn(deadline_task(conn.clone()));
         Ok(conn)
     }
 }
