@@ -152,6 +152,10 @@ pub(crate) struct Meta {
     pub id: String,
     /// Named methods besides the default handler.
     pub methods: Vec<String>,
+    /// The server accepts requests (written when it starts serving; until then the entry only
+    /// names the owner).
+    #[serde(default)]
+    pub ready: bool,
 }
 
 /// A running service, as found by [`list`].
@@ -246,8 +250,8 @@ fn probe(dir: &Path, name: &Name) -> Result<Option<ServiceInfo>> {
             Ok(None)
         }
         Err(rustix::io::Errno::WOULDBLOCK) => {
-            let Some(meta) = read_meta(&file) else {
-                // Locked, but the owner has not written its metadata yet: it is starting up.
+            let Some(meta) = read_meta(&file).filter(|m| m.ready) else {
+                // Locked, but the owner is still starting up (not serving yet).
                 return Ok(None);
             };
             let uid = file.metadata().map(|m| m.uid()).unwrap_or(meta.uid);
@@ -489,6 +493,7 @@ mod tests {
             version: "1.0.0".into(),
             id: "i".into(),
             methods: vec![],
+            ready: true,
         })
         .unwrap();
         // flock locks belong to the open file description, so a second open in this process

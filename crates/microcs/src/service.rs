@@ -344,6 +344,9 @@ pub(crate) fn meta(started_ms: u64, identity: &Identity, id: &str, methods: &[St
         version: identity.version.clone(),
         id: id.to_owned(),
         methods: methods.to_vec(),
+        // The instance id exists once the server serves; before that the entry only names the
+        // owner (for `NameTaken`), and `list()` does not show it.
+        ready: !id.is_empty(),
     }
 }
 
@@ -371,11 +374,12 @@ pub(crate) fn claim_and_bind(name: String, dir: Option<PathBuf>, identity: &Iden
     registry::ensure_dir(&dir)?;
     let mut claim = Claim::take(&dir, &name)?;
     let started_ms = registry::now_ms();
-    claim.write_meta(&meta(started_ms, identity, "", &[]))?;
     let path = claim.prepare_socket_path()?.to_owned();
     let listener = std::os::unix::net::UnixListener::bind(&path)
         .map_err(|e| Error::io(format_args!("cannot bind {}", path.display()), e))?;
     claim.socket_bound()?;
+    // Owner's pid for competitors' `NameTaken`; not ready (not listed) until the server serves.
+    claim.write_meta(&meta(started_ms, identity, "", &[]))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io(format_args!("cannot configure {}", path.display()), e))?;

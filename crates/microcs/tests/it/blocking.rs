@@ -604,3 +604,21 @@ fn a_handler_error_with_code_413_is_the_handlers_not_a_frame_limit() {
     assert!(e.may_have_run());
     h.shutdown();
 }
+
+#[test]
+fn a_name_is_listed_only_once_its_server_serves() {
+    let _w = watchdog(Duration::from_secs(20));
+    let dir = TempDir::new("ready");
+    let name = unique("READY");
+    let server = dir.server(&name).bind().unwrap();
+    assert!(microcs::list_in(dir.path()).unwrap().is_empty(), "bound but not serving: not listed yet");
+    // The name is taken all the same, and competitors learn by whom.
+    let e = dir.server(&name).bind().unwrap_err();
+    assert_eq!(e.owner_pid(), Some(std::process::id()));
+    let h = server.spawn(|r: Request| Ok::<_, RemoteError>(r.into_payload())).unwrap();
+    let listed = microcs::list_in(dir.path()).unwrap();
+    assert_eq!(listed.len(), 1);
+    // Whatever is listed answers at once.
+    assert_eq!(dir.client(&name).connect().unwrap().request(b"now").unwrap(), b"now");
+    h.shutdown();
+}
