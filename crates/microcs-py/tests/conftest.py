@@ -56,8 +56,8 @@ def name(request: pytest.FixtureRequest) -> str:
 def wait_for_service(name: str, runtime_dir: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Waits (at most 20 s) until `name` accepts connections.
 
-    Being listed is not enough: the registry shows a name from the moment it is claimed, a
-    moment before its socket accepts connections.
+    A name is listed once its server serves; the connection attempt also proves the server is
+    the one this test started (and not, say, a process still shutting down).
     """
     give_up = time.monotonic() + 20
     while time.monotonic() < give_up:

@@ -97,7 +97,10 @@ def test_context_manager_serves_and_frees_the_name(runtime_dir: Path, name: str)
 
 def test_an_unstarted_server_frees_the_name_on_stop(runtime_dir: Path, name: str) -> None:
     server = microcs.Server(lambda b: b, name)
-    assert [s.name for s in microcs.list_services()] == [name]
+    # Claimed (a second server is refused) but not listed until it serves.
+    with pytest.raises(microcs.NameTaken):
+        microcs.Server(lambda b: b, name)
+    assert microcs.list_services() == []
     server.stop()
     assert microcs.list_services() == []
     microcs.Server(lambda b: b, name).stop()
