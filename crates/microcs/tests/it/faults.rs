@@ -15,17 +15,33 @@ use microcs::proto::{self, Header, Hello, Kind};
 
 use crate::common::*;
 
+/// Runs a fault test against both server flavours: the blocking server (`microcs-peer serve`)
+/// and, with feature `tokio`, the async one (`microcs-peer serve-tokio`).
+macro_rules! both_servers {
+    ($body:ident, $blocking:ident, $tokio:ident) => {
+        #[test]
+        fn $blocking() {
+            $body("serve");
+        }
+
+        #[cfg(feature = "tokio")]
+        #[test]
+        fn $tokio() {
+            $body("serve-tokio");
+        }
+    };
+}
+
 fn sock(dir: &TempDir, name: &str) -> std::path::PathBuf {
     dir.path().join(format!("{name}.sock"))
 }
 
 /// Promise 1: silent connections (slowloris) cannot lock real clients out.
-#[test]
-fn slowloris_connections_do_not_lock_out_a_real_client() {
+fn slowloris_connections_do_not_lock_out_a_real_client(mode: &str) {
     let _w = watchdog(Duration::from_secs(60));
     let dir = TempDir::new("loris");
     let name = unique("LORIS");
-    let server = PeerProcess::serve_with(dir.path(), &name, &[("PEER_MAX_PENDING", "8")]);
+    let server = PeerProcess::serve_mode(dir.path(), mode, &name, &[("PEER_MAX_PENDING", "8")]);
     let silent: Vec<UnixStream> = (0..100).map(|_| UnixStream::connect(sock(&dir, &name)).unwrap()).collect();
     // A real client, arriving last, is served: the oldest silent connections made room.
     let mut c = dir.client(&name).timeout(Duration::from_secs(10)).connect().unwrap();
@@ -45,8 +61,7 @@ fn slowloris_connections_do_not_lock_out_a_real_client() {
 
 /// Promise 1: out of file descriptors, accept backs off instead of spinning, and the service
 /// recovers once descriptors are free again.
-#[test]
-fn fd_exhaustion_backs_off_and_recovers() {
+fn fd_exhaustion_backs_off_and_recovers(mode: &str) {
     let _w = watchdog(Duration::from_secs(60));
     if Command::new("prlimit").arg("--version").output().is_err() {
         eprintln!("skipped: prlimit not installed");
@@ -55,7 +70,7 @@ fn fd_exhaustion_backs_off_and_recovers() {
     let dir = TempDir::new("nofile");
     let name = unique("NOFILE");
     let server =
-        PeerProcess::start_wrapped(&["prlimit", "--nofile=48:48", "--"], dir.path(), "serve", &name, &[]);
+        PeerProcess::start_wrapped(&["prlimit", "--nofile=48:48", "--"], dir.path(), mode, &name, &[]);
     assert!(server.first_line.starts_with("READY"), "{}", server.first_line);
     let pid = server.child.id();
     let mut hogs = Vec::new();
@@ -81,12 +96,11 @@ fn fd_exhaustion_backs_off_and_recovers() {
 
 /// Promise 1: a client that sends and never reads its replies is disconnected after the write
 /// timeout; the server's memory does not grow with what it could not send.
-#[test]
-fn a_client_that_never_reads_is_disconnected() {
+fn a_client_that_never_reads_is_disconnected(mode: &str) {
     let _w = watchdog(Duration::from_secs(60));
     let dir = TempDir::new("noread");
     let name = unique("NOREAD");
-    let server = PeerProcess::serve_with(dir.path(), &name, &[("PEER_WRITE_TIMEOUT_MS", "300")]);
+    let server = PeerProcess::serve_mode(dir.path(), mode, &name, &[("PEER_WRITE_TIMEOUT_MS", "300")]);
     let rss0 = rss_kib(server.pid);
     let mut s = UnixStream::connect(sock(&dir, &name)).unwrap();
     let mut b = Vec::new();
@@ -118,12 +132,11 @@ fn a_client_that_never_reads_is_disconnected() {
 
 /// Promises 1 and 2: a client process killed after sending leaves no descriptor behind and its
 /// handler is cancelled.
-#[test]
-fn a_killed_client_leaks_nothing_and_its_handler_is_cancelled() {
+fn a_killed_client_leaks_nothing_and_its_handler_is_cancelled(mode: &str) {
     let _w = watchdog(Duration::from_secs(60));
     let dir = TempDir::new("killcl");
     let name = unique("KILLCL");
-    let server = PeerProcess::serve(dir.path(), &name);
+    let server = PeerProcess::serve_mode(dir.path(), mode, &name, &[]);
     let mut probe = dir.client(&name).connect().unwrap();
     probe.request(b"warm").unwrap();
     let fds0 = fd_count(server.pid);
@@ -149,12 +162,11 @@ fn a_killed_client_leaks_nothing_and_its_handler_is_cancelled() {
 }
 
 /// Promise 1: a flood on one connection does not starve another.
-#[test]
-fn a_flood_on_one_connection_does_not_starve_another() {
+fn a_flood_on_one_connection_does_not_starve_another(mode: &str) {
     let _w = watchdog(Duration::from_secs(60));
     let dir = TempDir::new("flood");
     let name = unique("FLOOD");
-    let _server = PeerProcess::serve(dir.path(), &name);
+    let _server = PeerProcess::serve_mode(dir.path(), mode, &name, &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let (d, n, st) = (dir.path().to_owned(), name.clone(), stop.clone());
     let flooder = std::thread::spawn(move || {
@@ -427,12 +439,11 @@ fn client_refuses_giant_frames_and_keeps_its_deadline_against_a_trickling_server
 /// Promise 1: declared-but-unsent payloads cost address space, not memory: fifty connections
 /// each declaring a 16 MiB frame and sending a few bytes leave the server's RSS nearly flat,
 /// and the frame timeout closes them.
-#[test]
-fn declared_giant_frames_cost_only_what_was_received() {
+fn declared_giant_frames_cost_only_what_was_received(mode: &str) {
     let _w = watchdog(Duration::from_secs(60));
     let dir = TempDir::new("declared");
     let name = unique("DECLARED");
-    let server = PeerProcess::serve(dir.path(), &name);
+    let server = PeerProcess::serve_mode(dir.path(), mode, &name, &[]);
     let rss0 = rss_kib(server.pid);
     let mut conns = Vec::new();
     for _ in 0..50 {
@@ -450,3 +461,35 @@ fn declared_giant_frames_cost_only_what_was_received() {
     let mut c = dir.client(&name).connect().unwrap();
     assert_eq!(c.request(b"fine").unwrap(), b"fine");
 }
+
+both_servers!(
+    slowloris_connections_do_not_lock_out_a_real_client,
+    slowloris_blocking_server,
+    slowloris_tokio_server
+);
+
+both_servers!(
+    fd_exhaustion_backs_off_and_recovers,
+    fd_exhaustion_blocking_server,
+    fd_exhaustion_tokio_server
+);
+
+both_servers!(
+    a_client_that_never_reads_is_disconnected,
+    never_reads_blocking_server,
+    never_reads_tokio_server
+);
+
+both_servers!(
+    a_killed_client_leaks_nothing_and_its_handler_is_cancelled,
+    killed_client_blocking_server,
+    killed_client_tokio_server
+);
+
+both_servers!(a_flood_on_one_connection_does_not_starve_another, flood_blocking_server, flood_tokio_server);
+
+both_servers!(
+    declared_giant_frames_cost_only_what_was_received,
+    declared_giant_blocking_server,
+    declared_giant_tokio_server
+);

@@ -138,7 +138,12 @@ impl PeerProcess {
     }
 
     pub fn serve_with(dir: &Path, name: &str, env: &[(&str, &str)]) -> PeerProcess {
-        let p = PeerProcess::start(dir, "serve", name, env);
+        PeerProcess::serve_mode(dir, "serve", name, env)
+    }
+
+    /// Starts a server with `mode` `serve` (blocking) or `serve-tokio` and asserts it came up.
+    pub fn serve_mode(dir: &Path, mode: &str, name: &str, env: &[(&str, &str)]) -> PeerProcess {
+        let p = PeerProcess::start(dir, mode, name, env);
         assert_eq!(p.first_line, format!("READY {}", p.pid), "peer did not start");
         p
     }
