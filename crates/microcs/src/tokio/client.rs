@@ -4,7 +4,8 @@
 //!
 //! A caller encodes its request straight into the connection's [`Outbox`] (one copy of the
 //! payload, under a short lock), registers a one-shot channel under the request's id in the
-//! same critical section, and waits on the channel. A writer task drains the outbox in batches;
+//! same critical section, and waits on the channel. A writer task drains the outbox in batches
+//! (a lone request, with nothing else in flight, is sent by its caller right away);
 //! a reader task decodes replies and hands each to the channel registered under its id. Ids are
 //! never reused by a client, so a reply that arrives after its caller gave up finds no channel
 //! and is dropped — it can never be mistaken for the answer to another call.
@@ -808,7 +809,7 @@ impl Client {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let header = Header::request(id, crate::blocking::deadline_ms(remaining));
         let (tx, rx) = oneshot::channel();
-        let earlier = {
+        let (earlier, sent) = {
             let mut st = conn.book();
             let Some((start, end)) = st.push(&header, method.as_bytes(), payload) else {
                 let dead = st.extra.dead.clone().unwrap_or(Dead::Closed(None));
@@ -819,9 +820,14 @@ impl Client {
             if earlier {
                 st.extra.next_deadline = Some(deadline);
             }
-            earlier
+            // A lone request goes out from here, without a round through the writer task;
+            // with others in flight it joins the writer's next batch (one `send` for many).
+            let sent = st.extra.pending.len() == 1 && st.send_now(&conn.stream);
+            (earlier, sent)
         };
-        conn.outbox.wake();
+        if !sent {
+            conn.outbox.wake();
+        }
         if earlier {
             conn.deadlines.notify_one();
         }

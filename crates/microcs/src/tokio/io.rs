@@ -6,7 +6,8 @@
 //! frames into one shared buffer under a short lock, and one writer task per connection drains
 //! it with as few `send` calls as the kernel allows. While a write is in progress, new frames
 //! pile up in the other buffer, so a busy connection batches by itself and an idle one sends at
-//! once.
+//! once. A producer may also send what is queued itself while the writer task is idle
+//! ([`OutState::send_now`]), which saves the writer's wake-up for a lone frame.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -135,6 +136,11 @@ pub(crate) struct OutState<T> {
     closed: bool,
     /// The writer sends what is queued, then stops; nothing more is queued.
     finishing: bool,
+    /// The writer task has taken a batch and is writing it: nobody else may write now.
+    busy: bool,
+    /// Bytes producers sent themselves (see [`OutState::send_now`]), counted in
+    /// [`WriterEnd::written`].
+    sent_direct: u64,
     /// The owner's state, changed under the same lock as the queue.
     pub extra: T,
 }
@@ -181,6 +187,37 @@ impl<T> OutState<T> {
         self.buf.len() + self.spliced_len
     }
 
+    /// Sends what is queued right here, with one non-blocking `send`, if the writer task is
+    /// idle; returns `true` if nothing is left for the writer task (so it need not be woken).
+    ///
+    /// Why: handing a lone frame to the writer task costs a wake-up and a task poll, on the
+    /// critical path of every sequential request. The lock is held over the `send` so that no
+    /// frame can overtake this one; the `send` never blocks. Whatever is not taken (a full
+    /// socket, a partial write, an error) stays queued for the writer task, which waits for
+    /// room and reports errors as before.
+    pub(crate) fn send_now(&mut self, stream: &Stream) -> bool {
+        if self.busy || self.closed || !self.spliced.is_empty() {
+            return self.buf.is_empty() && self.spliced.is_empty();
+        }
+        if self.buf.is_empty() {
+            return true;
+        }
+        let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+        match rustix::net::send(stream, &self.buf, flags) {
+            Ok(n) if n == self.buf.len() => {
+                self.sent_direct += n as u64;
+                self.buf.clear();
+                true
+            }
+            Ok(n) => {
+                self.sent_direct += n as u64;
+                self.buf.drain(..n);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     /// True once the outbox takes no more frames.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed || self.finishing
@@ -214,6 +251,8 @@ impl<T> Outbox<T> {
                 enqueued: 0,
                 closed: false,
                 finishing: false,
+                busy: false,
+                sent_direct: 0,
                 extra,
             }),
             writer: Notify::new(),
@@ -295,13 +334,15 @@ impl<T> Outbox<T> {
         loop {
             let got_batch = {
                 let mut st = self.lock();
+                st.busy = false;
                 if st.closed || (st.buf.is_empty() && st.finishing) {
-                    return WriterEnd { written, error: None };
+                    return WriterEnd { written: written + st.sent_direct, error: None };
                 }
                 std::mem::swap(&mut st.buf, &mut batch);
                 std::mem::swap(&mut st.spliced, &mut spliced);
                 st.spliced_len = 0;
-                !batch.is_empty()
+                st.busy = !batch.is_empty();
+                st.busy
             };
             if !got_batch {
                 self.writer.notified().await;
@@ -325,7 +366,8 @@ impl<T> Outbox<T> {
             spliced.clear();
             if let Err(e) = sent {
                 self.close();
-                return WriterEnd { written, error: Some(e) };
+                let direct = self.lock().sent_direct;
+                return WriterEnd { written: written + direct, error: Some(e) };
             }
             batch.clear();
             if batch.capacity() > KEEP_CAPACITY {
