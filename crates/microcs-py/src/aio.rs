@@ -13,6 +13,10 @@
 //!
 //! Cancelling the asyncio future (a cancelled task, `asyncio.wait_for`, `asyncio.timeout`)
 //! aborts the tokio task, which drops the request: the server is sent a `Cancel`.
+//!
+//! With a NATS URL (`nats=` or `MICROCS_NATS_URL`) the library's tokio client picks a local
+//! instance when one is running and the broker otherwise; its NATS connection lives on the same
+//! runtime. Cancellation does not cross the broker: a cancelled NATS call stops waiting.
 
 use std::io::{ErrorKind as IoKind, Read, Write};
 use std::os::fd::AsRawFd;
@@ -23,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use microcs::ErrorKind;
+use microcs::nats::Transport;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
@@ -179,6 +184,9 @@ struct Shared {
     timeout: Duration,
     runtime_dir: Option<PathBuf>,
     max_frame: Option<u32>,
+    /// The NATS URL given (else the library reads `MICROCS_NATS_URL`).
+    nats: Option<String>,
+    transport: Option<Transport>,
     /// The connection, once made; clones share it.
     client: Mutex<Option<microcs::tokio::Client>>,
     /// Serialises connecting, so that a crowd of first calls opens one connection.
@@ -214,6 +222,12 @@ impl Shared {
         }
         if let Some(n) = self.max_frame {
             b = b.max_frame(n);
+        }
+        if let Some(u) = &self.nats {
+            b = b.nats(u);
+        }
+        if let Some(t) = self.transport {
+            b = b.transport(t);
         }
         let c = b.connect().await?;
         if self.closed.load(Ordering::SeqCst) {
@@ -346,22 +360,33 @@ impl AsyncClient {
 #[pymethods]
 impl AsyncClient {
     /// A client of the service `name`; connects on first use (or `await client.connect()`).
+    ///
+    /// With `nats` (or `MICROCS_NATS_URL`), a local instance is used when one is running and
+    /// the NATS broker otherwise; `transport` forces `"local"` or `"nats"`.
     #[new]
-    #[pyo3(signature = (name, timeout = 30.0, *, runtime_dir = None, max_frame = None))]
+    #[pyo3(signature = (
+        name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None
+    ))]
     fn new(
+        py: Python<'_>,
         name: &str,
         timeout: f64,
         runtime_dir: Option<PathBuf>,
         max_frame: Option<u32>,
+        nats: Option<&str>,
+        transport: Option<&str>,
     ) -> PyResult<AsyncClient> {
         // Checked now rather than on first use, so a typo fails where it is written.
-        microcs::Name::new(name).map_err(|e| Python::attach(|py| to_py(py, e)))?;
+        microcs::Name::new(name).map_err(|e| to_py(py, e))?;
+        let (nats, transport) = crate::nats::client(nats, transport).map_err(|e| to_py(py, e))?;
         Ok(AsyncClient {
             shared: Arc::new(Shared {
                 name: name.to_owned(),
                 timeout: duration(timeout, "timeout")?,
                 runtime_dir,
                 max_frame,
+                nats,
+                transport,
                 client: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 closed: AtomicBool::new(false),
@@ -436,6 +461,13 @@ impl AsyncClient {
     #[getter]
     fn closed(&self) -> bool {
         self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// Where the last request went, `"local"` or `"nats"` (where the next one would go before
+    /// any request); None until connected.
+    #[getter]
+    fn via(&self) -> Option<&'static str> {
+        lock(&self.shared.client).as_ref().map(|c| c.via().as_str())
     }
 
     /// Closes the client: later calls raise `Closed`; calls already in flight still complete.

@@ -5,6 +5,9 @@
 //! threads sharing one `Client` take turns (for many requests in flight, use `AsyncClient`).
 //! A call in progress is not interrupted by Ctrl-C (the Rust client retries interrupted
 //! syscalls); Python raises `KeyboardInterrupt` when it returns, at the latest at its timeout.
+//!
+//! With a NATS URL (`nats=` or `MICROCS_NATS_URL`) the library picks a local instance when one
+//! is running and the broker otherwise; calls over NATS also wait without the GIL.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
@@ -53,14 +56,22 @@ impl Client {
 #[pymethods]
 impl Client {
     /// Connects to the service `name`; `timeout` (seconds) bounds connecting and each request.
+    ///
+    /// With `nats` (or `MICROCS_NATS_URL`), a local instance is used when one is running and
+    /// the NATS broker otherwise; `transport` forces `"local"` or `"nats"`.
     #[new]
-    #[pyo3(signature = (name, timeout = 30.0, *, runtime_dir = None, max_frame = None))]
+    #[pyo3(signature = (
+        name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         name: &str,
         timeout: f64,
         runtime_dir: Option<PathBuf>,
         max_frame: Option<u32>,
+        nats: Option<&str>,
+        transport: Option<&str>,
     ) -> PyResult<Client> {
         let mut b = microcs::Client::builder(name).timeout(duration(timeout, "timeout")?);
         if let Some(d) = runtime_dir {
@@ -68,6 +79,14 @@ impl Client {
         }
         if let Some(n) = max_frame {
             b = b.max_frame(n);
+        }
+        // Without `nats=`, the library reads MICROCS_NATS_URL (and MICROCS_TRANSPORT) itself.
+        let (url, transport) = crate::nats::client(nats, transport).py_err(py)?;
+        if let Some(u) = url {
+            b = b.nats(&u);
+        }
+        if let Some(t) = transport {
+            b = b.transport(t);
         }
         let client = py.detach(|| b.connect()).py_err(py)?;
         Ok(Client { name: name.to_owned(), inner: Mutex::new(Some(client)) })
@@ -141,10 +160,23 @@ impl Client {
         })
     }
 
-    /// The server's process id (None while disconnected).
+    /// The server's process id (None while disconnected, and over NATS).
     #[getter]
     fn server_pid(&self, py: Python<'_>) -> PyResult<Option<u32>> {
         self.with(py, |c| Ok(c.server_pid()))
+    }
+
+    /// Where the last request went, `"local"` or `"nats"`; before any request, where the next
+    /// one would go.
+    #[getter]
+    fn via(&self, py: Python<'_>) -> PyResult<&'static str> {
+        self.with(py, |c| Ok(c.via().as_str()))
+    }
+
+    /// The NATS broker this client uses or falls back to (a password in it masked), or None.
+    #[getter]
+    fn nats_url(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        self.with(py, |c| Ok(c.nats_url()))
     }
 
     /// True once close() was called.

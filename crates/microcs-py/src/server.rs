@@ -4,6 +4,9 @@
 //! to run the Python handler for one request. The thread that waits in `start_listening()`
 //! holds no GIL either, and wakes every `SIGNAL_POLL` to let Python run its signal handlers,
 //! so Ctrl-C stops the server cleanly (the name is freed) and then raises `KeyboardInterrupt`.
+//!
+//! With `nats=url` the library also serves the same handlers as a NATS micro service; requests
+//! from the broker run on the library's blocking pool and take the GIL the same way.
 
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
@@ -11,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use microcs::nats::Transport;
 use microcs::{ErrorKind, RemoteError, Request, ServerHandle};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::ffi;
@@ -61,22 +65,29 @@ impl PyRequest {
         PyBytes::new(py, self.inner.payload())
     }
 
-    /// Process id of the caller (from the kernel, cannot be forged).
+    /// Process id of the caller (from the kernel, cannot be forged); 0 for a call that came
+    /// over NATS, where no kernel vouches for the caller.
     #[getter]
     fn pid(&self) -> u32 {
         self.inner.peer().pid
     }
 
-    /// User id of the caller.
+    /// User id of the caller; 4294967295 (`(uid_t)-1`, no real user) over NATS.
     #[getter]
     fn uid(&self) -> u32 {
         self.inner.peer().uid
     }
 
-    /// Group id of the caller.
+    /// Group id of the caller; 4294967295 over NATS.
     #[getter]
     fn gid(&self) -> u32 {
         self.inner.peer().gid
+    }
+
+    /// How the call came: `"local"` (the Unix socket) or `"nats"`.
+    #[getter]
+    fn via(&self) -> &'static str {
+        if over_nats(&self.inner) { "nats" } else { "local" }
     }
 
     /// The request id the caller chose.
@@ -107,15 +118,24 @@ impl PyRequest {
 
     fn __repr__(&self) -> String {
         let p = self.inner.peer();
+        let from = if over_nats(&self.inner) {
+            "via nats".to_owned()
+        } else {
+            format!("pid={} uid={}", p.pid, p.uid)
+        };
         format!(
-            "<microcs.Request id={} method={:?} payload={} bytes pid={} uid={}>",
+            "<microcs.Request id={} method={:?} payload={} bytes {from}>",
             self.inner.id(),
             self.inner.method().unwrap_or(""),
             self.inner.payload().len(),
-            p.pid,
-            p.uid
         )
     }
+}
+
+/// Whether a request came over NATS (the library gives those its `NATS_PEER`, which no local
+/// process can have: pid 0 is the kernel's).
+fn over_nats(req: &Request) -> bool {
+    req.peer() == microcs::nats::NATS_PEER
 }
 
 /// A Python callable registered as the default handler or a named method.
@@ -142,7 +162,13 @@ impl Handler {
 
     /// Runs the handler for one request; the only place the server takes the GIL.
     fn call(&self, req: Request) -> Result<Vec<u8>, RemoteError> {
-        keep_thread_state();
+        // Requests over NATS run on the library's blocking pool, whose threads idle for a
+        // while before they exit: a kept thread state there would hold up the interpreter's
+        // exit (`_stop_all` waits for kept states). NATS round trips are long enough that
+        // creating the state per call does not show.
+        if !over_nats(&req) {
+            keep_thread_state();
+        }
         Python::attach(|py| {
             IN_HANDLER.set(true);
             let result = self.call_attached(py, req);
@@ -409,6 +435,8 @@ pub(crate) fn _stop_all(py: Python<'_>) {
 pub struct Server {
     name: String,
     text: bool,
+    /// Serves on NATS too (or only): method names must also be NATS endpoint names.
+    on_nats: bool,
     shared: Arc<Shared>,
 }
 
@@ -424,7 +452,7 @@ impl Server {
     }
 
     fn add_method(&self, py: Python<'_>, name: &str, func: &Bound<'_, PyAny>) -> PyResult<()> {
-        check_method_name(py, name)?;
+        self.check_method_name(py, name)?;
         let label = format!("method '{name}' of service '{}'", self.name);
         let handler = Handler::new(func, self.text, label)?;
         let mut st = lock(&self.shared.state);
@@ -486,17 +514,38 @@ impl Server {
             }
         }
     }
+
+    fn check_method_name(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        microcs::proto::check_method(name).map_err(|m| invalid_name(py, m))?;
+        if name.starts_with('$') {
+            return Err(invalid_name(
+                py,
+                format!("method name {name:?}: names starting with '$' are reserved for built-in methods"),
+            ));
+        }
+        // The library checks this too, but only when serving starts; methods are added after
+        // the constructor bound the name, and a mistake is best reported where it is written.
+        let nats_ok = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if self.on_nats && !nats_ok {
+            return Err(invalid_name(
+                py,
+                format!(
+                    "method '{name}' of service '{}' cannot be served on NATS: a NATS micro endpoint name \
+                     may contain only letters, digits, '-' and '_' (no dots)",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
-fn check_method_name(py: Python<'_>, name: &str) -> PyResult<()> {
-    microcs::proto::check_method(name).map_err(|m| invalid_name(py, m))?;
-    if name.starts_with('$') {
-        return Err(invalid_name(
-            py,
-            format!("method name {name:?}: names starting with '$' are reserved for built-in methods"),
-        ));
+/// The library's advice names its Rust builder method; a Python caller passes an argument.
+fn python_advice(e: microcs::Error) -> microcs::Error {
+    if e.kind() == ErrorKind::InvalidName && e.message().contains("fix .version()") {
+        return microcs::Error::new(e.kind(), e.message().replace("fix .version()", "pass such a version="));
     }
-    Ok(())
+    e
 }
 
 fn invalid_name(py: Python<'_>, message: String) -> PyErr {
@@ -506,11 +555,15 @@ fn invalid_name(py: Python<'_>, message: String) -> PyErr {
 #[pymethods]
 impl Server {
     /// Claims `name` (raises NameTaken if a live server has it) and prepares to serve it.
+    ///
+    /// With `nats`, it also serves as a NATS micro service on that broker (connected here, so a
+    /// wrong URL or refused credentials fail now); `transport="nats"` serves on NATS only and
+    /// claims no local name, `"local"` ignores `nats`.
     #[new]
     #[pyo3(signature = (
         handler, name, *, text = false, methods = None, runtime_dir = None, max_frame = None,
         max_connections = None, max_in_flight = None, grace_period = None, version = None,
-        description = None, metadata = None
+        description = None, metadata = None, nats = None, transport = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -527,7 +580,10 @@ impl Server {
         version: Option<&str>,
         description: Option<&str>,
         metadata: Option<std::collections::BTreeMap<String, String>>,
+        nats: Option<&str>,
+        transport: Option<&str>,
     ) -> PyResult<Server> {
+        let (nats_url, transport) = crate::nats::server(nats, transport).py_err(py)?;
         let default = match handler {
             Some(h) if !h.is_none() => Some(Handler::new(h, text, format!("service '{name}'"))?),
             _ => None,
@@ -557,11 +613,19 @@ impl Server {
         for (k, v) in metadata.iter().flatten() {
             b = b.metadata(k, v);
         }
-        // Binding may wait briefly for a server that is just exiting.
-        let server = py.detach(|| b.bind()).py_err(py)?;
+        if let Some(u) = &nats_url {
+            b = b.nats(u);
+        }
+        if let Some(t) = transport {
+            b = b.transport(t);
+        }
+        // Binding may wait briefly for a server that is just exiting, and connects to the NATS
+        // broker when one is given.
+        let server = py.detach(|| b.bind()).map_err(python_advice).py_err(py)?;
         let this = Server {
             name: name.to_owned(),
             text,
+            on_nats: nats_url.is_some() && transport != Some(Transport::Local),
             shared: Arc::new(Shared {
                 state: Mutex::new(State::Bound { server: Box::new(server), default, methods: Vec::new() }),
                 stopped: Condvar::new(),
@@ -624,7 +688,7 @@ impl Server {
                 Ok(h.clone())
             }
             None => {
-                check_method_name(py, name)?;
+                slf.get().check_method_name(py, name)?;
                 Ok(Bound::new(py, MethodDecorator { server: slf.clone().unbind(), name: name.to_owned() })?
                     .into_any())
             }

@@ -139,8 +139,10 @@ def test_list_services_and_runtime_dir(server: ServerFactory, name: str, runtime
     assert (info.name, info.pid, info.uid) == (name, proc.pid, os.getuid())
     assert "upper" in info.methods and "stop" in info.methods
     assert info.socket == str(runtime_dir / f"{name}.sock")
-    assert abs(info.started - time.time()) < 3600
-    assert info.protocol_version >= 1
+    # A local service reports everything (only NATS services may leave some of it None).
+    assert info.started is not None and abs(info.started - time.time()) < 3600
+    assert info.protocol_version is not None and info.protocol_version >= 1
+    assert (info.where, info.host) == (["local"], None)
     assert name in repr(info)
     assert microcs.list_services(runtime_dir=runtime_dir)[0].name == name
 

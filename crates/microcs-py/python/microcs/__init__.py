@@ -23,6 +23,18 @@ or from asyncio, with many calls in flight over one connection::
     async with microcs.AsyncClient("LIFE_GEN") as client:
         replies = await asyncio.gather(*(client.request(b"%d" % i) for i in range(1000)))
 
+Across machines, the same names and calls go over a NATS broker: a server given
+``nats="nats://broker:4222"`` is also a NATS micro service there, and a client given that URL
+(or ``MICROCS_NATS_URL`` in its environment) calls a local instance when one runs and goes over
+NATS otherwise; ``transport="local"|"nats"`` forces one or the other. Credentials come from the
+environment only (``MICROCS_NATS_USER``/``MICROCS_NATS_PASSWORD``, ``MICROCS_NATS_TOKEN``,
+``MICROCS_NATS_CREDS``, ``MICROCS_NATS_CA``)::
+
+    microcs.Server(step, "LIFE_GEN", nats="nats://broker:4222", transport="nats").serve()
+
+    with microcs.Client("LIFE_GEN", nats="nats://broker:4222") as client:
+        client.request(b"..#..")
+
 The work is done by the Rust library ``microcs``; the GIL is released during every wait.
 """
 

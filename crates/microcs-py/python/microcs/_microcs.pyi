@@ -19,6 +19,10 @@ Payload: TypeAlias = bytes | bytearray | memoryview
 #: A handler: ``f(payload)`` or ``f(payload, request)``.
 Handler: TypeAlias = Callable[[_P], Reply] | Callable[[_P, Request], Reply]
 _PathLike: TypeAlias = str | os.PathLike[str]
+#: Where a server serves or a client calls: ``"auto"`` (default), ``"local"`` or ``"nats"``.
+_Transport: TypeAlias = Literal["auto", "local", "nats"]
+#: Where a request went or came from.
+_Via: TypeAlias = Literal["local", "nats"]
 
 DEFAULT_TIMEOUT: float
 __version__: str
@@ -35,13 +39,16 @@ class Request:
         """The request payload, as bytes."""
     @property
     def pid(self) -> int:
-        """Process id of the caller (from the kernel, cannot be forged)."""
+        """Process id of the caller (from the kernel, cannot be forged); 0 over NATS."""
     @property
     def uid(self) -> int:
-        """User id of the caller."""
+        """User id of the caller; 4294967295 (no real user) over NATS."""
     @property
     def gid(self) -> int:
-        """Group id of the caller."""
+        """Group id of the caller; 4294967295 over NATS."""
+    @property
+    def via(self) -> _Via:
+        """How the call came: ``"local"`` (the Unix socket) or ``"nats"``."""
     @property
     def id(self) -> int:
         """The request id the caller chose."""
@@ -71,6 +78,15 @@ class Server(Generic[_P]):
     ``start_listening()``/``serve()`` serve on this thread until ``stop()`` or Ctrl-C;
     ``start()`` (or ``with``) serves in background threads. Each request runs its handler on
     a server thread, which takes the GIL only for the handler.
+
+    With ``nats="nats://host:4222"`` the same handlers are also a NATS micro service on that
+    broker (service ``name``, subjects ``name`` and ``name.<method>``, queue group ``q``); the
+    broker is connected by the constructor. ``transport="nats"`` serves on NATS only (no local
+    name is claimed, so several instances may run on one machine); ``"local"`` ignores ``nats``.
+    On NATS the name may hold only letters, digits, ``-`` and ``_``, and ``version`` must be
+    SemVer. Credentials come from ``MICROCS_NATS_USER``/``MICROCS_NATS_PASSWORD``,
+    ``MICROCS_NATS_TOKEN`` or ``MICROCS_NATS_CREDS``, a private CA from ``MICROCS_NATS_CA``;
+    a server never takes its URL from ``MICROCS_NATS_URL``.
     """
 
     @overload
@@ -89,6 +105,8 @@ class Server(Generic[_P]):
         version: str | None = None,
         description: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        nats: str | None = None,
+        transport: _Transport | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -106,6 +124,8 @@ class Server(Generic[_P]):
         version: str | None = None,
         description: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        nats: str | None = None,
+        transport: _Transport | None = None,
     ) -> None: ...
     @property
     def name(self) -> str:
@@ -150,6 +170,11 @@ class Client:
     the connection; threads sharing a ``Client`` take turns. A call in progress is not
     interrupted by Ctrl-C: ``KeyboardInterrupt`` is raised when it returns, at the latest at
     its timeout (use ``AsyncClient`` under asyncio for calls that can be cancelled).
+
+    With ``nats="nats://host:4222"`` (or ``MICROCS_NATS_URL`` in the environment) a local
+    instance is used when one is running and the NATS broker otherwise; ``transport`` forces
+    ``"local"`` or ``"nats"`` (default: ``MICROCS_TRANSPORT``, else ``"auto"``). Credentials come
+    from the ``MICROCS_NATS_*`` environment variables, never from arguments.
     """
 
     def __init__(
@@ -159,6 +184,8 @@ class Client:
         *,
         runtime_dir: _PathLike | None = None,
         max_frame: int | None = None,
+        nats: str | None = None,
+        transport: _Transport | None = None,
     ) -> None: ...
     def request(self, payload: Payload) -> bytes:
         """Sends ``payload`` to the default handler; returns the reply."""
@@ -182,7 +209,13 @@ class Client:
     def timeout(self, value: float) -> None: ...
     @property
     def server_pid(self) -> int | None:
-        """The server's process id (None while disconnected)."""
+        """The server's process id (None while disconnected, and over NATS)."""
+    @property
+    def via(self) -> _Via:
+        """Where the last request went (before any, where the next one would go)."""
+    @property
+    def nats_url(self) -> str | None:
+        """The NATS broker this client uses or falls back to (password masked), or None."""
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called."""
@@ -206,6 +239,9 @@ class AsyncClient:
     entering ``async with``. Cancelling a call's future tells the server to cancel the work.
     A client serves one event loop at a time: the one it was first used on, until that loop is
     closed.
+
+    ``nats`` and ``transport`` as for ``Client`` (``MICROCS_NATS_URL`` applies too). Over NATS,
+    cancelling a call stops waiting for it; the broker does not carry the cancellation.
     """
 
     def __init__(
@@ -215,6 +251,8 @@ class AsyncClient:
         *,
         runtime_dir: _PathLike | None = None,
         max_frame: int | None = None,
+        nats: str | None = None,
+        transport: _Transport | None = None,
     ) -> None: ...
     def connect(self) -> Future[AsyncClient]:
         """Connects now (``NoService`` if nobody serves the name); resolves to the client."""
@@ -239,6 +277,10 @@ class AsyncClient:
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called."""
+    @property
+    def via(self) -> _Via | None:
+        """Where the last request went (before any, where the next one would go); None until
+        connected."""
     def close(self) -> None:
         """Later calls raise ``Closed``; calls already in flight still complete."""
     def __aenter__(self) -> Future[AsyncClient]: ...
@@ -252,19 +294,30 @@ class AsyncClient:
 
 @final
 class ServiceInfo:
-    """A running service, as ``list_services()`` reports it."""
+    """A running service instance, as ``list_services()`` reports it.
+
+    What a service found only on NATS does not report is None (microcs servers report their
+    pid, uid, protocol version and host; other NATS micro services may not).
+    """
 
     @property
     def name(self) -> str: ...
     @property
-    def pid(self) -> int: ...
+    def where(self) -> list[_Via]:
+        """Where it was found: ``["local"]``, ``["nats"]``, or ``["local", "nats"]`` for a local
+        server that also serves on NATS (the same instance)."""
     @property
-    def uid(self) -> int: ...
+    def pid(self) -> int | None: ...
     @property
-    def started(self) -> float:
+    def uid(self) -> int | None: ...
+    @property
+    def host(self) -> str | None:
+        """The host it runs on, as it reports it over NATS (None for a local-only service)."""
+    @property
+    def started(self) -> float | None:
         """Start time, in seconds since the Unix epoch (as ``time.time()``)."""
     @property
-    def protocol_version(self) -> int: ...
+    def protocol_version(self) -> int | None: ...
     @property
     def version(self) -> str: ...
     @property
@@ -272,10 +325,14 @@ class ServiceInfo:
     @property
     def methods(self) -> list[str]: ...
     @property
-    def socket(self) -> str: ...
+    def socket(self) -> str | None:
+        """The Unix socket (None for a service found on NATS only)."""
 
-def list_services(runtime_dir: _PathLike | None = None) -> list[ServiceInfo]:
-    """The services running for this user, sorted by name."""
+def list_services(
+    runtime_dir: _PathLike | None = None, *, nats: str | None = None, timeout: float = 1.0
+) -> list[ServiceInfo]:
+    """The services running for this user and, with ``nats``, the NATS micro services on that
+    broker (answers gathered for at most ``timeout`` seconds), sorted by name."""
 
 def runtime_dir() -> str:
     """The runtime directory used when none is given."""

@@ -1,4 +1,6 @@
-"""A test server, run as its own process: ``serve.py MODE NAME [ARG]``.
+"""A test server, run as its own process: ``serve.py MODE NAME [--nats URL] [--transport WAY]``.
+
+With ``--nats`` it also serves on that NATS broker; ``--transport nats`` serves there only.
 
 Modes:
   bytes   default handler echoes bytes; methods below
@@ -60,6 +62,7 @@ def request_info(data: Payload, req: microcs.Request) -> str:
             "pid": req.pid,
             "uid": req.uid,
             "gid": req.gid,
+            "via": req.via,
             "id": req.id,
             "remaining": req.remaining,
             "deadline": req.deadline,
@@ -148,6 +151,12 @@ if mode == "small":
     options["max_frame"] = 1024
 if mode == "grace":
     options["grace_period"] = 1.0
+flags = sys.argv[3:]
+while flags:
+    flag, value, *flags = flags
+    if flag not in ("--nats", "--transport"):
+        sys.exit(f"serve.py: unknown option {flag}")
+    options[flag[2:]] = value
 
 server: microcs.Server[bytes] | microcs.Server[str]
 if text:
