@@ -184,55 +184,9 @@ pub(crate) fn merge(mut local: Vec<Found>, nats: Vec<Found>) -> Vec<Found> {
     local
 }
 
-/// Seconds since the Unix epoch of an RFC 3339 time (`2026-11-26T14:10:06.123456789Z`, or with
-/// an offset such as `+02:00`), as NATS micro services report their start; `None` when it is not
-/// one.
+/// Seconds since the Unix epoch of an RFC 3339 time, as NATS micro services report their start;
+/// `None` when it is not one.
 pub(crate) fn parse_rfc3339(s: &str) -> Option<f64> {
-    let b = s.trim().as_bytes();
-    let num = |from: usize, to: usize| -> Option<i64> {
-        let part = b.get(from..to)?;
-        if !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        std::str::from_utf8(part).ok()?.parse().ok()
-    };
-    let at = |i: usize, chars: &[u8]| b.get(i).is_some_and(|c| chars.contains(c));
-    if !(at(4, b"-") && at(7, b"-") && at(10, b"Tt ") && at(13, b":") && at(16, b":")) {
-        return None;
-    }
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (h, mi, sec) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut fraction = 0.0;
-    if at(i, b".") {
-        let start = i + 1;
-        i = start;
-        while at(i, b"0123456789") {
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        fraction = format!("0.{}", std::str::from_utf8(&b[start..i]).ok()?).parse().ok()?;
-    }
-    let offset = match b.get(i..)? {
-        [b'Z' | b'z'] => 0,
-        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
-            let o = num(i + 1, i + 3)? * 3600 + num(i + 4, i + 6)? * 60;
-            if *sign == b'+' { o } else { -o }
-        }
-        _ => return None,
-    };
-    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-    let (yy, mm) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + (153 * mm + 2) / 5 + d - 1;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    // Times before 1970 are not start times.
-    Some(u64::try_from(secs).ok()? as f64 + fraction)
+    let t = microcs::micro::parse_rfc3339(s)?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())
 }

@@ -157,6 +157,70 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
     )
 }
 
+/// Parses an RFC 3339 time (`2026-11-26T14:10:06.123456789Z`, or with an offset such as
+/// `+02:00`), as NATS micro services report their start; `None` when it is not one. The inverse
+/// of [`rfc3339`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// let t = microcs::micro::parse_rfc3339("2026-11-26T14:10:06.5+01:00").unwrap();
+/// assert_eq!(t, UNIX_EPOCH + Duration::new(1_795_698_606, 500_000_000));
+/// ```
+pub fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
+    let b = s.trim().as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(r)?;
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    let sep = |i: usize, c: &[u8]| b.get(i).is_some_and(|x| c.contains(x));
+    if !(sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":")) {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut nanos: u32 = 0;
+    if sep(i, b".") {
+        let start = i + 1;
+        let mut end = start;
+        while b.get(end).is_some_and(u8::is_ascii_digit) {
+            end += 1;
+        }
+        if end == start {
+            return None;
+        }
+        let digits = &s.trim()[start..end.min(start + 9)];
+        nanos = format!("{digits:0<9}").parse().ok()?;
+        i = end;
+    }
+    let offset = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), ..] if b.len() == i + 6 && sep(i + 3, b":") => {
+            let o = num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60;
+            if *sign == b'+' { o } else { -o }
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+    let (yy, mm) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * mm + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
+    let secs = u64::try_from(secs).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +234,19 @@ mod tests {
             rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_702_206)),
             "2026-11-26T14:10:06.000000000Z"
         );
+    }
+
+    #[test]
+    fn rfc3339_round_trips_and_takes_offsets() {
+        let t = UNIX_EPOCH + Duration::new(1_790_000_000, 123_456_789);
+        assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        let epoch = parse_rfc3339("1970-01-01T00:00:00Z").unwrap();
+        assert_eq!(epoch, UNIX_EPOCH);
+        let leap = parse_rfc3339("2024-02-29T12:00:00.5+02:00").unwrap();
+        assert_eq!(leap.duration_since(UNIX_EPOCH).unwrap(), Duration::new(1_709_200_800, 500_000_000));
+        for bad in ["", "2024-02-29", "2024-13-01T00:00:00Z", "2024-02-29T12:00:00", "2024-02-29T12:00:00.Z"]
+        {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 }
