@@ -82,19 +82,7 @@ impl std::fmt::Debug for ServerBuilder {
 }
 
 impl ServerBuilder {
-    /// Largest request payload to accept, in bytes (default 16 MiB). Announced to clients, which
-    /// refuse larger payloads before sending them.
-    pub fn max_frame(mut self, bytes: u32) -> Self {
-        self.config.max_payload = bytes;
-        self
-    }
-
-    /// Connections served at once (default 1024). Past it, a new connection is told the service
-    /// is busy and closed.
-    pub fn max_connections(mut self, n: usize) -> Self {
-        self.config.max_connections = n.max(1);
-        self
-    }
+    crate::service::common_server_options!();
 
     /// Requests of one connection run at once (default 128). Past it the connection is not read
     /// until one finishes: backpressure, with bounded memory.
@@ -103,74 +91,9 @@ impl ServerBuilder {
         self
     }
 
-    /// Connections allowed to be still in their handshake at once (default 64). When a new
-    /// connection would exceed it, the oldest silent one is dropped, so a flood of connections
-    /// that never say hello (slowloris) cannot lock real clients out.
-    pub fn max_pending_handshakes(mut self, n: usize) -> Self {
-        self.config.max_handshaking = n.max(1);
-        self
-    }
-
     /// How long [`ServerHandle::shutdown`] lets running handlers finish (default 10 s).
     pub fn grace_period(mut self, grace: Duration) -> Self {
         self.config.grace = grace;
-        self
-    }
-
-    /// How long a new connection may take to say hello (default 5 s).
-    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.config.handshake_timeout = timeout;
-        self
-    }
-
-    /// How long a frame, once started, may take to arrive in full (default 10 s).
-    pub fn frame_timeout(mut self, timeout: Duration) -> Self {
-        self.config.frame_timeout = timeout;
-        self
-    }
-
-    /// How long a reply may wait for a client that does not read (default 30 s); then the
-    /// connection is dropped.
-    pub fn write_timeout(mut self, timeout: Duration) -> Self {
-        self.config.write_timeout = timeout;
-        self
-    }
-
-    /// Also accepts peers running as user `uid` (by default only the server's own user may
-    /// connect; the kernel reports the peer's uid, so it cannot be faked).
-    pub fn allow_uid(mut self, uid: u32) -> Self {
-        self.config.allowed_uids.push(uid);
-        self
-    }
-
-    /// Accepts peers of any user. The runtime directory is still private, so this matters only
-    /// for a socket placed in a shared directory.
-    pub fn allow_any_user(mut self) -> Self {
-        self.config.allow_any_user = true;
-        self
-    }
-
-    /// The service version reported by `$info` (SemVer; default `0.1.0`).
-    pub fn version(mut self, version: &str) -> Self {
-        self.identity.version = version.to_owned();
-        self
-    }
-
-    /// The description reported by `$info`.
-    pub fn description(mut self, text: &str) -> Self {
-        self.identity.description = text.to_owned();
-        self
-    }
-
-    /// Adds a metadata entry reported by `$ping`, `$info` and `$stats`.
-    pub fn metadata(mut self, key: &str, value: &str) -> Self {
-        self.identity.metadata.insert(key.to_owned(), value.to_owned());
-        self
-    }
-
-    /// Uses this runtime directory instead of the default one.
-    pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.dir = Some(dir.into());
         self
     }
 
