@@ -279,15 +279,6 @@ impl<T> Outbox<T> {
         queued
     }
 
-    /// As [`push`](Outbox::push), giving the payload away (see [`OutState::push_owned`]).
-    pub(crate) fn push_owned(&self, header: &Header, method: &[u8], payload: Vec<u8>) -> bool {
-        let queued = self.lock().push_owned(header, method, payload).is_some();
-        if queued {
-            self.wake();
-        }
-        queued
-    }
-
     /// Bytes queued and not yet taken by the writer.
     pub(crate) fn queued(&self) -> usize {
         self.lock().queued()

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -31,7 +31,7 @@ use ::tokio::task::{AbortHandle, JoinHandle};
 use ::tokio::time::{Instant, sleep, sleep_until};
 use rustix::net::sockopt;
 
-use super::io::{HIGH_WATER, Outbox, Stream, read_more, send_now, shutdown};
+use super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, send_now, shutdown};
 use crate::blocking::io::{Filled, ReadBuf};
 #[cfg(doc)]
 use crate::error::ErrorKind;
@@ -695,6 +695,7 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         // Until the client's Hello says otherwise: enough for any refusal or handshake answer.
         max_reply: AtomicU32::new(64 * 1024),
         outbox: Outbox::new(()),
+        batching: AtomicBool::new(false),
         inflight: Mutex::new(HashMap::new()),
         permits: Arc::new(Semaphore::new(shared.config.max_in_flight)),
     });
@@ -716,6 +717,9 @@ struct Conn {
     max_reply: AtomicU32,
     /// Replies and errors for the writer task.
     outbox: Outbox<()>,
+    /// The connection task is answering the frames of one read: answers queued meanwhile
+    /// wait for its [`flush`](Conn::flush) instead of waking the writer task.
+    batching: AtomicBool,
     /// Requests in flight, so that `Cancel` frames and hang-ups reach their handlers.
     inflight: Mutex<HashMap<u64, Arc<CancelState>>>,
     /// One permit per request in flight: the backpressure cap.
@@ -734,7 +738,7 @@ impl Conn {
     /// Sends a reply whose payload is given away: a large one is written without a copy.
     fn send_reply(&self, header: &Header, payload: Vec<u8>) -> bool {
         if payload.len() <= self.max_reply.load(Ordering::Relaxed) as usize {
-            return self.outbox.push_owned(header, b"", payload);
+            return self.queue(|st| st.push_owned(header, b"", payload));
         }
         self.send(header, &payload)
     }
@@ -742,17 +746,37 @@ impl Conn {
     fn send(&self, header: &Header, payload: &[u8]) -> bool {
         let max = self.max_reply.load(Ordering::Relaxed) as usize;
         if payload.len() <= max {
-            return self.outbox.push(header, b"", payload);
+            return self.queue(|st| st.push(header, b"", payload));
         }
         if header.kind() == Some(Kind::Error) {
             let mut cut = max;
             while cut > 0 && payload.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
                 cut -= 1; // keep the message valid UTF-8
             }
-            return self.outbox.push(header, b"", &payload[..cut]);
+            return self.queue(|st| st.push(header, b"", &payload[..cut]));
         }
         let msg = format!("answer of {} bytes is over the client's limit of {max} bytes", payload.len());
-        self.outbox.push(&Header::error(header.id, status::TOO_LARGE, FLAG_SYSTEM), b"", msg.as_bytes())
+        let header = Header::error(header.id, status::TOO_LARGE, FLAG_SYSTEM);
+        self.queue(|st| st.push(&header, b"", msg.as_bytes()))
+    }
+
+    /// Queues a frame with `push`; wakes the writer task unless the connection task will flush.
+    fn queue(&self, push: impl FnOnce(&mut OutState<()>) -> Option<(u64, u64)>) -> bool {
+        let queued = push(&mut self.outbox.lock()).is_some();
+        if queued && !self.batching.load(Ordering::SeqCst) {
+            self.outbox.wake();
+        }
+        queued
+    }
+
+    /// Ends a batch (see `batching`): sends what is queued from here if the writer task is
+    /// idle and the socket takes it, else wakes the writer task. Saves the writer's wake-up and
+    /// task poll on every read's answers.
+    fn flush(&self) {
+        self.batching.store(false, Ordering::SeqCst);
+        if !self.outbox.lock().send_now(&self.stream) {
+            self.outbox.wake();
+        }
     }
 
     fn error(&self, id: u64, code: u16, flags: u16, message: &str) {
@@ -889,12 +913,21 @@ async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mut ReadBuf) 
         let needed = match rbuf.decode(max) {
             Err(e) => {
                 conn.reject_stream(&e);
+                conn.flush();
                 return true;
             }
-            Ok(Decoded::Incomplete { needed }) => needed,
+            Ok(Decoded::Incomplete { needed }) => {
+                // Every answer to this read's frames is queued (or its handler waits): one
+                // send for all of them.
+                conn.flush();
+                needed
+            }
             Ok(Decoded::Frame(f)) => {
                 let (h, len) = (f.header, f.len);
                 frame_started = None;
+                // Relaxed: whoever reads it does so after pushing under the outbox lock, which
+                // `flush` takes after clearing it.
+                conn.batching.store(true, Ordering::Relaxed);
                 match h.kind() {
                     Some(Kind::Request) => {
                         if let Some((code, msg)) = precheck(shared, &h) {
@@ -902,15 +935,19 @@ async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mut ReadBuf) 
                         } else {
                             let permit = match conn.permits.clone().try_acquire_owned() {
                                 Ok(p) => Some(p),
-                                // At the cap: read nothing more until a handler finishes.
-                                Err(_) => ::tokio::select! {
-                                    p = conn.permits.clone().acquire_owned() => p.ok(),
-                                    _ = &mut stop_signal, if !draining && !stop_seen => {
-                                        stop_seen = true;
-                                        None
+                                // At the cap: read nothing more until a handler finishes
+                                // (and let the answers queued so far go out meanwhile).
+                                Err(_) => {
+                                    conn.flush();
+                                    ::tokio::select! {
+                                        p = conn.permits.clone().acquire_owned() => p.ok(),
+                                        _ = &mut stop_signal, if !draining && !stop_seen => {
+                                            stop_seen = true;
+                                            None
+                                        }
+                                        _ = &mut kill_signal => return false,
                                     }
-                                    _ = &mut kill_signal => return false,
-                                },
+                                }
                             };
                             match permit {
                                 Some(p) => {
