@@ -123,6 +123,10 @@ struct Book {
     /// When the deadline task next looks at the pending requests' deadlines (`None`: when one
     /// is added).
     next_deadline: Option<Instant>,
+    /// The reader's last read carried more than one reply: their callers are likely to send
+    /// again together, so they leave their requests to the writer task's next batch instead of
+    /// each sending its own (see `attempt`).
+    burst: bool,
 }
 
 /// A caller waiting for a reply.
@@ -272,10 +276,12 @@ impl Conn {
         }
     }
 
-    /// Delivers an answer to the caller waiting for `id`, if it still waits.
-    fn resolve(&self, id: u64, outcome: Outcome) {
+    /// Delivers an answer to the caller waiting for `id`, if it still waits. `burst`: it is not
+    /// the first reply of its read.
+    fn resolve(&self, id: u64, outcome: Outcome, burst: bool) {
         let (waiter, close) = {
             let mut st = self.book();
+            st.extra.burst = burst;
             let w = st.extra.pending.remove(&id);
             (w, st.extra.retired && st.extra.pending.is_empty())
         };
@@ -335,6 +341,8 @@ impl Drop for CancelOnDrop<'_> {
 /// Reads frames and hands them to their callers until the connection ends.
 async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
     let orphaned = TaskGuard { conn: &conn, writer: false };
+    // Replies handed out since the last read.
+    let mut replies = 0usize;
     let dead = loop {
         let needed = match rbuf.decode(max_payload) {
             Err(e) => break Dead::Protocol(e.to_string()),
@@ -347,11 +355,14 @@ async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
                         // A large payload was read into a vector of its own: moved, not copied.
                         let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
                         let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
-                        conn.resolve(h.id, Outcome::Reply(payload));
+                        conn.resolve(h.id, Outcome::Reply(payload), replies > 0);
+                        replies += 1;
                     }
                     Some(Kind::Error) if h.id != 0 => {
                         let message = String::from_utf8_lossy(f.payload).into_owned();
-                        conn.resolve(h.id, Outcome::Error { status: h.status, flags: h.flags, message });
+                        let outcome = Outcome::Error { status: h.status, flags: h.flags, message };
+                        conn.resolve(h.id, outcome, replies > 0);
+                        replies += 1;
                     }
                     Some(Kind::Error) => {
                         let message = String::from_utf8_lossy(f.payload).into_owned();
@@ -367,6 +378,7 @@ async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
                 continue;
             }
         };
+        replies = 0;
         match read_more(&conn.stream, &mut rbuf, needed).await {
             Ok(Filled::Data) => {}
             Ok(Filled::Eof) => break Dead::Closed(None),
@@ -822,7 +834,7 @@ impl Client {
             }
             // A lone request goes out from here, without a round through the writer task;
             // with others in flight it joins the writer's next batch (one `send` for many).
-            let sent = st.extra.pending.len() == 1 && st.send_now(&conn.stream);
+            let sent = st.extra.pending.len() == 1 && !st.extra.burst && st.send_now(&conn.stream);
             (earlier, sent)
         };
         if !sent {
