@@ -26,7 +26,7 @@ use ::tokio::net::UnixStream;
 use ::tokio::sync::{Notify, oneshot};
 use ::tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
-use super::io::{Outbox, Stream, read_more, shutdown, write_all};
+use super::io::{Outbox, SPLICE_MIN, Stream, read_more, shutdown, write_all};
 use crate::blocking::DEFAULT_TIMEOUT;
 use crate::blocking::io::{Filled, ReadBuf, is_disconnect};
 use crate::error::{Error, ErrorKind, Result};
@@ -823,7 +823,17 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         let (earlier, sent) = {
             let mut st = conn.book();
-            let Some((start, end)) = st.push(&header, method.as_bytes(), payload) else {
+            // A lone request goes out from here, without a round through the writer task;
+            // with others in flight it joins the writer's next batch (one `send` for many).
+            let lone = st.extra.pending.is_empty() && !st.extra.burst;
+            let pushed = if lone && payload.len() >= SPLICE_MIN {
+                // Large: what the socket takes at once is sent from the caller's slice, not
+                // copied into the outbox.
+                st.push_send(&conn.stream, &header, method.as_bytes(), payload)
+            } else {
+                st.push(&header, method.as_bytes(), payload).map(|r| (r, false))
+            };
+            let Some(((start, end), sent)) = pushed else {
                 let dead = st.extra.dead.clone().unwrap_or(Dead::Closed(None));
                 return Err(Attempt::NotRun(dead.error(name, Written::None)));
             };
@@ -832,9 +842,7 @@ impl Client {
             if earlier {
                 st.extra.next_deadline = Some(deadline);
             }
-            // A lone request goes out from here, without a round through the writer task;
-            // with others in flight it joins the writer's next batch (one `send` for many).
-            let sent = st.extra.pending.len() == 1 && !st.extra.burst && st.send_now(&conn.stream);
+            let sent = sent || (lone && payload.len() < SPLICE_MIN && st.send_now(&conn.stream));
             (earlier, sent)
         };
         if !sent {

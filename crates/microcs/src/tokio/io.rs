@@ -108,7 +108,7 @@ pub(crate) const HIGH_WATER: usize = 1024 * 1024;
 const KEEP_CAPACITY: usize = 2 * HIGH_WATER;
 /// Owned payloads at least this large are queued as they are and written from where they lie
 /// (a vectored write), instead of being copied into the batch buffer.
-const SPLICE_MIN: usize = 64 * 1024;
+pub(crate) const SPLICE_MIN: usize = 64 * 1024;
 
 /// Frames waiting for the writer task, plus state `T` that must change atomically with them
 /// (the client keeps its table of pending requests here).
@@ -180,6 +180,50 @@ impl<T> OutState<T> {
         self.spliced_len += payload.len();
         self.spliced.push((self.buf.len(), payload));
         Some((start, self.enqueued))
+    }
+
+    /// Queues one frame as [`push`](OutState::push) does, but if nothing is queued and the
+    /// writer task is idle, first offers it to the socket straight from `payload` (one
+    /// non-blocking `sendmsg`), so only what the socket does not take is copied into the
+    /// queue. Returns the frame's offsets and whether it went out whole (then the writer task
+    /// need not be woken); `None` if the outbox no longer takes frames.
+    ///
+    /// For large payloads, that a caller only lends: the part the socket takes at once (its
+    /// send buffer, some 200 KiB) is not copied.
+    pub(crate) fn push_send(
+        &mut self,
+        stream: &Stream,
+        header: &Header,
+        method: &[u8],
+        payload: &[u8],
+    ) -> Option<((u64, u64), bool)> {
+        if self.busy || !self.buf.is_empty() || !self.spliced.is_empty() {
+            return self.push(header, method, payload).map(|r| (r, false));
+        }
+        if self.closed || self.finishing {
+            return None;
+        }
+        let head = header.to_bytes(method.len(), payload.len());
+        let parts = [IoSlice::new(&head), IoSlice::new(method), IoSlice::new(payload)];
+        let total = head.len() + method.len() + payload.len();
+        let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+        // An error is left for the writer task to meet again and report, as in `send_now`.
+        let sent = rustix::net::sendmsg(stream, &parts, &mut SendAncillaryBuffer::default(), flags)
+            .unwrap_or(0)
+            .min(total);
+        let start = self.enqueued;
+        self.enqueued += total as u64;
+        self.sent_direct += sent as u64;
+        let mut skip = sent;
+        for part in [&head[..], method, payload] {
+            if skip >= part.len() {
+                skip -= part.len();
+            } else {
+                self.buf.extend_from_slice(&part[skip..]);
+                skip = 0;
+            }
+        }
+        Some(((start, self.enqueued), sent == total))
     }
 
     /// Bytes queued and not yet taken by the writer.
