@@ -775,8 +775,13 @@ impl Client {
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;
         loop {
-            let conn = self.connection(deadline).await?;
-            match self.attempt(&conn, method, payload, deadline).await {
+            // `fresh`: nothing waited since `deadline` was set, so the time left is the whole
+            // timeout (saves a clock read per request).
+            let (conn, fresh) = match self.shared.current() {
+                Some(c) => (c, !resent),
+                None => (self.connection(deadline).await?, false),
+            };
+            match self.attempt(&conn, method, payload, deadline, fresh).await {
                 Err(Attempt::NotRun(e)) if !resent => {
                     tracing::debug!(service = %self.shared.name, error = %e, "request did not run; sending it on a new connection");
                     self.shared.retire(&conn);
@@ -794,6 +799,7 @@ impl Client {
         method: &str,
         payload: &[u8],
         deadline: Instant,
+        mut fresh: bool,
     ) -> Result<Vec<u8>, Attempt> {
         let name = &self.shared.name;
         if payload.len() > conn.server.max_payload as usize {
@@ -808,7 +814,10 @@ impl Client {
         }
         // Backpressure: while the server does not keep up, callers wait here rather than pile
         // their requests up in memory.
-        if timeout_at(deadline, conn.outbox.wait_space()).await.is_err() {
+        if !conn.outbox.has_space() && {
+            fresh = false;
+            timeout_at(deadline, conn.outbox.wait_space()).await.is_err()
+        } {
             return Err(Attempt::Failed(Error::new(
                 ErrorKind::TimedOut,
                 format!(
@@ -818,7 +827,7 @@ impl Client {
             )));
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let remaining = if fresh { self.timeout } else { deadline.saturating_duration_since(Instant::now()) };
         let header = Header::request(id, crate::blocking::deadline_ms(remaining));
         let (tx, rx) = oneshot::channel();
         let (earlier, sent) = {

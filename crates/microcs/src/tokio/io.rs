@@ -328,6 +328,12 @@ impl<T> Outbox<T> {
         self.lock().queued()
     }
 
+    /// Whether [`wait_space`](Outbox::wait_space) would return at once.
+    pub(crate) fn has_space(&self) -> bool {
+        let st = self.lock();
+        st.queued() < HIGH_WATER || st.is_closed()
+    }
+
     /// Waits until fewer than [`HIGH_WATER`] bytes are queued (or the outbox is closed).
     ///
     /// Cancel safe: it only waits.
