@@ -15,7 +15,6 @@
 //! "not run", and the caller sends it once more on a new connection; any other gets an error
 //! that says whether it may have run.
 
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +25,7 @@ use ::tokio::net::UnixStream;
 use ::tokio::sync::{Notify, oneshot};
 use ::tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
-use super::io::{Outbox, SPLICE_MIN, Stream, read_more, shutdown, write_all};
+use super::io::{IdMap, Outbox, SPLICE_MIN, Stream, read_more, shutdown, write_all};
 use crate::blocking::DEFAULT_TIMEOUT;
 use crate::blocking::io::{Filled, ReadBuf, is_disconnect};
 use crate::error::{Error, ErrorKind, Result};
@@ -112,7 +111,7 @@ struct Conn {
 /// Per-connection state kept under the outbox lock.
 #[derive(Default)]
 struct Book {
-    pending: HashMap<u64, Pending>,
+    pending: IdMap<Pending>,
     /// Why the connection ended, once it has.
     dead: Option<Dead>,
     /// No longer used for new requests; closed once its last pending request is answered.
@@ -445,7 +444,7 @@ async fn writer_task(conn: Arc<Conn>) {
                 let close = st.extra.pending.is_empty().then(|| dead.clone());
                 (lost, dead, close)
             }
-            (None, None) => (HashMap::new(), Dead::Closed(None), Some(Dead::Closed(None))),
+            (None, None) => (IdMap::default(), Dead::Closed(None), Some(Dead::Closed(None))),
         }
     };
     settle_lost(lost, &dead, end.written);
@@ -473,7 +472,7 @@ impl Drop for TaskGuard<'_> {
 }
 
 /// Tells each request that the connection ended first, and how much of it was written.
-fn settle_lost(pending: HashMap<u64, Pending>, dead: &Dead, written: u64) {
+fn settle_lost(pending: IdMap<Pending>, dead: &Dead, written: u64) {
     for (_, p) in pending {
         let w = if p.end <= written {
             Written::All

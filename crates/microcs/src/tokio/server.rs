@@ -31,7 +31,7 @@ use ::tokio::task::{AbortHandle, JoinHandle};
 use ::tokio::time::{Instant, sleep, sleep_until};
 use rustix::net::sockopt;
 
-use super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, send_now, shutdown};
+use super::io::{HIGH_WATER, IdMap, OutState, Outbox, Stream, read_more, send_now, shutdown};
 use crate::blocking::io::{Filled, ReadBuf};
 #[cfg(doc)]
 use crate::error::ErrorKind;
@@ -696,7 +696,7 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         max_reply: AtomicU32::new(64 * 1024),
         outbox: Outbox::new(()),
         batching: AtomicBool::new(false),
-        inflight: Mutex::new(HashMap::new()),
+        inflight: Mutex::new(IdMap::default()),
         permits: Arc::new(Semaphore::new(shared.config.max_in_flight)),
     });
     let guard = ConnGuard { shared: shared.clone(), conn: conn.clone() };
@@ -721,7 +721,7 @@ struct Conn {
     /// wait for its [`flush`](Conn::flush) instead of waking the writer task.
     batching: AtomicBool,
     /// Requests in flight, so that `Cancel` frames and hang-ups reach their handlers.
-    inflight: Mutex<HashMap<u64, Arc<CancelState>>>,
+    inflight: Mutex<IdMap<Arc<CancelState>>>,
     /// One permit per request in flight: the backpressure cap.
     permits: Arc<Semaphore>,
 }
