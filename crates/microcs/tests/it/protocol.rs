@@ -2,89 +2,14 @@
 //! timeouts — and the client against sockets that do not speak microcs.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use microcs::proto::{self, Decoded, FLAG_NOT_RUN, FLAG_SYSTEM, Header, Hello, HelloAck, Kind, status};
+use microcs::proto::{self, FLAG_NOT_RUN, FLAG_SYSTEM, Header, HelloAck, Kind, status};
 use microcs::{ErrorKind, RemoteError, Request, ServerHandle};
 
 use crate::common::*;
-
-/// A frame as read back: header, method, payload.
-type Got = (Header, Vec<u8>, Vec<u8>);
-
-struct Raw {
-    s: UnixStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    fn connect(dir: &TempDir, name: &str) -> Raw {
-        let s = UnixStream::connect(dir.path().join(format!("{name}.sock"))).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw { s, buf: Vec::new() }
-    }
-
-    /// Connects and shakes hands.
-    fn hello(dir: &TempDir, name: &str) -> (Raw, HelloAck) {
-        let mut r = Raw::connect(dir, name);
-        r.send(&Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 20 }.to_bytes());
-        let (h, _, body) = r.read().expect("hello ack");
-        assert_eq!(h.kind(), Some(Kind::HelloAck));
-        (r, HelloAck::parse(&body).unwrap())
-    }
-
-    fn send(&mut self, h: &Header, method: &[u8], payload: &[u8]) {
-        let mut b = Vec::new();
-        proto::encode(&mut b, h, method, payload);
-        self.s.write_all(&b).unwrap();
-    }
-
-    fn request(&mut self, id: u64, method: &str, payload: &[u8]) {
-        self.send(&Header::request(id, 0), method.as_bytes(), payload);
-    }
-
-    /// Next frame, or `None` at EOF (or a reset). Panics if nothing comes within 10 s.
-    fn read(&mut self) -> Option<Got> {
-        loop {
-            if let Decoded::Frame(f) = proto::decode(&self.buf, u32::MAX - 100).unwrap() {
-                let got = (f.header, f.method.to_vec(), f.payload.to_vec());
-                let n = f.len;
-                self.buf.drain(..n);
-                return Some(got);
-            }
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
-                Err(e) => panic!("no frame within the read timeout: {e}"),
-            }
-        }
-    }
-
-    fn expect_reply(&mut self, id: u64) -> Vec<u8> {
-        let (h, _, p) = self.read().expect("a reply");
-        assert_eq!((h.kind(), h.id), (Some(Kind::Reply), id), "{}", String::from_utf8_lossy(&p));
-        p
-    }
-
-    fn expect_error(&mut self, id: u64, code: u16) -> (u16, String) {
-        let (h, _, p) = self.read().expect("an error frame");
-        assert_eq!(
-            (h.kind(), h.id, h.status),
-            (Some(Kind::Error), id, code),
-            "{}",
-            String::from_utf8_lossy(&p)
-        );
-        (h.flags, String::from_utf8(p).unwrap())
-    }
-
-    fn expect_eof(&mut self) {
-        assert!(self.read().is_none(), "expected the server to close the connection");
-    }
-}
 
 /// An in-process server whose `wait` method reports on `tx` how it ended.
 fn waiting_server(
@@ -117,7 +42,7 @@ fn cancel_frame_reaches_a_running_blocking_handler() {
     let dir = TempDir::new("cancel");
     let name = unique("CANCEL");
     let (_h, rx) = waiting_server(&dir, &name, |b| b);
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     r.request(5, "wait", b""); // no deadline: only the Cancel can stop it
     std::thread::sleep(Duration::from_millis(50));
     r.send(&Header::new(Kind::Cancel, 5), b"", b"");
@@ -133,7 +58,7 @@ fn a_client_that_hangs_up_cancels_its_running_handler() {
     let dir = TempDir::new("hangup");
     let name = unique("HANGUP");
     let (h, rx) = waiting_server(&dir, &name, |b| b);
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     r.request(1, "wait", b"");
     std::thread::sleep(Duration::from_millis(50));
     drop(r);
@@ -147,7 +72,7 @@ fn unknown_kinds_flags_and_bad_ids_get_per_request_errors_and_the_connection_sta
     let dir = TempDir::new("unknown");
     let name = unique("UNKNOWN");
     let (_h, _rx) = waiting_server(&dir, &name, |b| b);
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     r.send(&Header { kind: 42, ..Header::new(Kind::Request, 9) }, b"", b"?");
     let (flags, msg) = r.expect_error(9, status::BAD_REQUEST);
     assert_eq!(flags, FLAG_SYSTEM | FLAG_NOT_RUN);
@@ -176,7 +101,7 @@ fn duplicate_id_in_flight_is_refused() {
     let dir = TempDir::new("dup");
     let name = unique("DUP");
     let (_h, rx) = waiting_server(&dir, &name, |b| b);
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     r.request(3, "wait", b"");
     r.request(3, "", b"dup");
     let (_, msg) = r.expect_error(3, status::BAD_REQUEST);
@@ -191,7 +116,7 @@ fn a_thousand_requests_in_one_write_and_one_frame_byte_by_byte() {
     let dir = TempDir::new("coalesce");
     let name = unique("COALESCE");
     let (_h, _rx) = waiting_server(&dir, &name, |b| b);
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     let mut all = Vec::new();
     for id in 1..=1000u64 {
         proto::encode(&mut all, &Header::request(id, 0), b"", &id.to_le_bytes());
@@ -230,7 +155,7 @@ fn malformed_streams_get_an_error_frame_and_a_close_and_others_are_unaffected() 
     ] {
         // Before and after the handshake alike.
         for after_hello in [false, true] {
-            let mut r = if after_hello { Raw::hello(&dir, &name).0 } else { Raw::connect(&dir, &name) };
+            let mut r = if after_hello { Raw::hello(&dir, &name) } else { Raw::connect(&dir, &name) };
             r.s.write_all(&bytes).unwrap();
             let (h, _, p) = r.read().unwrap_or_else(|| panic!("{what}: no error frame"));
             assert_eq!(
@@ -243,7 +168,7 @@ fn malformed_streams_get_an_error_frame_and_a_close_and_others_are_unaffected() 
         }
     }
     // A wrong version, after the handshake.
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     r.send(&Header { version: 9, ..Header::request(1, 0) }, b"", b"");
     let (_, msg) = r.expect_error(0, status::VERSION_UNSUPPORTED);
     assert!(msg.contains("version 9"), "{msg}");
@@ -254,14 +179,14 @@ fn malformed_streams_get_an_error_frame_and_a_close_and_others_are_unaffected() 
     assert!(r.expect_error(0, status::BAD_REQUEST).1.contains("Hello"));
     r.expect_eof();
     // Truncated frame, then EOF.
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     let mut b = Vec::new();
     proto::encode(&mut b, &Header::request(1, 0), b"", &[1u8; 100]);
     r.s.write_all(&b[..50]).unwrap();
     r.s.shutdown(std::net::Shutdown::Write).unwrap();
     r.expect_eof();
     // 1 MiB of random bytes.
-    let mut r = Raw::hello(&dir, &name).0;
+    let mut r = Raw::hello(&dir, &name);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let junk: Vec<u8> = (0..1 << 20)
         .map(|_| {
@@ -289,7 +214,7 @@ fn silent_and_trickling_connections_time_out() {
     let mut r = Raw::connect(&dir, &name);
     r.expect_eof();
     // Starts a frame and never finishes it: told, then closed.
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     let mut b = Vec::new();
     proto::encode(&mut b, &Header::request(1, 0), b"", &[0u8; 64]);
     r.s.write_all(&b[..30]).unwrap();
@@ -297,7 +222,7 @@ fn silent_and_trickling_connections_time_out() {
     assert!(msg.contains("not completed"), "{msg}");
     r.expect_eof();
     // An idle but complete connection is not a partial frame: it stays.
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     std::thread::sleep(Duration::from_millis(500));
     r.request(2, "", b"idle is fine");
     assert_eq!(r.expect_reply(2), b"idle is fine");
@@ -361,7 +286,7 @@ fn the_frame_timeout_bounds_a_whole_trickled_frame_not_each_read() {
     let dir = TempDir::new("trickle");
     let name = unique("TRICKLE");
     let (_h, _rx) = waiting_server(&dir, &name, |b| b.frame_timeout(Duration::from_millis(300)));
-    let (mut r, _) = Raw::hello(&dir, &name);
+    let mut r = Raw::hello(&dir, &name);
     let mut frame = Vec::new();
     proto::encode(&mut frame, &Header::request(1, 0), b"", &[5u8; 40]);
     let mut w = r.s.try_clone().unwrap();

@@ -6,13 +6,12 @@
 //! Servers run in the `microcs-peer` process (`serve` = blocking, `serve-tokio` = async);
 //! clients run here. Paths spell `::tokio` because this module is itself named `tokio`.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ::tokio::runtime::Runtime;
-use microcs::proto::{self, Decoded, FLAG_NOT_RUN, FLAG_SYSTEM, Header, Hello, Kind, status};
+use microcs::proto::{self, FLAG_NOT_RUN, FLAG_SYSTEM, Header, Kind, status};
 use microcs::{ErrorKind, RemoteError, Request};
 
 use crate::common::*;
@@ -449,74 +448,6 @@ mod cases {
     }
 }
 
-/// A hand-written protocol client, to hold both servers to the same wire behaviour.
-struct Raw {
-    s: UnixStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    fn connect(dir: &TempDir, name: &str) -> Raw {
-        let s = UnixStream::connect(dir.path().join(format!("{name}.sock"))).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw { s, buf: Vec::new() }
-    }
-
-    fn hello(dir: &TempDir, name: &str) -> Raw {
-        let mut r = Raw::connect(dir, name);
-        r.send(&Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 20 }.to_bytes());
-        let (h, _) = r.read().expect("hello ack");
-        assert_eq!(h.kind(), Some(Kind::HelloAck));
-        r
-    }
-
-    fn send(&mut self, h: &Header, method: &[u8], payload: &[u8]) {
-        let mut b = Vec::new();
-        proto::encode(&mut b, h, method, payload);
-        self.s.write_all(&b).unwrap();
-    }
-
-    fn request(&mut self, id: u64, method: &str, payload: &[u8]) {
-        self.send(&Header::request(id, 0), method.as_bytes(), payload);
-    }
-
-    /// Next frame, or `None` at EOF (or a reset).
-    fn read(&mut self) -> Option<(Header, Vec<u8>)> {
-        loop {
-            if let Decoded::Frame(f) = proto::decode(&self.buf, u32::MAX - 100).unwrap() {
-                let got = (f.header, f.payload.to_vec());
-                let n = f.len;
-                self.buf.drain(..n);
-                return Some(got);
-            }
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
-                Err(e) => panic!("no frame within the read timeout: {e}"),
-            }
-        }
-    }
-
-    fn expect_reply(&mut self, id: u64) -> Vec<u8> {
-        let (h, p) = self.read().expect("a reply");
-        assert_eq!((h.kind(), h.id), (Some(Kind::Reply), id), "{}", String::from_utf8_lossy(&p));
-        p
-    }
-
-    fn expect_error(&mut self, id: u64, code: u16) -> (u16, String) {
-        let (h, p) = self.read().expect("an error frame");
-        assert_eq!(
-            (h.kind(), h.id, h.status),
-            (Some(Kind::Error), id, code),
-            "{}",
-            String::from_utf8_lossy(&p)
-        );
-        (h.flags, String::from_utf8(p).unwrap())
-    }
-}
-
 mod raw_cases {
     use super::*;
 
@@ -546,7 +477,7 @@ mod raw_cases {
         assert_eq!(flags, FLAG_SYSTEM | FLAG_NOT_RUN);
         assert!(msg.contains("no_such"), "{msg}");
         r.send(&Header::new(Kind::Ping, 77), b"", b"are you there");
-        let (h, p) = r.read().unwrap();
+        let (h, _, p) = r.read().unwrap();
         assert_eq!((h.kind(), h.id, &p[..]), (Some(Kind::Pong), 77, &b"are you there"[..]));
         r.send(&Header::new(Kind::Cancel, 999), b"", b""); // unknown id: ignored
         r.request(13, "", b"still fine");
@@ -577,7 +508,7 @@ mod raw_cases {
         // The handler answers 500 ms after the cancel; that answer must not be sent.
         std::thread::sleep(Duration::from_millis(800));
         r.send(&Header::new(Kind::Ping, 7), b"", b"");
-        let (h, _) = r.read().unwrap();
+        let (h, _, _) = r.read().unwrap();
         assert_eq!((h.kind(), h.id), (Some(Kind::Pong), 7), "a cancelled request was answered");
     }
 
@@ -602,7 +533,7 @@ mod raw_cases {
             for after_hello in [false, true] {
                 let mut r = if after_hello { Raw::hello(&dir, &name) } else { Raw::connect(&dir, &name) };
                 r.s.write_all(&bytes).unwrap();
-                let (h, p) = r.read().unwrap_or_else(|| panic!("{what}: no error frame"));
+                let (h, _, p) = r.read().unwrap_or_else(|| panic!("{what}: no error frame"));
                 assert_eq!(
                     (h.kind(), h.id, h.status),
                     (Some(Kind::Error), 0, code),

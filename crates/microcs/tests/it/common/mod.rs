@@ -2,7 +2,10 @@
 
 #![allow(dead_code)] // each test module uses a different subset
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+
+use microcs::proto::{self, Decoded, Header, Hello, HelloAck, Kind};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -218,4 +221,81 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A frame as read back: header, method, payload.
+pub type Got = (Header, Vec<u8>, Vec<u8>);
+
+/// A hand-written protocol client, to hold every server flavour to the same wire behaviour.
+pub struct Raw {
+    pub s: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn connect(dir: &TempDir, name: &str) -> Raw {
+        let s = UnixStream::connect(dir.path().join(format!("{name}.sock"))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    /// Connects and shakes hands (checking the answer is a `HelloAck`).
+    pub fn hello(dir: &TempDir, name: &str) -> Raw {
+        let mut r = Raw::connect(dir, name);
+        r.send(&Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 20 }.to_bytes());
+        let (h, _, body) = r.read().expect("hello ack");
+        assert_eq!(h.kind(), Some(Kind::HelloAck));
+        assert!(HelloAck::parse(&body).is_some(), "a well-formed HelloAck");
+        r
+    }
+
+    pub fn send(&mut self, h: &Header, method: &[u8], payload: &[u8]) {
+        let mut b = Vec::new();
+        proto::encode(&mut b, h, method, payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    pub fn request(&mut self, id: u64, method: &str, payload: &[u8]) {
+        self.send(&Header::request(id, 0), method.as_bytes(), payload);
+    }
+
+    /// Next frame, or `None` at EOF (or a reset). Panics if nothing comes within 10 s.
+    pub fn read(&mut self) -> Option<Got> {
+        loop {
+            if let Decoded::Frame(f) = proto::decode(&self.buf, u32::MAX - 100).unwrap() {
+                let got = (f.header, f.method.to_vec(), f.payload.to_vec());
+                let n = f.len;
+                self.buf.drain(..n);
+                return Some(got);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("no frame within the read timeout: {e}"),
+            }
+        }
+    }
+
+    pub fn expect_reply(&mut self, id: u64) -> Vec<u8> {
+        let (h, _, p) = self.read().expect("a reply");
+        assert_eq!((h.kind(), h.id), (Some(Kind::Reply), id), "{}", String::from_utf8_lossy(&p));
+        p
+    }
+
+    pub fn expect_error(&mut self, id: u64, code: u16) -> (u16, String) {
+        let (h, _, p) = self.read().expect("an error frame");
+        assert_eq!(
+            (h.kind(), h.id, h.status),
+            (Some(Kind::Error), id, code),
+            "{}",
+            String::from_utf8_lossy(&p)
+        );
+        (h.flags, String::from_utf8(p).unwrap())
+    }
+
+    pub fn expect_eof(&mut self) {
+        assert!(self.read().is_none(), "expected the server to close the connection");
+    }
 }
