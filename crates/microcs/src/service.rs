@@ -288,6 +288,8 @@ pub(crate) struct Config {
     pub allowed_uids: Vec<u32>,
     /// Any user may connect.
     pub allow_any_user: bool,
+    /// Kernel send buffer asked for on each accepted connection (0: the system's default).
+    pub send_buffer: usize,
 }
 
 impl Default for Config {
@@ -303,6 +305,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(30),
             allowed_uids: Vec::new(),
             allow_any_user: false,
+            send_buffer: crate::blocking::io::DEFAULT_SEND_BUFFER,
         }
     }
 }
@@ -444,6 +447,21 @@ macro_rules! common_server_options {
         /// for a socket placed in a shared directory.
         pub fn allow_any_user(mut self) -> Self {
             self.config.allow_any_user = true;
+            self
+        }
+
+        /// Kernel send buffer to ask for on each connection, in bytes (default 1 MiB; 0 keeps the
+        /// system's default, `net.core.wmem_default`).
+        ///
+        /// A reply larger than the buffer crosses the socket in buffer-sized rounds, each costing
+        /// both sides a sleep and a wake-up; with room for the whole reply it goes out in one
+        /// system call. The kernel caps the value at `net.core.wmem_max` and counts it double.
+        /// Memory is only taken while replies wait for a client to read them, so idle
+        /// connections cost nothing more; the most a connection can pin is this buffer (twice
+        /// over, as the kernel counts) until the [write timeout](Self::write_timeout) drops a
+        /// client that does not read.
+        pub fn send_buffer(mut self, bytes: usize) -> Self {
+            self.config.send_buffer = bytes;
             self
         }
 

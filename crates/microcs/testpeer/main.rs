@@ -12,7 +12,7 @@
 //!                                 async versions of the same methods
 //! ```
 //! Server options from the environment: PEER_GRACE_MS, PEER_WRITE_TIMEOUT_MS, PEER_MAX_PENDING,
-//! PEER_MAX_IN_FLIGHT, PEER_LOG (file for the `record` method).
+//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_LOG (file for the `record` method).
 //! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
 
 use std::io::{Read, Write};
@@ -94,7 +94,11 @@ fn build(name: &str) -> microcs::Result<Server> {
         Duration::from_millis(std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
     };
     let pending = std::env::var("PEER_MAX_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
-    Server::builder(name)
+    let mut builder = Server::builder(name);
+    if let Some(bytes) = send_buffer() {
+        builder = builder.send_buffer(bytes);
+    }
+    builder
         .grace_period(env_ms("PEER_GRACE_MS", 10_000))
         .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
         .max_pending_handshakes(pending)
@@ -161,6 +165,11 @@ fn build(name: &str) -> microcs::Result<Server> {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>("done")
         })
         .bind()
+}
+
+/// `send_buffer` for the server, if PEER_SEND_BUFFER says (else the library's default).
+fn send_buffer() -> Option<usize> {
+    std::env::var("PEER_SEND_BUFFER").ok().and_then(|v| v.parse().ok())
 }
 
 fn max_in_flight() -> usize {
@@ -277,7 +286,11 @@ mod async_peer {
             Duration::from_millis(std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
         };
         let pending = std::env::var("PEER_MAX_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
-        microcs::tokio::Server::builder(name)
+        let mut builder = microcs::tokio::Server::builder(name);
+        if let Some(bytes) = send_buffer() {
+            builder = builder.send_buffer(bytes);
+        }
+        builder
             .grace_period(env_ms("PEER_GRACE_MS", 10_000))
             .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
             .max_pending_handshakes(pending)

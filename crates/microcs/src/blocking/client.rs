@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-use super::io::{Filled, ReadBuf, is_disconnect, is_timeout, send_frame};
+use super::io::{
+    DEFAULT_SEND_BUFFER, Filled, ReadBuf, is_disconnect, is_timeout, send_frame, set_send_buffer,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
@@ -48,6 +50,7 @@ pub struct Client {
     explicit_dir: bool,
     timeout: Duration,
     max_payload: u32,
+    send_buffer: usize,
     conn: Option<Connection>,
     /// Request ids are never reused on a connection, so a late reply to a request that timed out
     /// can never be taken for the answer to a later one.
@@ -78,6 +81,7 @@ pub struct ClientBuilder {
     dir: Option<PathBuf>,
     timeout: Duration,
     max_payload: u32,
+    send_buffer: usize,
     #[cfg(feature = "nats")]
     pub(crate) nats: crate::nats::ClientConfig,
 }
@@ -94,6 +98,18 @@ impl ClientBuilder {
     /// with [`ErrorKind::FrameTooLarge`] instead of sending them.
     pub fn max_frame(mut self, bytes: u32) -> Self {
         self.max_payload = bytes;
+        self
+    }
+
+    /// Kernel send buffer to ask for on the connection, in bytes (default 1 MiB; 0 keeps the
+    /// system's default, `net.core.wmem_default`).
+    ///
+    /// A request larger than the buffer crosses the socket in buffer-sized rounds, each costing
+    /// both sides a sleep and a wake-up; with room for the whole request it goes out in one
+    /// system call. The kernel caps the value at `net.core.wmem_max` and counts it double;
+    /// memory is only taken while a request waits for the server to read it.
+    pub fn send_buffer(mut self, bytes: usize) -> Self {
+        self.send_buffer = bytes;
         self
     }
 
@@ -126,6 +142,7 @@ impl ClientBuilder {
             explicit_dir,
             timeout: self.timeout,
             max_payload: self.max_payload,
+            send_buffer: self.send_buffer,
             conn: None,
             next_id: 1,
             #[cfg(feature = "nats")]
@@ -166,6 +183,7 @@ impl Client {
             dir: None,
             timeout: DEFAULT_TIMEOUT,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
+            send_buffer: DEFAULT_SEND_BUFFER,
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -436,6 +454,7 @@ impl Client {
             ),
             _ => Error::io(format_args!("cannot connect to {}", self.path.display()), e),
         })?;
+        set_send_buffer(&fd, self.send_buffer);
         let stream = UnixStream::from(fd);
         let mut conn = Connection {
             stream,

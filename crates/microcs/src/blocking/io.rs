@@ -18,6 +18,28 @@ const KEEP_CAPACITY: usize = 256 * 1024;
 /// becomes the request's (or reply's) payload without being copied.
 pub(crate) const LARGE_PAYLOAD: usize = 64 * 1024;
 
+/// Kernel send buffer each connection asks for by default (see [`set_send_buffer`]).
+pub(crate) const DEFAULT_SEND_BUFFER: usize = 1024 * 1024;
+
+/// Asks the kernel for a send buffer of `bytes` on this socket (`SO_SNDBUF`); 0 leaves the
+/// system's default. Failure is not an error: the connection works with any buffer.
+///
+/// Why: a Unix stream socket holds at most its *sender's* buffer in flight (the kernel default
+/// is `net.core.wmem_default`, usually 208 KiB). A larger frame crosses in buffer-sized rounds,
+/// each a sleep and a wake-up on both sides — and on a non-blocking socket also a readiness
+/// wait and a system call or two more per round. With room for the whole frame it goes in one
+/// `sendmsg`. The kernel caps the value at `net.core.wmem_max` and counts it double (for its
+/// bookkeeping); memory is only used while bytes are queued, so an idle connection costs
+/// nothing more.
+pub(crate) fn set_send_buffer(socket: impl std::os::fd::AsFd, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(socket, bytes) {
+        tracing::debug!(error = %e, bytes, "cannot set the socket's send buffer; keeping the default");
+    }
+}
+
 /// Bytes received but not yet decoded. The valid bytes are `buf[start..end]`; a frame with a
 /// large payload is read into [`Large`] instead.
 #[derive(Debug, Default)]

@@ -26,7 +26,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{Shutdown, SocketFlags};
 
-use super::io::{Filled, ReadBuf, is_timeout, send_bytes, send_frame};
+use super::io::{Filled, ReadBuf, is_timeout, send_bytes, send_frame, set_send_buffer};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::{Error, RemoteError, Result};
@@ -774,6 +774,7 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         tracing::warn!(error = %e, "cannot set socket timeouts; dropping connection");
         return;
     }
+    set_send_buffer(&stream, shared.config.send_buffer);
     let conn = Arc::new(Conn {
         id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
         stream,

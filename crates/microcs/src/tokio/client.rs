@@ -74,6 +74,8 @@ struct Shared {
     explicit_dir: bool,
     /// Largest reply payload this client accepts (announced in `Hello`).
     max_payload: u32,
+    /// Kernel send buffer asked for on each connection (0: the system's default).
+    send_buffer: usize,
     /// The connection new requests use; replaced when it dies or is retired.
     conn: Mutex<Option<Arc<Conn>>>,
     /// Serialises reconnecting, so a crowd of callers after a restart opens one connection.
@@ -493,6 +495,7 @@ pub struct ClientBuilder {
     dir: Option<PathBuf>,
     timeout: Duration,
     max_payload: u32,
+    send_buffer: usize,
     #[cfg(feature = "nats")]
     pub(crate) nats: crate::nats::ClientConfig,
 }
@@ -509,6 +512,13 @@ impl ClientBuilder {
     /// with [`ErrorKind::FrameTooLarge`] instead of sending them.
     pub fn max_frame(mut self, bytes: u32) -> Self {
         self.max_payload = bytes;
+        self
+    }
+
+    /// Kernel send buffer to ask for on each connection, in bytes (default 1 MiB; 0 keeps the
+    /// system's default). See [`crate::ClientBuilder::send_buffer`].
+    pub fn send_buffer(mut self, bytes: usize) -> Self {
+        self.send_buffer = bytes;
         self
     }
 
@@ -542,6 +552,7 @@ impl ClientBuilder {
                 dir,
                 explicit_dir,
                 max_payload: self.max_payload,
+                send_buffer: self.send_buffer,
                 conn: Mutex::new(None),
                 connecting: ::tokio::sync::Mutex::new(()),
                 next_id: AtomicU64::new(1),
@@ -593,6 +604,7 @@ impl Client {
             dir: None,
             timeout: DEFAULT_TIMEOUT,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
+            send_buffer: crate::blocking::io::DEFAULT_SEND_BUFFER,
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -950,9 +962,12 @@ impl Client {
         };
         let stream = match timeout_at(deadline, connect(&s.path)).await {
             Err(_) => return Err(timed_out("accept the connection")),
-            Ok(Ok(stream)) => Stream::new(stream).map_err(|e| {
-                Error::io(format_args!("cannot watch the connection to {}", s.path.display()), e)
-            })?,
+            Ok(Ok(stream)) => {
+                crate::blocking::io::set_send_buffer(&stream, s.send_buffer);
+                Stream::new(stream).map_err(|e| {
+                    Error::io(format_args!("cannot watch the connection to {}", s.path.display()), e)
+                })?
+            }
             Ok(Err(e)) => {
                 return Err(match e.kind() {
                     io::ErrorKind::NotFound => no_service(""),

@@ -32,6 +32,7 @@ use ::tokio::time::{Instant, sleep, sleep_until};
 use rustix::net::sockopt;
 
 use super::io::{HIGH_WATER, IdMap, OutState, Outbox, Stream, read_more, send_now, shutdown};
+use crate::blocking::io::set_send_buffer;
 use crate::blocking::io::{Filled, ReadBuf};
 #[cfg(doc)]
 use crate::error::ErrorKind;
@@ -680,6 +681,7 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
             oldest.abort.abort();
         }
     }
+    set_send_buffer(&stream, shared.config.send_buffer);
     let stream = match Stream::new(stream) {
         Ok(s) => s,
         Err(e) => {

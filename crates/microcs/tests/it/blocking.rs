@@ -622,3 +622,28 @@ fn a_name_is_listed_only_once_its_server_serves() {
     assert_eq!(dir.client(&name).connect().unwrap().request(b"now").unwrap(), b"now");
     h.shutdown();
 }
+
+/// `send_buffer` (default 1 MiB, kernel-capped) sizes the client's socket buffer: a large
+/// request leaves in one go while the server has read none of it; with `send_buffer(0)` only
+/// the kernel's default buffer-load does.
+#[test]
+fn the_send_buffer_lets_a_large_request_leave_at_once() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("sndbuf-c");
+    let payload = vec![7u8; 1_500_000];
+    let frame = payload.len() + microcs::proto::FRAME_OVERHEAD;
+    for (setting, send_buffer) in [(None, 1 << 20), (Some(0), 0)] {
+        let name = unique("SNDBUFC");
+        let server = deaf_server(&dir, &name);
+        let mut b = dir.client(&name).timeout(Duration::from_millis(500));
+        if let Some(bytes) = setting {
+            b = b.send_buffer(bytes);
+        }
+        let mut client = b.connect().unwrap();
+        let server_end = server.join().unwrap();
+        // The server never reads: the request waits in the socket until the call times out.
+        let e = client.request(&payload).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert_send_buffer_held(unread_bytes(&server_end), frame, send_buffer);
+    }
+}

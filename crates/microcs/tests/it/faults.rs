@@ -462,6 +462,33 @@ fn declared_giant_frames_cost_only_what_was_received(mode: &str) {
     assert_eq!(c.request(b"fine").unwrap(), b"fine");
 }
 
+/// `send_buffer` (default 1 MiB, kernel-capped) bounds what a client that does not read can make
+/// the server hold in the kernel, and with room enough a large reply is handed over whole;
+/// `send_buffer(0)` keeps the kernel's default. Either way the reply arrives intact.
+fn the_send_buffer_bounds_what_a_slow_reader_is_sent(mode: &str) {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("sndbuf-s");
+    // Under the 1 MiB reply limit `Raw::hello` announces.
+    let size = 1_000_000;
+    for (env, send_buffer) in [(None, 1 << 20), (Some("0"), 0)] {
+        let name = unique("SNDBUFS");
+        let env: Vec<(&str, &str)> = env.map(|v| ("PEER_SEND_BUFFER", v)).into_iter().collect();
+        let server = PeerProcess::serve_mode(dir.path(), mode, &name, &env);
+        let mut raw = Raw::hello(&dir, &name);
+        raw.request(1, "big", size.to_string().as_bytes());
+        assert_send_buffer_held(settled_unread(&raw.s), size + proto::FRAME_OVERHEAD, send_buffer);
+        let reply = raw.expect_reply(1);
+        assert!(reply.len() == size && reply.iter().all(|&b| b == b'x'), "the whole reply, intact");
+        assert!(server.stop().success());
+    }
+}
+
+both_servers!(
+    the_send_buffer_bounds_what_a_slow_reader_is_sent,
+    send_buffer_blocking_server,
+    send_buffer_tokio_server
+);
+
 both_servers!(
     slowloris_connections_do_not_lock_out_a_real_client,
     slowloris_blocking_server,

@@ -1282,3 +1282,28 @@ fn another_user_is_rejected_by_the_tokio_server_before_a_byte_is_read() {
     let mut c = AnyClient::connect(Flavour::Tokio, &dir, &name, Duration::from_secs(10)).unwrap();
     assert_eq!(c.request(b"me").unwrap(), b"me");
 }
+
+/// As the blocking client's test: `send_buffer` sizes the async client's socket buffer too.
+#[test]
+fn the_send_buffer_lets_a_large_request_leave_at_once_tokio_client() {
+    let _w = watchdog(Duration::from_secs(30));
+    let rt = rt();
+    let dir = TempDir::new("sndbuf-t");
+    let payload = vec![7u8; 1_500_000];
+    let frame = payload.len() + proto::FRAME_OVERHEAD;
+    for (setting, send_buffer) in [(None, 1 << 20), (Some(0), 0)] {
+        let name = unique("SNDBUFT");
+        let server = deaf_server(&dir, &name);
+        let mut b = microcs::tokio::Client::builder(&name)
+            .runtime_dir(dir.path())
+            .timeout(Duration::from_millis(500));
+        if let Some(bytes) = setting {
+            b = b.send_buffer(bytes);
+        }
+        let client = rt.block_on(b.connect()).unwrap();
+        let server_end = server.join().unwrap();
+        let e = rt.block_on(client.request(&payload)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert_send_buffer_held(unread_bytes(&server_end), frame, send_buffer);
+    }
+}

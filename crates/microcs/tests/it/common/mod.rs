@@ -299,3 +299,72 @@ impl Raw {
         assert!(self.read().is_none(), "expected the server to close the connection");
     }
 }
+
+/// Bytes the peer sent that wait unread in this socket's receive queue (`FIONREAD`). On a Unix
+/// stream socket they are held against the *sender's* send buffer.
+pub fn unread_bytes(s: &impl std::os::fd::AsFd) -> usize {
+    rustix::io::ioctl_fionread(s).unwrap() as usize
+}
+
+/// [`unread_bytes`] once it has stopped growing for 300 ms: all the peer could send.
+pub fn settled_unread(s: &impl std::os::fd::AsFd) -> usize {
+    let mut last = unread_bytes(s);
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_millis(300) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = unread_bytes(s);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    last
+}
+
+/// `net.core.wmem_default` and `net.core.wmem_max`: the kernel's default send buffer, and the
+/// most `SO_SNDBUF` may ask for (the kernel then counts twice that).
+pub fn wmem() -> (usize, usize) {
+    let read = |k: &str| {
+        let path = format!("/proc/sys/net/core/{k}");
+        std::fs::read_to_string(&path).unwrap().trim().parse::<usize>().unwrap()
+    };
+    (read("wmem_default"), read("wmem_max"))
+}
+
+/// Checks how much of a `frame`-byte frame its sender got into the socket without the receiver
+/// reading (`queued`), against the sender's `send_buffer` setting (0: the kernel's default).
+/// The kernel admits one more buffer-load (up to 64 KiB plus a page) while under its limit, and
+/// counts bookkeeping against it, hence the margins. A client that gave up may have added a
+/// `Cancel` frame after the whole request.
+pub fn assert_send_buffer_held(queued: usize, frame: usize, send_buffer: usize) {
+    let (default, max) = wmem();
+    let slack = 128 * 1024;
+    if send_buffer == 0 {
+        assert!(
+            queued > 0 && queued < default + slack,
+            "{queued} bytes went out with the kernel's {default}-byte buffer"
+        );
+        return;
+    }
+    let capacity = 2 * send_buffer.min(max);
+    let expected = frame.min(capacity.saturating_sub(slack));
+    assert!(
+        queued >= expected && queued <= frame + proto::FRAME_OVERHEAD,
+        "{queued} of {frame} bytes went out with a {capacity}-byte buffer; expected at least {expected}"
+    );
+}
+
+/// A stand-in server at `NAME.sock` that answers the handshake and then reads nothing; the
+/// handle gives its end of the connection.
+pub fn deaf_server(dir: &TempDir, name: &str) -> std::thread::JoinHandle<UnixStream> {
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join(format!("{name}.sock"))).unwrap();
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut raw = Raw { s, buf: Vec::new() };
+        let (h, _, _) = raw.read().expect("a hello");
+        assert_eq!(h.kind(), Some(Kind::Hello));
+        let ack = HelloAck { max_payload: 16 << 20, max_in_flight: 128, pid: std::process::id(), name };
+        raw.send(&Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
+        raw.s
+    })
+}
