@@ -36,6 +36,8 @@ SYSTEM_TEXT = {
     "tokio": "tokio ↔ tokio",
     "blocking-tokio": "blocking client ↔ tokio server",
     "tokio-blocking": "tokio client ↔ blocking server",
+    "blocking+kbuf": "blocking ↔ blocking, system's default send buffers (`send_buffer(0)`)",
+    "tokio+kbuf": "tokio ↔ tokio, system's default send buffers (`send_buffer(0)`)",
 }
 
 

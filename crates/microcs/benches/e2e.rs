@@ -43,6 +43,11 @@ const MAX_FRAME: u32 = 2 << 20;
 const BLOCKING_NAME: &str = "E2E_BLOCKING";
 #[cfg(feature = "tokio")]
 const TOKIO_NAME: &str = "E2E_TOKIO";
+/// The same servers with the system's default send buffer (`send_buffer(0)`), in the same
+/// processes.
+const BLOCKING_KBUF_NAME: &str = "E2E_BLOCKING_KBUF";
+#[cfg(feature = "tokio")]
+const TOKIO_KBUF_NAME: &str = "E2E_TOKIO_KBUF";
 /// Requests in flight on one connection in the pipelined scenario.
 #[cfg(feature = "tokio")]
 const DEPTH: usize = 64;
@@ -135,25 +140,39 @@ type ClientKind = ServerKind;
 struct System {
     client: ClientKind,
     server: ServerKind,
+    /// Client and server leave the socket send buffer at the system's default
+    /// (`send_buffer(0)`), instead of microcs's default of 1 MiB. Label suffix `+kbuf`.
+    kernel_buffers: bool,
 }
 
 impl System {
-    const FLOOR: System = System { client: ServerKind::Floor, server: ServerKind::Floor };
-    const BLOCKING: System = System { client: ServerKind::Blocking, server: ServerKind::Blocking };
+    const fn new(client: ClientKind, server: ServerKind) -> System {
+        System { client, server, kernel_buffers: false }
+    }
+
+    /// The same pair with the system's default send buffers.
+    fn kbuf(self) -> System {
+        System { kernel_buffers: true, ..self }
+    }
+
+    const FLOOR: System = System::new(ServerKind::Floor, ServerKind::Floor);
+    const BLOCKING: System = System::new(ServerKind::Blocking, ServerKind::Blocking);
     #[cfg(feature = "tokio")]
-    const TOKIO: System = System { client: ServerKind::Tokio, server: ServerKind::Tokio };
+    const TOKIO: System = System::new(ServerKind::Tokio, ServerKind::Tokio);
 
     fn label(self) -> String {
-        if self.client == self.server {
+        let pair = if self.client == self.server {
             self.client.label().to_owned()
         } else {
             format!("{}-{}", self.client.label(), self.server.label())
-        }
+        };
+        if self.kernel_buffers { pair + "+kbuf" } else { pair }
     }
 
     fn parse(s: &str) -> System {
+        let (s, kbuf) = s.strip_suffix("+kbuf").map_or((s, false), |s| (s, true));
         let (c, srv) = s.split_once('-').unwrap_or((s, s));
-        System { client: ServerKind::parse(c), server: ServerKind::parse(srv) }
+        System { kernel_buffers: kbuf, ..System::new(ServerKind::parse(c), ServerKind::parse(srv)) }
     }
 
     /// The floor and both flavours end to end.
@@ -172,8 +191,8 @@ impl System {
         let mut v = System::main();
         #[cfg(feature = "tokio")]
         v.extend([
-            System { client: ServerKind::Blocking, server: ServerKind::Tokio },
-            System { client: ServerKind::Tokio, server: ServerKind::Blocking },
+            System::new(ServerKind::Blocking, ServerKind::Tokio),
+            System::new(ServerKind::Tokio, ServerKind::Blocking),
         ]);
         v
     }
@@ -394,20 +413,33 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
         }
         ServerKind::Blocking => {
             let h = Server::builder(BLOCKING_NAME).max_frame(MAX_FRAME).bind().unwrap().spawn(echo).unwrap();
+            let k = Server::builder(BLOCKING_KBUF_NAME)
+                .max_frame(MAX_FRAME)
+                .send_buffer(0)
+                .bind()
+                .unwrap()
+                .spawn(echo)
+                .unwrap();
             ready_then_wait_for_stdin();
             h.shutdown();
+            k.shutdown();
         }
         #[cfg(feature = "tokio")]
         ServerKind::Tokio => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
-                let h = microcs::tokio::Server::builder(TOKIO_NAME)
-                    .max_frame(MAX_FRAME)
-                    .bind()
-                    .await
-                    .unwrap()
-                    .spawn(|r: Request| async move { echo(r) })
-                    .unwrap();
+                let start = |name, send_buffer| async move {
+                    microcs::tokio::Server::builder(name)
+                        .max_frame(MAX_FRAME)
+                        .send_buffer(send_buffer)
+                        .bind()
+                        .await
+                        .unwrap()
+                        .spawn(|r: Request| async move { echo(r) })
+                        .unwrap()
+                };
+                let h = start(TOKIO_NAME, 1 << 20).await;
+                let k = start(TOKIO_KBUF_NAME, 0).await;
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 std::thread::spawn(move || {
                     ready_then_wait_for_stdin();
@@ -415,6 +447,7 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
                 });
                 let _ = rx.await;
                 h.shutdown().await;
+                k.shutdown().await;
             });
         }
     }
@@ -430,12 +463,15 @@ enum Caller {
     Tokio(tokio::runtime::Runtime, microcs::tokio::Client),
 }
 
-fn service_name(server: ServerKind) -> &'static str {
-    match server {
-        ServerKind::Floor => unreachable!("the floor has no name"),
-        ServerKind::Blocking => BLOCKING_NAME,
+fn service_name(system: System) -> &'static str {
+    match (system.server, system.kernel_buffers) {
+        (ServerKind::Floor, _) => unreachable!("the floor has no name"),
+        (ServerKind::Blocking, false) => BLOCKING_NAME,
+        (ServerKind::Blocking, true) => BLOCKING_KBUF_NAME,
         #[cfg(feature = "tokio")]
-        ServerKind::Tokio => TOKIO_NAME,
+        (ServerKind::Tokio, false) => TOKIO_NAME,
+        #[cfg(feature = "tokio")]
+        (ServerKind::Tokio, true) => TOKIO_KBUF_NAME,
     }
 }
 
@@ -458,25 +494,28 @@ fn floor_call(s: &mut UnixStream, buf: &mut Vec<u8>, payload: &[u8]) -> usize {
 
 impl Caller {
     fn connect(system: System, dir: &Path) -> Caller {
+        let send_buffer = if system.kernel_buffers { 0 } else { 1 << 20 };
         match (system.client, system.server) {
             (ServerKind::Floor, _) => {
                 Caller::Floor(UnixStream::connect(dir.join("floor.sock")).unwrap(), Vec::new())
             }
-            (ServerKind::Blocking, server) => Caller::Blocking(Box::new(
-                Client::builder(service_name(server))
+            (ServerKind::Blocking, _) => Caller::Blocking(Box::new(
+                Client::builder(service_name(system))
                     .runtime_dir(dir)
                     .max_frame(MAX_FRAME)
+                    .send_buffer(send_buffer)
                     .connect()
                     .unwrap(),
             )),
             #[cfg(feature = "tokio")]
-            (ServerKind::Tokio, server) => {
+            (ServerKind::Tokio, _) => {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 let c = rt
                     .block_on(
-                        microcs::tokio::Client::builder(service_name(server))
+                        microcs::tokio::Client::builder(service_name(system))
                             .runtime_dir(dir)
                             .max_frame(MAX_FRAME)
+                            .send_buffer(send_buffer)
                             .connect(),
                     )
                     .unwrap();
@@ -601,7 +640,7 @@ fn throughput_run(system: System, dir: &Path, clients: usize, size: usize, d: Du
 /// Requests per second over one tokio client connection with `depth` requests in flight.
 #[cfg(feature = "tokio")]
 fn inflight_run(server: ServerKind, dir: &Path, depth: usize, size: usize, d: Duration) -> f64 {
-    let Caller::Tokio(rt, client) = Caller::connect(System { client: ServerKind::Tokio, server }, dir) else {
+    let Caller::Tokio(rt, client) = Caller::connect(System::new(ServerKind::Tokio, server), dir) else {
         unreachable!()
     };
     rt.block_on(async {
@@ -774,11 +813,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     #[cfg(feature = "tokio")]
     if opts.wants("inflight") {
         let t = Series::measure(
-            vec![
-                System::FLOOR,
-                System::TOKIO,
-                System { client: ServerKind::Tokio, server: ServerKind::Blocking },
-            ],
+            vec![System::FLOOR, System::TOKIO, System::new(ServerKind::Tokio, ServerKind::Blocking)],
             runs,
             |s| match s.client {
                 ServerKind::Floor => throughput_run(s, &dir, 1, 32, dur),
@@ -800,7 +835,10 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
 
     // 1 MiB echo.
     if opts.wants("bulk") {
-        let t = Series::measure(System::main(), runs, |s| bulk_run(s, &dir, n_big));
+        // Also with the system's default send buffers: what the 1 MiB `send_buffer` default adds.
+        let mut systems = System::with_mixed();
+        systems.extend(System::main().into_iter().skip(1).map(System::kbuf));
+        let t = Series::measure(systems, runs, |s| bulk_run(s, &dir, n_big));
         println!("\n| 1 MiB echo | MB/s (payload, one way) | / floor |");
         println!("|---|---|---|");
         for (i, s) in t.systems.iter().enumerate() {
@@ -824,7 +862,12 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
         std::thread::sleep(Duration::from_millis(200));
         let idle = rss_kib(proc_.pid());
         let mut conns: Vec<Client> = (0..IDLE_CONNS)
-            .map(|_| Client::builder(service_name(kind)).runtime_dir(&mem_dir).connect().unwrap())
+            .map(|_| {
+                Client::builder(service_name(System::new(ServerKind::Blocking, kind)))
+                    .runtime_dir(&mem_dir)
+                    .connect()
+                    .unwrap()
+            })
             .collect();
         for c in &mut conns {
             c.request(b"x").unwrap();
@@ -969,7 +1012,7 @@ fn traced_report(opts: &Opts, tracer: Tracer) -> Value {
     #[allow(unused_mut)]
     let mut systems = System::main();
     #[cfg(feature = "tokio")]
-    systems.push(System { client: ServerKind::Tokio, server: ServerKind::Blocking });
+    systems.push(System::new(ServerKind::Tokio, ServerKind::Blocking));
     for &size in sizes {
         let n = if size > 1024 { (n / 100).max(1) } else { n };
         for &system in &systems {
@@ -1061,8 +1104,8 @@ fn alloc_report(opts: &Opts) -> Value {
     systems.retain(|s| *s != System::FLOOR);
     #[cfg(feature = "tokio")]
     systems.extend([
-        System { client: ServerKind::Blocking, server: ServerKind::Tokio },
-        System { client: ServerKind::Tokio, server: ServerKind::Blocking },
+        System::new(ServerKind::Blocking, ServerKind::Tokio),
+        System::new(ServerKind::Tokio, ServerKind::Blocking),
     ]);
     println!("| system | payload | client allocations / request | server allocations / request |");
     println!("|---|---|---|---|");
