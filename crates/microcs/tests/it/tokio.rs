@@ -1307,3 +1307,58 @@ fn the_send_buffer_lets_a_large_request_leave_at_once_tokio_client() {
         assert_send_buffer_held(unread_bytes(&server_end), frame, send_buffer);
     }
 }
+
+/// A large request is written by its caller straight from its slice. A caller dropped while
+/// its request is half written: the rest still goes out whole, then its `Cancel`, so the
+/// connection stays usable; a connection that dies mid-frame fails the call at once.
+#[test]
+fn a_request_dropped_or_cut_off_mid_frame_leaves_the_stream_whole() {
+    let _w = watchdog(Duration::from_secs(30));
+    let rt = rt();
+    let dir = TempDir::new("midframe");
+    let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
+    let connect = |name: &str| {
+        let b = microcs::tokio::Client::builder(name).runtime_dir(dir.path()).send_buffer(0);
+        rt.block_on(b.connect()).unwrap()
+    };
+
+    let name = unique("MIDFRAME");
+    let server = deaf_server(&dir, &name);
+    let client = connect(&name);
+    let mut raw = Raw::from_stream(server.join().unwrap());
+    // Larger than the kernel's default send buffer: part goes out, then the caller waits for
+    // room that never comes, and is dropped.
+    let r =
+        rt.block_on(async { ::tokio::time::timeout(Duration::from_millis(200), client.request(&big)).await });
+    assert!(r.is_err(), "the request cannot have been answered");
+    assert!(unread_bytes(&raw.s) < big.len(), "the request was cut off in the middle");
+    let (h, _, p) = raw.read().expect("the request");
+    assert_eq!(h.kind(), Some(Kind::Request));
+    assert!(p == big, "the whole request, intact");
+    let (c, _, _) = raw.read().expect("its cancel");
+    assert_eq!((c.kind(), c.id), (Some(Kind::Cancel), h.id));
+    let next = rt.spawn({
+        let client = client.clone();
+        async move { client.request(b"after").await }
+    });
+    let (h2, _, p2) = raw.read().expect("the next request");
+    assert_eq!(p2, b"after");
+    raw.send(&Header::new(Kind::Reply, h2.id), b"", b"fine");
+    assert_eq!(rt.block_on(next).unwrap().unwrap(), b"fine");
+
+    // The server goes away mid-frame: the caller hears of it at once, not at its deadline.
+    let name = unique("MIDCUT");
+    let server = deaf_server(&dir, &name);
+    let client = connect(&name);
+    let server_end = server.join().unwrap();
+    let cut = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(server_end);
+    });
+    let t0 = std::time::Instant::now();
+    let e = rt.block_on(client.request(&big)).unwrap_err();
+    cut.join().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "failed after {:?}", t0.elapsed());
+    assert_ne!(e.kind(), ErrorKind::TimedOut, "{e}");
+    assert!(!e.may_have_run(), "a request cut off mid-frame cannot have run: {e}");
+}

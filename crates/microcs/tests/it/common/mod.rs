@@ -234,7 +234,11 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(dir: &TempDir, name: &str) -> Raw {
-        let s = UnixStream::connect(dir.path().join(format!("{name}.sock"))).unwrap();
+        Raw::from_stream(UnixStream::connect(dir.path().join(format!("{name}.sock"))).unwrap())
+    }
+
+    /// Wraps an accepted or connected stream (reads time out after 10 s).
+    pub fn from_stream(s: UnixStream) -> Raw {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Raw { s, buf: Vec::new() }
     }
