@@ -4,6 +4,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::net::sockopt::{self, Timeout};
@@ -51,6 +52,7 @@ pub struct Client {
     timeout: Duration,
     max_payload: u32,
     send_buffer: usize,
+    interrupt: Option<InterruptCheck>,
     conn: Option<Connection>,
     /// Request ids are never reused on a connection, so a late reply to a request that timed out
     /// can never be taken for the answer to a later one.
@@ -82,8 +84,22 @@ pub struct ClientBuilder {
     timeout: Duration,
     max_payload: u32,
     send_buffer: usize,
+    interrupt: Option<InterruptCheck>,
     #[cfg(feature = "nats")]
     pub(crate) nats: crate::nats::ClientConfig,
+}
+
+/// What [`ClientBuilder::interrupt_check`] set.
+#[derive(Clone)]
+struct InterruptCheck {
+    every: Duration,
+    stop: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for InterruptCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterruptCheck").field("every", &self.every).finish_non_exhaustive()
+    }
 }
 
 impl ClientBuilder {
@@ -110,6 +126,44 @@ impl ClientBuilder {
     /// memory is only taken while a request waits for the server to read it.
     pub fn send_buffer(mut self, bytes: usize) -> Self {
         self.send_buffer = bytes;
+        self
+    }
+
+    /// Lets something other than the deadline end a wait: while a call waits for the service's
+    /// answer, `stop` runs on the calling thread every `every`; when it returns `true`, the call
+    /// ends at once with an [`ErrorKind::Io`] error whose source is
+    /// [`std::io::ErrorKind::Interrupted`]. A request already sent is cancelled on the server (a
+    /// `Cancel` goes out) and [may have run](Error::may_have_run); the connection stays usable
+    /// (a late reply is dropped by its id). An answer that comes within `every` costs nothing
+    /// extra. Local connections only: a call over NATS waits for its deadline.
+    ///
+    /// This is how the Python bindings let Ctrl-C stop a call.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::time::Duration;
+    ///
+    /// let quit = Arc::new(AtomicBool::new(false)); // set by a signal handler, a UI, ...
+    /// let q = quit.clone();
+    /// let mut client = microcs::Client::builder("LIFE_GEN")
+    ///     .interrupt_check(Duration::from_millis(100), move || q.load(Ordering::Relaxed))
+    ///     .connect()?;
+    /// match client.request(b"...") {
+    ///     Err(e) if quit.load(Ordering::Relaxed) => eprintln!("stopped: {e}"),
+    ///     r => println!("{:?}", r?),
+    /// }
+    /// # Ok::<(), microcs::Error>(())
+    /// ```
+    pub fn interrupt_check(
+        mut self,
+        every: Duration,
+        stop: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.interrupt =
+            Some(InterruptCheck { every: every.max(Duration::from_millis(1)), stop: Arc::new(stop) });
         self
     }
 
@@ -143,6 +197,7 @@ impl ClientBuilder {
             timeout: self.timeout,
             max_payload: self.max_payload,
             send_buffer: self.send_buffer,
+            interrupt: self.interrupt,
             conn: None,
             next_id: 1,
             #[cfg(feature = "nats")]
@@ -184,6 +239,7 @@ impl Client {
             timeout: DEFAULT_TIMEOUT,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             send_buffer: DEFAULT_SEND_BUFFER,
+            interrupt: None,
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -381,22 +437,23 @@ impl Client {
             return Err(Attempt::Failed(err));
         }
         loop {
-            let frame = match conn.read_frame(deadline) {
+            let frame = match conn.read_frame(deadline, self.interrupt.as_ref()) {
                 Ok(f) => f,
-                Err(ReadError::TimedOut) => {
+                Err(e @ (ReadError::TimedOut | ReadError::Interrupted)) => {
                     // Tell the server to stop working on it; best effort, the reply (if it still
                     // comes) will be dropped by id.
                     let _ = send_frame(&conn.stream, &Header::new(Kind::Cancel, id), b"", b"");
-                    return Err(Attempt::Failed(
-                        Error::new(
+                    let err = match e {
+                        ReadError::TimedOut => Error::new(
                             ErrorKind::TimedOut,
                             format!(
                                 "service '{name}' did not answer within {:?}; the request may have run",
                                 self.timeout
                             ),
-                        )
-                        .set_may_have_run(true),
-                    ));
+                        ),
+                        _ => e.into_error(name, true),
+                    };
+                    return Err(Attempt::Failed(err.set_may_have_run(true)));
                 }
                 Err(e) => {
                     self.conn = None;
@@ -467,7 +524,7 @@ impl Client {
         let sent = send_frame(&conn.stream, &Header::new(Kind::Hello, 0), b"", &hello.to_bytes());
         // A server that refuses us (busy, another user) writes why and closes without reading:
         // our hello may then fail with EPIPE, but its answer is still there to read.
-        let got = conn.read_frame(deadline);
+        let got = conn.read_frame(deadline, self.interrupt.as_ref());
         if let (Err(e), Err(_)) = (sent, &got) {
             return Err(Error::io(format_args!("handshake with service '{name}' failed"), e.error));
         }
@@ -507,6 +564,8 @@ enum Attempt {
 
 enum ReadError {
     TimedOut,
+    /// The [interrupt check](ClientBuilder::interrupt_check) said to stop.
+    Interrupted,
     Eof,
     Io(io::Error),
     Decode(proto::DecodeError),
@@ -517,6 +576,11 @@ impl ReadError {
         let may = if sent { "; the request may have run" } else { "" };
         match self {
             ReadError::TimedOut => Error::new(ErrorKind::TimedOut, format!("service '{name}' timed out")),
+            ReadError::Interrupted => Error::io(
+                format_args!("the wait for service '{name}' was interrupted{may}"),
+                io::ErrorKind::Interrupted.into(),
+            )
+            .set_may_have_run(sent),
             ReadError::Eof => Error::new(ErrorKind::Closed, format!("service '{name}' closed the connection{may}"))
                 .set_may_have_run(sent),
             ReadError::Io(e) if is_disconnect(&e) => {
@@ -536,8 +600,13 @@ impl ReadError {
 }
 
 impl Connection {
-    /// Reads one whole frame, waiting until `deadline` at most.
-    fn read_frame(&mut self, deadline: Instant) -> Result<(Header, Vec<u8>), ReadError> {
+    /// Reads one whole frame, waiting until `deadline` at most (and asking `interrupt`, if any,
+    /// whether to stop, every time its period passes without a frame).
+    fn read_frame(
+        &mut self,
+        deadline: Instant,
+        interrupt: Option<&InterruptCheck>,
+    ) -> Result<(Header, Vec<u8>), ReadError> {
         loop {
             let needed = match self.rbuf.decode(self.max_payload).map_err(ReadError::Decode)? {
                 Decoded::Frame(f) => {
@@ -553,18 +622,19 @@ impl Connection {
             if remaining.is_zero() {
                 return Err(ReadError::TimedOut);
             }
-            // SO_RCVTIMEO bounds each read. Reset it only when it is off from the time left by
-            // more than a millisecond: requests with the same timeout then cost no extra
-            // syscall, while a short value left by an earlier, nearer deadline never turns a
-            // later wait into a loop of early wake-ups.
-            if self.rcv_timeout.is_none_or(|t| t.abs_diff(remaining) > Duration::from_millis(1)) {
+            let wait = interrupt.map_or(remaining, |i| remaining.min(i.every));
+            // SO_RCVTIMEO bounds each read. Reset it only when it is off from the wait by more
+            // than a millisecond: requests with the same timeout then cost no extra syscall,
+            // while a short value left by an earlier, nearer deadline never turns a later wait
+            // into a loop of early wake-ups.
+            if self.rcv_timeout.is_none_or(|t| t.abs_diff(wait) > Duration::from_millis(1)) {
                 sockopt::set_socket_timeout(
                     &self.stream,
                     Timeout::Recv,
-                    Some(remaining.max(Duration::from_micros(100))),
+                    Some(wait.max(Duration::from_micros(100))),
                 )
                 .map_err(|e| ReadError::Io(e.into()))?;
-                self.rcv_timeout = Some(remaining);
+                self.rcv_timeout = Some(wait);
             }
             match self.rbuf.fill(&self.stream, needed) {
                 Ok(Filled::Data) => {}
@@ -572,6 +642,9 @@ impl Connection {
                 Err(e) if is_timeout(&e) => {
                     if Instant::now() >= deadline {
                         return Err(ReadError::TimedOut);
+                    }
+                    if interrupt.is_some_and(|i| (i.stop)()) {
+                        return Err(ReadError::Interrupted);
                     }
                 }
                 Err(e) => return Err(ReadError::Io(e)),

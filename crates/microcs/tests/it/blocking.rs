@@ -647,3 +647,48 @@ fn the_send_buffer_lets_a_large_request_leave_at_once() {
         assert_send_buffer_held(unread_bytes(&server_end), frame, send_buffer);
     }
 }
+
+/// `interrupt_check`: a waiting call asks every period and ends at once when told to stop (the
+/// server hears the cancel; the connection stays usable); a call answered in time never asks.
+#[test]
+fn an_interrupt_check_ends_a_waiting_call_and_the_connection_stays_usable() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("interrupt");
+    let name = unique("INTERRUPT");
+    let _server = PeerProcess::serve(dir.path(), &name);
+    let (stop, asked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (s, a) = (stop.clone(), asked.clone());
+    let mut client = dir
+        .client(&name)
+        .interrupt_check(Duration::from_millis(20), move || {
+            a.fetch_add(1, Ordering::SeqCst);
+            s.load(Ordering::SeqCst)
+        })
+        .connect()
+        .unwrap();
+    assert_eq!(client.request(b"quick").unwrap(), b"quick");
+    assert_eq!(asked.load(Ordering::SeqCst), 0, "a prompt answer never asks");
+
+    let setter = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+    let t0 = std::time::Instant::now();
+    let e = client.call("sleep_ms", b"5000").unwrap_err();
+    let took = t0.elapsed();
+    setter.join().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    assert_eq!(source.map(|s| s.kind()), Some(std::io::ErrorKind::Interrupted), "{e}");
+    assert!(e.may_have_run(), "{e}");
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "ended after {took:?}");
+    assert!(asked.load(Ordering::SeqCst) >= 5, "asked every 20 ms: {}", asked.load(Ordering::SeqCst));
+
+    stop.store(false, Ordering::SeqCst);
+    assert_eq!(client.request(b"again").unwrap(), b"again", "the same connection goes on");
+}
