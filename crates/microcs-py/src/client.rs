@@ -3,14 +3,16 @@
 //! Every wait (connecting, sending, waiting for the reply) happens with the GIL released, so
 //! other Python threads run meanwhile. One request at a time goes over a `Client`'s connection;
 //! threads sharing one `Client` take turns (for many requests in flight, use `AsyncClient`).
-//! A call in progress is not interrupted by Ctrl-C (the Rust client retries interrupted
-//! syscalls); Python raises `KeyboardInterrupt` when it returns, at the latest at its timeout.
+//! A call waiting for its answer lets Python handle signals every [`SIGNAL_CHECK`]: Ctrl-C
+//! raises `KeyboardInterrupt` within that time (the request is cancelled on the server, and the
+//! client stays usable). Calls over NATS are not interrupted: they end at the latest at their
+//! timeout.
 //!
 //! With a NATS URL (`nats=` or `MICROCS_NATS_URL`) the library picks a local instance when one
 //! is running and the broker otherwise; calls over NATS also wait without the GIL.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use microcs::ErrorKind;
@@ -20,6 +22,9 @@ use pyo3::types::{PyBytes, PyTuple};
 use crate::errors::IntoPyResult;
 use crate::payload::extract_payload;
 use crate::{duration, json_to_py};
+
+/// How often a call waiting for its answer lets Python run its signal handlers.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -32,6 +37,9 @@ pub struct Client {
     /// `None` once closed. Locked only without the GIL, so a thread waiting for its turn never
     /// holds up the others.
     inner: Mutex<Option<microcs::Client>>,
+    /// What a signal handler raised while a call waited (`KeyboardInterrupt` for Ctrl-C): the
+    /// call ended for it, and it is raised in place of the call's error.
+    interrupted: Arc<Mutex<Option<PyErr>>>,
 }
 
 impl Client {
@@ -42,14 +50,19 @@ impl Client {
         f: impl FnOnce(&mut microcs::Client) -> microcs::Result<T> + Send,
     ) -> PyResult<T> {
         let name = &self.name;
-        py.detach(|| match lock(&self.inner).as_mut() {
+        let r = py.detach(|| match lock(&self.inner).as_mut() {
             Some(c) => f(c),
             None => Err(microcs::Error::new(
                 ErrorKind::Closed,
                 format!("the client of service '{name}' is closed; create a new Client to call it again"),
             )),
-        })
-        .py_err(py)
+        });
+        if r.is_err() {
+            if let Some(raised) = lock(&self.interrupted).take() {
+                return Err(raised);
+            }
+        }
+        r.py_err(py)
     }
 }
 
@@ -73,7 +86,22 @@ impl Client {
         nats: Option<&str>,
         transport: Option<&str>,
     ) -> PyResult<Client> {
-        let mut b = microcs::Client::builder(name).timeout(duration(timeout, "timeout")?);
+        let interrupted = Arc::new(Mutex::new(None));
+        let slot = interrupted.clone();
+        // Runs on the waiting thread, which has released the GIL. Signal handlers only run on
+        // the main thread; elsewhere `check_signals` returns at once.
+        let check = move || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(raised) => {
+                    *lock(&slot) = Some(raised);
+                    true
+                }
+            })
+        };
+        let mut b = microcs::Client::builder(name)
+            .timeout(duration(timeout, "timeout")?)
+            .interrupt_check(SIGNAL_CHECK, check);
         if let Some(d) = runtime_dir {
             b = b.runtime_dir(d);
         }
@@ -88,8 +116,12 @@ impl Client {
         if let Some(t) = transport {
             b = b.transport(t);
         }
-        let client = py.detach(|| b.connect()).py_err(py)?;
-        Ok(Client { name: name.to_owned(), inner: Mutex::new(Some(client)) })
+        let client = py.detach(|| b.connect());
+        if let (Err(_), Some(raised)) = (&client, lock(&interrupted).take()) {
+            return Err(raised);
+        }
+        let client = client.py_err(py)?;
+        Ok(Client { name: name.to_owned(), inner: Mutex::new(Some(client)), interrupted })
     }
 
     /// Sends `payload` to the service's default handler; returns the reply.

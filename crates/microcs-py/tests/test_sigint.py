@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import microcs
-from conftest import PEERS, ServerFactory
+from conftest import PEERS, ServerFactory, run_python, stop_process
 
 
 def assert_name_free(name: str, runtime_dir: Path) -> None:
@@ -51,3 +51,28 @@ def test_ctrl_c_lets_a_running_request_finish(
     assert proc.wait(timeout=30) == -signal.SIGINT
     client.close()
     assert_name_free(name, runtime_dir)
+
+
+def test_ctrl_c_stops_a_waiting_call(server: ServerFactory, name: str, tmp_path: Path) -> None:
+    server("bytes")
+    marker = tmp_path / "cancelled"
+    caller = run_python(PEERS / "interruptible_client.py", name, str(marker))
+    try:
+        assert caller.stdout is not None
+        assert caller.stdout.readline() == b"waiting\n"
+        time.sleep(0.3)  # the call is sent and waits for `watch`, which waits for a cancel
+        sent = time.monotonic()
+        caller.send_signal(signal.SIGINT)
+        assert caller.wait(timeout=30) == -signal.SIGINT  # KeyboardInterrupt, re-raised
+        took = time.monotonic() - sent
+        out = caller.stdout.read()
+        assert out == b"interrupted\nstill usable\n", out
+        assert caller.stderr is not None and b"KeyboardInterrupt" in caller.stderr.read()
+        assert took < 5, f"the call took {took:.1f} s to stop (its timeout is 60 s)"
+        # The server heard the cancel: the handler saw is_cancelled() and touched the marker.
+        give_up = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < give_up, "the cancel never reached the handler"
+            time.sleep(0.01)
+    finally:
+        stop_process(caller)

@@ -167,9 +167,10 @@ class Client:
     """A connection to a named service; every wait releases the GIL.
 
     Connects at once (``NoService`` if nobody serves the name). One request at a time goes over
-    the connection; threads sharing a ``Client`` take turns. A call in progress is not
-    interrupted by Ctrl-C: ``KeyboardInterrupt`` is raised when it returns, at the latest at
-    its timeout (use ``AsyncClient`` under asyncio for calls that can be cancelled).
+    the connection; threads sharing a ``Client`` take turns. While a call waits for its answer,
+    signal handlers run (every 0.1 s, on the main thread): Ctrl-C raises ``KeyboardInterrupt``,
+    the request is cancelled on the server, and the client stays usable. A call over NATS is not
+    interrupted (it ends at the latest at its timeout).
 
     With ``nats="nats://host:4222"`` (or ``MICROCS_NATS_URL`` in the environment) a local
     instance is used when one is running and the NATS broker otherwise; ``transport`` forces
