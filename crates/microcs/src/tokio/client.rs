@@ -25,7 +25,7 @@ use ::tokio::net::UnixStream;
 use ::tokio::sync::{Notify, oneshot};
 use ::tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
-use super::io::{DirectWrite, IdMap, Outbox, SPLICE_MIN, Stream, read_more, shutdown, write_all};
+use super::io::{IdMap, Outbox, SPLICE_MIN, Stream, read_more, shutdown, write_all};
 use crate::blocking::DEFAULT_TIMEOUT;
 use crate::blocking::io::{Filled, ReadBuf, is_disconnect};
 use crate::error::{Error, ErrorKind, Result};
@@ -841,20 +841,19 @@ impl Client {
         let remaining = if fresh { self.timeout } else { deadline.saturating_duration_since(Instant::now()) };
         let header = Header::request(id, crate::blocking::deadline_ms(remaining));
         let (tx, rx) = oneshot::channel();
-        // `sent`: the frame went out whole from here. `direct`: part of it did, and the rest is
-        // this caller's to write (see `DirectWrite`).
-        let (earlier, sent, direct) = {
+        let (earlier, sent) = {
             let mut st = conn.book();
             // A lone request goes out from here, without a round through the writer task;
             // with others in flight it joins the writer's next batch (one `send` for many).
             let lone = st.extra.pending.is_empty() && !st.extra.burst;
             let pushed = if lone && payload.len() >= SPLICE_MIN {
-                // Large: written from the caller's slice, never copied into the outbox.
-                st.push_direct(&conn.stream, &header, method.as_bytes(), payload)
+                // Large: what the socket takes at once is sent from the caller's slice, not
+                // copied into the outbox.
+                st.push_send(&conn.stream, &header, method.as_bytes(), payload)
             } else {
-                st.push(&header, method.as_bytes(), payload).map(|r| (r, 0))
+                st.push(&header, method.as_bytes(), payload).map(|r| (r, false))
             };
-            let Some(((start, end), went)) = pushed else {
+            let Some(((start, end), sent)) = pushed else {
                 let dead = st.extra.dead.clone().unwrap_or(Dead::Closed(None));
                 return Err(Attempt::NotRun(dead.error(name, Written::None)));
             };
@@ -863,12 +862,10 @@ impl Client {
             if earlier {
                 st.extra.next_deadline = Some(deadline);
             }
-            let whole = went as u64 == end - start;
-            let direct = (went > 0 && !whole).then_some(went);
-            let sent = whole || (lone && payload.len() < SPLICE_MIN && st.send_now(&conn.stream));
-            (earlier, sent, direct)
+            let sent = sent || (lone && payload.len() < SPLICE_MIN && st.send_now(&conn.stream));
+            (earlier, sent)
         };
-        if !sent && direct.is_none() {
+        if !sent {
             conn.outbox.wake();
         }
         if earlier {
@@ -877,13 +874,6 @@ impl Client {
         // The connection's deadline task answers `TimedOut` at the deadline; if this future is
         // dropped first, `guard` takes the request back and tells the server to cancel it.
         let mut guard = CancelOnDrop { conn, id, armed: true };
-        if let Some(done) = direct {
-            // Declared after `guard`, so dropped before it: if this future is dropped mid-frame,
-            // the rest of the frame is queued ahead of the `Cancel`.
-            let mut rest = DirectWrite::new(&conn.outbox, &header, method.as_bytes(), payload, done);
-            // At the deadline the writer task takes the rest over (the deadline task answers).
-            let _ = timeout_at(deadline, rest.write(&conn.stream)).await;
-        }
         let outcome = rx.await;
         guard.armed = false;
         let outcome = match outcome {

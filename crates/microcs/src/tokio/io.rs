@@ -167,9 +167,6 @@ pub(crate) struct OutState<T> {
     finishing: bool,
     /// The writer task has taken a batch and is writing it: nobody else may write now.
     busy: bool,
-    /// A caller is writing the rest of its frame itself (a [`DirectWrite`]): nobody else may
-    /// write now, and frames queued meanwhile follow that frame in the stream.
-    direct: bool,
     /// Bytes producers sent themselves (see [`OutState::send_now`]), counted in
     /// [`WriterEnd::written`].
     sent_direct: u64,
@@ -214,27 +211,23 @@ impl<T> OutState<T> {
         Some((start, self.enqueued))
     }
 
-    /// Queues one frame as [`push`](OutState::push) does, but if nothing is queued and nobody
-    /// is writing, first offers it to the socket straight from the caller's slices (one
-    /// non-blocking `sendmsg`). Returns the frame's offsets and how many of its bytes went out;
-    /// `None` if the outbox no longer takes frames.
+    /// Queues one frame as [`push`](OutState::push) does, but if nothing is queued and the
+    /// writer task is idle, first offers it to the socket straight from `payload` (one
+    /// non-blocking `sendmsg`), so only what the socket does not take is copied into the
+    /// queue. Returns the frame's offsets and whether it went out whole (then the writer task
+    /// need not be woken); `None` if the outbox no longer takes frames.
     ///
-    /// If the socket took part of the frame, nothing is copied: the outbox is left reserved for
-    /// the caller, who must make a [`DirectWrite`] for the rest at once (it writes the rest, or
-    /// hands it over to the writer task when dropped). If the frame had to be queued, it was
-    /// copied and 0 is returned: nothing for the caller to do but wake the writer task.
-    ///
-    /// For large payloads that a caller only lends: a 1 MiB request is never copied, however
-    /// small the socket's send buffer.
-    pub(crate) fn push_direct(
+    /// For large payloads, that a caller only lends: the part the socket takes at once (its
+    /// send buffer, some 200 KiB) is not copied.
+    pub(crate) fn push_send(
         &mut self,
         stream: &Stream,
         header: &Header,
         method: &[u8],
         payload: &[u8],
-    ) -> Option<((u64, u64), usize)> {
-        if self.busy || self.direct || !self.buf.is_empty() || !self.spliced.is_empty() {
-            return self.push(header, method, payload).map(|r| (r, 0));
+    ) -> Option<((u64, u64), bool)> {
+        if self.busy || !self.buf.is_empty() || !self.spliced.is_empty() {
+            return self.push(header, method, payload).map(|r| (r, false));
         }
         if self.closed || self.finishing {
             return None;
@@ -247,14 +240,19 @@ impl<T> OutState<T> {
         let sent = rustix::net::sendmsg(stream, &parts, &mut SendAncillaryBuffer::default(), flags)
             .unwrap_or(0)
             .min(total);
-        if sent == 0 {
-            return self.push(header, method, payload).map(|r| (r, 0));
-        }
         let start = self.enqueued;
         self.enqueued += total as u64;
         self.sent_direct += sent as u64;
-        self.direct = sent < total;
-        Some(((start, self.enqueued), sent))
+        let mut skip = sent;
+        for part in [&head[..], method, payload] {
+            if skip >= part.len() {
+                skip -= part.len();
+            } else {
+                self.buf.extend_from_slice(&part[skip..]);
+                skip = 0;
+            }
+        }
+        Some(((start, self.enqueued), sent == total))
     }
 
     /// Bytes queued and not yet taken by the writer.
@@ -271,7 +269,7 @@ impl<T> OutState<T> {
     /// socket, a partial write, an error) stays queued for the writer task, which waits for
     /// room and reports errors as before.
     pub(crate) fn send_now(&mut self, stream: &Stream) -> bool {
-        if self.busy || self.direct || self.closed || !self.spliced.is_empty() {
+        if self.busy || self.closed || !self.spliced.is_empty() {
             return self.buf.is_empty() && self.spliced.is_empty();
         }
         if self.buf.is_empty() {
@@ -327,7 +325,6 @@ impl<T> Outbox<T> {
                 closed: false,
                 finishing: false,
                 busy: false,
-                direct: false,
                 sent_direct: 0,
                 extra,
             }),
@@ -408,17 +405,13 @@ impl<T> Outbox<T> {
             let got_batch = {
                 let mut st = self.lock();
                 st.busy = false;
-                if st.closed || (st.buf.is_empty() && st.finishing && !st.direct) {
+                if st.closed || (st.buf.is_empty() && st.finishing) {
                     return WriterEnd { written: written + st.sent_direct, error: None };
                 }
-                // While a caller writes a frame itself, it alone writes; it wakes us when done.
-                let mine = !st.direct;
-                if mine {
-                    std::mem::swap(&mut st.buf, &mut batch);
-                    std::mem::swap(&mut st.spliced, &mut spliced);
-                    st.spliced_len = 0;
-                    st.busy = !batch.is_empty();
-                }
+                std::mem::swap(&mut st.buf, &mut batch);
+                std::mem::swap(&mut st.spliced, &mut spliced);
+                st.spliced_len = 0;
+                st.busy = !batch.is_empty();
                 st.busy
             };
             if !got_batch {
@@ -450,104 +443,6 @@ impl<T> Outbox<T> {
             if batch.capacity() > KEEP_CAPACITY {
                 batch = Vec::new();
             }
-        }
-    }
-}
-
-/// The rest of a frame whose start [`OutState::push_direct`] sent, written by the caller from
-/// its own slices instead of being copied into the queue. While it exists nobody else writes to
-/// the stream. When it is dropped — the frame written whole, a write failed, the caller's
-/// deadline came, or the caller's future was dropped mid-frame — whatever is left is copied to
-/// the front of the queue for the writer task, so the byte stream stays whole, and a write error
-/// is met again and reported by the writer task as for any other frame.
-pub(crate) struct DirectWrite<'a, T> {
-    outbox: &'a Outbox<T>,
-    head: [u8; proto::FRAME_OVERHEAD],
-    method: &'a [u8],
-    payload: &'a [u8],
-    /// Bytes of the frame written so far.
-    done: usize,
-}
-
-impl<'a, T> DirectWrite<'a, T> {
-    /// Takes over the frame `push_direct` started, `done` bytes of which it sent.
-    pub(crate) fn new(
-        outbox: &'a Outbox<T>,
-        header: &Header,
-        method: &'a [u8],
-        payload: &'a [u8],
-        done: usize,
-    ) -> DirectWrite<'a, T> {
-        DirectWrite { outbox, head: header.to_bytes(method.len(), payload.len()), method, payload, done }
-    }
-
-    /// What is left to write, in stream order.
-    fn rest(&self) -> [&[u8]; 3] {
-        let mut skip = self.done;
-        [&self.head[..], self.method, self.payload].map(|part| {
-            let n = skip.min(part.len());
-            skip -= n;
-            &part[n..]
-        })
-    }
-
-    /// Writes the rest, waiting for the socket to take it. Returns when it is all written or a
-    /// write failed (then dropping `self` hands the rest over).
-    ///
-    /// Cancel safe: progress is counted as it is made; see the type's drop.
-    pub(crate) async fn write(&mut self, stream: &Stream) {
-        let mut waiter = WriteWaiter::new(stream, None);
-        loop {
-            let rest = self.rest();
-            if rest.iter().all(|p| p.is_empty()) {
-                return;
-            }
-            let parts = rest.map(IoSlice::new);
-            let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
-            let sent = waiter
-                .send(|| {
-                    Ok(rustix::net::sendmsg(stream, &parts, &mut SendAncillaryBuffer::default(), flags)?)
-                })
-                .await;
-            match sent {
-                Ok(Some(0)) => return,
-                Ok(Some(n)) => {
-                    self.done += n;
-                    self.outbox.lock().sent_direct += n as u64;
-                }
-                Ok(None) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-    }
-}
-
-impl<T> Drop for DirectWrite<'_, T> {
-    fn drop(&mut self) {
-        let rest = self.rest();
-        let left: usize = rest.iter().map(|p| p.len()).sum();
-        let mut st = self.outbox.lock();
-        st.direct = false;
-        if st.closed {
-            return;
-        }
-        if left > 0 {
-            // Ahead of the frames queued meanwhile, which follow this one in the stream.
-            let mut front = Vec::with_capacity(left + st.buf.len());
-            for part in rest {
-                front.extend_from_slice(part);
-            }
-            front.extend_from_slice(&st.buf);
-            st.buf = front;
-            for (offset, _) in &mut st.spliced {
-                *offset += left;
-            }
-        }
-        let queued = !st.buf.is_empty() || !st.spliced.is_empty();
-        drop(st);
-        if queued {
-            self.outbox.wake();
         }
     }
 }

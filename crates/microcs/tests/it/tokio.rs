@@ -1308,9 +1308,9 @@ fn the_send_buffer_lets_a_large_request_leave_at_once_tokio_client() {
     }
 }
 
-/// A large request is written by its caller straight from its slice. A caller dropped while
-/// its request is half written: the rest still goes out whole, then its `Cancel`, so the
-/// connection stays usable; a connection that dies mid-frame fails the call at once.
+/// A caller dropped while its large request is half written: the rest still goes out whole,
+/// then its `Cancel`, so the connection stays usable; a connection that dies mid-frame fails the
+/// call at once.
 #[test]
 fn a_request_dropped_or_cut_off_mid_frame_leaves_the_stream_whole() {
     let _w = watchdog(Duration::from_secs(30));
@@ -1361,4 +1361,47 @@ fn a_request_dropped_or_cut_off_mid_frame_leaves_the_stream_whole() {
     assert!(t0.elapsed() < Duration::from_secs(5), "failed after {:?}", t0.elapsed());
     assert_ne!(e.kind(), ErrorKind::TimedOut, "{e}");
     assert!(!e.may_have_run(), "a request cut off mid-frame cannot have run: {e}");
+}
+
+/// A large request's future polled once and then held (say, by a `select!` busy elsewhere) does
+/// not hold up the other requests of the connection: what the socket did not take at once is
+/// the writer task's to finish, not the idle caller's.
+#[test]
+fn a_large_request_future_left_unpolled_does_not_stall_the_connection() {
+    use std::future::Future as _;
+    let _w = watchdog(Duration::from_secs(40));
+    let rt = rt();
+    let dir = TempDir::new("unpolled");
+    let big = vec![5u8; 4_000_000];
+    let name = unique("UNPOLLED");
+    let server = deaf_server(&dir, &name);
+    let b = microcs::tokio::Client::builder(&name).runtime_dir(dir.path()).send_buffer(0);
+    let client = rt.block_on(b.connect()).unwrap();
+    let stream = server.join().unwrap();
+    let mut big_call = Box::pin(client.request(&big));
+    // One poll while the server reads nothing: part of the frame goes out, the rest waits.
+    rt.block_on(std::future::poll_fn(|cx| {
+        assert!(big_call.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    }));
+    let reader = std::thread::spawn(move || {
+        let mut raw = Raw::from_stream(stream);
+        let mut seen = Vec::new();
+        while let Some((h, _, p)) = raw.read() {
+            if h.kind() == Some(Kind::Request) {
+                seen.push(p.len());
+                raw.send(&Header::new(Kind::Reply, h.id), b"", b"ok");
+                if p == b"small" {
+                    return seen;
+                }
+            }
+        }
+        seen
+    });
+    let c = client.clone();
+    let small = rt
+        .block_on(async move { ::tokio::time::timeout(Duration::from_secs(10), c.request(b"small")).await });
+    assert_eq!(small.expect("the small request was held up").unwrap(), b"ok");
+    assert_eq!(reader.join().unwrap(), vec![big.len(), 5], "the big request whole, then the small one");
+    drop(big_call);
 }
