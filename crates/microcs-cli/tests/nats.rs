@@ -539,16 +539,22 @@ fn credentials_come_from_the_environment_only() {
         Env::new("auth-caller").with("MICROCS_NATS_USER", "cli").with("MICROCS_NATS_PASSWORD", "hunter2");
     assert_eq!(caller.run(&["call", &name, "secret-free", "--nats", &url]).ok().text(), "secret-free");
     assert_eq!(listed(&caller.run(&["ls", "--nats", &url, "--json"]).ok().json(), &name).len(), 1);
-    // A URL in MICROCS_NATS_URL is not checked (the environment is not visible in ps), but a
-    // password in it is never shown: here `ls` cannot list NATS (the library takes credentials
-    // from the variables, not from the URL), warns, lists the local services, and masks it.
+    // A URL in MICROCS_NATS_URL is not checked (the environment is not visible in ps): the
+    // credentials written in it are used, and the password is never shown.
     let via_env = Env::new("auth-env").with("MICROCS_NATS_URL", &secret_url);
     let out = via_env.run(&["ls", "--json"]).ok();
     let j = out.json();
     assert_eq!(j["nats_url"], url.replace("nats://", "nats://cli:***@"), "masked: {j}");
+    assert_eq!(listed(&j, &name).len(), 1, "{j}");
+    assert!(!out.stderr.contains("hunter2") && !out.text().contains("hunter2"), "{out:?}");
+    assert_eq!(via_env.run(&["call", &name, "via-url"]).ok().text(), "via-url");
+    // A wrong password in it: refused, and neither password is shown.
+    let wrong = Env::new("auth-env-bad").with("MICROCS_NATS_URL", &secret_url.replace("hunter2", "wrong-pw"));
+    let out = wrong.run(&["ls", "--json"]).ok();
+    let j = out.json();
     assert!(j["nats_error"].as_str().unwrap().contains("refused our credentials"), "{j}");
     assert!(out.stderr.contains("warning: not listing NATS services"), "{}", out.stderr);
-    assert!(!out.stderr.contains("hunter2") && !out.text().contains("hunter2"), "{out:?}");
+    assert!(!format!("{out:?}").contains("wrong-pw"), "{out:?}");
 }
 
 #[test]

@@ -175,7 +175,8 @@ class Client:
     With ``nats="nats://host:4222"`` (or ``MICROCS_NATS_URL`` in the environment) a local
     instance is used when one is running and the NATS broker otherwise; ``transport`` forces
     ``"local"`` or ``"nats"`` (default: ``MICROCS_TRANSPORT``, else ``"auto"``). Credentials come
-    from the ``MICROCS_NATS_*`` environment variables, never from arguments.
+    from the URL (``nats://user:password@host``, percent-encoded) or the
+    ``MICROCS_NATS_*`` environment variables; there are no credential arguments.
     """
 
     def __init__(

@@ -10,7 +10,11 @@ use crate::error::{Error, ErrorKind, Result};
 /// Connects to the broker of `opts` (its URL must be set). `label` names the connection in the
 /// broker's monitoring (`microcs client NAME`, `microcs server NAME`).
 pub(crate) async fn connect(opts: &NatsOptions, label: &str) -> Result<async_nats::Client> {
-    let url = opts.url.as_deref().unwrap_or_default().trim().to_owned();
+    let written = opts.url.as_deref().unwrap_or_default().trim();
+    // Credentials written in the URL are ours to apply (the client library does not read them),
+    // after any given as options.
+    let from_url = super::url_credentials(written);
+    let url = super::strip_credentials(written);
     let shown = opts.display_url();
     let mut co = ConnectOptions::new()
         .name(label)
@@ -51,6 +55,13 @@ pub(crate) async fn connect(opts: &NatsOptions, label: &str) -> Result<async_nat
     if let Some(t) = &opts.token {
         co = co.token(t.clone());
     }
+    if opts.user.is_none() && opts.token.is_none() && opts.creds.is_none() {
+        match from_url {
+            Some(super::UrlAuth::UserPassword(u, p)) => co = co.user_and_password(u, p),
+            Some(super::UrlAuth::Token(t)) => co = co.token(t),
+            None => {}
+        }
+    }
     if let Some(path) = &opts.creds {
         co = co.credentials_file(path).await.map_err(|e| {
             Error::new(
@@ -81,7 +92,7 @@ pub(crate) async fn connect(opts: &NatsOptions, label: &str) -> Result<async_nat
             ConnectErrorKind::Dns => (ErrorKind::Io, "its host name does not resolve"),
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => (
                 ErrorKind::PermissionDenied,
-                "it refused our credentials (see MICROCS_NATS_USER/PASSWORD/TOKEN/CREDS)",
+                "it refused our credentials (given as options, in the URL, or in MICROCS_NATS_USER/PASSWORD/TOKEN/CREDS)",
             ),
             ConnectErrorKind::TimedOut => (ErrorKind::TimedOut, "it did not answer in time"),
             ConnectErrorKind::Tls => (ErrorKind::Io, "the TLS handshake failed"),

@@ -34,10 +34,13 @@
 //!
 //! # Credentials and TLS
 //!
-//! User and password, a token or a `.creds` file come from [`NatsOptions`] or from the
-//! environment ([`MICROCS_NATS_USER`](ENV_USER) + [`MICROCS_NATS_PASSWORD`](ENV_PASSWORD),
-//! [`MICROCS_NATS_TOKEN`](ENV_TOKEN), [`MICROCS_NATS_CREDS`](ENV_CREDS)), never from a command
-//! line where `ps` would show them. `tls://` URLs use TLS (rustls); a private CA is given with
+//! User and password, a token or a `.creds` file come from [`NatsOptions`], from the URL
+//! (`nats://user:password@host:4222` or `nats://token@host:4222`, percent-encoded where needed,
+//! e.g. in [`MICROCS_NATS_URL`](ENV_URL)), or from the environment
+//! ([`MICROCS_NATS_USER`](ENV_USER) + [`MICROCS_NATS_PASSWORD`](ENV_PASSWORD),
+//! [`MICROCS_NATS_TOKEN`](ENV_TOKEN), [`MICROCS_NATS_CREDS`](ENV_CREDS)), in that order of
+//! precedence — never from a command line where `ps` would show them (the `microcs` CLI refuses
+//! a URL with credentials in it). `tls://` URLs use TLS (rustls); a private CA is given with
 //! [`NatsOptions::root_certificate`] or [`MICROCS_NATS_CA`](ENV_CA).
 //!
 //! # Differences from a local call
@@ -274,7 +277,10 @@ impl NatsOptions {
         if self.url.is_none() {
             self.url = var(ENV_URL).map(|u| u.trim().to_owned());
         }
-        let has_auth = self.user.is_some() || self.token.is_some() || self.creds.is_some();
+        let has_auth = self.user.is_some()
+            || self.token.is_some()
+            || self.creds.is_some()
+            || self.url.as_deref().and_then(url_credentials).is_some();
         if !has_auth {
             if let (Some(u), Some(p)) = (var(ENV_USER), var(ENV_PASSWORD)) {
                 self.user = Some(u);
@@ -312,6 +318,59 @@ impl fmt::Debug for NatsOptions {
             .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
+}
+
+/// Credentials written in a URL (the first of a list that has any).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum UrlAuth {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The credentials in `url` (`scheme://user:password@host` or `scheme://token@host`,
+/// percent-decoded), if any; `None` also for userinfo that does not decode to UTF-8.
+pub(crate) fn url_credentials(url: &str) -> Option<UrlAuth> {
+    url.split(',').find_map(|u| {
+        let rest = u.trim().split_once("://").map_or(u.trim(), |(_, r)| r);
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let (auth, _) = authority.rsplit_once('@')?;
+        Some(match auth.split_once(':') {
+            Some((user, password)) => UrlAuth::UserPassword(percent_decode(user)?, percent_decode(password)?),
+            None => UrlAuth::Token(percent_decode(auth)?),
+        })
+    })
+}
+
+/// `url` (each of a list) without the credentials written in it.
+pub(crate) fn strip_credentials(url: &str) -> String {
+    url.split(',')
+        .map(|u| {
+            let u = u.trim();
+            let (scheme, rest) = u.split_once("://").map_or(("", u), |(s, r)| (s, r));
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let host = rest[..end].rsplit_once('@').map_or(rest, |(_, h)| &rest[end - h.len()..]);
+            if scheme.is_empty() { host.to_owned() } else { format!("{scheme}://{host}") }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `%XX` escapes decoded; `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `nats://user:secret@host` → `nats://user:***@host`, for each URL of a list.
@@ -530,6 +589,24 @@ mod tests {
         assert_eq!(redact_url("nats://u:secret@h:4222"), "nats://u:***@h:4222");
         assert_eq!(redact_url("nats://tok@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
         assert_eq!(redact_url("tls://h:4222"), "tls://h:4222");
+    }
+
+    #[test]
+    fn credentials_in_urls() {
+        assert_eq!(url_credentials("nats://h:4222"), None);
+        assert_eq!(
+            url_credentials("nats://svc:p%40ss%3Aw0rd@h:4222"),
+            Some(UrlAuth::UserPassword("svc".into(), "p@ss:w0rd".into()))
+        );
+        assert_eq!(
+            url_credentials("nats://h1:4222, tls://tok%2F1@h2:4222"),
+            Some(UrlAuth::Token("tok/1".into()))
+        );
+        assert_eq!(url_credentials("nats://u:%zz@h"), None, "a malformed escape is not a credential");
+        assert_eq!(strip_credentials("nats://u:p@h:4222,tls://t@h2"), "nats://h:4222,tls://h2");
+        assert_eq!(strip_credentials("h:4222"), "h:4222");
+        assert_eq!(url_credentials("nats://h:4222/x@y"), None, "an @ past the authority is not userinfo");
+        assert_eq!(strip_credentials("nats://u:p@h:4222/x@y"), "nats://h:4222/x@y");
         let dbg = format!("{:?}", NatsOptions::new("nats://h").user_password("me", "hunter2").token("tk"));
         assert!(!dbg.contains("hunter2") && !dbg.contains("\"tk\""), "{dbg}");
     }

@@ -631,6 +631,14 @@ fn credentials_user_password_and_token() {
         .unwrap();
     let mut c = Client::builder(&name).nats_options(good).transport(Transport::Nats).connect().unwrap();
     assert_eq!(c.request(b"in").unwrap(), b"in");
+    // The same credentials written in the URL (as MICROCS_NATS_URL may carry them).
+    let in_url = url.replacen("nats://", "nats://svc:s3cret-pw@", 1);
+    let mut c = Client::builder(&name).nats(&in_url).transport(Transport::Nats).connect().unwrap();
+    assert_eq!(c.request(b"via url").unwrap(), b"via url");
+    let wrong_in_url = url.replacen("nats://", "nats://svc:wrong@", 1);
+    let e = Client::builder(&name).nats(&wrong_in_url).transport(Transport::Nats).connect().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(!e.to_string().contains("wrong"), "{e}");
     let bad = NatsOptions::new(&url).user_password("svc", "wrong");
     let e = Client::builder(&name).nats_options(bad).transport(Transport::Nats).connect().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
@@ -648,6 +656,10 @@ fn credentials_user_password_and_token() {
         .unwrap();
     let mut c = Client::builder(&name).nats_options(opts).transport(Transport::Nats).connect().unwrap();
     assert_eq!(c.request(b"tok").unwrap(), b"tok");
+    // A token in the URL, and percent-encoding: the token "tok-123" written as "tok%2D123".
+    let in_url = t.url().replacen("nats://", "nats://tok%2D123@", 1);
+    let mut c = Client::builder(&name).nats(&in_url).transport(Transport::Nats).connect().unwrap();
+    assert_eq!(c.request(b"tok via url").unwrap(), b"tok via url");
     handle.shutdown();
 }
 
