@@ -6,7 +6,7 @@
 //! argument (every user can read it from `ps`), and contradictory or incomplete flags.
 
 use microcs::ClientBuilder;
-use microcs::nats::{ENV_TRANSPORT, ENV_URL, Transport};
+use microcs::nats::{ENV_TRANSPORT, ENV_URL, Transport, redact_url, url_has_credentials};
 
 use crate::cli::{NatsArgs, Way};
 use crate::error::{CliError, CliResult};
@@ -105,43 +105,15 @@ pub fn check_url(url: &str) -> CliResult<()> {
             "the NATS URL is empty; give one such as nats://127.0.0.1:4222 (or leave --nats out to use {ENV_URL})"
         )));
     }
-    if url.split(',').any(|u| authority(u).contains('@')) {
+    if url_has_credentials(url) {
         return Err(CliError::local(format!(
             "the NATS URL {} has credentials in it, and arguments are visible to every user (ps); give the \
              URL without them and put the credentials in the environment: MICROCS_NATS_USER and \
              MICROCS_NATS_PASSWORD, or MICROCS_NATS_TOKEN, or MICROCS_NATS_CREDS (a .creds file)",
-            redact(url)
+            redact_url(url)
         )));
     }
     Ok(())
-}
-
-/// The `user:password@host:port` part of a URL.
-fn authority(url: &str) -> &str {
-    let rest = url.trim().split_once("://").map_or(url.trim(), |(_, r)| r);
-    rest.split(['/', '?', '#']).next().unwrap_or_default()
-}
-
-/// A URL for display: `nats://user:secret@host` → `nats://user:***@host`, `nats://token@host` →
-/// `nats://***@host`, for each URL of a comma-separated list (as the library shows them).
-pub fn redact(url: &str) -> String {
-    url.split(',')
-        .map(|u| {
-            let u = u.trim();
-            let (scheme, rest) = match u.split_once("://") {
-                Some((s, r)) => (format!("{s}://"), r),
-                None => (String::new(), u),
-            };
-            let auth = authority(u);
-            let Some((cred, _)) = auth.rsplit_once('@') else { return u.to_owned() };
-            let masked = match cred.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None => "***".to_owned(),
-            };
-            format!("{scheme}{masked}@{}", &rest[cred.len() + 1..])
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 #[cfg(test)]
@@ -162,14 +134,6 @@ mod tests {
             assert!(message.contains("MICROCS_NATS_PASSWORD"), "{message}");
         }
         assert!(check_url("  ").is_err());
-    }
-
-    #[test]
-    fn redaction() {
-        assert_eq!(redact("nats://u:secret@h:4222"), "nats://u:***@h:4222");
-        assert_eq!(redact("nats://tok@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
-        assert_eq!(redact("tls://h:4222"), "tls://h:4222");
-        assert_eq!(redact("nats://h/path@x"), "nats://h/path@x");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::cli::{LsArgs, NatsArgs};
 use crate::error::{CliError, CliResult};
-use crate::net::{self, Net};
+use crate::net::Net;
 use crate::output::{Ctx, count, print, print_json, table, uptime};
 
 /// Where a service was found: in the runtime directory.
@@ -245,7 +245,7 @@ pub fn run(ctx: &Ctx, args: LsArgs) -> CliResult {
     // A NATS listing the user asked for must work; one that only comes from MICROCS_NATS_URL
     // must not stop `ls` from showing the local services (a broker may be down, or far away).
     let asked = args.nats.is_some() || transport == Transport::Nats;
-    let shown_url = url.as_deref().map(net::redact);
+    let shown_url = url.as_deref().map(microcs::nats::redact_url);
 
     let nats_job = url.map(|u| {
         let wait = args.timeout;

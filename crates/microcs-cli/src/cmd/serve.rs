@@ -171,7 +171,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     if args.life {
         methods.insert(0, "steps".into());
     }
-    let shown_url = nats_url.as_deref().map(net::redact);
+    let shown_url = nats_url.as_deref().map(microcs::nats::redact_url);
     let place = match (&socket, &shown_url) {
         (Some(sock), Some(url)) => format!("at {sock} and on NATS at {url}"),
         (Some(sock), None) => format!("at {sock}"),

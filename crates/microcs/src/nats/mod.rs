@@ -327,13 +327,27 @@ pub(crate) enum UrlAuth {
     Token(String),
 }
 
+/// One URL of a list split into its scheme (with `://`, or empty), the userinfo before `@` in
+/// its authority (if any), and the rest from the host on. An `@` past the authority (in a path,
+/// query or fragment) is not userinfo.
+fn split_userinfo(u: &str) -> (&str, Option<&str>, &str) {
+    let u = u.trim();
+    let (scheme, rest) = match u.find("://") {
+        Some(i) => u.split_at(i + 3),
+        None => ("", u),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => (scheme, Some(&rest[..at]), &rest[at + 1..]),
+        None => (scheme, None, rest),
+    }
+}
+
 /// The credentials in `url` (`scheme://user:password@host` or `scheme://token@host`,
 /// percent-decoded), if any; `None` also for userinfo that does not decode to UTF-8.
 pub(crate) fn url_credentials(url: &str) -> Option<UrlAuth> {
     url.split(',').find_map(|u| {
-        let rest = u.trim().split_once("://").map_or(u.trim(), |(_, r)| r);
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        let (auth, _) = authority.rsplit_once('@')?;
+        let auth = split_userinfo(u).1?;
         Some(match auth.split_once(':') {
             Some((user, password)) => UrlAuth::UserPassword(percent_decode(user)?, percent_decode(password)?),
             None => UrlAuth::Token(percent_decode(auth)?),
@@ -341,15 +355,23 @@ pub(crate) fn url_credentials(url: &str) -> Option<UrlAuth> {
     })
 }
 
+/// Whether any URL of the comma-separated list `url` has a user, password or token written in
+/// it (`nats://user:password@host`, `nats://token@host`).
+///
+/// ```
+/// assert!(microcs::nats::url_has_credentials("nats://h1:4222,nats://me:secret@h2:4222"));
+/// assert!(!microcs::nats::url_has_credentials("tls://broker.example:4222"));
+/// ```
+pub fn url_has_credentials(url: &str) -> bool {
+    url.split(',').any(|u| split_userinfo(u).1.is_some())
+}
+
 /// `url` (each of a list) without the credentials written in it.
 pub(crate) fn strip_credentials(url: &str) -> String {
     url.split(',')
         .map(|u| {
-            let u = u.trim();
-            let (scheme, rest) = u.split_once("://").map_or(("", u), |(s, r)| (s, r));
-            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            let host = rest[..end].rsplit_once('@').map_or(rest, |(_, h)| &rest[end - h.len()..]);
-            if scheme.is_empty() { host.to_owned() } else { format!("{scheme}://{host}") }
+            let (scheme, _, host) = split_userinfo(u);
+            format!("{scheme}{host}")
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -373,18 +395,23 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// `nats://user:secret@host` → `nats://user:***@host`, for each URL of a list.
-fn redact_url(url: &str) -> String {
+/// A URL for display: `nats://user:secret@host` → `nats://user:***@host`, `nats://token@host`
+/// → `nats://***@host`, for each URL of a comma-separated list. Every message and `Debug` output
+/// of this crate shows URLs this way.
+///
+/// ```
+/// use microcs::nats::redact_url;
+/// assert_eq!(redact_url("nats://me:secret@h:4222"), "nats://me:***@h:4222");
+/// assert_eq!(redact_url("nats://tok@h1,tls://h2"), "nats://***@h1,tls://h2");
+/// ```
+pub fn redact_url(url: &str) -> String {
     url.split(',')
-        .map(|u| {
-            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
-            let Some((auth, host)) = rest.rsplit_once('@') else { return u.to_owned() };
-            let auth = match auth.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None => "***".to_owned(),
-            };
-            let sep = if scheme.is_empty() { "" } else { "://" };
-            format!("{scheme}{sep}{auth}@{host}")
+        .map(|u| match split_userinfo(u) {
+            (scheme, Some(auth), host) => {
+                let masked = auth.split_once(':').map_or("***".to_owned(), |(user, _)| format!("{user}:***"));
+                format!("{scheme}{masked}@{host}")
+            }
+            (_, None, _) => u.trim().to_owned(),
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -589,6 +616,8 @@ mod tests {
         assert_eq!(redact_url("nats://u:secret@h:4222"), "nats://u:***@h:4222");
         assert_eq!(redact_url("nats://tok@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
         assert_eq!(redact_url("tls://h:4222"), "tls://h:4222");
+        assert_eq!(redact_url("nats://h/path@x"), "nats://h/path@x");
+        assert_eq!(redact_url("u:secret@h"), "u:***@h");
     }
 
     #[test]
