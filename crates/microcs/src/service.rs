@@ -491,3 +491,48 @@ macro_rules! common_server_options {
     };
 }
 pub(crate) use common_server_options;
+
+/// The builder options both client flavours share, expanded inside each flavour's
+/// `impl ClientBuilder` (both have the fields `timeout`, `max_payload`, `send_buffer` and
+/// `dir`): one definition, code and documentation, for both APIs.
+macro_rules! common_client_options {
+    () => {
+        /// Time each request may take, from the call to the reply (default 30 s). The server
+        /// sees the deadline. Also bounds connecting.
+        pub fn timeout(mut self, timeout: Duration) -> Self {
+            self.timeout = timeout;
+            self
+        }
+
+        /// Largest reply payload to accept (default 16 MiB); the server refuses larger replies
+        /// with [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) instead of
+        /// sending them.
+        pub fn max_frame(mut self, bytes: u32) -> Self {
+            self.max_payload = bytes;
+            self
+        }
+
+        /// Kernel send buffer to ask for on each connection, in bytes (default 1 MiB; 0 keeps
+        /// the system's default, `net.core.wmem_default`).
+        ///
+        /// A request larger than the buffer crosses the socket in buffer-sized rounds, each
+        /// costing both sides a sleep and a wake-up; with room for the whole request it goes out
+        /// in one system call. The kernel caps the value at `net.core.wmem_max` and counts it
+        /// double; memory is only taken while a request waits for the server to read it.
+        pub fn send_buffer(mut self, bytes: usize) -> Self {
+            self.send_buffer = bytes;
+            self
+        }
+
+        /// Looks for the service in this runtime directory instead of the default one.
+        ///
+        /// The default directory must belong to this user; a directory named here may belong to
+        /// another user (to call a service that [allows](crate::ServerBuilder::allow_uid) this
+        /// one), but nobody other than its owner may be able to write to it.
+        pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+            self.dir = Some(dir.into());
+            self
+        }
+    };
+}
+pub(crate) use common_client_options;

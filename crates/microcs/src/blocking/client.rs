@@ -103,31 +103,7 @@ impl std::fmt::Debug for InterruptCheck {
 }
 
 impl ClientBuilder {
-    /// Time each request may take, from sending to reply (default 30 s). The server sees the
-    /// deadline. Also bounds connecting.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Largest reply payload to accept (default 16 MiB); the server refuses larger replies
-    /// with [`ErrorKind::FrameTooLarge`] instead of sending them.
-    pub fn max_frame(mut self, bytes: u32) -> Self {
-        self.max_payload = bytes;
-        self
-    }
-
-    /// Kernel send buffer to ask for on the connection, in bytes (default 1 MiB; 0 keeps the
-    /// system's default, `net.core.wmem_default`).
-    ///
-    /// A request larger than the buffer crosses the socket in buffer-sized rounds, each costing
-    /// both sides a sleep and a wake-up; with room for the whole request it goes out in one
-    /// system call. The kernel caps the value at `net.core.wmem_max` and counts it double;
-    /// memory is only taken while a request waits for the server to read it.
-    pub fn send_buffer(mut self, bytes: usize) -> Self {
-        self.send_buffer = bytes;
-        self
-    }
+    crate::service::common_client_options!();
 
     /// Lets something other than the deadline end a wait: while a call waits for the service's
     /// answer, `stop` runs on the calling thread every `every`; when it returns `true`, the call
@@ -164,16 +140,6 @@ impl ClientBuilder {
     ) -> Self {
         self.interrupt =
             Some(InterruptCheck { every: every.max(Duration::from_millis(1)), stop: Arc::new(stop) });
-        self
-    }
-
-    /// Looks for the service in this runtime directory instead of the default one.
-    ///
-    /// The default directory must belong to this user; a directory named here may belong to
-    /// another user (to call a service that [allows](crate::ServerBuilder::allow_uid) this
-    /// one), but nobody other than its owner may be able to write to it.
-    pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.dir = Some(dir.into());
         self
     }
 

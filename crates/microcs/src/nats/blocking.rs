@@ -21,34 +21,7 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 type SyncHandler = dyn Fn(Request) -> std::result::Result<Vec<u8>, RemoteError> + Send + Sync;
 
 impl ClientBuilder {
-    /// Also reaches the service over the NATS broker at `url` when no local instance is
-    /// running (see [`Transport`]). Without this, the URL comes from
-    /// [`MICROCS_NATS_URL`](super::ENV_URL) when set.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// let mut client = microcs::Client::builder("LIFE_GEN").nats("nats://127.0.0.1:4222").connect()?;
-    /// let reply = client.request(b"..#")?;
-    /// # Ok::<(), microcs::Error>(())
-    /// ```
-    pub fn nats(mut self, url: &str) -> Self {
-        self.nats.options = std::mem::take(&mut self.nats.options).set_url(url);
-        self
-    }
-
-    /// NATS URL, credentials and TLS settings (see [`NatsOptions`]).
-    pub fn nats_options(mut self, options: NatsOptions) -> Self {
-        self.nats.options = options;
-        self
-    }
-
-    /// Local first (default), local only, or NATS only; see [`Transport`]. Without this,
-    /// [`MICROCS_TRANSPORT`](super::ENV_TRANSPORT) decides when set.
-    pub fn transport(mut self, transport: Transport) -> Self {
-        self.nats.transport = Some(transport);
-        self
-    }
+    super::nats_client_options!();
 }
 
 impl Client {
@@ -151,29 +124,7 @@ impl ClientLink {
 }
 
 impl ServerBuilder {
-    /// Also serves as a NATS micro service on the broker at `url` (see the
-    /// [`nats` module](super)). The name must be a valid NATS micro service name (letters,
-    /// digits, `-`, `_`: no dots) and the version SemVer; the broker is connected by
-    /// [`bind`](ServerBuilder::bind), so a wrong URL or credentials fail there.
-    pub fn nats(mut self, url: &str) -> Self {
-        let opts = self.nats.options.take().unwrap_or_default().set_url(url);
-        self.nats.options = Some(opts);
-        self
-    }
-
-    /// NATS URL, credentials and TLS settings for serving on NATS (see [`NatsOptions`]).
-    pub fn nats_options(mut self, options: NatsOptions) -> Self {
-        self.nats.options = Some(options);
-        self
-    }
-
-    /// Serve on the local socket and NATS (default, NATS only when a URL is set), the local
-    /// socket only, or NATS only (no local name is claimed, so several instances can run on one
-    /// machine); see [`Transport`].
-    pub fn transport(mut self, transport: Transport) -> Self {
-        self.nats.transport = transport;
-        self
-    }
+    super::nats_server_options!();
 }
 
 /// Connects a blocking server to its broker at bind time; `None` when it serves locally only.

@@ -417,6 +417,67 @@ pub fn redact_url(url: &str) -> String {
         .join(",")
 }
 
+/// The NATS options of both client builders (field `nats`, a [`ClientConfig`]), expanded inside
+/// each flavour's `impl ClientBuilder`.
+macro_rules! nats_client_options {
+    () => {
+        /// Also reaches the service over the NATS broker at `url` when no local instance is
+        /// running (see [`Transport`](crate::nats::Transport)). Without this, the URL comes from
+        /// [`MICROCS_NATS_URL`](crate::nats::ENV_URL) when set.
+        pub fn nats(mut self, url: &str) -> Self {
+            self.nats.options = std::mem::take(&mut self.nats.options).set_url(url);
+            self
+        }
+
+        /// NATS URL, credentials and TLS settings (see [`NatsOptions`](crate::nats::NatsOptions)).
+        pub fn nats_options(mut self, options: crate::nats::NatsOptions) -> Self {
+            self.nats.options = options;
+            self
+        }
+
+        /// Local first (default), local only, or NATS only; see
+        /// [`Transport`](crate::nats::Transport). Without this,
+        /// [`MICROCS_TRANSPORT`](crate::nats::ENV_TRANSPORT) decides when set.
+        pub fn transport(mut self, transport: crate::nats::Transport) -> Self {
+            self.nats.transport = Some(transport);
+            self
+        }
+    };
+}
+pub(crate) use nats_client_options;
+
+/// The NATS options of both server builders (field `nats`), expanded inside each flavour's
+/// `impl ServerBuilder`.
+macro_rules! nats_server_options {
+    () => {
+        /// Also serves as a NATS micro service on the broker at `url` (see the
+        /// [`nats` module](crate::nats)). The name must be a valid NATS micro service name
+        /// (letters, digits, `-`, `_`: no dots) and the version SemVer; the broker is connected
+        /// by `bind`, so a wrong URL or credentials fail there.
+        pub fn nats(mut self, url: &str) -> Self {
+            let opts = self.nats.options.take().unwrap_or_default().set_url(url);
+            self.nats.options = Some(opts);
+            self
+        }
+
+        /// NATS URL, credentials and TLS settings for serving on NATS (see
+        /// [`NatsOptions`](crate::nats::NatsOptions)).
+        pub fn nats_options(mut self, options: crate::nats::NatsOptions) -> Self {
+            self.nats.options = Some(options);
+            self
+        }
+
+        /// Serve on the local socket and NATS (default, NATS only when a URL is set), the local
+        /// socket only, or NATS only (no local name is claimed, so several instances can run on
+        /// one machine); see [`Transport`](crate::nats::Transport).
+        pub fn transport(mut self, transport: crate::nats::Transport) -> Self {
+            self.nats.transport = transport;
+            self
+        }
+    };
+}
+pub(crate) use nats_server_options;
+
 /// NATS settings of a client builder (blocking or async).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ClientConfig {

@@ -501,33 +501,7 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Time each request may take, from the call to the reply (default 30 s). The server sees
-    /// the deadline. Also bounds connecting.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Largest reply payload to accept (default 16 MiB); the server refuses larger replies
-    /// with [`ErrorKind::FrameTooLarge`] instead of sending them.
-    pub fn max_frame(mut self, bytes: u32) -> Self {
-        self.max_payload = bytes;
-        self
-    }
-
-    /// Kernel send buffer to ask for on each connection, in bytes (default 1 MiB; 0 keeps the
-    /// system's default). See [`crate::ClientBuilder::send_buffer`].
-    pub fn send_buffer(mut self, bytes: usize) -> Self {
-        self.send_buffer = bytes;
-        self
-    }
-
-    /// Looks for the service in this runtime directory instead of the default one (see
-    /// [`crate::ClientBuilder::runtime_dir`]).
-    pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.dir = Some(dir.into());
-        self
-    }
+    crate::service::common_client_options!();
 
     /// Connects and shakes hands.
     ///
