@@ -13,7 +13,7 @@ pub(crate) async fn connect(opts: &NatsOptions, label: &str) -> Result<async_nat
     let written = opts.url.as_deref().unwrap_or_default().trim();
     // Credentials written in the URL are ours to apply (the client library does not read them),
     // after any given as options.
-    let from_url = super::url_credentials(written);
+    let from_url = super::url_credentials(written).map_err(|why| Error::new(ErrorKind::InvalidName, why))?;
     let url = super::strip_credentials(written);
     let shown = opts.display_url();
     let mut co = ConnectOptions::new()

@@ -280,7 +280,7 @@ impl NatsOptions {
         let has_auth = self.user.is_some()
             || self.token.is_some()
             || self.creds.is_some()
-            || self.url.as_deref().and_then(url_credentials).is_some();
+            || self.url.as_deref().is_some_and(url_has_credentials);
         if !has_auth {
             if let (Some(u), Some(p)) = (var(ENV_USER), var(ENV_PASSWORD)) {
                 self.user = Some(u);
@@ -327,32 +327,43 @@ pub(crate) enum UrlAuth {
     Token(String),
 }
 
-/// One URL of a list split into its scheme (with `://`, or empty), the userinfo before `@` in
-/// its authority (if any), and the rest from the host on. An `@` past the authority (in a path,
-/// query or fragment) is not userinfo.
+/// One URL of a list split into its scheme (with `://`, or empty), the userinfo before its last
+/// `@` (if any), and the rest from the host on. NATS URLs have no paths, so everything up to the
+/// last `@` is taken as userinfo: a password or token with `/`, `?` or `#` in it works unencoded,
+/// and is masked in messages either way.
 fn split_userinfo(u: &str) -> (&str, Option<&str>, &str) {
     let u = u.trim();
     let (scheme, rest) = match u.find("://") {
         Some(i) => u.split_at(i + 3),
         None => ("", u),
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => (scheme, Some(&rest[..at]), &rest[at + 1..]),
         None => (scheme, None, rest),
     }
 }
 
 /// The credentials in `url` (`scheme://user:password@host` or `scheme://token@host`,
-/// percent-decoded), if any; `None` also for userinfo that does not decode to UTF-8.
-pub(crate) fn url_credentials(url: &str) -> Option<UrlAuth> {
-    url.split(',').find_map(|u| {
-        let auth = split_userinfo(u).1?;
-        Some(match auth.split_once(':') {
-            Some((user, password)) => UrlAuth::UserPassword(percent_decode(user)?, percent_decode(password)?),
-            None => UrlAuth::Token(percent_decode(auth)?),
-        })
-    })
+/// percent-decoded), if any.
+///
+/// # Errors
+///
+/// A message (without the secret) when the userinfo is not valid percent-encoding of UTF-8.
+pub(crate) fn url_credentials(url: &str) -> std::result::Result<Option<UrlAuth>, String> {
+    let Some(auth) = url.split(',').find_map(|u| split_userinfo(u).1.filter(|a| !a.is_empty())) else {
+        return Ok(None);
+    };
+    let bad = || {
+        "the credentials in the NATS URL are not valid percent-encoding (write % as %25 and , as %2C)"
+            .to_owned()
+    };
+    Ok(Some(match auth.split_once(':') {
+        Some((user, password)) => UrlAuth::UserPassword(
+            percent_decode(user).ok_or_else(bad)?,
+            percent_decode(password).ok_or_else(bad)?,
+        ),
+        None => UrlAuth::Token(percent_decode(auth).ok_or_else(bad)?),
+    }))
 }
 
 /// Whether any URL of the comma-separated list `url` has a user, password or token written in
@@ -384,8 +395,8 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -405,6 +416,15 @@ fn percent_decode(s: &str) -> Option<String> {
 /// assert_eq!(redact_url("nats://tok@h1,tls://h2"), "nats://***@h1,tls://h2");
 /// ```
 pub fn redact_url(url: &str) -> String {
+    // A `,` written unencoded in a password splits the list in the wrong place
+    // (`nats://u:p,w@h`): with an `@` in it and entries both with and without a scheme, the
+    // list is masked as one URL, so no part of the secret shows.
+    let entries: Vec<&str> = url.split(',').collect();
+    let schemes = entries.iter().filter(|u| u.contains("://")).count();
+    if url.contains('@') && schemes > 0 && schemes < entries.len() {
+        let (scheme, _, host) = split_userinfo(url);
+        return format!("{scheme}***@{host}");
+    }
     url.split(',')
         .map(|u| match split_userinfo(u) {
             (scheme, Some(auth), host) => {
@@ -677,27 +697,46 @@ mod tests {
         assert_eq!(redact_url("nats://u:secret@h:4222"), "nats://u:***@h:4222");
         assert_eq!(redact_url("nats://tok@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
         assert_eq!(redact_url("tls://h:4222"), "tls://h:4222");
-        assert_eq!(redact_url("nats://h/path@x"), "nats://h/path@x");
+        assert_eq!(redact_url("nats://h/path@x"), "nats://***@x", "conservative: all before the last @");
         assert_eq!(redact_url("u:secret@h"), "u:***@h");
     }
 
     #[test]
     fn credentials_in_urls() {
-        assert_eq!(url_credentials("nats://h:4222"), None);
+        let creds = |u: &str| url_credentials(u).unwrap();
+        assert_eq!(creds("nats://h:4222"), None);
         assert_eq!(
-            url_credentials("nats://svc:p%40ss%3Aw0rd@h:4222"),
+            creds("nats://svc:p%40ss%3Aw0rd@h:4222"),
             Some(UrlAuth::UserPassword("svc".into(), "p@ss:w0rd".into()))
         );
+        assert_eq!(creds("nats://h1:4222, tls://tok%2F1@h2:4222"), Some(UrlAuth::Token("tok/1".into())));
         assert_eq!(
-            url_credentials("nats://h1:4222, tls://tok%2F1@h2:4222"),
-            Some(UrlAuth::Token("tok/1".into()))
+            creds("nats://u:Pa/ss?w#rd@h"),
+            Some(UrlAuth::UserPassword("u".into(), "Pa/ss?w#rd".into()))
         );
-        assert_eq!(url_credentials("nats://u:%zz@h"), None, "a malformed escape is not a credential");
+        assert_eq!(creds("nats://u:p@ss@[::1]:4222"), Some(UrlAuth::UserPassword("u".into(), "p@ss".into())));
+        assert_eq!(creds("nats://@h"), None, "empty userinfo is no credential");
+        for bad in ["nats://u:50%off@h", "nats://u:%+f@h", "nats://u:%zz@h"] {
+            let e = url_credentials(bad).unwrap_err();
+            assert!(!e.contains("off") && e.contains("percent-encoding"), "{e}");
+        }
         assert_eq!(strip_credentials("nats://u:p@h:4222,tls://t@h2"), "nats://h:4222,tls://h2");
         assert_eq!(strip_credentials("h:4222"), "h:4222");
-        assert_eq!(url_credentials("nats://h:4222/x@y"), None, "an @ past the authority is not userinfo");
-        assert_eq!(strip_credentials("nats://u:p@h:4222/x@y"), "nats://h:4222/x@y");
-        let dbg = format!("{:?}", NatsOptions::new("nats://h").user_password("me", "hunter2").token("tk"));
-        assert!(!dbg.contains("hunter2") && !dbg.contains("\"tk\""), "{dbg}");
+        assert_eq!(strip_credentials("nats://u:Pa/ss@h:4222"), "nats://h:4222");
+        assert!(url_has_credentials("nats://dG9r/ZW4+c2VjcmV0@127.0.0.1:4999"));
+        assert!(!url_has_credentials("nats://h1, nats://h2"));
+    }
+
+    #[test]
+    fn no_part_of_a_secret_is_shown() {
+        for (url, secret) in [
+            ("nats://dG9r/ZW4+c2VjcmV0@127.0.0.1:4999", "ZW4"),
+            ("nats://u:Pa/ssw0rd@h:4222", "ssw0rd"),
+            ("nats://u:p,w@h", "p"),
+            ("nats://u:s3cr,et@h:4222,nats://h2", "s3cr"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret) && shown.contains("***"), "{url} -> {shown}");
+        }
     }
 }
