@@ -602,10 +602,13 @@ impl Connection {
                 .map_err(|e| ReadError::Io(e.into()))?;
                 self.rcv_timeout = Some(wait);
             }
-            match self.rbuf.fill(&self.stream, needed) {
+            match self.rbuf.fill_or_interrupted(&self.stream, needed) {
                 Ok(Filled::Data) => {}
                 Ok(Filled::Eof) => return Err(ReadError::Eof),
-                Err(e) if is_timeout(&e) => {
+                // A timed-out read, or one a signal handler interrupted (which would otherwise
+                // start the whole receive timeout again, so a signal every few ms could keep the
+                // call waiting past its deadline): the deadline, then the interrupt check.
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
                     if Instant::now() >= deadline {
                         return Err(ReadError::TimedOut);
                     }

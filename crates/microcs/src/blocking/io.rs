@@ -191,12 +191,29 @@ impl ReadBuf {
     /// peer actually sent, never what it merely declared. Call it after [`decode`](Self::decode)
     /// said the frame is incomplete.
     pub(crate) fn fill(&mut self, stream: &UnixStream, needed: usize) -> io::Result<Filled> {
-        self.fill_from(needed, &mut { stream })
+        self.fill_inner(needed, &mut { stream }, true)
+    }
+
+    /// [`fill`](ReadBuf::fill), except that a read interrupted by a signal handler returns
+    /// [`io::ErrorKind::Interrupted`] instead of being retried: the caller can then check its
+    /// deadline and whether to stop (a socket with a receive timeout is not restarted after a
+    /// signal, and retrying would start the full timeout again each time).
+    pub(crate) fn fill_or_interrupted(&mut self, stream: &UnixStream, needed: usize) -> io::Result<Filled> {
+        self.fill_inner(needed, &mut { stream }, false)
     }
 
     /// [`fill`](ReadBuf::fill) from any [`Source`] (the async flavour passes a non-blocking
     /// reader, so both flavours share one buffering policy).
     pub(crate) fn fill_from(&mut self, needed: usize, src: &mut impl Source) -> io::Result<Filled> {
+        self.fill_inner(needed, src, true)
+    }
+
+    fn fill_inner(
+        &mut self,
+        needed: usize,
+        src: &mut impl Source,
+        retry_interrupted: bool,
+    ) -> io::Result<Filled> {
         if self.large.is_none() {
             self.start_large();
         }
@@ -206,7 +223,7 @@ impl ReadBuf {
             }
             let n = loop {
                 match src.read_spare(&mut l.payload) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted && retry_interrupted => continue,
                     r => break r?,
                 }
             };
@@ -249,7 +266,7 @@ impl ReadBuf {
                     self.end += n;
                     return Ok(Filled::Data);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && retry_interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
