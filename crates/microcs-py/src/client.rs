@@ -11,7 +11,9 @@
 //! With a NATS URL (`nats=` or `MICROCS_NATS_URL`) the library picks a local instance when one
 //! is running and the broker otherwise; calls over NATS also wait without the GIL.
 
+use std::cell::Cell;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -30,6 +32,45 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+thread_local! {
+    /// The `Client` (its address) whose call this thread is in. Python signal handlers run
+    /// inside a call (from its interrupt check); one that used the same client would lock it
+    /// again on the same thread and hang, so that is refused (`close()` is deferred instead).
+    static IN_CALL: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks this thread as in a call of one client until dropped (restoring what was marked
+/// before, for a handler that calls another client).
+struct InCall(usize);
+
+impl InCall {
+    fn enter(client: usize) -> InCall {
+        InCall(IN_CALL.replace(client))
+    }
+}
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        IN_CALL.set(self.0);
+    }
+}
+
+/// Lets Python run its signal handlers (on the main thread only: elsewhere CPython does not run
+/// them, and taking the GIL every period would be for nothing). What a handler raises is kept
+/// in `slot`, and the call is told to stop.
+fn check_signals(slot: &Mutex<Option<PyErr>>) -> bool {
+    if rustix::thread::gettid() != rustix::process::getpid() {
+        return false;
+    }
+    Python::attach(|py| match py.check_signals() {
+        Ok(()) => false,
+        Err(raised) => {
+            *lock(slot) = Some(raised);
+            true
+        }
+    })
+}
+
 /// A connection to a named service.
 #[pyclass(module = "microcs", frozen)]
 pub struct Client {
@@ -40,6 +81,9 @@ pub struct Client {
     /// What a signal handler raised while a call waited (`KeyboardInterrupt` for Ctrl-C): the
     /// call ended for it, and it is raised in place of the call's error.
     interrupted: Arc<Mutex<Option<PyErr>>>,
+    /// `close()` was called by a signal handler during a call of this client: closed when the
+    /// call returns.
+    close_after_call: AtomicBool,
 }
 
 impl Client {
@@ -50,19 +94,44 @@ impl Client {
         f: impl FnOnce(&mut microcs::Client) -> microcs::Result<T> + Send,
     ) -> PyResult<T> {
         let name = &self.name;
-        let r = py.detach(|| match lock(&self.inner).as_mut() {
-            Some(c) => f(c),
-            None => Err(microcs::Error::new(
-                ErrorKind::Closed,
-                format!("the client of service '{name}' is closed; create a new Client to call it again"),
-            )),
-        });
-        if r.is_err() {
-            if let Some(raised) = lock(&self.interrupted).take() {
-                return Err(raised);
-            }
+        let me = self.id();
+        if IN_CALL.get() == me {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "the client of service '{name}' is in a call on this thread (a signal handler may not use it; \
+                 close() is allowed)"
+            )));
         }
-        r.py_err(py)
+        let (r, raised) = py.detach(|| {
+            let mut inner = lock(&self.inner);
+            let r = {
+                let _in_call = InCall::enter(me);
+                match inner.as_mut() {
+                    Some(c) => f(c),
+                    None => Err(microcs::Error::new(
+                        ErrorKind::Closed,
+                        format!(
+                            "the client of service '{name}' is closed; create a new Client to call it again"
+                        ),
+                    )),
+                }
+            };
+            // Taken while the client is still ours: what a handler raised during this call
+            // belongs to this call, not to another thread's next one.
+            let raised = lock(&self.interrupted).take();
+            if self.close_after_call.swap(false, Ordering::SeqCst) {
+                *inner = None;
+            }
+            (r, raised)
+        });
+        match (r, raised) {
+            (Err(_), Some(raised)) => Err(raised),
+            (r, _) => r.py_err(py),
+        }
+    }
+
+    /// This client's identity for [`IN_CALL`].
+    fn id(&self) -> usize {
+        self as *const Client as usize
     }
 }
 
@@ -90,15 +159,7 @@ impl Client {
         let slot = interrupted.clone();
         // Runs on the waiting thread, which has released the GIL. Signal handlers only run on
         // the main thread; elsewhere `check_signals` returns at once.
-        let check = move || {
-            Python::attach(|py| match py.check_signals() {
-                Ok(()) => false,
-                Err(raised) => {
-                    *lock(&slot) = Some(raised);
-                    true
-                }
-            })
-        };
+        let check = move || check_signals(&slot);
         let mut b = microcs::Client::builder(name)
             .timeout(duration(timeout, "timeout")?)
             .interrupt_check(SIGNAL_CHECK, check);
@@ -121,7 +182,12 @@ impl Client {
             return Err(raised);
         }
         let client = client.py_err(py)?;
-        Ok(Client { name: name.to_owned(), inner: Mutex::new(Some(client)), interrupted })
+        Ok(Client {
+            name: name.to_owned(),
+            inner: Mutex::new(Some(client)),
+            interrupted,
+            close_after_call: AtomicBool::new(false),
+        })
     }
 
     /// Sends `payload` to the service's default handler; returns the reply.
@@ -214,11 +280,21 @@ impl Client {
     /// True once close() was called.
     #[getter]
     fn closed(&self, py: Python<'_>) -> bool {
+        if IN_CALL.get() == self.id() {
+            // Asked by a signal handler during a call: closed once it called close() (which
+            // takes effect when the call returns).
+            return self.close_after_call.load(Ordering::SeqCst);
+        }
         py.detach(|| lock(&self.inner).is_none())
     }
 
-    /// Closes the connection. Further calls raise `microcs.Closed`. Idempotent.
+    /// Closes the connection. Further calls raise `microcs.Closed`. Idempotent. Called by a
+    /// signal handler during a call of this client, it closes the client when that call returns.
     fn close(&self, py: Python<'_>) {
+        if IN_CALL.get() == self.id() {
+            self.close_after_call.store(true, Ordering::SeqCst);
+            return;
+        }
         let client = py.detach(|| lock(&self.inner).take());
         drop(client);
     }

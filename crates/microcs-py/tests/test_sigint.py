@@ -1,4 +1,5 @@
-"""Ctrl-C (SIGINT) on start_listening() stops the server cleanly and frees the name."""
+"""Signals: Ctrl-C (SIGINT) on start_listening() stops the server cleanly and frees the name; a
+waiting client call lets Python handle signals without overshooting its timeout."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import signal
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 import microcs
 from conftest import PEERS, ServerFactory, run_python, stop_process
@@ -76,3 +79,51 @@ def test_ctrl_c_stops_a_waiting_call(server: ServerFactory, name: str, tmp_path:
             time.sleep(0.01)
     finally:
         stop_process(caller)
+
+
+def test_frequent_signals_do_not_stretch_a_call_past_its_timeout(server: ServerFactory, name: str) -> None:
+    server("bytes")
+    ticks: list[int] = []
+    old = signal.signal(signal.SIGALRM, lambda *_: ticks.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
+    try:
+        client = microcs.Client(name, timeout=1)
+        started = time.monotonic()
+        with pytest.raises(microcs.TimedOut):
+            client.call("slow", b"6")
+        took = time.monotonic() - started
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert len(ticks) >= 10, f"only {len(ticks)} signals: the test did not test anything"
+    assert took < 3, f"a 1 s call took {took:.1f} s under a signal every 20 ms"
+    assert client.request(b"after") == b"after"
+
+
+def test_a_signal_handler_may_close_the_client_but_not_call_it(server: ServerFactory, name: str) -> None:
+    server("bytes")
+    client = microcs.Client(name, timeout=10)
+    seen: list[str] = []
+
+    def handler(*_: object) -> None:
+        try:
+            client.request(b"from the handler")
+        except RuntimeError as e:
+            seen.append(str(e))
+        client.close()  # deferred until the call returns
+        seen.append(f"closed={client.closed}")
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.call("slow", b"5")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert len(seen) == 2 and "in a call on this thread" in seen[0], seen
+    assert seen[1] == "closed=True"
+    assert client.closed
+    with pytest.raises(microcs.Closed):
+        client.request(b"x")
