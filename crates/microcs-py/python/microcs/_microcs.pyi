@@ -169,7 +169,9 @@ class Client:
     Connects at once (``NoService`` if nobody serves the name). One request at a time goes over
     the connection; threads sharing a ``Client`` take turns. While a call waits for its answer,
     signal handlers run (every 0.1 s, on the main thread): Ctrl-C raises ``KeyboardInterrupt``,
-    the request is cancelled on the server, and the client stays usable. A call over NATS is not
+    the request is cancelled on the server, and the client stays usable. A handler may
+    ``close()`` the client it interrupted (effective when the call returns) but not call it
+    (``RuntimeError``). A call over NATS is not
     interrupted (it ends at the latest at its timeout).
 
     With ``nats="nats://host:4222"`` (or ``MICROCS_NATS_URL`` in the environment) a local
