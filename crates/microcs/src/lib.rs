@@ -46,6 +46,7 @@
 
 pub mod blocking;
 pub mod error;
+mod io;
 pub mod micro;
 mod name;
 #[cfg(feature = "nats")]
@@ -56,6 +57,7 @@ mod request;
 mod service;
 #[cfg(feature = "tokio")]
 pub mod tokio;
+mod transport;
 
 pub use blocking::{Client, ClientBuilder, Server, ServerBuilder, ServerHandle, ShutdownTrigger};
 pub use error::{Error, ErrorKind, RemoteError, Result};

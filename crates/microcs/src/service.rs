@@ -305,7 +305,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(30),
             allowed_uids: Vec::new(),
             allow_any_user: false,
-            send_buffer: crate::blocking::io::DEFAULT_SEND_BUFFER,
+            send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
         }
     }
 }

@@ -1,23 +1,18 @@
 //! The blocking client.
 
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustix::net::sockopt::{self, Timeout};
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-
-use super::io::{
-    DEFAULT_SEND_BUFFER, Filled, ReadBuf, is_disconnect, is_timeout, send_frame, set_send_buffer,
-};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::{Filled, ReadBuf, is_disconnect, is_timeout};
 use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
 use crate::proto::{self, Decoded, FLAG_NOT_RUN, Header, Hello, HelloAck, Kind, status};
 use crate::registry;
+use crate::transport::unix::{DEFAULT_SEND_BUFFER, connect_with_timeout, set_recv_timeout, set_send_buffer};
+use crate::transport::{Link, send_frame};
 
 /// Default time a request may take, from sending to reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,7 +59,7 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Connection {
-    stream: UnixStream,
+    stream: Link,
     rbuf: ReadBuf,
     server: HelloAck,
     /// Largest payload the decoder accepts: the reply limit announced in `Hello`, but never
@@ -381,7 +376,7 @@ impl Client {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let header = Header::request(id, deadline_ms(remaining));
+        let header = Header::request(id, proto::deadline_ms(remaining));
         if let Err(e) = send_frame(&conn.stream, &header, method.as_bytes(), payload) {
             self.conn = None;
             if e.sent == 0 && is_disconnect(&e.error) {
@@ -478,7 +473,7 @@ impl Client {
             _ => Error::io(format_args!("cannot connect to {}", self.path.display()), e),
         })?;
         set_send_buffer(&fd, self.send_buffer);
-        let stream = UnixStream::from(fd);
+        let stream = fd;
         let mut conn = Connection {
             stream,
             rbuf: ReadBuf::default(),
@@ -594,12 +589,8 @@ impl Connection {
             // while a short value left by an earlier, nearer deadline never turns a later wait
             // into a loop of early wake-ups.
             if self.rcv_timeout.is_none_or(|t| t.abs_diff(wait) > Duration::from_millis(1)) {
-                sockopt::set_socket_timeout(
-                    &self.stream,
-                    Timeout::Recv,
-                    Some(wait.max(Duration::from_micros(100))),
-                )
-                .map_err(|e| ReadError::Io(e.into()))?;
+                set_recv_timeout(&self.stream, Some(wait.max(Duration::from_micros(100))))
+                    .map_err(ReadError::Io)?;
                 self.rcv_timeout = Some(wait);
             }
             match self.rbuf.fill_or_interrupted(&self.stream, needed) {
@@ -628,39 +619,4 @@ fn placeholder_ack() -> HelloAck {
 
 fn not_microcs(path: &Path, why: &str) -> Error {
     Error::new(ErrorKind::Protocol, format!("{} is not a microcs service: {why}", path.display()))
-}
-
-/// Remaining time as the header's deadline field: milliseconds, rounded up, at least 1.
-pub(crate) fn deadline_ms(remaining: Duration) -> u32 {
-    let ms = remaining.as_micros().div_ceil(1000);
-    u32::try_from(ms).unwrap_or(u32::MAX).max(1)
-}
-
-/// `connect()` bounded by a timeout: a Unix socket whose listen backlog is full makes a blocking
-/// `connect` wait, and std offers no timeout for Unix sockets.
-fn connect_with_timeout(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
-    let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
-    sockopt::set_socket_timeout(&fd, Timeout::Send, Some(timeout))?;
-    sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(timeout))?;
-    let addr = SocketAddrUnix::new(path)?;
-    loop {
-        match rustix::net::connect(&fd, &addr) {
-            Ok(()) => return Ok(fd),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deadline_rounds_up() {
-        assert_eq!(deadline_ms(Duration::from_micros(1)), 1);
-        assert_eq!(deadline_ms(Duration::from_millis(1500)), 1500);
-        assert_eq!(deadline_ms(Duration::from_micros(1500)), 2);
-        assert_eq!(deadline_ms(Duration::from_secs(u64::MAX / 2)), u32::MAX);
-    }
 }

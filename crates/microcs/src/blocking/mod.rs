@@ -14,10 +14,7 @@
 //!   [`Request::is_cancelled`](crate::Request::is_cancelled) and return early when it turns true.
 
 mod client;
-pub(crate) mod io;
 mod server;
 
-#[cfg(feature = "tokio")]
-pub(crate) use client::deadline_ms;
 pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
 pub use server::{Server, ServerBuilder, ServerHandle, ShutdownTrigger};

@@ -23,13 +23,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
-use rustix::net::sockopt::{self, Timeout};
-use rustix::net::{Shutdown, SocketFlags};
+use rustix::net::SocketFlags;
 
-use super::io::{Filled, ReadBuf, is_timeout, send_bytes, send_frame, set_send_buffer};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::{Error, RemoteError, Result};
+use crate::io::{Filled, ReadBuf, is_timeout};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::proto::{
@@ -39,6 +38,8 @@ use crate::proto::{
 use crate::registry::{self, Claim};
 use crate::request::{CancelState, IntoPayload, Peer, Request, panic_message, to_remote};
 use crate::service::{Bound, Config, Identity, Route, Service, add_method, claim_and_bind, meta};
+use crate::transport::unix::{peer_credentials, set_recv_timeout, set_send_buffer, set_send_timeout};
+use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
 /// How often the sentinel looks at busy connections.
 const TICK: Duration = Duration::from_millis(2);
@@ -547,7 +548,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One accepted connection, shared by the threads serving it.
 struct Conn {
     id: u64,
-    stream: UnixStream,
+    stream: Link,
     peer: Peer,
     accepted: Instant,
     /// Largest reply payload the client accepts (from its `Hello`).
@@ -589,12 +590,12 @@ struct ReadState {
 impl Conn {
     fn stop_reading(&self) {
         self.read_shut.store(true, Ordering::SeqCst);
-        let _ = rustix::net::shutdown(&self.stream, Shutdown::Read);
+        self.stream.shut(Shut::Read);
     }
 
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let _ = rustix::net::shutdown(&self.stream, Shutdown::Both);
+        self.stream.shut(Shut::Both);
     }
 
     fn cancel_all(&self) {
@@ -649,7 +650,7 @@ impl Conn {
         }
     }
 
-    fn flush_locked(&self, out: &mut Vec<u8>) -> Result<(), super::io::SendError> {
+    fn flush_locked(&self, out: &mut Vec<u8>) -> Result<(), SendError> {
         if out.is_empty() {
             return Ok(());
         }
@@ -723,8 +724,8 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         let _ =
             send_frame(&stream, &Header::error(0, code, FLAG_SYSTEM | FLAG_NOT_RUN), b"", message.as_bytes());
     };
-    let peer = match sockopt::socket_peercred(&stream) {
-        Ok(c) => Peer { pid: c.pid.as_raw_nonzero().get() as u32, uid: c.uid.as_raw(), gid: c.gid.as_raw() },
+    let peer = match peer_credentials(&stream) {
+        Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
             return;
@@ -766,10 +767,8 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
             oldest.close();
         }
     }
-    let setup = sockopt::set_socket_timeout(&stream, Timeout::Send, Some(shared.config.write_timeout))
-        .and_then(|()| {
-            sockopt::set_socket_timeout(&stream, Timeout::Recv, Some(shared.config.handshake_timeout))
-        });
+    let setup = set_send_timeout(&stream, Some(shared.config.write_timeout))
+        .and_then(|()| set_recv_timeout(&stream, Some(shared.config.handshake_timeout)));
     if let Err(e) = setup {
         tracing::warn!(error = %e, "cannot set socket timeouts; dropping connection");
         return;
@@ -873,8 +872,7 @@ fn handshake(shared: &Shared, conn: &Conn) -> bool {
                 conn.send(shared, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes(), false);
                 // From here on, every answer respects the client's limit.
                 conn.max_reply.store(hello.max_payload, Ordering::Relaxed);
-                return sockopt::set_socket_timeout(&conn.stream, Timeout::Recv, None).is_ok()
-                    && !conn.closed.load(Ordering::SeqCst);
+                return set_recv_timeout(&conn.stream, None).is_ok() && !conn.closed.load(Ordering::SeqCst);
             }
             Ok(Decoded::Incomplete { needed }) => needed,
             Err(e) => {
@@ -1014,7 +1012,7 @@ fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job>
         let partial = !rs.rbuf.is_empty();
         if partial != rs.partial_timeout {
             let t = partial.then_some(shared.config.frame_timeout);
-            if sockopt::set_socket_timeout(&conn.stream, Timeout::Recv, t).is_err() {
+            if set_recv_timeout(&conn.stream, t).is_err() {
                 return None;
             }
             rs.partial_timeout = partial;

@@ -53,6 +53,11 @@ pub const FRAME_OVERHEAD: usize = PREFIX_LEN + HEADER_LEN;
 pub const MAX_METHOD_LEN: usize = 64;
 /// Default largest payload one frame may carry (16 MiB).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
+/// Payload limit each side applies before the handshake has told it the peer's: enough for
+/// any handshake answer or refusal. A client also never decodes with a smaller limit than
+/// this, whatever it announced, so short errors always get through (the server holds its
+/// answers to the announced limit itself).
+pub const HANDSHAKE_PAYLOAD: u32 = 64 * 1024;
 
 /// Error frame flag: the server guarantees the request's handler did not run, so it is safe to
 /// send it again (for example, the server was shutting down).
@@ -143,6 +148,20 @@ impl Header {
     /// The frame kind, or `None` when this version does not define it.
     pub fn kind(&self) -> Option<Kind> {
         Kind::from_u8(self.kind)
+    }
+
+    /// Reads the fixed header (the 20 bytes after the length prefix) as they are, with the
+    /// method length it declares; nothing is checked here ([`decode`] checks).
+    pub fn from_wire(h: &[u8; HEADER_LEN]) -> (Header, u16) {
+        let header = Header {
+            version: h[0],
+            kind: h[1],
+            flags: u16::from_be_bytes([h[2], h[3]]),
+            id: u64::from_be_bytes([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]),
+            status: u16::from_be_bytes([h[12], h[13]]),
+            deadline_ms: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
+        };
+        (header, u16::from_be_bytes([h[14], h[15]]))
     }
 
     /// Writes the length prefix and header for a frame with this method and payload length.
@@ -276,18 +295,10 @@ pub fn decode(buf: &[u8], max_payload: u32) -> Result<Decoded<'_>, DecodeError> 
     let Some(h) = buf.get(PREFIX_LEN..FRAME_OVERHEAD) else {
         return Ok(Decoded::Incomplete { needed: FRAME_OVERHEAD });
     };
-    let header = Header {
-        version: h[0],
-        kind: h[1],
-        flags: u16::from_be_bytes([h[2], h[3]]),
-        id: u64::from_be_bytes([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]),
-        status: u16::from_be_bytes([h[12], h[13]]),
-        deadline_ms: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
-    };
+    let (header, method_len) = Header::from_wire(h.try_into().expect("HEADER_LEN bytes"));
     if header.version != VERSION {
         return Err(DecodeError::UnsupportedVersion { version: header.version });
     }
-    let method_len = u16::from_be_bytes([h[14], h[15]]);
     let body_len = len as usize - HEADER_LEN;
     if method_len as usize > MAX_METHOD_LEN || method_len as usize > body_len {
         return Err(DecodeError::BadMethodLength { method_len });
@@ -314,6 +325,31 @@ pub fn encode(out: &mut Vec<u8>, header: &Header, method: &[u8], payload: &[u8])
     out.extend_from_slice(&header.to_bytes(method.len(), payload.len()));
     out.extend_from_slice(method);
     out.extend_from_slice(payload);
+}
+
+/// The `deadline_ms` field for a caller that still waits `remaining`: milliseconds, rounded up,
+/// at least 1 (0 on the wire means "no deadline", which a caller with a timeout never sends).
+///
+/// Rounding up makes the receiver's deadline ([`deadline_at`], counted from when the frame
+/// arrived) never earlier than the caller's own.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(microcs::proto::deadline_ms(Duration::from_micros(1500)), 2);
+/// assert_eq!(microcs::proto::deadline_ms(Duration::ZERO), 1);
+/// ```
+pub fn deadline_ms(remaining: std::time::Duration) -> u32 {
+    let ms = remaining.as_micros().div_ceil(1000);
+    u32::try_from(ms).unwrap_or(u32::MAX).max(1)
+}
+
+/// When a request whose header carries `deadline_ms` stops being waited for, counted from
+/// `arrived` (any clock: `std` or tokio `Instant`); `None` for 0, no deadline.
+pub fn deadline_at<I: std::ops::Add<std::time::Duration, Output = I>>(
+    arrived: I,
+    deadline_ms: u32,
+) -> Option<I> {
+    (deadline_ms != 0).then(|| arrived + std::time::Duration::from_millis(u64::from(deadline_ms)))
 }
 
 /// Checks a method name: 1 to [`MAX_METHOD_LEN`] bytes of `[A-Za-z0-9_.-]`, optionally after one

@@ -626,3 +626,15 @@ fn a_large_random_corpus_of_mutated_frames_decodes_consistently() {
     }
     assert!(frames > 50_000, "the corpus must exercise whole frames, got {frames}");
 }
+
+#[test]
+fn deadline_rounds_up() {
+    use std::time::Duration;
+    assert_eq!(deadline_ms(Duration::from_micros(1)), 1);
+    assert_eq!(deadline_ms(Duration::from_millis(1500)), 1500);
+    assert_eq!(deadline_ms(Duration::from_micros(1500)), 2);
+    assert_eq!(deadline_ms(Duration::from_secs(u64::MAX / 2)), u32::MAX);
+    let t0 = std::time::Instant::now();
+    assert_eq!(deadline_at(t0, 0), None);
+    assert_eq!(deadline_at(t0, 250), Some(t0 + Duration::from_millis(250)));
+}

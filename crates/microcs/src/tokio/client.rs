@@ -25,10 +25,10 @@ use ::tokio::net::UnixStream;
 use ::tokio::sync::{Notify, oneshot};
 use ::tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
-use super::io::{IdMap, Outbox, SPLICE_MIN, Stream, read_more, shutdown, write_all};
+use super::io::{Outbox, SPLICE_MIN, Stream, read_more, shutdown, write_all};
 use crate::blocking::DEFAULT_TIMEOUT;
-use crate::blocking::io::{Filled, ReadBuf, is_disconnect};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::{Filled, IdMap, ReadBuf, is_disconnect};
 use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
 use crate::proto::{self, Decoded, FLAG_NOT_RUN, Header, Hello, HelloAck, Kind, status};
@@ -578,7 +578,7 @@ impl Client {
             dir: None,
             timeout: DEFAULT_TIMEOUT,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
-            send_buffer: crate::blocking::io::DEFAULT_SEND_BUFFER,
+            send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -813,7 +813,7 @@ impl Client {
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let remaining = if fresh { self.timeout } else { deadline.saturating_duration_since(Instant::now()) };
-        let header = Header::request(id, crate::blocking::deadline_ms(remaining));
+        let header = Header::request(id, proto::deadline_ms(remaining));
         let (tx, rx) = oneshot::channel();
         let (earlier, sent) = {
             let mut st = conn.book();
@@ -937,8 +937,8 @@ impl Client {
         let stream = match timeout_at(deadline, connect(&s.path)).await {
             Err(_) => return Err(timed_out("accept the connection")),
             Ok(Ok(stream)) => {
-                crate::blocking::io::set_send_buffer(&stream, s.send_buffer);
-                Stream::new(stream).map_err(|e| {
+                crate::transport::unix::set_send_buffer(&stream, s.send_buffer);
+                stream.into_std().and_then(Stream::new).map_err(|e| {
                     Error::io(format_args!("cannot watch the connection to {}", s.path.display()), e)
                 })?
             }

@@ -11,17 +11,16 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream as StdStream;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use ::tokio::io::Interest;
 use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use ::tokio::sync::Notify;
-use rustix::net::{SendAncillaryBuffer, SendFlags};
 
-use crate::blocking::io::{Filled, ReadBuf, Source};
+use crate::io::{Filled, ReadBuf, Source};
 use crate::proto::{self, Header};
+use crate::transport::{Link, Shut, Transport};
 
 /// A connected Unix stream, registered with tokio for *read* readiness only.
 ///
@@ -33,19 +32,25 @@ use crate::proto::{self, Header};
 /// registers for write readiness (a second descriptor of the same socket), for as long as it
 /// waits.
 pub(crate) struct Stream {
-    fd: AsyncFd<StdStream>,
+    fd: AsyncFd<Link>,
 }
 
 impl Stream {
-    /// Takes over a connected tokio stream (which stops watching it).
-    pub(crate) fn new(stream: ::tokio::net::UnixStream) -> io::Result<Stream> {
-        // Still non-blocking, as tokio documents for `into_std`.
-        let std = stream.into_std()?;
+    /// Registers a connected, non-blocking transport for read readiness.
+    pub(crate) fn new(link: Link) -> io::Result<Stream> {
+        let std = link;
         // SAFETY: the stream is owned by the `AsyncFd` and never replaced (no `get_mut`), so its
         // descriptor stays open and the same for the registration's whole life.
         let fd =
             unsafe { AsyncFd::register_with_interest(std, Interest::READABLE) }.map_err(io::Error::from)?;
         Ok(Stream { fd })
+    }
+}
+
+impl Stream {
+    /// The transport under the registration.
+    pub(crate) fn link(&self) -> &Link {
+        self.fd.get_ref()
     }
 }
 
@@ -98,35 +103,6 @@ impl<'a> WriteWaiter<'a> {
             Ok(r) => r.map(Some),
             Err(_would_block) => Ok(None),
         }
-    }
-}
-
-/// A map keyed by request id, with a cheap hasher (see [`IdHasher`]).
-pub(crate) type IdMap<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
-
-/// Hashes a request id with one multiplication instead of SipHash, which cost about 200
-/// instructions per request on each side (an insert and a remove). SipHash's resistance to
-/// chosen keys is not needed: a client's ids only ever share a map with its own requests, at most
-/// the in-flight cap of them, so colliding ids can slow down nobody but their sender.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0.rotate_left(8) ^ u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        // Fibonacci hashing; the fold spreads the well-mixed high bits into the low ones,
-        // which pick the bucket.
-        let h = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = h ^ (h >> 29);
     }
 }
 
@@ -235,11 +211,8 @@ impl<T> OutState<T> {
         let head = header.to_bytes(method.len(), payload.len());
         let parts = [IoSlice::new(&head), IoSlice::new(method), IoSlice::new(payload)];
         let total = head.len() + method.len() + payload.len();
-        let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
         // An error is left for the writer task to meet again and report, as in `send_now`.
-        let sent = rustix::net::sendmsg(stream, &parts, &mut SendAncillaryBuffer::default(), flags)
-            .unwrap_or(0)
-            .min(total);
+        let sent = stream.link().send(&parts, false).unwrap_or(0).min(total);
         let start = self.enqueued;
         self.enqueued += total as u64;
         self.sent_direct += sent as u64;
@@ -275,8 +248,7 @@ impl<T> OutState<T> {
         if self.buf.is_empty() {
             return true;
         }
-        let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
-        match rustix::net::send(stream, &self.buf, flags) {
+        match stream.link().send(&[IoSlice::new(&self.buf)], false) {
             Ok(n) if n == self.buf.len() => {
                 self.sent_direct += n as u64;
                 self.buf.clear();
@@ -456,8 +428,7 @@ pub(crate) async fn write_all(
 ) -> io::Result<()> {
     let mut waiter = WriteWaiter::new(stream, stall);
     while !bytes.is_empty() {
-        let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
-        match waiter.send(|| Ok(rustix::net::send(stream, bytes, flags)?)).await {
+        match waiter.send(|| stream.link().send(&[IoSlice::new(bytes)], false)).await {
             Ok(Some(0)) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(Some(n)) => {
                 bytes = &bytes[n..];
@@ -481,10 +452,7 @@ async fn write_all_vectored(
     let mut left: usize = parts.iter().map(|p| p.len()).sum();
     let mut waiter = WriteWaiter::new(stream, stall);
     while left > 0 {
-        let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
-        let sent = waiter
-            .send(|| Ok(rustix::net::sendmsg(stream, parts, &mut SendAncillaryBuffer::default(), flags)?))
-            .await;
+        let sent = waiter.send(|| stream.link().send(parts, false)).await;
         match sent {
             Ok(Some(0)) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(Some(n)) => {
@@ -521,14 +489,11 @@ pub(crate) async fn read_more(stream: &Stream, rbuf: &mut ReadBuf, needed: usize
 /// `EAGAIN`: one system call per wake-up saved, on both sides of every request. This is safe
 /// against bytes arriving in between: tokio clears only the readiness event it saw before the
 /// read, and a later arrival is a new event.
-struct TryRead<'g, 'a>(&'g mut AsyncFdReadyGuard<'a, StdStream>);
+struct TryRead<'g, 'a>(&'g mut AsyncFdReadyGuard<'a, Link>);
 
 impl TryRead<'_, '_> {
     /// `read` runs inside `try_io` and returns (bytes read, room it had).
-    fn read_with(
-        &mut self,
-        read: impl FnOnce(&StdStream) -> io::Result<(usize, usize)>,
-    ) -> io::Result<usize> {
+    fn read_with(&mut self, read: impl FnOnce(&Link) -> io::Result<(usize, usize)>) -> io::Result<usize> {
         let mut got = 0;
         let r = self.0.try_io(|fd| {
             let (n, room) = read(fd.get_ref())?;
@@ -546,27 +511,19 @@ impl TryRead<'_, '_> {
 impl Source for TryRead<'_, '_> {
     fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let room = buf.len();
-        self.read_with(|s| Ok((rustix::io::read(s, buf)?, room)))
+        self.read_with(|s| Ok((s.recv(buf)?, room)))
     }
 
     /// Straight into the vector's spare capacity, without zero-filling it first: a large
     /// payload's pages become resident only as its bytes arrive.
     fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
         let room = v.capacity() - v.len();
-        self.read_with(|s| Ok((rustix::io::read(s, rustix::buffer::spare_capacity(v))?, room)))
+        self.read_with(|s| Ok((s.recv_spare(v)?, room)))
     }
 }
 
-/// Sends one frame now if the socket takes it whole without waiting; for the refusals sent
-/// right after `accept`, where nothing else has been written yet. Never raises SIGPIPE.
-pub(crate) fn send_now(stream: &impl AsFd, header: &Header, payload: &[u8]) {
-    let mut b = Vec::new();
-    proto::encode(&mut b, header, b"", payload);
-    let _ = rustix::net::send(stream, &b, SendFlags::NOSIGNAL | SendFlags::DONTWAIT);
-}
-
-/// Shuts both directions of the socket down: wakes a task blocked reading or writing it, and
-/// tells the peer we are gone even while other references keep the descriptor open.
-pub(crate) fn shutdown(stream: &impl AsFd) {
-    let _ = rustix::net::shutdown(stream, rustix::net::Shutdown::Both);
+/// Shuts both directions of the connection down: wakes a task blocked reading or writing it,
+/// and tells the peer we are gone even while other references keep the descriptor open.
+pub(crate) fn shutdown(stream: &Stream) {
+    stream.link().shut(Shut::Both);
 }

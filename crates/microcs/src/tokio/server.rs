@@ -29,20 +29,20 @@ use ::tokio::net::{UnixListener, UnixStream};
 use ::tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use ::tokio::task::{AbortHandle, JoinHandle};
 use ::tokio::time::{Instant, sleep, sleep_until};
-use rustix::net::sockopt;
 
-use super::io::{HIGH_WATER, IdMap, OutState, Outbox, Stream, read_more, send_now, shutdown};
-use crate::blocking::io::set_send_buffer;
-use crate::blocking::io::{Filled, ReadBuf};
+use super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, shutdown};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::{Error, RemoteError, Result};
+use crate::io::{Filled, IdMap, ReadBuf};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::proto::{DecodeError, Decoded, FLAG_NOT_RUN, FLAG_SYSTEM, Header, Hello, HelloAck, Kind, status};
 use crate::registry::{self, Claim};
 use crate::request::{CancelState, IntoPayload, Peer, Request, panic_message, to_remote};
 use crate::service::{Bound, Config, Identity, Route, Service, add_method, claim_and_bind, meta};
+use crate::transport::unix::{peer_credentials, set_send_buffer};
+use crate::transport::{Link, Shut, Transport, send_frame_now};
 
 /// What a handler's future resolves to, after type erasure.
 type HandlerFuture = Pin<Box<dyn Future<Output = std::result::Result<Vec<u8>, RemoteError>> + Send>>;
@@ -633,11 +633,19 @@ async fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
 
 fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     let name = &shared.service.name;
-    let refuse = |code: u16, message: String| {
-        send_now(&stream, &Header::error(0, code, FLAG_SYSTEM | FLAG_NOT_RUN), message.as_bytes());
+    // Still non-blocking, as tokio documents for `into_std`; registered again below.
+    let stream: Link = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take over a new connection; dropping it");
+            return;
+        }
     };
-    let peer = match sockopt::socket_peercred(&stream) {
-        Ok(c) => Peer { pid: c.pid.as_raw_nonzero().get() as u32, uid: c.uid.as_raw(), gid: c.gid.as_raw() },
+    let refuse = |code: u16, message: String| {
+        send_frame_now(&stream, &Header::error(0, code, FLAG_SYSTEM | FLAG_NOT_RUN), message.as_bytes());
+    };
+    let peer = match peer_credentials(&stream) {
+        Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
             return;
@@ -1035,7 +1043,7 @@ async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mut ReadBuf) 
 /// Shuts our read side: the client's further writes fail at once (so it knows they did not
 /// run), and what it already sent can still be read and answered.
 fn stop_reading(conn: &Conn) {
-    let _ = rustix::net::shutdown(&conn.stream, rustix::net::Shutdown::Read);
+    conn.stream.link().shut(Shut::Read);
 }
 
 /// Why a request frame cannot run, if it cannot.

@@ -1,10 +1,11 @@
-//! Frame I/O on a blocking Unix stream: a growable read buffer that never reserves more than it
-//! has received (plus a bounded step), and vectored, SIGPIPE-free writes.
+//! I/O plumbing both flavours share, whatever the transport: the read buffer (memory follows
+//! the bytes received, never a declared size), the [`Source`] it reads from, the request-id map,
+//! and the classification of I/O errors.
+//!
+//! Nothing here knows a protocol rule (that is [`crate::proto`]) or a runtime: the blocking
+//! flavour reads with blocking calls, the tokio flavour through a non-blocking [`Source`].
 
-use std::io::{self, IoSlice, Read};
-use std::os::unix::net::UnixStream;
-
-use rustix::net::{SendAncillaryBuffer, SendFlags};
+use std::io;
 
 use crate::proto::{self, DecodeError, Decoded, Header};
 
@@ -17,28 +18,6 @@ const KEEP_CAPACITY: usize = 256 * 1024;
 /// Payloads at least this large are read straight into a vector of their own, which then
 /// becomes the request's (or reply's) payload without being copied.
 pub(crate) const LARGE_PAYLOAD: usize = 64 * 1024;
-
-/// Kernel send buffer each connection asks for by default (see [`set_send_buffer`]).
-pub(crate) const DEFAULT_SEND_BUFFER: usize = 1024 * 1024;
-
-/// Asks the kernel for a send buffer of `bytes` on this socket (`SO_SNDBUF`); 0 leaves the
-/// system's default. Failure is not an error: the connection works with any buffer.
-///
-/// Why: a Unix stream socket holds at most its *sender's* buffer in flight (the kernel default
-/// is `net.core.wmem_default`, usually 208 KiB). A larger frame crosses in buffer-sized rounds,
-/// each a sleep and a wake-up on both sides — and on a non-blocking socket also a readiness
-/// wait and a system call or two more per round. With room for the whole frame it goes in one
-/// `sendmsg`. The kernel caps the value at `net.core.wmem_max` and counts it double (for its
-/// bookkeeping); memory is only used while bytes are queued, so an idle connection costs
-/// nothing more.
-pub(crate) fn set_send_buffer(socket: impl std::os::fd::AsFd, bytes: usize) {
-    if bytes == 0 {
-        return;
-    }
-    if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(socket, bytes) {
-        tracing::debug!(error = %e, bytes, "cannot set the socket's send buffer; keeping the default");
-    }
-}
 
 /// Bytes received but not yet decoded. The valid bytes are `buf[start..end]`; a frame with a
 /// large payload is read into [`Large`] instead.
@@ -83,13 +62,13 @@ pub(crate) trait Source {
     }
 }
 
-impl Source for &UnixStream {
+impl<T: crate::transport::Transport> Source for &T {
     fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        Read::read(self, buf)
+        self.recv(buf)
     }
 
     fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
-        Ok(rustix::io::read(&**self, rustix::buffer::spare_capacity(v))?)
+        self.recv_spare(v)
     }
 }
 
@@ -142,14 +121,7 @@ impl ReadBuf {
         if payload_len < LARGE_PAYLOAD || held.len() < body || held.len() >= proto::PREFIX_LEN + len {
             return;
         }
-        let header = Header {
-            version: h[4],
-            kind: h[5],
-            flags: u16::from_be_bytes([h[6], h[7]]),
-            id: u64::from_be_bytes(h[8..16].try_into().expect("8 bytes")),
-            status: u16::from_be_bytes([h[16], h[17]]),
-            deadline_ms: u32::from_be_bytes([h[20], h[21], h[22], h[23]]),
-        };
+        let (header, _) = Header::from_wire(h[proto::PREFIX_LEN..].try_into().expect("HEADER_LEN bytes"));
         let mut payload = Vec::with_capacity(payload_len);
         payload.extend_from_slice(&held[body..]);
         let method = held[proto::FRAME_OVERHEAD..body].to_vec();
@@ -190,16 +162,24 @@ impl ReadBuf {
     /// total size) — but growing by at most the bytes already held, so memory follows what the
     /// peer actually sent, never what it merely declared. Call it after [`decode`](Self::decode)
     /// said the frame is incomplete.
-    pub(crate) fn fill(&mut self, stream: &UnixStream, needed: usize) -> io::Result<Filled> {
-        self.fill_inner(needed, &mut { stream }, true)
+    pub(crate) fn fill<T: crate::transport::Transport>(
+        &mut self,
+        link: &T,
+        needed: usize,
+    ) -> io::Result<Filled> {
+        self.fill_inner(needed, &mut { link }, true)
     }
 
     /// [`fill`](ReadBuf::fill), except that a read interrupted by a signal handler returns
     /// [`io::ErrorKind::Interrupted`] instead of being retried: the caller can then check its
     /// deadline and whether to stop (a socket with a receive timeout is not restarted after a
     /// signal, and retrying would start the full timeout again each time).
-    pub(crate) fn fill_or_interrupted(&mut self, stream: &UnixStream, needed: usize) -> io::Result<Filled> {
-        self.fill_inner(needed, &mut { stream }, false)
+    pub(crate) fn fill_or_interrupted<T: crate::transport::Transport>(
+        &mut self,
+        link: &T,
+        needed: usize,
+    ) -> io::Result<Filled> {
+        self.fill_inner(needed, &mut { link }, false)
     }
 
     /// [`fill`](ReadBuf::fill) from any [`Source`] (the async flavour passes a non-blocking
@@ -273,47 +253,33 @@ impl ReadBuf {
     }
 }
 
-/// Error from [`send_frame`], with how many bytes went out before it.
-#[derive(Debug)]
-pub(crate) struct SendError {
-    pub error: io::Error,
-    pub sent: usize,
-}
+/// A map keyed by request id, with a cheap hasher (see [`IdHasher`]).
+pub(crate) type IdMap<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
 
-/// Writes one frame (length prefix, header, method, payload) with as few syscalls as the kernel
-/// allows: one `sendmsg` with three iovecs in the common case. Never raises SIGPIPE.
-pub(crate) fn send_frame(
-    stream: &UnixStream,
-    header: &Header,
-    method: &[u8],
-    payload: &[u8],
-) -> Result<(), SendError> {
-    let head = header.to_bytes(method.len(), payload.len());
-    let mut parts = [IoSlice::new(&head), IoSlice::new(method), IoSlice::new(payload)];
-    send_all(stream, &mut parts)
-}
+/// Hashes a request id with one multiplication instead of SipHash, which cost about 200
+/// instructions per request on each side (an insert and a remove). SipHash's resistance to
+/// chosen keys is not needed: a client's ids only ever share a map with its own requests, at most
+/// the in-flight cap of them, so colliding ids can slow down nobody but their sender.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
 
-/// Writes all of `bytes`. Never raises SIGPIPE.
-pub(crate) fn send_bytes(stream: &UnixStream, bytes: &[u8]) -> Result<(), SendError> {
-    send_all(stream, &mut [IoSlice::new(bytes)])
-}
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
 
-fn send_all(stream: &UnixStream, mut parts: &mut [IoSlice<'_>]) -> Result<(), SendError> {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut sent = 0;
-    IoSlice::advance_slices(&mut parts, 0);
-    while sent < total {
-        match rustix::net::sendmsg(stream, parts, &mut SendAncillaryBuffer::default(), SendFlags::NOSIGNAL) {
-            Ok(0) => return Err(SendError { error: io::ErrorKind::WriteZero.into(), sent }),
-            Ok(n) => {
-                sent += n;
-                IoSlice::advance_slices(&mut parts, n);
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(SendError { error: e.into(), sent }),
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(b));
         }
     }
-    Ok(())
+
+    fn write_u64(&mut self, id: u64) {
+        // Fibonacci hashing; the fold spreads the well-mixed high bits into the low ones,
+        // which pick the bucket.
+        let h = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
+    }
 }
 
 /// True for the errors that mean the peer is gone.
@@ -336,6 +302,7 @@ pub(crate) fn is_timeout(e: &io::Error) -> bool {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::net::UnixStream;
 
     #[test]
     fn memory_follows_received_bytes_not_declared_size() {
