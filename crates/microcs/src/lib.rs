@@ -45,6 +45,7 @@
 #![warn(missing_docs)]
 
 pub mod blocking;
+mod dispatch;
 pub mod error;
 mod io;
 pub mod micro;

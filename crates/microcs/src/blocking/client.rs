@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{Filled, ReadBuf, is_disconnect, is_timeout};
+use crate::io::{Filled, ReadBuf, is_timeout};
 use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
-use crate::proto::{self, Decoded, FLAG_NOT_RUN, Header, Hello, HelloAck, Kind, status};
+use crate::proto::client_conn::{self, Attempt, Ids, Incoming, Loss, Outcome, Written};
+use crate::proto::{self, Decoded, Frame, Header, HelloAck, Kind};
 use crate::registry;
 use crate::transport::unix::{DEFAULT_SEND_BUFFER, connect_with_timeout, set_recv_timeout, set_send_buffer};
-use crate::transport::{Link, send_frame};
+use crate::transport::{Link, send_bytes, send_frame};
 
 /// Default time a request may take, from sending to reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,7 +52,7 @@ pub struct Client {
     conn: Option<Connection>,
     /// Request ids are never reused on a connection, so a late reply to a request that timed out
     /// can never be taken for the answer to a later one.
-    next_id: u64,
+    next_id: Ids,
     /// NATS settings and connection, when NATS is configured (see `crate::nats`).
     #[cfg(feature = "nats")]
     pub(crate) nats: Option<Box<crate::nats::ClientLink>>,
@@ -160,7 +161,7 @@ impl ClientBuilder {
             send_buffer: self.send_buffer,
             interrupt: self.interrupt,
             conn: None,
-            next_id: 1,
+            next_id: Ids::new(),
             #[cfg(feature = "nats")]
             nats: None,
         };
@@ -363,225 +364,134 @@ impl Client {
     fn attempt(&mut self, method: &str, payload: &[u8], deadline: Instant) -> Result<Vec<u8>, Attempt> {
         let name = &self.name;
         let conn = self.conn.as_mut().expect("connected");
-        if payload.len() > conn.server.max_payload as usize {
-            return Err(Attempt::Failed(Error::new(
-                ErrorKind::FrameTooLarge,
-                format!(
-                    "payload of {} bytes is over service '{name}''s limit of {} bytes; nothing was sent",
-                    payload.len(),
-                    conn.server.max_payload
-                ),
-            )));
-        }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let header = Header::request(id, proto::deadline_ms(remaining));
+        client_conn::check_payload(name, payload.len(), &conn.server).map_err(Attempt::Failed)?;
+        let id = self.next_id.next();
+        let header = client_conn::request_header(id, deadline.saturating_duration_since(Instant::now()));
         if let Err(e) = send_frame(&conn.stream, &header, method.as_bytes(), payload) {
             self.conn = None;
-            if e.sent == 0 && is_disconnect(&e.error) {
-                // The connection was dead before any byte of this request went out.
-                return Err(Attempt::NotRun(Error::io(
-                    format_args!("service '{name}' closed the connection"),
-                    e.error,
-                )));
+            if is_timeout(&e.error) {
+                // Part of it may be in the socket, but a frame cut short never runs.
+                return Err(Attempt::Failed(client_conn::not_taken(name, self.timeout)));
             }
-            // A partly written frame can never be decoded by the server, so it cannot have run.
-            let err = if is_timeout(&e.error) {
-                Error::new(
-                    ErrorKind::TimedOut,
-                    format!("service '{name}' did not take the request within {:?}", self.timeout),
-                )
-            } else {
-                Error::io(format_args!("sending to service '{name}' failed"), e.error)
-            };
-            return Err(Attempt::Failed(err));
+            let written = if e.sent == 0 { Written::None } else { Written::Part };
+            let outcome = Outcome::Lost { loss: Loss::from_io(e.error), written };
+            return client_conn::settle(name, self.timeout, outcome);
         }
-        loop {
-            let frame = match conn.read_frame(deadline, self.interrupt.as_ref()) {
+        let outcome = loop {
+            let (frame, payload) = match conn.read_frame(deadline, self.interrupt.as_ref()) {
                 Ok(f) => f,
-                Err(e @ (ReadError::TimedOut | ReadError::Interrupted)) => {
-                    // Tell the server to stop working on it; best effort, the reply (if it still
-                    // comes) will be dropped by id.
-                    let _ = send_frame(&conn.stream, &Header::new(Kind::Cancel, id), b"", b"");
-                    let err = match e {
-                        ReadError::TimedOut => Error::new(
-                            ErrorKind::TimedOut,
-                            format!(
-                                "service '{name}' did not answer within {:?}; the request may have run",
-                                self.timeout
-                            ),
-                        ),
-                        _ => e.into_error(name, true),
-                    };
-                    return Err(Attempt::Failed(err.set_may_have_run(true)));
-                }
-                Err(e) => {
-                    self.conn = None;
-                    return Err(Attempt::Failed(e.into_error(name, true)));
-                }
+                Err(Wait::TimedOut) => break Outcome::TimedOut,
+                Err(Wait::Interrupted) => break Outcome::Interrupted,
+                Err(Wait::Lost(loss)) => break Outcome::Lost { loss, written: Written::All },
             };
-            let (h, reply_payload) = frame;
-            match h.kind() {
-                Some(Kind::Reply) if h.id == id => return Ok(reply_payload),
-                Some(Kind::Error) if h.id == id => {
-                    let message = String::from_utf8_lossy(&reply_payload).into_owned();
-                    let err = Error::from_remote(name.as_str(), h.status, h.flags, message);
-                    if h.flags & FLAG_NOT_RUN != 0 && h.status == status::BUSY {
-                        return Err(Attempt::NotRun(err));
-                    }
-                    return Err(Attempt::Failed(err));
+            match frame {
+                Incoming::Reply(i) if i == id => break Outcome::Reply(payload),
+                Incoming::Error { id: i, status, flags, message } if i == id => {
+                    break Outcome::Error { status, flags, message };
                 }
-                Some(Kind::Error) if h.id == 0 => {
-                    self.conn = None;
-                    let message = String::from_utf8_lossy(&reply_payload).into_owned();
-                    let err = Error::from_remote(name.as_str(), h.status, h.flags, message);
-                    let may = h.flags & FLAG_NOT_RUN == 0;
-                    return Err(Attempt::Failed(err.set_may_have_run(may)));
-                }
-                // Late answers to requests that timed out earlier, pongs: not ours, dropped.
+                Incoming::Closing(loss) => break Outcome::Lost { loss, written: Written::All },
+                // Late answers to requests given up on earlier, pings: not ours, dropped.
                 _ => continue,
             }
+        };
+        match outcome {
+            // Tell the server to stop working on it; best effort, the reply (if it still comes)
+            // is dropped by its id.
+            Outcome::TimedOut | Outcome::Interrupted => {
+                let _ = send_frame(&conn.stream, &Header::new(Kind::Cancel, id), b"", b"");
+            }
+            Outcome::Lost { .. } => self.conn = None,
+            _ => {}
         }
+        client_conn::settle(name, self.timeout, outcome)
     }
 
     /// Opens a connection and shakes hands.
     fn open(&self, deadline: Instant) -> Result<Connection> {
         let name = &self.name;
-        let no_service = |detail: &str| {
-            Error::new(
-                ErrorKind::NoService,
-                format!("no service named '{name}' is running (looked in {}{detail})", self.dir.display()),
-            )
-        };
         let exists = if self.explicit_dir {
             registry::check_foreign_dir_exists(&self.dir)?
         } else {
             registry::check_dir_exists(&self.dir)?
         };
         if !exists {
-            return Err(no_service(""));
+            return Err(client_conn::no_service(name, &self.dir, ""));
         }
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let fd = connect_with_timeout(&self.path, remaining).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => no_service(""),
-            io::ErrorKind::ConnectionRefused => no_service("; found only a stale socket"),
-            _ if is_timeout(&e) => Error::new(
-                ErrorKind::TimedOut,
-                format!("service '{name}' did not accept the connection within {:?}", self.timeout),
-            ),
-            _ => Error::io(format_args!("cannot connect to {}", self.path.display()), e),
-        })?;
-        set_send_buffer(&fd, self.send_buffer);
-        let stream = fd;
+        let stream = connect_with_timeout(&self.path, remaining)
+            .map_err(|e| client_conn::connect_failed(name, &self.dir, &self.path, self.timeout, e))?;
+        set_send_buffer(&stream, self.send_buffer);
         let mut conn = Connection {
             stream,
             rbuf: ReadBuf::default(),
             server: placeholder_ack(),
-            max_payload: self.max_payload.max(64 * 1024),
+            max_payload: client_conn::decode_limit(self.max_payload),
             rcv_timeout: Some(remaining),
         };
-        let hello = Hello { max_payload: self.max_payload };
-        let sent = send_frame(&conn.stream, &Header::new(Kind::Hello, 0), b"", &hello.to_bytes());
+        let sent = send_bytes(&conn.stream, &client_conn::hello(self.max_payload));
         // A server that refuses us (busy, another user) writes why and closes without reading:
         // our hello may then fail with EPIPE, but its answer is still there to read.
-        let got = conn.read_frame(deadline, self.interrupt.as_ref());
-        if let (Err(e), Err(_)) = (sent, &got) {
-            return Err(Error::io(format_args!("handshake with service '{name}' failed"), e.error));
-        }
-        let (h, body) = got.map_err(|e| match e {
-            ReadError::TimedOut => Error::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "service '{name}' did not answer the handshake in time; is {} a microcs service?",
-                    self.path.display()
-                ),
-            ),
-            e => e.into_error(name, false),
-        })?;
-        match h.kind() {
-            Some(Kind::HelloAck) => {
-                conn.server = HelloAck::parse(&body)
-                    .ok_or_else(|| not_microcs(&self.path, "its handshake answer is malformed"))?;
+        let got = conn.read_raw(deadline, self.interrupt.as_ref(), |f| {
+            client_conn::handshake_answer(name, &self.path, f)
+        });
+        conn.server = match (sent, got) {
+            (_, Ok((answer, _, _))) => answer?,
+            (Err(e), Err(_)) => {
+                return Err(Error::io(format_args!("handshake with service '{name}' failed"), e.error));
             }
-            Some(Kind::Error) => {
-                let message = String::from_utf8_lossy(&body).into_owned();
-                return Err(
-                    Error::from_remote(name.as_str(), h.status, h.flags, message).set_may_have_run(false)
-                );
+            (Ok(()), Err(Wait::Lost(loss))) => return Err(loss.handshake_error(name, &self.path)),
+            (Ok(()), Err(Wait::TimedOut | Wait::Interrupted)) => {
+                return Err(client_conn::handshake_timed_out(name, &self.path));
             }
-            _ => return Err(not_microcs(&self.path, "it answered the handshake with an unexpected frame")),
-        }
+        };
         tracing::debug!(service = %name, pid = conn.server.pid, "connected");
         Ok(conn)
     }
 }
 
-enum Attempt {
-    /// Provably not run: safe to send again on a new connection.
-    NotRun(Error),
-    Failed(Error),
-}
-
-enum ReadError {
+/// Why a wait for a frame ended without one.
+enum Wait {
     TimedOut,
     /// The [interrupt check](ClientBuilder::interrupt_check) said to stop.
     Interrupted,
-    Eof,
-    Io(io::Error),
-    Decode(proto::DecodeError),
-}
-
-impl ReadError {
-    fn into_error(self, name: &Name, sent: bool) -> Error {
-        let may = if sent { "; the request may have run" } else { "" };
-        match self {
-            ReadError::TimedOut => Error::new(ErrorKind::TimedOut, format!("service '{name}' timed out")),
-            ReadError::Interrupted => Error::io(
-                format_args!("the wait for service '{name}' was interrupted{may}"),
-                io::ErrorKind::Interrupted.into(),
-            )
-            .set_may_have_run(sent),
-            ReadError::Eof => Error::new(ErrorKind::Closed, format!("service '{name}' closed the connection{may}"))
-                .set_may_have_run(sent),
-            ReadError::Io(e) if is_disconnect(&e) => {
-                Error::new(ErrorKind::Closed, format!("connection to service '{name}' broke: {e}{may}"))
-                    .with_source(e)
-                    .set_may_have_run(sent)
-            }
-            ReadError::Io(e) => Error::io(format_args!("reading from service '{name}' failed"), e).set_may_have_run(sent),
-            ReadError::Decode(e) => Error::new(
-                ErrorKind::Protocol,
-                format!("service '{name}' sent bytes that are not a valid microcs frame ({e}); is it a microcs service?"),
-            )
-            .with_source(e)
-            .set_may_have_run(sent),
-        }
-    }
+    Lost(Loss),
 }
 
 impl Connection {
-    /// Reads one whole frame, waiting until `deadline` at most (and asking `interrupt`, if any,
-    /// whether to stop, every time its period passes without a frame).
+    /// Reads one whole frame and what it means, with its payload (moved out of the read buffer
+    /// when large), waiting until `deadline` at most.
     fn read_frame(
         &mut self,
         deadline: Instant,
         interrupt: Option<&InterruptCheck>,
-    ) -> Result<(Header, Vec<u8>), ReadError> {
+    ) -> Result<(Incoming, Vec<u8>), Wait> {
+        self.read_raw(deadline, interrupt, |_| ()).map(|((), incoming, payload)| (incoming, payload))
+    }
+
+    /// Reads one whole frame; `look` sees it before it is consumed. Waits until `deadline` at
+    /// most (and asks `interrupt`, if any, whether to stop, every time its period passes
+    /// without a frame).
+    fn read_raw<T>(
+        &mut self,
+        deadline: Instant,
+        interrupt: Option<&InterruptCheck>,
+        look: impl FnOnce(&Frame<'_>) -> T,
+    ) -> Result<(T, Incoming, Vec<u8>), Wait> {
         loop {
-            let needed = match self.rbuf.decode(self.max_payload).map_err(ReadError::Decode)? {
+            let decoded = self.rbuf.decode(self.max_payload).map_err(|e| Wait::Lost(Loss::Protocol(e)))?;
+            let needed = match decoded {
                 Decoded::Frame(f) => {
-                    let (header, len) = (f.header, f.len);
+                    let (looked, incoming, len) = (look(&f), client_conn::classify(&f), f.len);
                     let small = (!self.rbuf.is_large()).then(|| f.payload.to_vec());
                     let payload = small.or_else(|| self.rbuf.take_payload()).unwrap_or_default();
                     self.rbuf.consume(len);
-                    return Ok((header, payload));
+                    return Ok((looked, incoming, payload));
                 }
                 Decoded::Incomplete { needed } => needed,
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(ReadError::TimedOut);
+                return Err(Wait::TimedOut);
             }
             let wait = interrupt.map_or(remaining, |i| remaining.min(i.every));
             // SO_RCVTIMEO bounds each read. Reset it only when it is off from the wait by more
@@ -590,24 +500,24 @@ impl Connection {
             // into a loop of early wake-ups.
             if self.rcv_timeout.is_none_or(|t| t.abs_diff(wait) > Duration::from_millis(1)) {
                 set_recv_timeout(&self.stream, Some(wait.max(Duration::from_micros(100))))
-                    .map_err(ReadError::Io)?;
+                    .map_err(|e| Wait::Lost(Loss::from_io(e)))?;
                 self.rcv_timeout = Some(wait);
             }
             match self.rbuf.fill_or_interrupted(&self.stream, needed) {
                 Ok(Filled::Data) => {}
-                Ok(Filled::Eof) => return Err(ReadError::Eof),
+                Ok(Filled::Eof) => return Err(Wait::Lost(Loss::Closed(None))),
                 // A timed-out read, or one a signal handler interrupted (which would otherwise
                 // start the whole receive timeout again, so a signal every few ms could keep the
                 // call waiting past its deadline): the deadline, then the interrupt check.
                 Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
                     if Instant::now() >= deadline {
-                        return Err(ReadError::TimedOut);
+                        return Err(Wait::TimedOut);
                     }
                     if interrupt.is_some_and(|i| (i.stop)()) {
-                        return Err(ReadError::Interrupted);
+                        return Err(Wait::Interrupted);
                     }
                 }
-                Err(e) => return Err(ReadError::Io(e)),
+                Err(e) => return Err(Wait::Lost(Loss::from_io(e))),
             }
         }
     }
@@ -615,8 +525,4 @@ impl Connection {
 
 fn placeholder_ack() -> HelloAck {
     HelloAck { max_payload: 0, max_in_flight: 0, pid: 0, name: String::new() }
-}
-
-fn not_microcs(path: &Path, why: &str) -> Error {
-    Error::new(ErrorKind::Protocol, format!("{} is not a microcs service: {why}", path.display()))
 }

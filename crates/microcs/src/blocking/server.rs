@@ -17,7 +17,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -25,19 +25,18 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::SocketFlags;
 
+use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::{Error, RemoteError, Result};
 use crate::io::{Filled, ReadBuf, is_timeout};
 use crate::micro::StatsResponse;
 use crate::name::Name;
-use crate::proto::{
-    self, DecodeError, Decoded, FLAG_NOT_RUN, FLAG_SYSTEM, FRAME_OVERHEAD, Header, Hello, HelloAck, Kind,
-    status,
-};
+use crate::proto::server_conn::{Action, Out, ServerConn, broken, frame_timed_out, refuse_connection};
+use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::{self, Claim};
 use crate::request::{CancelState, IntoPayload, Peer, Request, panic_message, to_remote};
-use crate::service::{Bound, Config, Identity, Route, Service, add_method, claim_and_bind, meta};
+use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};
 use crate::transport::unix::{peer_credentials, set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
@@ -551,8 +550,8 @@ struct Conn {
     stream: Link,
     peer: Peer,
     accepted: Instant,
-    /// Largest reply payload the client accepts (from its `Hello`).
-    max_reply: AtomicU32,
+    /// The protocol's rules for this connection: the client's limit, the requests in flight.
+    core: ServerConn,
     /// The reader role: whoever holds this lock reads the socket.
     read: Mutex<ReadState>,
     /// Replies not yet written (batched while more requests are buffered); also the write lock.
@@ -569,8 +568,6 @@ struct Conn {
     running: AtomicUsize,
     /// Threads serving this connection; the last to leave unregisters it.
     threads: AtomicUsize,
-    /// Requests in flight, so that `Cancel` frames and hang-ups reach their handlers.
-    inflight: Mutex<HashMap<u64, Arc<CancelState>>>,
     handshaken: AtomicBool,
     closed: AtomicBool,
     /// We shut the read side ourselves (server shutdown): the EOF that follows is not the peer
@@ -599,46 +596,38 @@ impl Conn {
     }
 
     fn cancel_all(&self) {
-        for c in lock(&self.inflight).values() {
-            c.cancel();
-        }
+        self.core.cancel_all();
     }
 
-    /// Queues or writes one frame. `batch`: more requests are buffered, so the reply may wait
-    /// for the next flush instead of costing a syscall of its own.
-    fn send(&self, shared: &Shared, header: &Header, method: &[u8], payload: &[u8], batch: bool) {
+    /// Queues or writes one frame (fitted to the client's limit). `batch`: more requests are
+    /// buffered, so the reply may wait for the next flush instead of costing a syscall of its
+    /// own.
+    fn send(&self, shared: &Shared, out: Out, batch: bool) {
         if self.closed.load(Ordering::Relaxed) {
             return;
         }
-        // Nothing goes out over the client's announced limit: an error message is cut short, any
-        // other answer (built-in JSON, a pong) becomes a "too large" error.
-        let max = self.max_reply.load(Ordering::Relaxed) as usize;
-        if payload.len() > max {
-            if header.kind() == Some(Kind::Error) {
-                let mut cut = max;
-                while cut > 0 && payload.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
-                    cut -= 1; // keep the message valid UTF-8
-                }
-                return self.send(shared, header, method, &payload[..cut], batch);
-            }
-            let msg = format!("answer of {} bytes is over the client's limit of {max} bytes", payload.len());
-            let h = Header::error(header.id, status::TOO_LARGE, FLAG_SYSTEM);
-            return self.send(shared, &h, b"", msg.as_bytes(), batch);
-        }
+        let Out { header, payload } = self.core.fit(out);
         let mut out = lock(&self.out);
-        let size = FRAME_OVERHEAD + method.len() + payload.len();
+        let size = FRAME_OVERHEAD + payload.len();
         let result = if batch && out.len() + size <= BATCH_BYTES {
             if out.is_empty() {
                 self.out_since.store(shared.now_ns().max(1), Ordering::Relaxed);
             }
-            proto::encode(&mut out, header, method, payload);
+            proto::encode(&mut out, &header, b"", &payload);
             Ok(())
         } else {
-            self.flush_locked(&mut out).and_then(|()| send_frame(&self.stream, header, method, payload))
+            self.flush_locked(&mut out).and_then(|()| send_frame(&self.stream, &header, b"", &payload))
         };
         if let Err(e) = result {
             drop(out);
             self.write_failed(e.error);
+        }
+    }
+
+    /// A request is done: sends its answer, if one is wanted.
+    fn finish(&self, shared: &Shared, id: u64, answer: Option<Answer>, batch: bool) {
+        if let Some(out) = self.core.answer(id, answer) {
+            self.send(shared, out, batch);
         }
     }
 
@@ -675,10 +664,6 @@ impl Conn {
         }
         self.cancel_all();
         self.close();
-    }
-
-    fn error(&self, shared: &Shared, id: u64, code: u16, flags: u16, message: &str, batch: bool) {
-        self.send(shared, &Header::error(id, code, flags), b"", message.as_bytes(), batch);
     }
 }
 
@@ -721,8 +706,8 @@ fn accept_loop(shared: &Arc<Shared>, listener: &std::os::unix::net::UnixListener
 fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     let name = &shared.service.name;
     let refuse = |code: u16, message: String| {
-        let _ =
-            send_frame(&stream, &Header::error(0, code, FLAG_SYSTEM | FLAG_NOT_RUN), b"", message.as_bytes());
+        let out = refuse_connection(code, message);
+        let _ = send_frame(&stream, &out.header, b"", &out.payload);
     };
     let peer = match peer_credentials(&stream) {
         Ok(p) => p,
@@ -779,8 +764,7 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         stream,
         peer,
         accepted: Instant::now(),
-        // Until the client's Hello says otherwise: enough for any refusal or handshake answer.
-        max_reply: AtomicU32::new(64 * 1024),
+        core: ServerConn::new(shared.config.max_payload, shared.config.max_in_flight),
         read: Mutex::new(ReadState { rbuf: ReadBuf::default(), partial_timeout: false, partial_since: None }),
         out: Mutex::new(Vec::new()),
         out_since: AtomicU64::new(0),
@@ -789,7 +773,6 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         pending_buffered: AtomicBool::new(false),
         running: AtomicUsize::new(0),
         threads: AtomicUsize::new(1),
-        inflight: Mutex::new(HashMap::new()),
         handshaken: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         read_shut: AtomicBool::new(false),
@@ -804,12 +787,9 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     {
         tracing::warn!(error = %e, "cannot start a connection thread; refusing the connection");
         shared.handshaking.fetch_sub(1, Ordering::SeqCst);
-        conn.error(
+        conn.send(
             shared,
-            0,
-            status::BUSY,
-            FLAG_SYSTEM | FLAG_NOT_RUN,
-            "service is out of threads; try again later",
+            refuse_connection(status::BUSY, "service is out of threads; try again later"),
             false,
         );
         conn.close();
@@ -845,34 +825,18 @@ fn leave(shared: &Shared, conn: &Conn) {
 
 fn handshake(shared: &Shared, conn: &Conn) -> bool {
     let mut rs = lock(&conn.read);
-    let max = shared.config.max_payload;
+    let max = conn.core.max_request();
     loop {
         let needed = match rs.rbuf.decode(max) {
             Ok(Decoded::Frame(f)) => {
                 let len = f.len;
-                let hello = (f.header.kind() == Some(Kind::Hello)).then(|| Hello::parse(f.payload)).flatten();
+                let answer = conn.core.on_hello(&f, std::process::id(), shared.service.name.as_str());
                 rs.rbuf.consume(len);
-                let Some(hello) = hello else {
-                    conn.error(
-                        shared,
-                        0,
-                        status::BAD_REQUEST,
-                        FLAG_SYSTEM | FLAG_NOT_RUN,
-                        "expected a Hello frame first",
-                        false,
-                    );
-                    return false;
-                };
-                let ack = HelloAck {
-                    max_payload: max,
-                    max_in_flight: u32::try_from(shared.config.max_in_flight).unwrap_or(u32::MAX),
-                    pid: std::process::id(),
-                    name: shared.service.name.to_string(),
-                };
-                conn.send(shared, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes(), false);
-                // From here on, every answer respects the client's limit.
-                conn.max_reply.store(hello.max_payload, Ordering::Relaxed);
-                return set_recv_timeout(&conn.stream, None).is_ok() && !conn.closed.load(Ordering::SeqCst);
+                let ok = answer.is_ok();
+                conn.send(shared, answer.unwrap_or_else(|refusal| refusal), false);
+                return ok
+                    && set_recv_timeout(&conn.stream, None).is_ok()
+                    && !conn.closed.load(Ordering::SeqCst);
             }
             Ok(Decoded::Incomplete { needed }) => needed,
             Err(e) => {
@@ -901,7 +865,7 @@ fn handshake(shared: &Shared, conn: &Conn) -> bool {
 
 fn reject_stream(shared: &Shared, conn: &Conn, e: &DecodeError) {
     tracing::debug!(conn = conn.id, pid = conn.peer.pid, error = %e, "bad frame; closing connection");
-    conn.error(shared, 0, e.status(), FLAG_SYSTEM, &e.to_string(), false);
+    conn.send(shared, broken(e), false);
     conn.close();
 }
 
@@ -950,45 +914,27 @@ fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job>
         let needed = match rs.rbuf.decode(max) {
             Ok(Decoded::Frame(f)) => {
                 let (h, len) = (f.header, f.len);
-                let batch_hint = true;
                 let large = rs.rbuf.is_large();
-                let mut job = match h.kind() {
-                    Some(Kind::Request) => admit(shared, conn, &h, f.method, (!large).then_some(f.payload)),
-                    Some(Kind::Cancel) => {
-                        if let Some(c) = lock(&conn.inflight).get(&h.id) {
-                            c.cancel();
+                let stopping = shared.stopping();
+                let mut job = match conn.core.on_frame(&f, stopping, shared.service.name.as_str()) {
+                    Action::Request => match conn.core.admit(&h, Instant::now()) {
+                        Ok(a) => Some(Job {
+                            id: a.id,
+                            method: f.method.to_vec(),
+                            payload: if large { Vec::new() } else { f.payload.to_vec() },
+                            deadline: a.deadline,
+                            cancel: a.cancel,
+                        }),
+                        Err(refusal) => {
+                            conn.send(shared, refusal, true);
+                            None
                         }
+                    },
+                    Action::Send(out) => {
+                        conn.send(shared, out, true);
                         None
                     }
-                    Some(Kind::Ping) => {
-                        conn.send(shared, &Header::new(Kind::Pong, h.id), b"", f.payload, batch_hint);
-                        None
-                    }
-                    Some(Kind::Pong) => None,
-                    Some(k) => {
-                        let msg = format!("a client may not send {k:?} frames here");
-                        conn.error(
-                            shared,
-                            h.id,
-                            status::BAD_REQUEST,
-                            FLAG_SYSTEM | FLAG_NOT_RUN,
-                            &msg,
-                            batch_hint,
-                        );
-                        None
-                    }
-                    None => {
-                        let msg = format!("unknown frame kind {}", h.kind);
-                        conn.error(
-                            shared,
-                            h.id,
-                            status::BAD_REQUEST,
-                            FLAG_SYSTEM | FLAG_NOT_RUN,
-                            &msg,
-                            batch_hint,
-                        );
-                        None
-                    }
+                    Action::None => None,
                 };
                 if let Some(j) = job.as_mut().filter(|_| large) {
                     j.payload = rs.rbuf.take_payload().expect("a decoded large frame has its payload");
@@ -1026,76 +972,19 @@ fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job>
         };
         if timed_out {
             tracing::debug!(conn = conn.id, "frame not completed within the frame timeout; closing");
-            let msg = format!("frame not completed within {:?}", shared.config.frame_timeout);
-            conn.error(shared, 0, status::TIMED_OUT, FLAG_SYSTEM, &msg, false);
+            conn.send(shared, frame_timed_out(shared.config.frame_timeout), false);
             return None;
         }
     }
 }
 
-/// Checks a request frame and registers it in flight; answers it with an error instead when it
-/// cannot run.
-/// `payload` is `None` for a large frame, whose payload the caller moves in afterwards.
-fn admit(shared: &Shared, conn: &Conn, h: &Header, method: &[u8], payload: Option<&[u8]>) -> Option<Job> {
-    let refuse = |code: u16, msg: &str| {
-        conn.error(shared, h.id, code, FLAG_SYSTEM | FLAG_NOT_RUN, msg, true);
-        None
-    };
-    if h.flags != 0 {
-        return refuse(status::BAD_REQUEST, &format!("request has unknown flags {:#06x}", h.flags));
-    }
-    if h.id == 0 {
-        return refuse(status::BAD_REQUEST, "request id 0 is reserved");
-    }
-    if shared.stopping() {
-        return refuse(status::BUSY, &format!("service '{}' is shutting down", shared.service.name));
-    }
-    let cancel = {
-        let mut inflight = lock(&conn.inflight);
-        if inflight.contains_key(&h.id) {
-            drop(inflight);
-            return refuse(status::BAD_REQUEST, &format!("request id {} is already in flight", h.id));
-        }
-        let c = Arc::new(CancelState::default());
-        inflight.insert(h.id, c.clone());
-        c
-    };
-    let now = Instant::now();
-    Some(Job {
-        id: h.id,
-        method: method.to_vec(),
-        payload: payload.map(<[u8]>::to_vec).unwrap_or_default(),
-        deadline: (h.deadline_ms != 0).then(|| now + Duration::from_millis(u64::from(h.deadline_ms))),
-        cancel,
-    })
-}
-
 fn run(shared: &Shared, conn: &Conn, job: Job, batch: bool) {
     let id = job.id;
-    let finish = |header: Header, payload: &[u8]| {
-        lock(&conn.inflight).remove(&id);
-        conn.send(shared, &header, b"", payload, batch);
-    };
-    let ep = match shared.service.route(&job.method) {
-        Route::Endpoint(ep) => ep,
-        Route::Builtin(b) => return finish(Header::new(Kind::Reply, id), &shared.service.builtin(b)),
-        Route::Refuse(e) => {
-            return finish(Header::error(id, e.code(), FLAG_SYSTEM | FLAG_NOT_RUN), e.message().as_bytes());
-        }
-    };
-    if job.deadline.is_some_and(|d| Instant::now() >= d) {
-        let msg = "the deadline passed before the handler started";
-        return finish(Header::error(id, status::TIMED_OUT, FLAG_SYSTEM | FLAG_NOT_RUN), msg.as_bytes());
-    }
-    let cancel = job.cancel.clone();
-    let deadline = job.deadline;
-    let req = Request {
-        id,
-        method: (!job.method.is_empty()).then(|| String::from_utf8_lossy(&job.method).into_owned()),
-        payload: job.payload,
-        peer: conn.peer,
-        deadline: job.deadline,
-        cancel: job.cancel,
+    let call =
+        Incoming { id, peer: conn.peer, payload: job.payload, deadline: job.deadline, cancel: job.cancel };
+    let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
+        Begin::Run(run, req) => (run, req),
+        Begin::Answer(a) => return conn.finish(shared, id, Some(a), batch),
     };
     conn.running.fetch_add(1, Ordering::SeqCst);
     if shared.sentinel_parked.load(Ordering::SeqCst) {
@@ -1103,45 +992,15 @@ fn run(shared: &Shared, conn: &Conn, job: Job, batch: bool) {
             t.unpark();
         }
     }
-    let t0 = Instant::now();
-    let outcome = catch_unwind(AssertUnwindSafe(|| (ep.handler)(req)));
-    let elapsed = t0.elapsed();
+    let handler = run.handler();
+    let end = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
+        Ok(r) => End::Done(r),
+        Err(panic) => End::Panicked(panic_message(&*panic)),
+    };
     conn.running.fetch_sub(1, Ordering::SeqCst);
-    let result = match outcome {
-        Ok(r) => r,
-        Err(panic) => {
-            let msg = panic_message(&*panic);
-            tracing::error!(service = %shared.service.name, endpoint = %ep.name, "{msg}");
-            Err(RemoteError::new(status::HANDLER_FAILED, msg))
-        }
-    };
-    let max_reply = conn.max_reply.load(Ordering::Relaxed);
-    // Flags of an error answer: the library's own "reply too large" is a system error; whatever
-    // the handler returned (even code 413) is the handler's.
-    let mut error_flags = 0;
-    let result = match result {
-        Ok(reply) if reply.len() > max_reply as usize => {
-            error_flags = FLAG_SYSTEM;
-            Err(RemoteError::new(
-                status::TOO_LARGE,
-                format!("reply of {} bytes is over the client's limit of {max_reply} bytes", reply.len()),
-            ))
-        }
-        r => r,
-    };
-    ep.counters.record(elapsed, result.as_ref().err());
-    // The caller gave up (cancelled, left, or its deadline passed) — nobody reads this answer.
-    // The server's deadline is never earlier than the caller's (it counts from the request's
-    // arrival and rounds up), so past it the caller has already timed out by itself; not
-    // answering keeps its outcome a plain `TimedOut` instead of a race with a late reply.
-    if cancel.is_set() || deadline.is_some_and(|d| Instant::now() >= d) {
-        lock(&conn.inflight).remove(&id);
-        return;
-    }
-    match result {
-        Ok(reply) => finish(Header::new(Kind::Reply, id), &reply),
-        Err(e) => finish(Header::error(id, e.code(), error_flags), e.message().as_bytes()),
-    }
+    let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
+    let answer = run.finish(end, limit);
+    conn.finish(shared, id, answer, batch);
 }
 
 /// Watches connections whose handler runs long (see the module docs).

@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use super::{HEADER_ERROR, HEADER_ERROR_CODE, HEADER_FLAGS, HEADER_TIMEOUT, NATS_PEER, NatsOptions, conn};
+use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 use crate::error::{Error, ErrorKind, RemoteError, Result};
 use crate::micro::QUEUE_GROUP;
 use crate::proto::{FLAG_NOT_RUN, FLAG_SYSTEM, status};
@@ -404,46 +405,41 @@ impl<H: Invoke> Shared<H> {
             cancels.retain(|w| w.strong_count() > 0);
             cancels.push(Arc::downgrade(&cancel));
         }
-        let req = Request {
+        let call = Incoming {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            method: (i != 0).then(|| ep.name.clone()),
-            payload: msg.payload.to_vec(),
             peer: NATS_PEER,
+            payload: msg.payload.to_vec(),
             deadline,
             cancel,
         };
-        let t0 = Instant::now();
-        let run = ep.handler.invoke(req);
-        let result = match deadline {
-            Some(d) => match tokio::time::timeout_at(d.into(), run).await {
-                Ok(r) => r,
-                Err(_) => {
-                    Err(RemoteError::new(status::TIMED_OUT, "the handler did not finish before the deadline"))
-                }
-            },
-            None => run.await,
+        let (run, req) = match dispatch::begin_at(&self.service, ep, call) {
+            Begin::Run(run, req) => (run, req),
+            Begin::Answer(a) => return self.answer(reply, a).await,
         };
-        ep.counters.record(t0.elapsed(), result.as_ref().err());
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            // The caller has given up: nobody reads a reply now.
-            return;
+        let handler = run.handler().invoke(req);
+        let end = match run.deadline() {
+            Some(d) => match tokio::time::timeout_at(d.into(), handler).await {
+                Ok(r) => End::Done(r),
+                Err(_) => End::Deadline,
+            },
+            None => End::Done(handler.await),
+        };
+        let limit = ReplyLimit { max: self.client.max_payload(), what: "the NATS server's max_payload" };
+        if let Some(a) = run.finish(end, limit) {
+            self.answer(reply, a).await;
         }
-        let Some(reply) = reply else { return };
-        match result {
-            Ok(body) => {
-                let max = self.client.max_payload();
-                if body.len() > max {
-                    let m = format!(
-                        "reply of {} bytes is over the NATS server's max_payload of {max} bytes",
-                        body.len()
-                    );
-                    return self.error(Some(reply), status::TOO_LARGE, FLAG_SYSTEM, &m).await;
-                }
+    }
+
+    /// Sends an answer to the caller's reply subject, if it gave one.
+    async fn answer(&self, reply: Option<Subject>, answer: Answer) {
+        match answer {
+            Answer::Reply(body) => {
+                let Some(reply) = reply else { return };
                 if let Err(e) = self.client.publish(reply, body.into()).await {
                     tracing::warn!(service = %self.service.name, error = %e, "cannot send a reply over NATS");
                 }
             }
-            Err(e) => self.error(Some(reply), e.code(), 0, e.message()).await,
+            Answer::Error { code, flags, message } => self.error(reply, code, flags, &message).await,
         }
     }
 

@@ -34,7 +34,9 @@
 //! assert!(matches!(proto::decode(&buf[..10], proto::DEFAULT_MAX_PAYLOAD), Ok(Decoded::Incomplete { .. })));
 //! ```
 
+pub(crate) mod client_conn;
 mod hello;
+pub(crate) mod server_conn;
 pub mod status;
 
 pub use hello::{Hello, HelloAck};

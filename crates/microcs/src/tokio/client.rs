@@ -17,7 +17,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,10 +27,11 @@ use ::tokio::time::{Instant, sleep, sleep_until, timeout_at};
 use super::io::{Outbox, SPLICE_MIN, Stream, read_more, shutdown, write_all};
 use crate::blocking::DEFAULT_TIMEOUT;
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{Filled, IdMap, ReadBuf, is_disconnect};
+use crate::io::{Filled, IdMap, ReadBuf};
 use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
-use crate::proto::{self, Decoded, FLAG_NOT_RUN, Header, Hello, HelloAck, Kind, status};
+use crate::proto::client_conn::{self, Attempt, Ids, Incoming, Loss, Outcome, Written};
+use crate::proto::{self, Decoded, Frame, Header, HelloAck, Kind};
 use crate::registry;
 
 /// An async connection to a named service. Cheap to clone; clones share one connection.
@@ -82,7 +82,7 @@ struct Shared {
     connecting: ::tokio::sync::Mutex<()>,
     /// Request ids, never reused (across reconnects too), so a late reply can never be taken
     /// for the answer to a later request.
-    next_id: AtomicU64,
+    next_id: Ids,
     /// NATS settings and connection, when NATS is configured (see `crate::nats`).
     #[cfg(feature = "nats")]
     nats: Option<crate::nats::AsyncLink>,
@@ -92,7 +92,7 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // The last clone is gone: nobody can wait on this connection any more.
         if let Some(c) = self.conn.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
-            c.close(Dead::Dropped);
+            c.close(Loss::Dropped);
         }
     }
 }
@@ -115,7 +115,7 @@ struct Conn {
 struct Book {
     pending: IdMap<Pending>,
     /// Why the connection ended, once it has.
-    dead: Option<Dead>,
+    dead: Option<Loss>,
     /// No longer used for new requests; closed once its last pending request is answered.
     retired: bool,
     /// Bytes the writer task handed to the kernel, once it has stopped: from then on whoever
@@ -140,85 +140,6 @@ struct Pending {
     end: u64,
 }
 
-/// What a caller receives.
-enum Outcome {
-    Reply(Vec<u8>),
-    Error {
-        status: u16,
-        flags: u16,
-        message: String,
-    },
-    /// The deadline passed first (the server was sent a `Cancel`).
-    TimedOut,
-    /// The connection died first. `written`: bytes of the frame handed to the kernel.
-    Lost {
-        dead: Dead,
-        written: Written,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Written {
-    None,
-    Part,
-    All,
-}
-
-/// Why a connection ended.
-#[derive(Debug, Clone)]
-enum Dead {
-    /// The server closed the connection (or it broke: reset, broken pipe).
-    Closed(Option<String>),
-    /// Reading or writing failed otherwise.
-    Io(String),
-    /// The server sent bytes that are not microcs frames.
-    Protocol(String),
-    /// The server sent a connection-level `Error` frame (id 0) and closed.
-    Remote { status: u16, flags: u16, message: String },
-    /// The client was dropped.
-    Dropped,
-}
-
-impl Dead {
-    fn from_io(e: &io::Error) -> Dead {
-        if is_disconnect(e) { Dead::Closed(Some(e.to_string())) } else { Dead::Io(e.to_string()) }
-    }
-
-    /// The error a caller whose request was `written` to this connection gets.
-    fn error(&self, name: &Name, written: Written) -> Error {
-        let may = written == Written::All;
-        let tail = if may { "; the request may have run" } else { "" };
-        match self {
-            Dead::Closed(None) => {
-                Error::new(ErrorKind::Closed, format!("service '{name}' closed the connection{tail}"))
-            }
-            Dead::Closed(Some(why)) => {
-                Error::new(ErrorKind::Closed, format!("connection to service '{name}' broke: {why}{tail}"))
-            }
-            Dead::Io(why) => Error::new(ErrorKind::Io, format!("connection to service '{name}' failed: {why}{tail}")),
-            Dead::Protocol(why) => Error::new(
-                ErrorKind::Protocol,
-                format!(
-                    "service '{name}' sent bytes that are not a valid microcs frame ({why}); is it a microcs service?"
-                ),
-            ),
-            Dead::Remote { status, flags, message } => {
-                let e = Error::from_remote(name.as_str(), *status, *flags, message.clone());
-                return e.set_may_have_run(may && flags & FLAG_NOT_RUN == 0);
-            }
-            Dead::Dropped => Error::new(ErrorKind::Closed, format!("the client of service '{name}' was dropped")),
-        }
-        .set_may_have_run(may)
-    }
-}
-
-/// Result of one try, as in the blocking client.
-enum Attempt {
-    /// Provably not run: safe to send again on a new connection.
-    NotRun(Error),
-    Failed(Error),
-}
-
 impl Conn {
     fn book(&self) -> MutexGuard<'_, super::io::OutState<Book>> {
         self.outbox.lock()
@@ -231,7 +152,7 @@ impl Conn {
     }
 
     /// Ends the connection: no more requests; the writer task settles the pending ones.
-    fn close(&self, why: Dead) {
+    fn close(&self, why: Loss) {
         let settle = {
             let mut st = self.book();
             let dead = st.extra.dead.get_or_insert(why).clone();
@@ -273,7 +194,7 @@ impl Conn {
             let _ = tx.send(Outcome::TimedOut);
         }
         if close {
-            self.close(Dead::Closed(None));
+            self.close(Loss::Closed(None));
         }
     }
 
@@ -290,7 +211,7 @@ impl Conn {
             let _ = p.tx.send(outcome);
         }
         if close {
-            self.close(Dead::Closed(None));
+            self.close(Loss::Closed(None));
         }
     }
 
@@ -307,7 +228,7 @@ impl Conn {
         };
         self.outbox.wake();
         if close {
-            self.close(Dead::Closed(None));
+            self.close(Loss::Closed(None));
         }
     }
 
@@ -319,7 +240,7 @@ impl Conn {
             st.extra.pending.is_empty()
         };
         if close {
-            self.close(Dead::Closed(None));
+            self.close(Loss::Closed(None));
         }
     }
 }
@@ -346,34 +267,27 @@ async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
     let mut replies = 0usize;
     let dead = loop {
         let needed = match rbuf.decode(max_payload) {
-            Err(e) => break Dead::Protocol(e.to_string()),
+            Err(e) => break Loss::Protocol(e),
             Ok(Decoded::Incomplete { needed }) => needed,
             Ok(Decoded::Frame(f)) => {
-                let h = f.header;
                 let len = f.len;
-                match h.kind() {
-                    Some(Kind::Reply) if h.id != 0 => {
+                match client_conn::classify(&f) {
+                    Incoming::Reply(id) => {
                         // A large payload was read into a vector of its own: moved, not copied.
                         let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
                         let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
-                        conn.resolve(h.id, Outcome::Reply(payload), replies > 0);
+                        conn.resolve(id, Outcome::Reply(payload), replies > 0);
                         replies += 1;
                     }
-                    Some(Kind::Error) if h.id != 0 => {
-                        let message = String::from_utf8_lossy(f.payload).into_owned();
-                        let outcome = Outcome::Error { status: h.status, flags: h.flags, message };
-                        conn.resolve(h.id, outcome, replies > 0);
+                    Incoming::Error { id, status, flags, message } => {
+                        conn.resolve(id, Outcome::Error { status, flags, message }, replies > 0);
                         replies += 1;
                     }
-                    Some(Kind::Error) => {
-                        let message = String::from_utf8_lossy(f.payload).into_owned();
-                        break Dead::Remote { status: h.status, flags: h.flags, message };
+                    Incoming::Closing(loss) => break loss,
+                    Incoming::Ping(id) => {
+                        conn.outbox.push(&Header::new(Kind::Pong, id), b"", f.payload);
                     }
-                    Some(Kind::Ping) => {
-                        conn.outbox.push(&Header::new(Kind::Pong, h.id), b"", f.payload);
-                    }
-                    // Pongs, and kinds a server has no business sending: not ours, dropped.
-                    _ => {}
+                    Incoming::Ignore => {}
                 }
                 rbuf.consume(len);
                 continue;
@@ -382,8 +296,8 @@ async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
         replies = 0;
         match read_more(&conn.stream, &mut rbuf, needed).await {
             Ok(Filled::Data) => {}
-            Ok(Filled::Eof) => break Dead::Closed(None),
-            Err(e) => break Dead::from_io(&e),
+            Ok(Filled::Eof) => break Loss::Closed(None),
+            Err(e) => break Loss::from_io(e),
         }
     };
     tracing::debug!(reason = ?dead, "connection ended");
@@ -437,7 +351,7 @@ async fn writer_task(conn: Arc<Conn>) {
             // requests written in full may still be answered, so the reader keeps going for
             // them; the others are settled now, and the connection takes no new ones.
             (None, Some(e)) => {
-                let dead = Dead::from_io(e);
+                let dead = Loss::from_io_ref(e);
                 let unsent: Vec<u64> =
                     st.extra.pending.iter().filter(|(_, p)| p.end > end.written).map(|(id, _)| *id).collect();
                 let lost =
@@ -446,7 +360,7 @@ async fn writer_task(conn: Arc<Conn>) {
                 let close = st.extra.pending.is_empty().then(|| dead.clone());
                 (lost, dead, close)
             }
-            (None, None) => (IdMap::default(), Dead::Closed(None), Some(Dead::Closed(None))),
+            (None, None) => (IdMap::default(), Loss::Closed(None), Some(Loss::Closed(None))),
         }
     };
     settle_lost(lost, &dead, end.written);
@@ -469,21 +383,16 @@ impl Drop for TaskGuard<'_> {
             // How much went out is unknown: every pending request may have run.
             self.conn.book().extra.written_final.get_or_insert(u64::MAX);
         }
-        self.conn.close(Dead::Io("the runtime that ran this connection shut down".into()));
+        let gone = io::Error::other("the runtime that ran this connection shut down");
+        self.conn.close(Loss::Io(Arc::new(gone)));
     }
 }
 
 /// Tells each request that the connection ended first, and how much of it was written.
-fn settle_lost(pending: IdMap<Pending>, dead: &Dead, written: u64) {
+fn settle_lost(pending: IdMap<Pending>, dead: &Loss, written: u64) {
     for (_, p) in pending {
-        let w = if p.end <= written {
-            Written::All
-        } else if p.start >= written {
-            Written::None
-        } else {
-            Written::Part
-        };
-        let _ = p.tx.send(Outcome::Lost { dead: dead.clone(), written: w });
+        let written = Written::of(p.start, p.end, written);
+        let _ = p.tx.send(Outcome::Lost { loss: dead.clone(), written });
     }
 }
 
@@ -529,7 +438,7 @@ impl ClientBuilder {
                 send_buffer: self.send_buffer,
                 conn: Mutex::new(None),
                 connecting: ::tokio::sync::Mutex::new(()),
-                next_id: AtomicU64::new(1),
+                next_id: Ids::new(),
                 #[cfg(feature = "nats")]
                 nats: crate::nats::AsyncLink::new(self.nats)?,
             }),
@@ -787,33 +696,18 @@ impl Client {
         mut fresh: bool,
     ) -> Result<Vec<u8>, Attempt> {
         let name = &self.shared.name;
-        if payload.len() > conn.server.max_payload as usize {
-            return Err(Attempt::Failed(Error::new(
-                ErrorKind::FrameTooLarge,
-                format!(
-                    "payload of {} bytes is over service '{name}''s limit of {} bytes; nothing was sent",
-                    payload.len(),
-                    conn.server.max_payload
-                ),
-            )));
-        }
+        client_conn::check_payload(name, payload.len(), &conn.server).map_err(Attempt::Failed)?;
         // Backpressure: while the server does not keep up, callers wait here rather than pile
         // their requests up in memory.
         if !conn.outbox.has_space() && {
             fresh = false;
             timeout_at(deadline, conn.outbox.wait_space()).await.is_err()
         } {
-            return Err(Attempt::Failed(Error::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "service '{name}' did not take the request within {:?}; it did not run",
-                    self.timeout
-                ),
-            )));
+            return Err(Attempt::Failed(client_conn::not_taken(name, self.timeout)));
         }
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.shared.next_id.next();
         let remaining = if fresh { self.timeout } else { deadline.saturating_duration_since(Instant::now()) };
-        let header = Header::request(id, proto::deadline_ms(remaining));
+        let header = client_conn::request_header(id, remaining);
         let (tx, rx) = oneshot::channel();
         let (earlier, sent) = {
             let mut st = conn.book();
@@ -828,7 +722,7 @@ impl Client {
                 st.push(&header, method.as_bytes(), payload).map(|r| (r, false))
             };
             let Some(((start, end), sent)) = pushed else {
-                let dead = st.extra.dead.clone().unwrap_or(Dead::Closed(None));
+                let dead = st.extra.dead.clone().unwrap_or(Loss::Closed(None));
                 return Err(Attempt::NotRun(dead.error(name, Written::None)));
             };
             st.extra.pending.insert(id, Pending { tx, deadline, start, end });
@@ -853,34 +747,9 @@ impl Client {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             // The connection's tasks are gone without a word: the runtime is shutting down.
-            Err(_) => return Err(Attempt::Failed(Dead::Closed(None).error(name, Written::All))),
+            Err(_) => return Err(Attempt::Failed(Loss::Closed(None).error(name, Written::All))),
         };
-        match outcome {
-            Outcome::TimedOut => Err(Attempt::Failed(
-                Error::new(
-                    ErrorKind::TimedOut,
-                    format!(
-                        "service '{name}' did not answer within {:?}; the request may have run",
-                        self.timeout
-                    ),
-                )
-                .set_may_have_run(true),
-            )),
-            Outcome::Reply(reply) => Ok(reply),
-            Outcome::Error { status: code, flags, message } => {
-                let err = Error::from_remote(name.as_str(), code, flags, message);
-                if flags & FLAG_NOT_RUN != 0 && code == status::BUSY {
-                    Err(Attempt::NotRun(err))
-                } else {
-                    Err(Attempt::Failed(err))
-                }
-            }
-            Outcome::Lost { dead, written } => {
-                let err = dead.error(name, written);
-                // Not a byte of it reached the socket, whatever ended the connection.
-                if written == Written::None { Err(Attempt::NotRun(err)) } else { Err(Attempt::Failed(err)) }
-            }
-        }
+        client_conn::settle(name, self.timeout, outcome)
     }
 
     /// The live connection, opening one if needed.
@@ -914,83 +783,43 @@ impl Client {
     async fn open(&self, deadline: Instant) -> Result<Arc<Conn>> {
         let s = &self.shared;
         let name = &s.name;
-        let no_service = |detail: &str| {
-            Error::new(
-                ErrorKind::NoService,
-                format!("no service named '{name}' is running (looked in {}{detail})", s.dir.display()),
-            )
-        };
         let exists = if s.explicit_dir {
             registry::check_foreign_dir_exists(&s.dir)?
         } else {
             registry::check_dir_exists(&s.dir)?
         };
         if !exists {
-            return Err(no_service(""));
+            return Err(client_conn::no_service(name, &s.dir, ""));
         }
-        let timed_out = |what: &str| {
-            Error::new(
-                ErrorKind::TimedOut,
-                format!("service '{name}' did not {what} within {:?}", self.timeout),
-            )
-        };
         let stream = match timeout_at(deadline, connect(&s.path)).await {
-            Err(_) => return Err(timed_out("accept the connection")),
+            Err(_) => return Err(client_conn::connect_timed_out(name, self.timeout)),
             Ok(Ok(stream)) => {
                 crate::transport::unix::set_send_buffer(&stream, s.send_buffer);
                 stream.into_std().and_then(Stream::new).map_err(|e| {
                     Error::io(format_args!("cannot watch the connection to {}", s.path.display()), e)
                 })?
             }
-            Ok(Err(e)) => {
-                return Err(match e.kind() {
-                    io::ErrorKind::NotFound => no_service(""),
-                    io::ErrorKind::ConnectionRefused => no_service("; found only a stale socket"),
-                    _ => Error::io(format_args!("cannot connect to {}", s.path.display()), e),
-                });
-            }
+            Ok(Err(e)) => return Err(client_conn::connect_failed(name, &s.dir, &s.path, self.timeout, e)),
         };
         let mut rbuf = ReadBuf::default();
-        // The reply limit announced in `Hello`, but never below 64 KiB, so the handshake answer
-        // and short errors always get through (the server holds replies to the limit itself).
-        let decode_limit = s.max_payload.max(64 * 1024);
+        let decode_limit = client_conn::decode_limit(s.max_payload);
         let handshake = async {
-            let mut hello = Vec::new();
-            proto::encode(
-                &mut hello,
-                &Header::new(Kind::Hello, 0),
-                b"",
-                &Hello { max_payload: s.max_payload }.to_bytes(),
-            );
-            let sent = write_all(&stream, &hello, None, &mut 0).await;
+            let sent = write_all(&stream, &client_conn::hello(s.max_payload), None, &mut 0).await;
             // A server that refuses us (busy, another user) writes why and closes without
             // reading: our hello may then fail with EPIPE, but its answer is still there to read.
-            let got = read_frame(&stream, &mut rbuf, decode_limit).await;
+            let got = read_frame(&stream, &mut rbuf, decode_limit, |f| {
+                client_conn::handshake_answer(name, &s.path, f)
+            })
+            .await;
             match (sent, got) {
+                (_, Ok(answer)) => answer,
                 (Err(e), Err(_)) => Err(Error::io(format_args!("handshake with service '{name}' failed"), e)),
-                (_, got) => got.map_err(|e| e.into_error(name, &s.path)),
+                (Ok(()), Err(loss)) => Err(loss.handshake_error(name, &s.path)),
             }
         };
-        let (h, body) = timeout_at(deadline, handshake).await.map_err(|_| {
-            Error::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "service '{name}' did not answer the handshake in time; is {} a microcs service?",
-                    s.path.display()
-                ),
-            )
-        })??;
-        let server = match h.kind() {
-            Some(Kind::HelloAck) => HelloAck::parse(&body)
-                .ok_or_else(|| not_microcs(&s.path, "its handshake answer is malformed"))?,
-            Some(Kind::Error) => {
-                let message = String::from_utf8_lossy(&body).into_owned();
-                return Err(
-                    Error::from_remote(name.as_str(), h.status, h.flags, message).set_may_have_run(false)
-                );
-            }
-            _ => return Err(not_microcs(&s.path, "it answered the handshake with an unexpected frame")),
-        };
+        let server = timeout_at(deadline, handshake)
+            .await
+            .map_err(|_| client_conn::handshake_timed_out(name, &s.path))??;
         tracing::debug!(service = %name, pid = server.pid, "connected");
         let conn =
             Arc::new(Conn { stream, server, outbox: Outbox::new(Book::default()), deadlines: Notify::new() });
@@ -1050,38 +879,17 @@ async fn connect(path: &Path) -> io::Result<UnixStream> {
     }
 }
 
-enum ReadError {
-    Eof,
-    Io(io::Error),
-    Decode(proto::DecodeError),
-}
-
-impl ReadError {
-    fn into_error(self, name: &Name, path: &Path) -> Error {
-        match self {
-            ReadError::Eof => Error::new(
-                ErrorKind::Closed,
-                format!("service '{name}' closed the connection during the handshake"),
-            ),
-            ReadError::Io(e) => Error::io(format_args!("handshake with service '{name}' failed"), e),
-            ReadError::Decode(e) => {
-                not_microcs(path, &format!("it sent bytes that are not a microcs frame ({e})")).with_source(e)
-            }
-        }
-    }
-}
-
-/// Reads one whole frame (the handshake answer).
-async fn read_frame(
+/// Reads one whole frame (the handshake answer) and gives it to `look`.
+async fn read_frame<T>(
     stream: &Stream,
     rbuf: &mut ReadBuf,
     max_payload: u32,
-) -> Result<(Header, Vec<u8>), ReadError> {
+    look: impl FnOnce(&Frame<'_>) -> T,
+) -> Result<T, Loss> {
     loop {
-        let needed = match rbuf.decode(max_payload).map_err(ReadError::Decode)? {
+        let needed = match rbuf.decode(max_payload).map_err(Loss::Protocol)? {
             Decoded::Frame(f) => {
-                let out = (f.header, f.payload.to_vec());
-                let len = f.len;
+                let (out, len) = (look(&f), f.len);
                 rbuf.consume(len);
                 return Ok(out);
             }
@@ -1089,12 +897,8 @@ async fn read_frame(
         };
         match read_more(stream, rbuf, needed).await {
             Ok(Filled::Data) => {}
-            Ok(Filled::Eof) => return Err(ReadError::Eof),
-            Err(e) => return Err(ReadError::Io(e)),
+            Ok(Filled::Eof) => return Err(Loss::Closed(None)),
+            Err(e) => return Err(Loss::from_io(e)),
         }
     }
-}
-
-fn not_microcs(path: &Path, why: &str) -> Error {
-    Error::new(ErrorKind::Protocol, format!("{} is not a microcs service: {why}", path.display()))
 }

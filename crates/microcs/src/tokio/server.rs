@@ -20,7 +20,7 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -31,16 +31,20 @@ use ::tokio::task::{AbortHandle, JoinHandle};
 use ::tokio::time::{Instant, sleep, sleep_until};
 
 use super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, shutdown};
+use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::{Error, RemoteError, Result};
-use crate::io::{Filled, IdMap, ReadBuf};
+use crate::io::{Filled, ReadBuf};
 use crate::micro::StatsResponse;
 use crate::name::Name;
-use crate::proto::{DecodeError, Decoded, FLAG_NOT_RUN, FLAG_SYSTEM, Header, Hello, HelloAck, Kind, status};
+use crate::proto::server_conn::{
+    Action, Out, ServerConn, broken, frame_timed_out, refuse_connection, shutting_down,
+};
+use crate::proto::{DecodeError, Decoded, Header, status};
 use crate::registry::{self, Claim};
 use crate::request::{CancelState, IntoPayload, Peer, Request, panic_message, to_remote};
-use crate::service::{Bound, Config, Identity, Route, Service, add_method, claim_and_bind, meta};
+use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};
 use crate::transport::unix::{peer_credentials, set_send_buffer};
 use crate::transport::{Link, Shut, Transport, send_frame_now};
 
@@ -642,7 +646,8 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         }
     };
     let refuse = |code: u16, message: String| {
-        send_frame_now(&stream, &Header::error(0, code, FLAG_SYSTEM | FLAG_NOT_RUN), message.as_bytes());
+        let out = refuse_connection(code, message);
+        send_frame_now(&stream, &out.header, &out.payload);
     };
     let peer = match peer_credentials(&stream) {
         Ok(p) => p,
@@ -702,11 +707,9 @@ fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         id,
         stream,
         peer,
-        // Until the client's Hello says otherwise: enough for any refusal or handshake answer.
-        max_reply: AtomicU32::new(64 * 1024),
+        core: ServerConn::new(shared.config.max_payload, shared.config.max_in_flight),
         outbox: Outbox::new(()),
         batching: AtomicBool::new(false),
-        inflight: Mutex::new(IdMap::default()),
         permits: Arc::new(Semaphore::new(shared.config.max_in_flight)),
     });
     let guard = ConnGuard { shared: shared.clone(), conn: conn.clone() };
@@ -723,51 +726,34 @@ struct Conn {
     id: u64,
     stream: Stream,
     peer: Peer,
-    /// Largest reply payload the client accepts (from its `Hello`).
-    max_reply: AtomicU32,
+    /// The protocol's rules for this connection: the client's limit, the requests in flight.
+    core: ServerConn,
     /// Replies and errors for the writer task.
     outbox: Outbox<()>,
     /// The connection task is answering the frames of one read: answers queued meanwhile
     /// wait for its [`flush`](Conn::flush) instead of waking the writer task.
     batching: AtomicBool,
-    /// Requests in flight, so that `Cancel` frames and hang-ups reach their handlers.
-    inflight: Mutex<IdMap<Arc<CancelState>>>,
     /// One permit per request in flight: the backpressure cap.
     permits: Arc<Semaphore>,
 }
 
 impl Conn {
     fn cancel_all(&self) {
-        for c in lock(&self.inflight).values() {
-            c.cancel();
-        }
+        self.core.cancel_all();
     }
 
-    /// Queues an answer. Nothing goes out over the client's announced limit: an error message
-    /// is cut short, any other answer (built-in JSON, a pong) becomes a "too large" error.
-    /// Sends a reply whose payload is given away: a large one is written without a copy.
-    fn send_reply(&self, header: &Header, payload: Vec<u8>) -> bool {
-        if payload.len() <= self.max_reply.load(Ordering::Relaxed) as usize {
-            return self.queue(|st| st.push_owned(header, b"", payload));
-        }
-        self.send(header, &payload)
+    /// Queues a frame, fitted to the client's limit; a large payload is written from its own
+    /// vector, without a copy. `false`: the connection no longer takes frames.
+    fn send(&self, out: Out) -> bool {
+        let Out { header, payload } = self.core.fit(out);
+        self.queue(|st| st.push_owned(&header, b"", payload))
     }
 
-    fn send(&self, header: &Header, payload: &[u8]) -> bool {
-        let max = self.max_reply.load(Ordering::Relaxed) as usize;
-        if payload.len() <= max {
-            return self.queue(|st| st.push(header, b"", payload));
+    /// A request is done: sends its answer, if one is wanted.
+    fn finish(&self, id: u64, answer: Option<Answer>) {
+        if let Some(out) = self.core.answer(id, answer) {
+            self.send(out);
         }
-        if header.kind() == Some(Kind::Error) {
-            let mut cut = max;
-            while cut > 0 && payload.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
-                cut -= 1; // keep the message valid UTF-8
-            }
-            return self.queue(|st| st.push(header, b"", &payload[..cut]));
-        }
-        let msg = format!("answer of {} bytes is over the client's limit of {max} bytes", payload.len());
-        let header = Header::error(header.id, status::TOO_LARGE, FLAG_SYSTEM);
-        self.queue(|st| st.push(&header, b"", msg.as_bytes()))
     }
 
     /// Queues a frame with `push`; wakes the writer task unless the connection task will flush.
@@ -789,13 +775,9 @@ impl Conn {
         }
     }
 
-    fn error(&self, id: u64, code: u16, flags: u16, message: &str) {
-        self.send(&Header::error(id, code, flags), message.as_bytes());
-    }
-
     fn reject_stream(&self, e: &DecodeError) {
         tracing::debug!(conn = self.id, pid = self.peer.pid, error = %e, "bad frame; closing connection");
-        self.error(0, e.status(), FLAG_SYSTEM, &e.to_string());
+        self.send(broken(e));
     }
 }
 
@@ -851,34 +833,22 @@ async fn conn_task(shared: Arc<Shared>, conn: Arc<Conn>, _guard: ConnGuard) {
 
 /// Reads the client's `Hello` and answers it. `false`: the connection is to be closed.
 async fn handshake(shared: &Shared, conn: &Conn, rbuf: &mut ReadBuf) -> bool {
-    let max = shared.config.max_payload;
+    let max = conn.core.max_request();
     let give_up = Instant::now() + shared.config.handshake_timeout;
     let mut stop = shared.stop.subscribe();
     loop {
         let needed = match rbuf.decode(max) {
             Ok(Decoded::Frame(f)) => {
                 let len = f.len;
-                let hello = (f.header.kind() == Some(Kind::Hello)).then(|| Hello::parse(f.payload)).flatten();
+                let answer = conn.core.on_hello(&f, std::process::id(), shared.service.name.as_str());
                 rbuf.consume(len);
-                let Some(hello) = hello else {
-                    conn.error(
-                        0,
-                        status::BAD_REQUEST,
-                        FLAG_SYSTEM | FLAG_NOT_RUN,
-                        "expected a Hello frame first",
-                    );
-                    return false;
+                return match answer {
+                    Ok(ack) => conn.send(ack),
+                    Err(refusal) => {
+                        conn.send(refusal);
+                        false
+                    }
                 };
-                let ack = HelloAck {
-                    max_payload: max,
-                    max_in_flight: u32::try_from(shared.config.max_in_flight).unwrap_or(u32::MAX),
-                    pid: std::process::id(),
-                    name: shared.service.name.to_string(),
-                };
-                let sent = conn.send(&Header::new(Kind::HelloAck, 0), &ack.to_bytes());
-                // From here on, every answer respects the client's limit.
-                conn.max_reply.store(hello.max_payload, Ordering::Relaxed);
-                return sent;
             }
             Ok(Decoded::Incomplete { needed }) => needed,
             Err(e) => {
@@ -938,66 +908,42 @@ async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mut ReadBuf) 
                 // Relaxed: whoever reads it does so after pushing under the outbox lock, which
                 // `flush` takes after clearing it.
                 conn.batching.store(true, Ordering::Relaxed);
-                match h.kind() {
-                    Some(Kind::Request) => {
-                        if let Some((code, msg)) = precheck(shared, &h) {
-                            conn.error(h.id, code, FLAG_SYSTEM | FLAG_NOT_RUN, &msg);
-                        } else {
-                            let permit = match conn.permits.clone().try_acquire_owned() {
-                                Ok(p) => Some(p),
-                                // At the cap: read nothing more until a handler finishes
-                                // (and let the answers queued so far go out meanwhile).
-                                Err(_) => {
-                                    conn.flush();
-                                    ::tokio::select! {
-                                        p = conn.permits.clone().acquire_owned() => p.ok(),
-                                        _ = &mut stop_signal, if !draining && !stop_seen => {
-                                            stop_seen = true;
-                                            None
-                                        }
-                                        _ = &mut kill_signal => return false,
+                match conn.core.on_frame(&f, shared.stopping(), shared.service.name.as_str()) {
+                    Action::Request => {
+                        let permit = match conn.permits.clone().try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            // At the cap: read nothing more until a handler finishes
+                            // (and let the answers queued so far go out meanwhile).
+                            Err(_) => {
+                                conn.flush();
+                                ::tokio::select! {
+                                    p = conn.permits.clone().acquire_owned() => p.ok(),
+                                    _ = &mut stop_signal, if !draining && !stop_seen => {
+                                        stop_seen = true;
+                                        None
                                     }
+                                    _ = &mut kill_signal => return false,
                                 }
-                            };
-                            match permit {
-                                Some(p) => {
-                                    let method = f.method.to_vec();
-                                    // A large payload was read into a vector of its own: moved,
-                                    // not copied.
-                                    let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
-                                    let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
-                                    admit(shared, conn, &h, method, payload, p);
-                                }
-                                None => conn.error(
-                                    h.id,
-                                    status::BUSY,
-                                    FLAG_SYSTEM | FLAG_NOT_RUN,
-                                    &format!("service '{}' is shutting down", shared.service.name),
-                                ),
+                            }
+                        };
+                        match permit {
+                            Some(p) => {
+                                let method = f.method.to_vec();
+                                // A large payload was read into a vector of its own: moved,
+                                // not copied.
+                                let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
+                                let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
+                                admit(shared, conn, &h, method, payload, p);
+                            }
+                            None => {
+                                conn.send(shutting_down(h.id, shared.service.name.as_str()));
                             }
                         }
                     }
-                    Some(Kind::Cancel) => {
-                        if let Some(c) = lock(&conn.inflight).get(&h.id) {
-                            c.cancel();
-                        }
+                    Action::Send(out) => {
+                        conn.send(out);
                     }
-                    Some(Kind::Ping) => {
-                        conn.send(&Header::new(Kind::Pong, h.id), f.payload);
-                    }
-                    Some(Kind::Pong) => {}
-                    Some(k) => conn.error(
-                        h.id,
-                        status::BAD_REQUEST,
-                        FLAG_SYSTEM | FLAG_NOT_RUN,
-                        &format!("a client may not send {k:?} frames here"),
-                    ),
-                    None => conn.error(
-                        h.id,
-                        status::BAD_REQUEST,
-                        FLAG_SYSTEM | FLAG_NOT_RUN,
-                        &format!("unknown frame kind {}", h.kind),
-                    ),
+                    Action::None => {}
                 }
                 rbuf.consume(len);
                 continue;
@@ -1030,8 +976,7 @@ async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mut ReadBuf) 
             },
             () = sleep_until(frame_deadline.unwrap_or_else(Instant::now)), if frame_deadline.is_some() => {
                 tracing::debug!(conn = conn.id, "frame not completed within the frame timeout; closing");
-                let msg = format!("frame not completed within {:?}", shared.config.frame_timeout);
-                conn.error(0, status::TIMED_OUT, FLAG_SYSTEM, &msg);
+                conn.send(frame_timed_out(shared.config.frame_timeout));
                 return true;
             }
             _ = &mut stop_signal, if !draining && !stop_seen => stop_seen = true,
@@ -1046,20 +991,6 @@ fn stop_reading(conn: &Conn) {
     conn.stream.link().shut(Shut::Read);
 }
 
-/// Why a request frame cannot run, if it cannot.
-fn precheck(shared: &Shared, h: &Header) -> Option<(u16, String)> {
-    if h.flags != 0 {
-        return Some((status::BAD_REQUEST, format!("request has unknown flags {:#06x}", h.flags)));
-    }
-    if h.id == 0 {
-        return Some((status::BAD_REQUEST, "request id 0 is reserved".into()));
-    }
-    if shared.stopping() {
-        return Some((status::BUSY, format!("service '{}' is shutting down", shared.service.name)));
-    }
-    None
-}
-
 /// Registers a request in flight and starts its task.
 fn admit(
     shared: &Arc<Shared>,
@@ -1069,26 +1000,14 @@ fn admit(
     payload: Vec<u8>,
     permit: OwnedSemaphorePermit,
 ) {
-    let cancel = {
-        let mut inflight = lock(&conn.inflight);
-        if inflight.contains_key(&h.id) {
-            drop(inflight);
-            let msg = format!("request id {} is already in flight", h.id);
-            conn.error(h.id, status::BAD_REQUEST, FLAG_SYSTEM | FLAG_NOT_RUN, &msg);
+    let admitted = match conn.core.admit(h, std::time::Instant::now()) {
+        Ok(a) => a,
+        Err(refusal) => {
+            conn.send(refusal);
             return;
         }
-        let c = Arc::new(CancelState::default());
-        inflight.insert(h.id, c.clone());
-        c
     };
-    let job = Job {
-        id: h.id,
-        method,
-        payload,
-        deadline: (h.deadline_ms != 0)
-            .then(|| Instant::now() + Duration::from_millis(u64::from(h.deadline_ms))),
-        cancel,
-    };
+    let job = Job { id: h.id, method, payload, deadline: admitted.deadline, cancel: admitted.cancel };
     // Most handlers answer without waiting for anything: poll the request once here, on the
     // connection's task, and start a task only for one still pending. That saves a task per
     // request (its allocation, the move of this future into it, a trip through the scheduler).
@@ -1105,54 +1024,25 @@ struct Job {
     id: u64,
     method: Vec<u8>,
     payload: Vec<u8>,
-    deadline: Option<Instant>,
+    deadline: Option<std::time::Instant>,
     cancel: Arc<CancelState>,
-}
-
-/// How a handler's run ended.
-enum End {
-    Done(std::result::Result<Vec<u8>, RemoteError>),
-    Panicked(String),
-    /// Still running at the deadline: dropped.
-    Deadline,
-    /// Cancelled by the caller and still running a grace period later: dropped.
-    Abandoned,
-    /// Still running when the server's grace period ended: dropped.
-    Killed,
 }
 
 /// The task of one request: runs its handler and sends the answer.
 async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit: OwnedSemaphorePermit) {
     let id = job.id;
-    let finish = |header: Header, payload: &[u8]| {
-        lock(&conn.inflight).remove(&id);
-        conn.send(&header, payload);
+    let call =
+        Incoming { id, peer: conn.peer, payload: job.payload, deadline: job.deadline, cancel: job.cancel };
+    let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
+        Begin::Run(run, req) => (run, req),
+        Begin::Answer(a) => return conn.finish(id, Some(a)),
     };
-    let ep = match shared.service.route(&job.method) {
-        Route::Endpoint(ep) => ep,
-        Route::Builtin(b) => return finish(Header::new(Kind::Reply, id), &shared.service.builtin(b)),
-        Route::Refuse(e) => {
-            return finish(Header::error(id, e.code(), FLAG_SYSTEM | FLAG_NOT_RUN), e.message().as_bytes());
-        }
-    };
-    if job.deadline.is_some_and(|d| Instant::now() >= d) {
-        let msg = "the deadline passed before the handler started";
-        return finish(Header::error(id, status::TIMED_OUT, FLAG_SYSTEM | FLAG_NOT_RUN), msg.as_bytes());
-    }
-    let cancel = job.cancel.clone();
-    let deadline = job.deadline;
-    let req = Request {
-        id,
-        method: (!job.method.is_empty()).then(|| String::from_utf8_lossy(&job.method).into_owned()),
-        payload: job.payload,
-        peer: conn.peer,
-        deadline: deadline.map(Instant::into_std),
-        cancel: job.cancel,
-    };
+    let deadline = run.deadline().map(Instant::from_std);
+    let cancel = run.cancel().clone();
     let mut kill = shared.kill.subscribe();
     let grace = shared.config.grace;
-    let t0 = Instant::now();
-    let end = match catch_unwind(AssertUnwindSafe(|| (ep.handler)(req))) {
+    let handler = run.handler();
+    let end = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
         Err(panic) => End::Panicked(panic_message(&*panic)),
         Ok(fut) => ::tokio::select! {
             biased;
@@ -1161,59 +1051,13 @@ async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit: OwnedSemap
                 Err(panic) => End::Panicked(panic_message(&*panic)),
             },
             () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => End::Deadline,
-            () = async { cancel.wait().await; sleep(grace).await } => End::Abandoned,
+            () = async { cancel.wait().await; sleep(grace).await } => End::Abandoned(grace),
             _ = kill.wait_for(|k| *k) => End::Killed,
         },
     };
-    let elapsed = t0.elapsed();
-    // Past the grace period the connection is being closed: as on the blocking server, the
-    // client sees the close (may have run), not an answer.
-    let killed = matches!(end, End::Killed);
-    let max_reply = conn.max_reply.load(Ordering::Relaxed);
-    // `verdict`: the library ended the request, not the handler (sent with FLAG_SYSTEM).
-    let (result, verdict) = match end {
-        End::Done(Ok(reply)) if reply.len() > max_reply as usize => (
-            Err(RemoteError::new(
-                status::TOO_LARGE,
-                format!("reply of {} bytes is over the client's limit of {max_reply} bytes", reply.len()),
-            )),
-            true,
-        ),
-        End::Done(r) => (r, false),
-        End::Panicked(msg) => {
-            tracing::error!(service = %shared.service.name, endpoint = %ep.name, "{msg}");
-            (Err(RemoteError::new(status::HANDLER_FAILED, msg)), false)
-        }
-        End::Deadline => {
-            tracing::debug!(service = %shared.service.name, endpoint = %ep.name, id, "deadline passed; handler stopped");
-            let msg = "the deadline passed while the handler ran; it was stopped";
-            (Err(RemoteError::new(status::TIMED_OUT, msg)), true)
-        }
-        End::Abandoned => {
-            let msg =
-                format!("the caller cancelled and the handler did not stop within {grace:?}; it was stopped");
-            (Err(RemoteError::new(status::CANCELLED, msg)), true)
-        }
-        End::Killed => {
-            let msg =
-                format!("service '{}' shut down while the handler ran; it was stopped", shared.service.name);
-            (Err(RemoteError::new(status::BUSY, msg)), true)
-        }
-    };
-    ep.counters.record(elapsed, result.as_ref().err());
-    if cancel.is_set() || killed {
-        // The caller gave up or left: nobody reads this answer.
-        lock(&conn.inflight).remove(&id);
-        return;
-    }
-    match result {
-        Ok(reply) => {
-            lock(&conn.inflight).remove(&id);
-            conn.send_reply(&Header::new(Kind::Reply, id), reply);
-        }
-        Err(e) if verdict => finish(Header::error(id, e.code(), FLAG_SYSTEM), e.message().as_bytes()),
-        Err(e) => finish(Header::error(id, e.code(), 0), e.message().as_bytes()),
-    }
+    let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
+    let answer = run.finish(end, limit);
+    conn.finish(id, answer);
 }
 
 /// Turns a panic inside the handler's future into a value, as `catch_unwind` does for a call.

@@ -1,0 +1,201 @@
+//! The life of one request inside a server, the same whatever carried it (a local connection
+//! or NATS) and however its handler runs (inline on a connection thread, in a task, on the
+//! blocking pool).
+//!
+//! [`begin`] routes the request, answers the built-in `$` methods, refuses an unknown method or
+//! a request whose deadline has already passed (the handler never starts: "not run"), and
+//! builds the [`Request`] the handler gets. The flavour runs the handler its own way and hands
+//! back how that ended ([`End`]); [`Run::finish`] records the endpoint's counters and decides
+//! the one answer to send — or that none is wanted. Rules decided here, once:
+//!
+//! - a panic is code 500 with the panic's text; a reply over the receiver's limit is 413
+//!   `FLAG_SYSTEM` (the handler ran; only its reply was refused);
+//! - a handler stopped by the library (deadline, cancel grace, shutdown) is reported with
+//!   `FLAG_SYSTEM`, since the handler did not choose that error;
+//! - when the deadline passed while the handler ran, the answer is `Error` 408 `FLAG_SYSTEM`
+//!   (it may have run), whether the handler was stopped at the deadline or finished late: every
+//!   request gets exactly one answer unless its caller cancelled it or left;
+//! - when the caller cancelled (or hung up, or the server closed the connection past its grace
+//!   period), no answer is sent: nobody reads it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::RemoteError;
+use crate::proto::{FLAG_NOT_RUN, FLAG_SYSTEM, status};
+use crate::request::{CancelState, Peer, Request};
+use crate::service::{Endpoint, Route, Service};
+
+/// A request a transport has admitted: what [`begin`] needs.
+pub(crate) struct Incoming {
+    /// The caller's request id.
+    pub id: u64,
+    /// The caller, as the transport knows it.
+    pub peer: Peer,
+    pub payload: Vec<u8>,
+    /// When the caller stops waiting.
+    pub deadline: Option<Instant>,
+    /// Set by the transport when the caller cancels or leaves.
+    pub cancel: Arc<CancelState>,
+}
+
+/// What to send back for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// The handler's (or a built-in's) reply.
+    Reply(Vec<u8>),
+    /// An error, with its status code, protocol flags and message.
+    Error { code: u16, flags: u16, message: String },
+}
+
+impl Answer {
+    fn error(code: u16, flags: u16, message: impl Into<String>) -> Answer {
+        Answer::Error { code, flags, message: message.into() }
+    }
+}
+
+/// How a handler's run ended, as its flavour saw it.
+pub(crate) enum End {
+    /// It returned.
+    Done(Result<Vec<u8>, RemoteError>),
+    /// It panicked; the panic's text.
+    Panicked(String),
+    /// Still running at the deadline: the flavour stopped it.
+    Deadline,
+    /// Its caller cancelled and it had not finished this long after: the flavour stopped it.
+    Abandoned(Duration),
+    /// Still running when the server's shutdown grace period ended: stopped.
+    Killed,
+}
+
+/// The largest reply the receiver takes, and how to name that limit in a message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReplyLimit<'a> {
+    pub max: usize,
+    /// Completes "over ... of N bytes", e.g. "the client's limit".
+    pub what: &'a str,
+}
+
+/// Where [`begin`] sent a request.
+pub(crate) enum Begin<'a, H> {
+    /// Answered without running a handler (a built-in, or a refusal).
+    Answer(Answer),
+    /// Run the endpoint's handler with this request, then call [`Run::finish`].
+    Run(Run<'a, H>, Request),
+}
+
+/// A request whose handler runs now.
+pub(crate) struct Run<'a, H> {
+    service: &'a Service<H>,
+    endpoint: &'a Endpoint<H>,
+    deadline: Option<Instant>,
+    cancel: Arc<CancelState>,
+    started: Instant,
+}
+
+/// Routes a request by its method name (empty: the default handler) and starts it.
+pub(crate) fn begin<'a, H>(service: &'a Service<H>, method: &[u8], call: Incoming) -> Begin<'a, H> {
+    match service.route(method) {
+        Route::Endpoint(ep) => begin_at(service, ep, call),
+        Route::Builtin(b) => Begin::Answer(Answer::Reply(service.builtin(b))),
+        Route::Refuse(e) => Begin::Answer(Answer::error(e.code(), FLAG_SYSTEM | FLAG_NOT_RUN, e.message())),
+    }
+}
+
+/// Starts a request already routed to `endpoint` (NATS routes by subscription).
+pub(crate) fn begin_at<'a, H>(
+    service: &'a Service<H>,
+    endpoint: &'a Endpoint<H>,
+    call: Incoming,
+) -> Begin<'a, H> {
+    let now = Instant::now();
+    if call.deadline.is_some_and(|d| now >= d) {
+        let msg = "the deadline passed before the handler started";
+        return Begin::Answer(Answer::error(status::TIMED_OUT, FLAG_SYSTEM | FLAG_NOT_RUN, msg));
+    }
+    let is_default = std::ptr::eq(endpoint, &service.default);
+    let req = Request {
+        id: call.id,
+        method: (!is_default).then(|| endpoint.name.clone()),
+        payload: call.payload,
+        peer: call.peer,
+        deadline: call.deadline,
+        cancel: call.cancel.clone(),
+    };
+    let run = Run { service, endpoint, deadline: call.deadline, cancel: call.cancel, started: now };
+    Begin::Run(run, req)
+}
+
+impl<'a, H> Run<'a, H> {
+    /// The handler to run.
+    pub(crate) fn handler(&self) -> &'a H {
+        &self.endpoint.handler
+    }
+
+    /// When the caller stops waiting (the flavour may stop the handler then).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Set when the caller cancels or leaves.
+    pub(crate) fn cancel(&self) -> &Arc<CancelState> {
+        &self.cancel
+    }
+
+    /// Records the run in the endpoint's counters and decides what to send: `None` when
+    /// nobody wants an answer (see the module docs for the rules).
+    pub(crate) fn finish(self, end: End, limit: ReplyLimit<'_>) -> Option<Answer> {
+        let elapsed = self.started.elapsed();
+        let name = &self.service.name;
+        let killed = matches!(end, End::Killed);
+        // Finished (or failed) on its own, but after the caller's deadline.
+        let late = !matches!(end, End::Deadline) && self.deadline.is_some_and(|d| Instant::now() >= d);
+        // `system`: the library ended the request or refused its reply, not the handler.
+        let (result, system) = match end {
+            End::Done(Ok(reply)) if reply.len() > limit.max => (
+                Err(RemoteError::new(
+                    status::TOO_LARGE,
+                    format!("reply of {} bytes is over {} of {} bytes", reply.len(), limit.what, limit.max),
+                )),
+                true,
+            ),
+            End::Done(r) => (r, false),
+            End::Panicked(msg) => {
+                tracing::error!(service = %name, endpoint = %self.endpoint.name, "{msg}");
+                (Err(RemoteError::new(status::HANDLER_FAILED, msg)), false)
+            }
+            End::Deadline => {
+                tracing::debug!(service = %name, endpoint = %self.endpoint.name, "deadline passed; handler stopped");
+                let msg = "the deadline passed while the handler ran; it was stopped";
+                (Err(RemoteError::new(status::TIMED_OUT, msg)), true)
+            }
+            End::Abandoned(grace) => {
+                let msg = format!(
+                    "the caller cancelled and the handler did not stop within {grace:?}; it was stopped"
+                );
+                (Err(RemoteError::new(status::CANCELLED, msg)), true)
+            }
+            End::Killed => {
+                let msg = format!("service '{name}' shut down while the handler ran; it was stopped");
+                (Err(RemoteError::new(status::BUSY, msg)), true)
+            }
+        };
+        self.endpoint.counters.record(elapsed, result.as_ref().err());
+        // Nobody reads an answer to a cancelled request, nor to one whose connection is closing.
+        if self.cancel.is_set() || killed {
+            return None;
+        }
+        if late {
+            let msg = "the deadline passed while the handler ran; its answer was discarded";
+            return Some(Answer::error(status::TIMED_OUT, FLAG_SYSTEM, msg));
+        }
+        Some(match result {
+            Ok(reply) => Answer::Reply(reply),
+            Err(e) => Answer::Error {
+                code: e.code(),
+                flags: if system { FLAG_SYSTEM } else { 0 },
+                message: e.message().to_owned(),
+            },
+        })
+    }
+}
