@@ -55,6 +55,7 @@ impl Answer {
 }
 
 /// How a handler's run ended, as its flavour saw it.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 pub(crate) enum End {
     /// It returned.
     Done(Result<Vec<u8>, RemoteError>),
@@ -126,6 +127,7 @@ pub(crate) fn begin_at<'a, H>(
     Begin::Run(run, req)
 }
 
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 impl<'a, H> Run<'a, H> {
     /// The handler to run.
     pub(crate) fn handler(&self) -> &'a H {

@@ -184,6 +184,7 @@ impl ReadBuf {
 
     /// [`fill`](ReadBuf::fill) from any [`Source`] (the async flavour passes a non-blocking
     /// reader, so both flavours share one buffering policy).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
     pub(crate) fn fill_from(&mut self, needed: usize, src: &mut impl Source) -> io::Result<Filled> {
         self.fill_inner(needed, src, true)
     }
@@ -254,6 +255,7 @@ impl ReadBuf {
 }
 
 /// A map keyed by request id, with a cheap hasher (see [`IdHasher`]).
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 pub(crate) type IdMap<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// Hashes a request id with one multiplication instead of SipHash, which cost about 200

@@ -55,7 +55,7 @@ pub struct Client {
     next_id: Ids,
     /// NATS settings and connection, when NATS is configured (see `crate::nats`).
     #[cfg(feature = "nats")]
-    pub(crate) nats: Option<Box<crate::nats::ClientLink>>,
+    nats: Option<std::sync::Arc<crate::nats::Link>>,
 }
 
 #[derive(Debug)]
@@ -82,7 +82,7 @@ pub struct ClientBuilder {
     send_buffer: usize,
     interrupt: Option<InterruptCheck>,
     #[cfg(feature = "nats")]
-    pub(crate) nats: crate::nats::ClientConfig,
+    nats: crate::nats::ClientConfig,
 }
 
 /// What [`ClientBuilder::interrupt_check`] set.
@@ -100,6 +100,8 @@ impl std::fmt::Debug for InterruptCheck {
 
 impl ClientBuilder {
     crate::service::common_client_options!();
+    #[cfg(feature = "nats")]
+    crate::nats::nats_client_options!();
 
     /// Lets something other than the deadline end a wait: while a call waits for the service's
     /// answer, `stop` runs on the calling thread every `every`; when it returns `true`, the call
@@ -167,8 +169,23 @@ impl ClientBuilder {
         };
         let deadline = Instant::now() + client.timeout;
         #[cfg(feature = "nats")]
-        if let Some(link) = crate::nats::ClientLink::new(self.nats)? {
-            return link.connect(client, deadline);
+        if let Some(link) = crate::nats::Link::new(self.nats)? {
+            // A local instance if there is one (unless NATS is forced), else the broker.
+            if link.local_first() {
+                match client.open(deadline) {
+                    Ok(conn) => client.conn = Some(conn),
+                    Err(e) if e.kind() == ErrorKind::NoService => {
+                        link.no_local();
+                        link.caller_blocking(&client.name)
+                            .map_err(|n| crate::nats::Link::unreachable(e, n))?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                link.caller_blocking(&client.name)?;
+            }
+            client.nats = Some(std::sync::Arc::new(link));
+            return Ok(client);
         }
         client.conn = Some(client.open(deadline)?);
         Ok(client)
@@ -321,27 +338,38 @@ impl Client {
 
     fn exchange(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         #[cfg(feature = "nats")]
-        if self.nats.is_some() {
-            return crate::nats::ClientLink::exchange(self, method, payload);
+        if let Some(link) = self.nats.clone() {
+            if link.try_local(self.conn.is_some()) {
+                match self.exchange_local(method, payload) {
+                    // No local instance (any more): the request did not run; NATS it is.
+                    Err(e) if e.kind() == ErrorKind::NoService => link.no_local(),
+                    r => return r,
+                }
+            }
+            return link.call_blocking(&self.name, method, payload, self.timeout);
         }
         self.exchange_local(method, payload)
     }
 
-    /// NATS hook: whether a local connection is open.
+    /// Where the last request went ([`Transport::Local`](crate::nats::Transport::Local) or
+    /// [`Transport::Nats`](crate::nats::Transport::Nats)); before any request, where the next
+    /// one would go.
     #[cfg(feature = "nats")]
-    pub(crate) fn has_local(&self) -> bool {
-        self.conn.is_some()
+    pub fn via(&self) -> crate::nats::Transport {
+        match &self.nats {
+            Some(link) if link.on_nats(self.conn.is_some()) => crate::nats::Transport::Nats,
+            _ => crate::nats::Transport::Local,
+        }
     }
 
-    /// NATS hook: connects to the local instance.
+    /// The NATS broker this client falls back to or uses (password removed), if any.
     #[cfg(feature = "nats")]
-    pub(crate) fn connect_local(&mut self, deadline: Instant) -> Result<()> {
-        self.conn = Some(self.open(deadline)?);
-        Ok(())
+    pub fn nats_url(&self) -> Option<String> {
+        self.nats.as_ref().map(|l| l.display_url())
     }
 
     /// One request to the local instance (reconnecting when needed).
-    pub(crate) fn exchange_local(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+    fn exchange_local(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         let deadline = Instant::now() + self.timeout;
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;

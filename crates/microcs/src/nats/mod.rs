@@ -70,6 +70,7 @@ use crate::request::Peer;
 mod blocking;
 mod call;
 mod conn;
+mod link;
 mod list;
 mod rt;
 mod serve;
@@ -79,12 +80,12 @@ mod tokio;
 pub use list::{list, list_async, list_stats, list_stats_async};
 
 pub(crate) use blocking::{
-    ClientLink, bind_nats as bind_blocking, start_nats as start_blocking, stop_nats as stop_blocking,
-    wait_stopped,
+    bind_nats as bind_blocking, start_nats as start_blocking, stop_nats as stop_blocking, wait_stopped,
 };
+pub(crate) use link::Link;
 pub(crate) use serve::{Pending, Side};
 #[cfg(feature = "tokio")]
-pub(crate) use tokio::{AsyncLink, bind_nats as bind_async, start_nats as start_async};
+pub(crate) use tokio::{bind_nats as bind_async, start_nats as start_async};
 
 /// Environment variable with the NATS URL every client uses when its builder names none.
 pub const ENV_URL: &str = "MICROCS_NATS_URL";

@@ -96,6 +96,7 @@ pub(crate) fn check_payload(name: &Name, len: usize, server: &HelloAck) -> Resul
 
 /// A frame from the server, as the callers see it.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 pub(crate) enum Incoming {
     /// The reply to request `id`; its payload is the frame's.
     Reply(u64),
@@ -128,6 +129,7 @@ pub(crate) fn classify(frame: &Frame<'_>) -> Incoming {
 
 /// Why a connection ended, as the requests it carried are told.
 #[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 pub(crate) enum Loss {
     /// The server closed the connection, or it broke (reset, broken pipe).
     Closed(Option<Arc<io::Error>>),
@@ -149,6 +151,7 @@ pub(crate) enum Written {
     All,
 }
 
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 impl Written {
     /// How much of the frame at stream offsets `start..end` the first `written` bytes cover.
     pub(crate) fn of(start: u64, end: u64, written: u64) -> Written {
@@ -169,6 +172,7 @@ impl Loss {
     }
 
     /// The loss an I/O error someone else keeps means.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
     pub(crate) fn from_io_ref(e: &io::Error) -> Loss {
         Loss::from_io(io::Error::new(e.kind(), e.to_string()))
     }

@@ -85,7 +85,7 @@ struct Shared {
     next_id: Ids,
     /// NATS settings and connection, when NATS is configured (see `crate::nats`).
     #[cfg(feature = "nats")]
-    nats: Option<crate::nats::AsyncLink>,
+    nats: Option<crate::nats::Link>,
 }
 
 impl Drop for Shared {
@@ -406,11 +406,13 @@ pub struct ClientBuilder {
     max_payload: u32,
     send_buffer: usize,
     #[cfg(feature = "nats")]
-    pub(crate) nats: crate::nats::ClientConfig,
+    nats: crate::nats::ClientConfig,
 }
 
 impl ClientBuilder {
     crate::service::common_client_options!();
+    #[cfg(feature = "nats")]
+    crate::nats::nats_client_options!();
 
     /// Connects and shakes hands.
     ///
@@ -440,13 +442,26 @@ impl ClientBuilder {
                 connecting: ::tokio::sync::Mutex::new(()),
                 next_id: Ids::new(),
                 #[cfg(feature = "nats")]
-                nats: crate::nats::AsyncLink::new(self.nats)?,
+                nats: crate::nats::Link::new(self.nats)?,
             }),
             timeout: self.timeout,
         };
         #[cfg(feature = "nats")]
         if let Some(link) = &client.shared.nats {
-            link.connect(&client, Instant::now() + client.timeout).await?;
+            // A local instance if there is one (unless NATS is forced), else the broker.
+            let name = &client.shared.name;
+            if link.local_first() {
+                match client.connection(Instant::now() + client.timeout).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::NoService => {
+                        link.no_local();
+                        link.caller(name).await.map_err(|n| crate::nats::Link::unreachable(e, n))?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                link.caller(name).await?;
+            }
             return Ok(client);
         }
         client.connection(Instant::now() + client.timeout).await?;
@@ -640,31 +655,43 @@ impl Client {
     async fn exchange(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         #[cfg(feature = "nats")]
         if let Some(link) = &self.shared.nats {
-            return link.exchange(self, method, payload).await;
+            if link.try_local(self.has_local()) {
+                match self.exchange_local(method, payload).await {
+                    // No local instance (any more): the request did not run; NATS it is.
+                    Err(e) if e.kind() == ErrorKind::NoService => link.no_local(),
+                    r => return r,
+                }
+            }
+            return link.call(&self.shared.name, method, payload, self.timeout).await;
         }
         self.exchange_local(method, payload).await
     }
 
-    /// NATS hook: the client's NATS state, if NATS is configured.
+    /// Whether a local connection is open.
     #[cfg(feature = "nats")]
-    pub(crate) fn nats_link(&self) -> Option<&crate::nats::AsyncLink> {
-        self.shared.nats.as_ref()
+    fn has_local(&self) -> bool {
+        self.shared.slot().is_some()
     }
 
-    /// NATS hook: whether a local connection is open.
+    /// Where the last request went ([`Transport::Local`](crate::nats::Transport::Local) or
+    /// [`Transport::Nats`](crate::nats::Transport::Nats)); before any request, where the next
+    /// one would go.
     #[cfg(feature = "nats")]
-    pub(crate) fn has_local(&self) -> bool {
-        self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    pub fn via(&self) -> crate::nats::Transport {
+        match &self.shared.nats {
+            Some(link) if link.on_nats(self.has_local()) => crate::nats::Transport::Nats,
+            _ => crate::nats::Transport::Local,
+        }
     }
 
-    /// NATS hook: connects to the local instance.
+    /// The NATS broker this client falls back to or uses (password removed), if any.
     #[cfg(feature = "nats")]
-    pub(crate) async fn connect_local(&self, deadline: Instant) -> Result<()> {
-        self.connection(deadline).await.map(drop)
+    pub fn nats_url(&self) -> Option<String> {
+        self.shared.nats.as_ref().map(|l| l.display_url())
     }
 
     /// One request to the local instance (reconnecting when needed).
-    pub(crate) async fn exchange_local(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+    async fn exchange_local(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         let deadline = Instant::now() + self.timeout;
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;

@@ -77,7 +77,7 @@ pub struct ServerBuilder {
     error: Option<Error>,
     /// Where to serve besides (or instead of) the local socket (see `crate::nats`).
     #[cfg(feature = "nats")]
-    pub(crate) nats: crate::nats::ServerConfig,
+    nats: crate::nats::ServerConfig,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -91,6 +91,8 @@ impl std::fmt::Debug for ServerBuilder {
 
 impl ServerBuilder {
     crate::service::common_server_options!();
+    #[cfg(feature = "nats")]
+    crate::nats::nats_server_options!();
 
     /// Requests of one connection run at once (default 128). Past it the connection is not read
     /// until one finishes: backpressure, with bounded memory.

@@ -96,6 +96,7 @@ fn send_all<T: Transport>(link: &T, mut parts: &mut [IoSlice<'_>]) -> Result<(),
 
 /// Sends one frame now if the transport takes it whole without waiting (for the refusals
 /// sent right after accepting a connection, when nothing else has been written yet).
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 pub(crate) fn send_frame_now<T: Transport>(link: &T, header: &Header, payload: &[u8]) {
     let head = header.to_bytes(0, payload.len());
     let _ = link.send(&[IoSlice::new(&head), IoSlice::new(payload)], false);
