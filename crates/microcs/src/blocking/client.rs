@@ -9,14 +9,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Filled, ReadBuf, is_timeout};
 use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
+pub use crate::proto::client_conn::DEFAULT_TIMEOUT;
 use crate::proto::client_conn::{self, Attempt, Ids, Incoming, Loss, Outcome, Written};
 use crate::proto::{self, Decoded, Frame, Header, HelloAck, Kind};
 use crate::registry;
 use crate::transport::unix::{DEFAULT_SEND_BUFFER, connect_with_timeout, set_recv_timeout, set_send_buffer};
 use crate::transport::{Link, send_bytes, send_frame};
-
-/// Default time a request may take, from sending to reply.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A blocking connection to a named service.
 ///

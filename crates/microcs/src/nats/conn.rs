@@ -20,7 +20,7 @@ pub(crate) async fn connect(opts: &NatsOptions, label: &str) -> Result<async_nat
         .name(label)
         .connection_timeout(opts.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT))
         // Requests carry their own timeout; this one is only a fallback.
-        .request_timeout(Some(crate::blocking::DEFAULT_TIMEOUT))
+        .request_timeout(Some(crate::proto::client_conn::DEFAULT_TIMEOUT))
         // After losing the broker, try again at once, then back off up to 2 s (the library's
         // default goes to 4 s): a restarted broker is found again quickly.
         .reconnect_delay_callback(|attempts| {

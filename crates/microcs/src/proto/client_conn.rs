@@ -29,6 +29,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::io::is_disconnect;
 use crate::name::Name;
 
+/// Default time a request may take, from sending to reply (both flavours).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The client's `Hello` frame, announcing the largest reply it accepts.
 pub(crate) fn hello(max_payload: u32) -> Vec<u8> {
     let mut b = Vec::new();

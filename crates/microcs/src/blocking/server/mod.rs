@@ -1,0 +1,497 @@
+//! The blocking server: one thread per connection, handlers run inline on it.
+//!
+//! # How a connection is served
+//!
+//! The thread that reads a request runs its handler itself and writes the reply: no hand-off to
+//! another thread, so a request costs what a hand-written socket loop costs. While a handler runs
+//! nobody reads that connection, which is fine as long as handlers are quick. For the ones that
+//! are not, a per-server *sentinel* thread looks every [`TICK`](conn::TICK) at connections whose handler has
+//! been running for a tick: if their socket has more bytes waiting (another request, a `Cancel`,
+//! or the peer hanging up), it starts a follower thread that takes over reading. So a slow or
+//! hung handler never holds up the other requests of its connection, a `Cancel` reaches
+//! [`Request::is_cancelled`] within a few milliseconds, and up to `max_in_flight` requests of one
+//! connection run at once. The sentinel sleeps when the server has been idle for a while.
+
+mod conn;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+#[cfg(doc)]
+use crate::error::ErrorKind;
+use crate::error::{Error, RemoteError, Result};
+use crate::micro::StatsResponse;
+use crate::name::Name;
+use crate::registry::{self, Claim};
+use crate::request::{IntoPayload, Request, to_remote};
+use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};
+use conn::{Shared, accept_loop, lock, sentinel};
+
+pub(crate) type SyncHandler = dyn Fn(Request) -> std::result::Result<Vec<u8>, RemoteError> + Send + Sync;
+
+fn erase<F, R, E>(f: F) -> Arc<SyncHandler>
+where
+    F: Fn(Request) -> std::result::Result<R, E> + Send + Sync + 'static,
+    R: IntoPayload,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Arc::new(move |req| f(req).map(IntoPayload::into_payload).map_err(|e| to_remote(e.into())))
+}
+
+/// Options for a [`Server`]; from [`Server::builder`].
+#[must_use = "a builder does nothing until .bind()"]
+pub struct ServerBuilder {
+    name: String,
+    dir: Option<PathBuf>,
+    config: Config,
+    identity: Identity,
+    methods: Vec<(String, Arc<SyncHandler>)>,
+    error: Option<Error>,
+    /// Where to serve besides (or instead of) the local socket (see `crate::nats`).
+    #[cfg(feature = "nats")]
+    nats: crate::nats::ServerConfig,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerBuilder {
+    crate::service::common_server_options!();
+    #[cfg(feature = "nats")]
+    crate::nats::nats_server_options!();
+
+    /// Requests of one connection run at once (default 128). Past it the connection is not read
+    /// until one finishes: backpressure, with bounded memory.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n.max(1);
+        self
+    }
+
+    /// How long [`ServerHandle::shutdown`] lets running handlers finish (default 10 s).
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.config.grace = grace;
+        self
+    }
+
+    /// Adds a named method. Clients call it with [`Client::call`](crate::Client::call).
+    ///
+    /// An invalid or duplicate method name is reported by [`bind`](ServerBuilder::bind).
+    pub fn method<F, R, E>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> std::result::Result<R, E> + Send + Sync + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        add_method(&mut self.methods, &mut self.error, name, erase(handler));
+        self
+    }
+
+    /// Claims the name and binds its socket.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidName`] (name or a method name), [`ErrorKind::NameTaken`] with the
+    /// owner's pid when a live server has the name, [`ErrorKind::PermissionDenied`] for an unsafe
+    /// runtime directory or a non-socket file at the socket path, [`ErrorKind::Io`].
+    pub fn bind(self) -> Result<Server> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        #[cfg(feature = "nats")]
+        let nats_only = self.nats.nats_only();
+        #[cfg(not(feature = "nats"))]
+        let nats_only = false;
+        let (name, dir, claim, listener, started_ms) = if nats_only {
+            let dir = self.dir.unwrap_or_else(registry::runtime_dir);
+            (Name::new(self.name)?, dir, None, None, registry::now_ms())
+        } else {
+            let Bound { name, dir, claim, listener, started_ms } =
+                claim_and_bind(self.name, self.dir, &self.identity)?;
+            (name, dir, Some(claim), Some(listener), started_ms)
+        };
+        // After the local claim, so that a taken name is reported first; a failure here
+        // releases the claim.
+        #[cfg(feature = "nats")]
+        let nats = {
+            let methods: Vec<String> = self.methods.iter().map(|(m, _)| m.clone()).collect();
+            crate::nats::bind_blocking(name.as_str(), &self.nats, &self.identity.version, &methods)?
+        };
+        Ok(Server {
+            name,
+            dir,
+            claim,
+            listener,
+            started_ms,
+            config: self.config,
+            identity: self.identity,
+            methods: self.methods,
+            error: None,
+            trigger: Trigger::new()?,
+            #[cfg(feature = "nats")]
+            nats,
+        })
+    }
+}
+
+/// A server that owns its name and socket, ready to serve.
+///
+/// # Examples
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("microcs-doc-srv-{}", std::process::id()));
+/// use microcs::{Client, Request, Server};
+///
+/// let handle = Server::builder("ECHO_DOC")
+///     # .runtime_dir(&dir)
+///     .method("upper", |req: Request| Ok::<_, microcs::RemoteError>(req.text()?.to_uppercase()))
+///     .bind()?
+///     .spawn(|req: Request| Ok::<_, microcs::RemoteError>(req.into_payload()))?;
+///
+/// let mut client = Client::builder("ECHO_DOC")
+///     # .runtime_dir(&dir)
+///     .connect()?;
+/// assert_eq!(client.request(b"hi")?, b"hi");
+/// assert_eq!(client.call("upper", b"hi")?, b"HI");
+/// handle.shutdown();
+/// # Ok::<(), microcs::Error>(())
+/// ```
+pub struct Server {
+    name: Name,
+    dir: PathBuf,
+    /// The name's lock and socket; `None` when serving on NATS only.
+    claim: Option<Claim>,
+    listener: Option<std::os::unix::net::UnixListener>,
+    started_ms: u64,
+    config: Config,
+    identity: Identity,
+    methods: Vec<(String, Arc<SyncHandler>)>,
+    error: Option<Error>,
+    trigger: Arc<Trigger>,
+    /// The broker connection, when serving on NATS too.
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::Pending>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("name", &self.name).field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Claims `name` with default options.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::bind`].
+    pub fn bind(name: &str) -> Result<Server> {
+        Server::builder(name).bind()
+    }
+
+    /// Options for a server named `name`.
+    pub fn builder(name: &str) -> ServerBuilder {
+        ServerBuilder {
+            name: name.to_owned(),
+            dir: None,
+            config: Config::default(),
+            identity: Identity::default(),
+            methods: Vec::new(),
+            error: None,
+            #[cfg(feature = "nats")]
+            nats: Default::default(),
+        }
+    }
+
+    /// Adds a named method (see [`ServerBuilder::method`]); an invalid name is reported by
+    /// [`spawn`](Server::spawn) or [`serve`](Server::serve).
+    pub fn method<F, R, E>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> std::result::Result<R, E> + Send + Sync + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        add_method(&mut self.methods, &mut self.error, name, erase(handler));
+        self
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// The socket the server listens on (empty when it serves on NATS only).
+    pub fn socket_path(&self) -> &Path {
+        self.claim.as_ref().map_or(Path::new(""), Claim::socket_path)
+    }
+
+    /// A handle that stops [`serve`](Server::serve) (or the spawned server) from any thread.
+    pub fn shutdown_trigger(&self) -> ShutdownTrigger {
+        ShutdownTrigger { trigger: self.trigger.clone() }
+    }
+
+    /// Serves in background threads and returns at once. `handler` answers requests that name
+    /// no method.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidName`] for a bad method name added with [`Server::method`];
+    /// [`ErrorKind::Io`] if the threads cannot be started.
+    pub fn spawn<F, R, E>(self, handler: F) -> Result<ServerHandle>
+    where
+        F: Fn(Request) -> std::result::Result<R, E> + Send + Sync + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.start(erase(handler))
+    }
+
+    /// Serves on this thread until a [`ShutdownTrigger`] fires, then shuts down as
+    /// [`ServerHandle::shutdown`] does.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](Server::spawn).
+    pub fn serve<F, R, E>(self, handler: F) -> Result<()>
+    where
+        F: Fn(Request) -> std::result::Result<R, E> + Send + Sync + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let trigger = self.trigger.clone();
+        let handle = self.start(erase(handler))?;
+        trigger.wait();
+        handle.shutdown();
+        Ok(())
+    }
+
+    fn start(self, default: Arc<SyncHandler>) -> Result<ServerHandle> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let service = Arc::new(Service::new(self.name.clone(), self.identity, default, self.methods));
+        if let Some(claim) = &self.claim {
+            claim.write_meta(&meta(
+                self.started_ms,
+                &service.identity,
+                &service.id,
+                &service.method_names(),
+            ))?;
+        }
+        #[cfg(feature = "nats")]
+        let nats = match self.nats {
+            Some(pending) => Some(crate::nats::start_blocking(pending, service.clone(), &self.config)?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            service,
+            config: self.config,
+            trigger: self.trigger,
+            claim: Mutex::new(self.claim),
+            conns: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            next_conn: AtomicU64::new(1),
+            handshaking: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            sentinel: Mutex::new(None),
+            sentinel_parked: AtomicBool::new(false),
+            sentinel_stop: AtomicBool::new(false),
+        });
+        let spawn_err = |e| Error::io("cannot start server thread", e);
+        let s = shared.clone();
+        let sentinel = thread::Builder::new()
+            .name("microcs-sentinel".into())
+            .spawn(move || sentinel(s))
+            .map_err(spawn_err)?;
+        *lock(&shared.sentinel) = Some(sentinel.thread().clone());
+        let accept = match self.listener {
+            Some(listener) => {
+                let s = shared.clone();
+                let accept = thread::Builder::new()
+                    .name("microcs-accept".into())
+                    .spawn(move || accept_loop(&s, &listener))
+                    .map_err(spawn_err)?;
+                Some(accept)
+            }
+            None => None,
+        };
+        tracing::info!(service = %self.name, "serving");
+        Ok(ServerHandle {
+            shared,
+            accept,
+            sentinel: Some(sentinel),
+            #[cfg(feature = "nats")]
+            nats,
+        })
+    }
+}
+
+/// Wakes the accept loop and whoever waits in [`Server::serve`].
+struct Trigger {
+    fired: Mutex<bool>,
+    cv: Condvar,
+    wake_r: OwnedFd,
+    wake_w: OwnedFd,
+}
+
+impl Trigger {
+    fn new() -> Result<Arc<Trigger>> {
+        let (wake_r, wake_w) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
+                .map_err(|e| Error::io("cannot create wake-up pipe", e.into()))?;
+        Ok(Arc::new(Trigger { fired: Mutex::new(false), cv: Condvar::new(), wake_r, wake_w }))
+    }
+
+    fn fire(&self) {
+        let mut fired = lock(&self.fired);
+        if !*fired {
+            *fired = true;
+            let _ = rustix::io::write(&self.wake_w, &[1]);
+            self.cv.notify_all();
+        }
+    }
+
+    fn is_fired(&self) -> bool {
+        *lock(&self.fired)
+    }
+
+    fn wait(&self) {
+        let mut fired = lock(&self.fired);
+        while !*fired {
+            fired = self.cv.wait(fired).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Stops a server from any thread (for example a signal-handling thread); cheap to clone.
+#[derive(Clone)]
+pub struct ShutdownTrigger {
+    trigger: Arc<Trigger>,
+}
+
+impl ShutdownTrigger {
+    /// Asks the server to shut down; [`Server::serve`] then drains and returns.
+    pub fn shutdown(&self) {
+        self.trigger.fire();
+    }
+}
+
+impl std::fmt::Debug for ShutdownTrigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownTrigger").field("fired", &self.trigger.is_fired()).finish()
+    }
+}
+
+/// A running server. Dropping it shuts the server down, as [`shutdown`](ServerHandle::shutdown).
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+    /// Also the "not stopped yet" mark: taken last by `stop`.
+    sentinel: Option<JoinHandle<()>>,
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::Side>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle").field("name", &self.shared.service.name).finish_non_exhaustive()
+    }
+}
+
+impl ServerHandle {
+    /// Stops accepting, removes the socket and lock (the name is free again at once), lets
+    /// running handlers finish within the grace period, then closes every connection.
+    ///
+    /// Requests that arrive after this started are answered "shutting down" without running,
+    /// which tells the client it may safely send them again.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &Name {
+        &self.shared.service.name
+    }
+
+    /// A trigger that shuts this server down from another thread.
+    pub fn shutdown_trigger(&self) -> ShutdownTrigger {
+        ShutdownTrigger { trigger: self.shared.trigger.clone() }
+    }
+
+    /// Blocks until a [`ShutdownTrigger`] fires (the server keeps serving meanwhile).
+    pub fn wait(&self) {
+        self.shared.trigger.wait();
+    }
+
+    /// The same counters `$stats` reports, read locally.
+    pub fn stats(&self) -> StatsResponse {
+        self.shared.service.stats()
+    }
+
+    /// Connections open right now.
+    pub fn connections(&self) -> usize {
+        lock(&self.shared.conns).len()
+    }
+
+    fn stop(&mut self) {
+        if self.sentinel.is_none() {
+            return;
+        }
+        let shared = &self.shared;
+        shared.trigger.fire();
+        // NATS first: it unsubscribes at once (new requests go to other instances), then
+        // drains in the background while the local connections drain here.
+        #[cfg(feature = "nats")]
+        let nats = self.nats.take().and_then(|side| crate::nats::stop_blocking(side, shared.config.grace));
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        drop(lock(&shared.claim).take());
+        let deadline = Instant::now() + shared.config.grace;
+        let mut conns = lock(&shared.conns);
+        for c in conns.values() {
+            c.stop_reading();
+        }
+        while !conns.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(service = %shared.service.name, connections = conns.len(), "grace period over; closing connections with handlers still running");
+                for c in conns.values() {
+                    c.cancel_all();
+                    c.close();
+                }
+                break;
+            }
+            conns = shared.drained.wait_timeout(conns, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(conns);
+        shared.sentinel_stop.store(true, Ordering::SeqCst);
+        if let Some(t) = lock(&shared.sentinel).as_ref() {
+            t.unpark();
+        }
+        #[cfg(feature = "nats")]
+        if let Some(task) = nats {
+            crate::nats::wait_stopped(task);
+        }
+        if let Some(s) = self.sentinel.take() {
+            let _ = s.join();
+        }
+        tracing::info!(service = %shared.service.name, "stopped");
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,355 @@
+//! One connection of an async client: its pending requests, and the reader, writer and deadline
+//! tasks that serve them (see the parent module).
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
+
+use ::tokio::net::UnixStream;
+use ::tokio::sync::{Notify, oneshot};
+use ::tokio::time::{Instant, sleep, sleep_until};
+
+use super::super::io::{Outbox, Stream, read_more, shutdown};
+use crate::io::{Filled, IdMap, ReadBuf};
+use crate::proto::client_conn::{self, Incoming, Loss, Outcome, Written};
+use crate::proto::{Decoded, Frame, Header, HelloAck, Kind};
+
+/// One connection and the requests waiting on it.
+pub(super) struct Conn {
+    pub(super) stream: Stream,
+    /// The server's handshake answer: limits and identity.
+    pub(super) server: HelloAck,
+    /// Requests to write, and the pending table, under one lock: a request is either queued
+    /// and registered, or refused because the connection is dead — never half of it.
+    pub(super) outbox: Outbox<Book>,
+    /// Wakes the deadline task: a request's deadline is earlier than the one it sleeps until,
+    /// or the connection ended.
+    pub(super) deadlines: Notify,
+}
+
+/// Per-connection state kept under the outbox lock.
+#[derive(Default)]
+pub(super) struct Book {
+    pub(super) pending: IdMap<Pending>,
+    /// Why the connection ended, once it has.
+    pub(super) dead: Option<Loss>,
+    /// No longer used for new requests; closed once its last pending request is answered.
+    pub(super) retired: bool,
+    /// Bytes the writer task handed to the kernel, once it has stopped: from then on whoever
+    /// ends the connection settles the requests still pending.
+    pub(super) written_final: Option<u64>,
+    /// When the deadline task next looks at the pending requests' deadlines (`None`: when one
+    /// is added).
+    pub(super) next_deadline: Option<Instant>,
+    /// The reader's last read carried more than one reply: their callers are likely to send
+    /// again together, so they leave their requests to the writer task's next batch instead of
+    /// each sending its own (see `attempt`).
+    pub(super) burst: bool,
+}
+
+/// A caller waiting for a reply.
+pub(super) struct Pending {
+    pub(super) tx: oneshot::Sender<Outcome>,
+    /// When the caller stops waiting (the deadline task then answers `TimedOut`).
+    pub(super) deadline: Instant,
+    /// Offsets of the request's frame in the connection's byte stream.
+    pub(super) start: u64,
+    pub(super) end: u64,
+}
+
+impl Conn {
+    pub(super) fn book(&self) -> MutexGuard<'_, super::super::io::OutState<Book>> {
+        self.outbox.lock()
+    }
+
+    /// Usable for new requests.
+    pub(super) fn is_usable(&self) -> bool {
+        let st = self.book();
+        !st.is_closed() && !st.extra.retired
+    }
+
+    /// Ends the connection: no more requests; the writer task settles the pending ones.
+    pub(super) fn close(&self, why: Loss) {
+        let settle = {
+            let mut st = self.book();
+            let dead = st.extra.dead.get_or_insert(why).clone();
+            st.close();
+            // With the writer still running, it settles them when it stops (it alone knows how
+            // many bytes went out).
+            st.extra.written_final.map(|w| (dead, w, std::mem::take(&mut st.extra.pending)))
+        };
+        self.outbox.close();
+        self.deadlines.notify_one();
+        shutdown(&self.stream);
+        if let Some((dead, written, pending)) = settle {
+            settle_lost(pending, &dead, written);
+        }
+    }
+
+    /// Answers `TimedOut` to the callers whose deadline is at or before `now`, queues a `Cancel`
+    /// for each, and sets when to look again.
+    pub(super) fn expire(&self, now: Instant) {
+        let (expired, close) = {
+            let mut st = self.book();
+            let ids: Vec<u64> =
+                st.extra.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(&id, _)| id).collect();
+            let mut expired = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(p) = st.extra.pending.remove(&id) {
+                    // Best effort: a Cancel that cannot be queued is moot (the connection is gone).
+                    let _ = st.push(&Header::new(Kind::Cancel, id), b"", b"");
+                    expired.push(p.tx);
+                }
+            }
+            st.extra.next_deadline = st.extra.pending.values().map(|p| p.deadline).min();
+            (expired, st.extra.retired && st.extra.pending.is_empty())
+        };
+        if !expired.is_empty() {
+            self.outbox.wake();
+        }
+        for tx in expired {
+            let _ = tx.send(Outcome::TimedOut);
+        }
+        if close {
+            self.close(Loss::Closed(None));
+        }
+    }
+
+    /// Delivers an answer to the caller waiting for `id`, if it still waits. `burst`: it is not
+    /// the first reply of its read.
+    pub(super) fn resolve(&self, id: u64, outcome: Outcome, burst: bool) {
+        let (waiter, close) = {
+            let mut st = self.book();
+            st.extra.burst = burst;
+            let w = st.extra.pending.remove(&id);
+            (w, st.extra.retired && st.extra.pending.is_empty())
+        };
+        if let Some(p) = waiter {
+            let _ = p.tx.send(outcome);
+        }
+        if close {
+            self.close(Loss::Closed(None));
+        }
+    }
+
+    /// Forgets a request whose caller gave up and tells the server, if it was still pending.
+    pub(super) fn abandon(&self, id: u64) {
+        let close = {
+            let mut st = self.book();
+            if st.extra.pending.remove(&id).is_none() {
+                return;
+            }
+            // Best effort: a Cancel that cannot be queued is moot (the connection is gone).
+            let _ = st.push(&Header::new(Kind::Cancel, id), b"", b"");
+            st.extra.retired && st.extra.pending.is_empty()
+        };
+        self.outbox.wake();
+        if close {
+            self.close(Loss::Closed(None));
+        }
+    }
+
+    /// Stops using this connection for new requests; closes it once nothing waits on it.
+    pub(super) fn retire(&self) {
+        let close = {
+            let mut st = self.book();
+            st.extra.retired = true;
+            st.extra.pending.is_empty()
+        };
+        if close {
+            self.close(Loss::Closed(None));
+        }
+    }
+}
+
+/// Sends a `Cancel` for a request whose caller stops waiting (timeout, or its future dropped).
+pub(super) struct CancelOnDrop<'a> {
+    pub(super) conn: &'a Conn,
+    pub(super) id: u64,
+    pub(super) armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn.abandon(self.id);
+        }
+    }
+}
+
+/// Reads frames and hands them to their callers until the connection ends.
+pub(super) async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
+    let orphaned = TaskGuard { conn: &conn, writer: false };
+    // Replies handed out since the last read.
+    let mut replies = 0usize;
+    let dead = loop {
+        let needed = match rbuf.decode(max_payload) {
+            Err(e) => break Loss::Protocol(e),
+            Ok(Decoded::Incomplete { needed }) => needed,
+            Ok(Decoded::Frame(f)) => {
+                let len = f.len;
+                match client_conn::classify(&f) {
+                    Incoming::Reply(id) => {
+                        // A large payload was read into a vector of its own: moved, not copied.
+                        let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
+                        let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
+                        conn.resolve(id, Outcome::Reply(payload), replies > 0);
+                        replies += 1;
+                    }
+                    Incoming::Error { id, status, flags, message } => {
+                        conn.resolve(id, Outcome::Error { status, flags, message }, replies > 0);
+                        replies += 1;
+                    }
+                    Incoming::Closing(loss) => break loss,
+                    Incoming::Ping(id) => {
+                        conn.outbox.push(&Header::new(Kind::Pong, id), b"", f.payload);
+                    }
+                    Incoming::Ignore => {}
+                }
+                rbuf.consume(len);
+                continue;
+            }
+        };
+        replies = 0;
+        match read_more(&conn.stream, &mut rbuf, needed).await {
+            Ok(Filled::Data) => {}
+            Ok(Filled::Eof) => break Loss::Closed(None),
+            Err(e) => break Loss::from_io(e),
+        }
+    };
+    tracing::debug!(reason = ?dead, "connection ended");
+    std::mem::forget(orphaned);
+    conn.close(dead);
+}
+
+/// Answers `TimedOut` to the callers whose deadline passed and tells the server to cancel their
+/// requests, until the connection ends.
+///
+/// One timer per connection, set to the earliest deadline it knows of, instead of a tokio timer
+/// per request: registering and removing a timer in tokio's wheel for every call (and the wheel
+/// walk every park then does) was about a quarter of the client's instructions per request.
+pub(super) async fn deadline_task(conn: Arc<Conn>) {
+    loop {
+        let next = {
+            let st = conn.book();
+            // Every end of a connection goes through `Conn::close`, which sets `dead` and wakes
+            // this task. Until then requests may still be answered (a connection whose writing
+            // failed keeps reading), so their deadlines still count.
+            if st.extra.dead.is_some() {
+                return;
+            }
+            st.extra.next_deadline
+        };
+        match next {
+            None => conn.deadlines.notified().await,
+            Some(at) => {
+                ::tokio::select! {
+                    () = sleep_until(at) => conn.expire(Instant::now()),
+                    () = conn.deadlines.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued frames; when writing stops, settles the requests that cannot be answered.
+pub(super) async fn writer_task(conn: Arc<Conn>) {
+    let orphaned = TaskGuard { conn: &conn, writer: true };
+    let end = conn.outbox.run_writer(&conn.stream, None).await;
+    std::mem::forget(orphaned);
+    let (lost, dead, close) = {
+        let mut st = conn.book();
+        st.extra.written_final = Some(end.written);
+        st.close();
+        match (st.extra.dead.clone(), &end.error) {
+            // The connection was ended: nothing more will be answered.
+            (Some(dead), _) => (std::mem::take(&mut st.extra.pending), dead, None),
+            // Only writing failed (for example the server shut our direction down as it drains):
+            // requests written in full may still be answered, so the reader keeps going for
+            // them; the others are settled now, and the connection takes no new ones.
+            (None, Some(e)) => {
+                let dead = Loss::from_io_ref(e);
+                let unsent: Vec<u64> =
+                    st.extra.pending.iter().filter(|(_, p)| p.end > end.written).map(|(id, _)| *id).collect();
+                let lost =
+                    unsent.into_iter().filter_map(|id| Some((id, st.extra.pending.remove(&id)?))).collect();
+                st.extra.retired = true;
+                let close = st.extra.pending.is_empty().then(|| dead.clone());
+                (lost, dead, close)
+            }
+            (None, None) => (IdMap::default(), Loss::Closed(None), Some(Loss::Closed(None))),
+        }
+    };
+    settle_lost(lost, &dead, end.written);
+    if let Some(why) = close {
+        conn.close(why);
+    }
+}
+
+/// Ends the connection when its reader or writer task is dropped before it finished — the
+/// runtime it was spawned on shut down — so that the client's next request opens a connection
+/// on the runtime it runs on instead of queueing into a connection nobody serves.
+pub(super) struct TaskGuard<'a> {
+    pub(super) conn: &'a Conn,
+    pub(super) writer: bool,
+}
+
+impl Drop for TaskGuard<'_> {
+    fn drop(&mut self) {
+        if self.writer {
+            // How much went out is unknown: every pending request may have run.
+            self.conn.book().extra.written_final.get_or_insert(u64::MAX);
+        }
+        let gone = io::Error::other("the runtime that ran this connection shut down");
+        self.conn.close(Loss::Io(Arc::new(gone)));
+    }
+}
+
+/// Tells each request that the connection ended first, and how much of it was written.
+pub(super) fn settle_lost(pending: IdMap<Pending>, dead: &Loss, written: u64) {
+    for (_, p) in pending {
+        let written = Written::of(p.start, p.end, written);
+        let _ = p.tx.send(Outcome::Lost { loss: dead.clone(), written });
+    }
+}
+
+/// `connect()`, waiting while the server's listen backlog is full (a non-blocking `connect` on a
+/// Unix socket fails with `EAGAIN` then, instead of waiting as a blocking one does). The caller
+/// bounds the wait.
+pub(super) async fn connect(path: &Path) -> io::Result<UnixStream> {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Reads one whole frame (the handshake answer) and gives it to `look`.
+pub(super) async fn read_frame<T>(
+    stream: &Stream,
+    rbuf: &mut ReadBuf,
+    max_payload: u32,
+    look: impl FnOnce(&Frame<'_>) -> T,
+) -> Result<T, Loss> {
+    loop {
+        let needed = match rbuf.decode(max_payload).map_err(Loss::Protocol)? {
+            Decoded::Frame(f) => {
+                let (out, len) = (look(&f), f.len);
+                rbuf.consume(len);
+                return Ok(out);
+            }
+            Decoded::Incomplete { needed } => needed,
+        };
+        match read_more(stream, rbuf, needed).await {
+            Ok(Filled::Data) => {}
+            Ok(Filled::Eof) => return Err(Loss::Closed(None)),
+            Err(e) => return Err(Loss::from_io(e)),
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! An async server's connections: accepting, the connection task that shakes hands and reads
+//! frames, the task of each request, and the reply path through the connection's outbox.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use ::tokio::net::{UnixListener, UnixStream};
+use ::tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use ::tokio::task::AbortHandle;
+use ::tokio::time::{Instant, sleep, sleep_until};
+
+use super::super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, shutdown};
+use super::{AsyncHandler, HandlerFuture};
+use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
+use crate::error::RemoteError;
+use crate::io::{Filled, ReadBuf};
+use crate::proto::server_conn::{
+    Action, Out, ServerConn, broken, frame_timed_out, refuse_connection, shutting_down,
+};
+use crate::proto::{DecodeError, Decoded, Header, status};
+use crate::registry::{self, Claim};
+use crate::request::{CancelState, Peer, panic_message};
+use crate::service::{Config, Service};
+use crate::transport::unix::{peer_credentials, set_send_buffer};
+use crate::transport::{Link, Shut, Transport, send_frame_now};
+
+/// What the server's tasks share.
+pub(super) struct Shared {
+    /// Shared with the NATS side, when there is one.
+    pub(super) service: Arc<Service<Arc<AsyncHandler>>>,
+    pub(super) config: Config,
+    /// Shutdown started: stop accepting, refuse new requests, let running ones finish.
+    pub(super) stop: Arc<watch::Sender<bool>>,
+    /// The grace period is over: drop every handler still running, close every connection.
+    pub(super) kill: watch::Sender<bool>,
+    /// The name's lock and socket; dropped (files removed) when the accept loop ends.
+    pub(super) claim: Mutex<Option<Claim>>,
+    /// Open connections: for the connection cap, the handshake cap and shutdown.
+    pub(super) conns: Mutex<HashMap<u64, ConnEntry>>,
+    /// Notified whenever a connection ends.
+    pub(super) drained: Notify,
+    pub(super) next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub(super) fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnEntry>> {
+        lock(&self.conns)
+    }
+
+    pub(super) fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The server's record of one connection.
+pub(super) struct ConnEntry {
+    pub(super) accepted: Instant,
+    pub(super) handshaken: bool,
+    /// Aborted to make room; no longer counts as a pending handshake.
+    pub(super) dropped: bool,
+    /// Ends the connection task, to make room when too many connections sit in the handshake.
+    pub(super) abort: AbortHandle,
+}
+
+/// Closes and unregisters a connection when its task ends, however it ends (including by
+/// abort, which would otherwise leave the writer task waiting).
+pub(super) struct ConnGuard {
+    pub(super) shared: Arc<Shared>,
+    pub(super) conn: Arc<Conn>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.conn.outbox.close();
+        shutdown(&self.conn.stream);
+        self.shared.conns().remove(&self.conn.id);
+        self.shared.drained.notify_waiters();
+    }
+}
+
+pub(super) async fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
+    let mut stop = shared.stop.subscribe();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let failed = ::tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    backoff = Duration::from_millis(5);
+                    on_accept(&shared, stream);
+                    false
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, service = %shared.service.name, "accept failed; backing off {:?}", backoff);
+                    true
+                }
+            }
+        };
+        if failed {
+            // Out of descriptors or memory: back off instead of spinning on a listener that
+            // stays readable; connections wait in the backlog meanwhile.
+            ::tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                () = sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+    drop(listener);
+    drop(lock(&shared.claim).take());
+}
+
+pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
+    let name = &shared.service.name;
+    // Still non-blocking, as tokio documents for `into_std`; registered again below.
+    let stream: Link = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take over a new connection; dropping it");
+            return;
+        }
+    };
+    let refuse = |code: u16, message: String| {
+        let out = refuse_connection(code, message);
+        send_frame_now(&stream, &out.header, &out.payload);
+    };
+    let peer = match peer_credentials(&stream) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
+            return;
+        }
+    };
+    if !shared.config.allows(peer.uid) {
+        tracing::warn!(service = %name, uid = peer.uid, pid = peer.pid, "refused a peer of another user");
+        refuse(
+            status::PERMISSION_DENIED,
+            format!(
+                "user {} may not use service '{name}' (it serves uid {} only)",
+                peer.uid,
+                registry::euid()
+            ),
+        );
+        return;
+    }
+    let mut conns = shared.conns();
+    if conns.len() >= shared.config.max_connections {
+        drop(conns);
+        tracing::warn!(service = %name, "connection limit reached; refusing a connection");
+        refuse(
+            status::BUSY,
+            format!(
+                "service '{name}' is at its limit of {} connections; try again later",
+                shared.config.max_connections
+            ),
+        );
+        return;
+    }
+    let handshaking = conns.values_mut().filter(|c| !c.handshaken && !c.dropped);
+    let (count, oldest) = handshaking.fold((0, None::<&mut ConnEntry>), |(n, old), c| {
+        let older = old.filter(|o| o.accepted <= c.accepted).unwrap_or(c);
+        (n + 1, Some(older))
+    });
+    if count >= shared.config.max_handshaking {
+        // Make room by dropping the oldest connection that has not said hello yet.
+        if let Some(oldest) = oldest {
+            tracing::debug!("too many connections in handshake; dropping the oldest");
+            oldest.dropped = true;
+            oldest.abort.abort();
+        }
+    }
+    set_send_buffer(&stream, shared.config.send_buffer);
+    let stream = match Stream::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch a new connection; dropping it");
+            return;
+        }
+    };
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let conn = Arc::new(Conn {
+        id,
+        stream,
+        peer,
+        core: ServerConn::new(shared.config.max_payload, shared.config.max_in_flight),
+        outbox: Outbox::new(()),
+        batching: AtomicBool::new(false),
+        permits: Arc::new(Semaphore::new(shared.config.max_in_flight)),
+    });
+    let guard = ConnGuard { shared: shared.clone(), conn: conn.clone() };
+    // Registered before the task can end (it needs this lock to unregister).
+    let task = ::tokio::spawn(conn_task(shared.clone(), conn, guard));
+    let entry =
+        ConnEntry { accepted: Instant::now(), handshaken: false, dropped: false, abort: task.abort_handle() };
+    conns.insert(id, entry);
+}
+
+/// One accepted connection, shared by its reader (the connection task), its writer task and the
+/// tasks of its requests.
+pub(super) struct Conn {
+    pub(super) id: u64,
+    pub(super) stream: Stream,
+    pub(super) peer: Peer,
+    /// The protocol's rules for this connection: the client's limit, the requests in flight.
+    pub(super) core: ServerConn,
+    /// Replies and errors for the writer task.
+    pub(super) outbox: Outbox<()>,
+    /// The connection task is answering the frames of one read: answers queued meanwhile
+    /// wait for its [`flush`](Conn::flush) instead of waking the writer task.
+    pub(super) batching: AtomicBool,
+    /// One permit per request in flight: the backpressure cap.
+    pub(super) permits: Arc<Semaphore>,
+}
+
+impl Conn {
+    pub(super) fn cancel_all(&self) {
+        self.core.cancel_all();
+    }
+
+    /// Queues a frame, fitted to the client's limit; a large payload is written from its own
+    /// vector, without a copy. `false`: the connection no longer takes frames.
+    pub(super) fn send(&self, out: Out) -> bool {
+        let Out { header, payload } = self.core.fit(out);
+        self.queue(|st| st.push_owned(&header, b"", payload))
+    }
+
+    /// A request is done: sends its answer, if one is wanted.
+    pub(super) fn finish(&self, id: u64, answer: Option<Answer>) {
+        if let Some(out) = self.core.answer(id, answer) {
+            self.send(out);
+        }
+    }
+
+    /// Queues a frame with `push`; wakes the writer task unless the connection task will flush.
+    pub(super) fn queue(&self, push: impl FnOnce(&mut OutState<()>) -> Option<(u64, u64)>) -> bool {
+        let queued = push(&mut self.outbox.lock()).is_some();
+        if queued && !self.batching.load(Ordering::SeqCst) {
+            self.outbox.wake();
+        }
+        queued
+    }
+
+    /// Ends a batch (see `batching`): sends what is queued from here if the writer task is
+    /// idle and the socket takes it, else wakes the writer task. Saves the writer's wake-up and
+    /// task poll on every read's answers.
+    pub(super) fn flush(&self) {
+        self.batching.store(false, Ordering::SeqCst);
+        if !self.outbox.lock().send_now(&self.stream) {
+            self.outbox.wake();
+        }
+    }
+
+    pub(super) fn reject_stream(&self, e: &DecodeError) {
+        tracing::debug!(conn = self.id, pid = self.peer.pid, error = %e, "bad frame; closing connection");
+        self.send(broken(e));
+    }
+}
+
+pub(super) async fn conn_task(shared: Arc<Shared>, conn: Arc<Conn>, _guard: ConnGuard) {
+    let c = conn.clone();
+    let write_timeout = shared.config.write_timeout;
+    let mut writer = ::tokio::spawn(async move {
+        let end = c.outbox.run_writer(&c.stream, Some(write_timeout)).await;
+        if let Some(e) = end.error {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                tracing::warn!(
+                    conn = c.id,
+                    pid = c.peer.pid,
+                    "client does not read its replies; dropping the connection"
+                );
+            } else {
+                tracing::debug!(conn = c.id, error = %e, "write failed; dropping the connection");
+            }
+            c.cancel_all();
+            shutdown(&c.stream);
+        }
+    });
+    let mut kill = shared.kill.subscribe();
+    let mut rbuf = ReadBuf::default();
+    if handshake(&shared, &conn, &mut rbuf).await {
+        if let Some(e) = shared.conns().get_mut(&conn.id) {
+            e.handshaken = true;
+        }
+        let hung_up = serve_conn(&shared, &conn, &mut rbuf).await;
+        if hung_up {
+            // Nobody will read the replies: tell the handlers, so they can stop early.
+            conn.cancel_all();
+        }
+        // Wait for this connection's handlers: all permits back.
+        let all = u32::try_from(shared.config.max_in_flight).unwrap_or(u32::MAX);
+        ::tokio::select! {
+            _ = conn.permits.acquire_many(all) => {}
+            _ = kill.wait_for(|k| *k) => {}
+        }
+    }
+    conn.outbox.finish();
+    let killed = ::tokio::select! {
+        _ = &mut writer => false,
+        _ = kill.wait_for(|k| *k) => true,
+    };
+    if killed {
+        conn.outbox.close();
+        shutdown(&conn.stream);
+        let _ = writer.await;
+    }
+    shutdown(&conn.stream);
+}
+
+/// Reads the client's `Hello` and answers it. `false`: the connection is to be closed.
+pub(super) async fn handshake(shared: &Shared, conn: &Conn, rbuf: &mut ReadBuf) -> bool {
+    let max = conn.core.max_request();
+    let give_up = Instant::now() + shared.config.handshake_timeout;
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let needed = match rbuf.decode(max) {
+            Ok(Decoded::Frame(f)) => {
+                let len = f.len;
+                let answer = conn.core.on_hello(&f, std::process::id(), shared.service.name.as_str());
+                rbuf.consume(len);
+                return match answer {
+                    Ok(ack) => conn.send(ack),
+                    Err(refusal) => {
+                        conn.send(refusal);
+                        false
+                    }
+                };
+            }
+            Ok(Decoded::Incomplete { needed }) => needed,
+            Err(e) => {
+                conn.reject_stream(&e);
+                return false;
+            }
+        };
+        ::tokio::select! {
+            r = read_more(&conn.stream, rbuf, needed) => match r {
+                Ok(Filled::Data) => {}
+                Ok(Filled::Eof) | Err(_) => return false,
+            },
+            () = sleep_until(give_up) => {
+                tracing::debug!(conn = conn.id, "no hello in time; dropping connection");
+                return false;
+            }
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+    }
+}
+
+/// Reads and dispatches frames until the connection is finished. Returns true if the peer hung
+/// up (or broke the protocol), false if the server ended it (shutdown or kill).
+pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mut ReadBuf) -> bool {
+    let max = shared.config.max_payload;
+    let mut stop = shared.stop.subscribe();
+    let mut kill = shared.kill.subscribe();
+    // Made once, not on every turn of the loop: a fresh `wait_for` registers a waiter with the
+    // watch's notifier and removes it again each time, which cost a tenth of the instructions
+    // of a request. Each is polled no more once it has fired.
+    let stop_signal = stop.wait_for(|s| *s);
+    let kill_signal = kill.wait_for(|k| *k);
+    ::tokio::pin!(stop_signal, kill_signal);
+    let mut stop_seen = false;
+    // Shutdown began: our read side is shut, the rest of what the client sent is answered
+    // "shutting down", and the EOF that follows is not the peer hanging up.
+    let mut draining = false;
+    // When the frame at the front of `rbuf` started to arrive (it must be whole by
+    // `frame_timeout` after that); reset whenever we stop reading on purpose.
+    let mut frame_started: Option<Instant> = None;
+    loop {
+        let needed = match rbuf.decode(max) {
+            Err(e) => {
+                conn.reject_stream(&e);
+                conn.flush();
+                return true;
+            }
+            Ok(Decoded::Incomplete { needed }) => {
+                // Every answer to this read's frames is queued (or its handler waits): one
+                // send for all of them.
+                conn.flush();
+                needed
+            }
+            Ok(Decoded::Frame(f)) => {
+                let (h, len) = (f.header, f.len);
+                frame_started = None;
+                // Relaxed: whoever reads it does so after pushing under the outbox lock, which
+                // `flush` takes after clearing it.
+                conn.batching.store(true, Ordering::Relaxed);
+                match conn.core.on_frame(&f, shared.stopping(), shared.service.name.as_str()) {
+                    Action::Request => {
+                        let permit = match conn.permits.clone().try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            // At the cap: read nothing more until a handler finishes
+                            // (and let the answers queued so far go out meanwhile).
+                            Err(_) => {
+                                conn.flush();
+                                ::tokio::select! {
+                                    p = conn.permits.clone().acquire_owned() => p.ok(),
+                                    _ = &mut stop_signal, if !draining && !stop_seen => {
+                                        stop_seen = true;
+                                        None
+                                    }
+                                    _ = &mut kill_signal => return false,
+                                }
+                            }
+                        };
+                        match permit {
+                            Some(p) => {
+                                let method = f.method.to_vec();
+                                // A large payload was read into a vector of its own: moved,
+                                // not copied.
+                                let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
+                                let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
+                                admit(shared, conn, &h, method, payload, p);
+                            }
+                            None => {
+                                conn.send(shutting_down(h.id, shared.service.name.as_str()));
+                            }
+                        }
+                    }
+                    Action::Send(out) => {
+                        conn.send(out);
+                    }
+                    Action::None => {}
+                }
+                rbuf.consume(len);
+                continue;
+            }
+        };
+        if !draining && shared.stopping() {
+            draining = true;
+            stop_reading(conn);
+        }
+        if conn.outbox.queued() >= HIGH_WATER {
+            // The client is not reading its replies: stop reading its requests until it does
+            // (the writer drops it after the write timeout).
+            frame_started = None;
+            ::tokio::select! {
+                () = conn.outbox.wait_space() => {}
+                _ = &mut kill_signal => return false,
+            }
+            continue;
+        }
+        let frame_deadline = (!rbuf.is_empty())
+            .then(|| *frame_started.get_or_insert_with(Instant::now) + shared.config.frame_timeout);
+        ::tokio::select! {
+            r = read_more(&conn.stream, rbuf, needed) => match r {
+                Ok(Filled::Data) => {}
+                Ok(Filled::Eof) => return !draining,
+                Err(e) => {
+                    tracing::debug!(conn = conn.id, error = %e, "read failed; closing connection");
+                    return true;
+                }
+            },
+            () = sleep_until(frame_deadline.unwrap_or_else(Instant::now)), if frame_deadline.is_some() => {
+                tracing::debug!(conn = conn.id, "frame not completed within the frame timeout; closing");
+                conn.send(frame_timed_out(shared.config.frame_timeout));
+                return true;
+            }
+            _ = &mut stop_signal, if !draining && !stop_seen => stop_seen = true,
+            _ = &mut kill_signal => return false,
+        }
+    }
+}
+
+/// Shuts our read side: the client's further writes fail at once (so it knows they did not
+/// run), and what it already sent can still be read and answered.
+pub(super) fn stop_reading(conn: &Conn) {
+    conn.stream.link().shut(Shut::Read);
+}
+
+/// Registers a request in flight and starts its task.
+pub(super) fn admit(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    h: &Header,
+    method: Vec<u8>,
+    payload: Vec<u8>,
+    permit: OwnedSemaphorePermit,
+) {
+    let admitted = match conn.core.admit(h, std::time::Instant::now()) {
+        Ok(a) => a,
+        Err(refusal) => {
+            conn.send(refusal);
+            return;
+        }
+    };
+    let job = Job { id: h.id, method, payload, deadline: admitted.deadline, cancel: admitted.cancel };
+    // Most handlers answer without waiting for anything: poll the request once here, on the
+    // connection's task, and start a task only for one still pending. That saves a task per
+    // request (its allocation, the move of this future into it, a trip through the scheduler).
+    // The task polls the future again at once, so whatever it waits for is registered with the
+    // task's waker; the no-op waker of this first poll is never needed.
+    let mut fut = Box::pin(run(shared.clone(), conn.clone(), job, permit));
+    if fut.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+        ::tokio::spawn(fut);
+    }
+}
+
+/// A request taken off the wire, not yet run.
+pub(super) struct Job {
+    pub(super) id: u64,
+    pub(super) method: Vec<u8>,
+    pub(super) payload: Vec<u8>,
+    pub(super) deadline: Option<std::time::Instant>,
+    pub(super) cancel: Arc<CancelState>,
+}
+
+/// The task of one request: runs its handler and sends the answer.
+pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit: OwnedSemaphorePermit) {
+    let id = job.id;
+    let call =
+        Incoming { id, peer: conn.peer, payload: job.payload, deadline: job.deadline, cancel: job.cancel };
+    let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
+        Begin::Run(run, req) => (run, req),
+        Begin::Answer(a) => return conn.finish(id, Some(a)),
+    };
+    let deadline = run.deadline().map(Instant::from_std);
+    let cancel = run.cancel().clone();
+    let mut kill = shared.kill.subscribe();
+    let grace = shared.config.grace;
+    let handler = run.handler();
+    let end = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
+        Err(panic) => End::Panicked(panic_message(&*panic)),
+        Ok(fut) => ::tokio::select! {
+            biased;
+            r = CatchUnwind(fut) => match r {
+                Ok(r) => End::Done(r),
+                Err(panic) => End::Panicked(panic_message(&*panic)),
+            },
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => End::Deadline,
+            () = async { cancel.wait().await; sleep(grace).await } => End::Abandoned(grace),
+            _ = kill.wait_for(|k| *k) => End::Killed,
+        },
+    };
+    let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
+    let answer = run.finish(end, limit);
+    conn.finish(id, answer);
+}
+
+/// Turns a panic inside the handler's future into a value, as `catch_unwind` does for a call.
+pub(super) struct CatchUnwind(HandlerFuture);
+
+impl Future for CatchUnwind {
+    type Output = std::thread::Result<std::result::Result<Vec<u8>, RemoteError>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = &mut self.0;
+        match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(r)) => Poll::Ready(Ok(r)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! The async server: one task per connection, one task per request.
+//!
+//! # How a connection is served
+//!
+//! The connection task checks the peer (before reading a byte), shakes hands, then reads frames.
+//! Each request gets a permit from the connection's semaphore (`max_in_flight` of them) and runs
+//! in a task of its own, so a slow request never holds up a fast one behind it. When all
+//! permits are taken, the connection task stops reading until one is returned: the rest of the
+//! client's requests wait in its socket, and memory stays bounded. Replies go through the
+//! connection's [`Outbox`] to its writer task, which batches them; past a high-water mark of
+//! unsent replies (a client that does not read), the connection is not read either.
+//!
+//! A request's task runs the handler until it returns, its deadline passes (the handler is
+//! dropped and the caller told "timed out"), or the caller cancels and the handler has not
+//! finished within the grace period (dropped, no reply). A `Cancel` frame, and the peer hanging
+//! up, make [`Request::cancelled`] resolve at once, so a handler can stop early and clean up.
+
+mod conn;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::tokio::net::UnixListener;
+use ::tokio::sync::{Notify, Semaphore, watch};
+use ::tokio::task::JoinHandle;
+use ::tokio::time::{Instant, sleep_until};
+
+#[cfg(doc)]
+use crate::error::ErrorKind;
+use crate::error::{Error, RemoteError, Result};
+use crate::micro::StatsResponse;
+use crate::name::Name;
+use crate::registry::{self, Claim};
+use crate::request::{IntoPayload, Request, to_remote};
+use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};
+use conn::{Shared, accept_loop};
+
+/// What a handler's future resolves to, after type erasure.
+type HandlerFuture = Pin<Box<dyn Future<Output = std::result::Result<Vec<u8>, RemoteError>> + Send>>;
+/// A handler, after type erasure.
+pub(crate) type AsyncHandler = dyn Fn(Request) -> HandlerFuture + Send + Sync;
+
+fn erase<F, Fut, R, E>(f: F) -> Arc<AsyncHandler>
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+    R: IntoPayload,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Arc::new(move |req| {
+        let fut = f(req);
+        Box::pin(async move { fut.await.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into())) })
+    })
+}
+
+/// Options for a [`Server`]; from [`Server::builder`].
+#[must_use = "a builder does nothing until .bind()"]
+pub struct ServerBuilder {
+    name: String,
+    dir: Option<PathBuf>,
+    config: Config,
+    identity: Identity,
+    methods: Vec<(String, Arc<AsyncHandler>)>,
+    error: Option<Error>,
+    /// Where to serve besides (or instead of) the local socket (see `crate::nats`).
+    #[cfg(feature = "nats")]
+    nats: crate::nats::ServerConfig,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerBuilder {
+    crate::service::common_server_options!();
+    #[cfg(feature = "nats")]
+    crate::nats::nats_server_options!();
+
+    /// Requests of one connection run at once (default 128). Past it the connection is not read
+    /// until one finishes: backpressure, with bounded memory.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        self
+    }
+
+    /// How long [`ServerHandle::shutdown`] lets running handlers finish (default 10 s); also
+    /// how long a handler whose caller cancelled may take to wind down before it is dropped.
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.config.grace = grace;
+        self
+    }
+
+    /// Adds a named method with an async handler. Clients call it with
+    /// [`Client::call`](super::Client::call).
+    ///
+    /// The handler is an `async fn`, an `async` closure, or a closure returning a future. Each
+    /// call's future must own what it uses (`Send + 'static`): a handler with state clones it
+    /// into the future, as in `move |req| { let db = db.clone(); async move { ... } }` (an
+    /// `async move` closure that captures state does not implement `Fn`).
+    ///
+    /// An invalid or duplicate method name is reported by [`bind`](ServerBuilder::bind).
+    pub fn method<F, Fut, R, E>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        add_method(&mut self.methods, &mut self.error, name, erase(handler));
+        self
+    }
+
+    /// Claims the name and binds its socket.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidName`] (name or a method name), [`ErrorKind::NameTaken`] with the
+    /// owner's pid when a live server has the name, [`ErrorKind::PermissionDenied`] for an unsafe
+    /// runtime directory or a non-socket file at the socket path, [`ErrorKind::Io`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped, a name it had already claimed is released.
+    pub async fn bind(self) -> Result<Server> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        #[cfg(feature = "nats")]
+        let nats_only = self.nats.nats_only();
+        #[cfg(not(feature = "nats"))]
+        let nats_only = false;
+        let (name, dir, claim, listener, started_ms) = if nats_only {
+            let dir = self.dir.unwrap_or_else(registry::runtime_dir);
+            (Name::new(self.name)?, dir, None, None, registry::now_ms())
+        } else {
+            let identity = self.identity.clone();
+            let (name, dir) = (self.name, self.dir);
+            // Claiming touches files and may wait a moment for a racing claimant: off the runtime.
+            let bound =
+                ::tokio::task::spawn_blocking(move || claim_and_bind(name, dir, &identity)).await.map_err(
+                    |e| Error::io("cannot claim the name", std::io::Error::other(e.to_string())),
+                )??;
+            let Bound { name, dir, claim, listener, started_ms } = bound;
+            let listener = UnixListener::from_std(listener).map_err(|e| {
+                Error::io(
+                    format_args!("cannot register {} with the runtime", claim.socket_path().display()),
+                    e,
+                )
+            })?;
+            (name, dir, Some(claim), Some(listener), started_ms)
+        };
+        // After the local claim, so that a taken name is reported first; a failure here
+        // releases the claim.
+        #[cfg(feature = "nats")]
+        let nats = {
+            let methods: Vec<String> = self.methods.iter().map(|(m, _)| m.clone()).collect();
+            crate::nats::bind_async(name.as_str(), &self.nats, &self.identity.version, &methods).await?
+        };
+        let (stop, _) = watch::channel(false);
+        Ok(Server {
+            name,
+            dir,
+            claim,
+            listener,
+            started_ms,
+            config: self.config,
+            identity: self.identity,
+            methods: self.methods,
+            error: None,
+            stop: Arc::new(stop),
+            #[cfg(feature = "nats")]
+            nats,
+        })
+    }
+}
+
+/// An async server that owns its name and socket, ready to serve.
+///
+/// # Examples
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("microcs-doc-tsrv-{}", std::process::id()));
+/// use microcs::Request;
+/// use microcs::tokio::{Client, Server};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let handle = Server::builder("ECHO_ASYNC_DOC")
+///     # .runtime_dir(&dir)
+///     .method("upper", |req: Request| async move {
+///         Ok::<_, microcs::RemoteError>(req.text()?.to_uppercase())
+///     })
+///     .bind()
+///     .await?
+///     .spawn(|req: Request| async move { Ok::<_, microcs::RemoteError>(req.into_payload()) })?;
+///
+/// let client = Client::builder("ECHO_ASYNC_DOC")
+///     # .runtime_dir(&dir)
+///     .connect()
+///     .await?;
+/// assert_eq!(client.request(b"hi").await?, b"hi");
+/// assert_eq!(client.call("upper", b"hi").await?, b"HI");
+/// handle.shutdown().await;
+/// # Ok::<(), microcs::Error>(())
+/// # }).unwrap();
+/// ```
+pub struct Server {
+    name: Name,
+    dir: PathBuf,
+    /// The name's lock and socket; `None` when serving on NATS only.
+    claim: Option<Claim>,
+    listener: Option<UnixListener>,
+    started_ms: u64,
+    config: Config,
+    identity: Identity,
+    methods: Vec<(String, Arc<AsyncHandler>)>,
+    error: Option<Error>,
+    stop: Arc<watch::Sender<bool>>,
+    /// The broker connection, when serving on NATS too.
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::Pending>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("name", &self.name).field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Claims `name` with default options.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::bind`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`ServerBuilder::bind`].
+    pub async fn bind(name: &str) -> Result<Server> {
+        Server::builder(name).bind().await
+    }
+
+    /// Options for a server named `name`.
+    pub fn builder(name: &str) -> ServerBuilder {
+        ServerBuilder {
+            name: name.to_owned(),
+            dir: None,
+            config: Config::default(),
+            identity: Identity::default(),
+            methods: Vec::new(),
+            error: None,
+            #[cfg(feature = "nats")]
+            nats: Default::default(),
+        }
+    }
+
+    /// Adds a named method (see [`ServerBuilder::method`]); an invalid name is reported by
+    /// [`spawn`](Server::spawn) or [`serve`](Server::serve).
+    pub fn method<F, Fut, R, E>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        add_method(&mut self.methods, &mut self.error, name, erase(handler));
+        self
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// The socket the server listens on.
+    pub fn socket_path(&self) -> &Path {
+        self.claim.as_ref().map_or(Path::new(""), Claim::socket_path)
+    }
+
+    /// A handle that stops [`serve`](Server::serve) (or the spawned server) from any thread or
+    /// task.
+    pub fn shutdown_trigger(&self) -> ShutdownTrigger {
+        ShutdownTrigger { stop: self.stop.clone() }
+    }
+
+    /// Serves in background tasks and returns at once. `handler` answers requests that name no
+    /// method.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidName`] for a bad method name added with [`Server::method`];
+    /// [`ErrorKind::Io`] if the service's metadata cannot be written.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime.
+    pub fn spawn<F, Fut, R, E>(self, handler: F) -> Result<ServerHandle>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.start(erase(handler))
+    }
+
+    /// Serves until a [`ShutdownTrigger`] fires, then shuts down as [`ServerHandle::shutdown`]
+    /// does.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](Server::spawn).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the server: it stops accepting at once, and the running
+    /// requests are drained in the background as [`ServerHandle::shutdown`] would.
+    pub async fn serve<F, Fut, R, E>(self, handler: F) -> Result<()>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.serve_with_shutdown(handler, std::future::pending()).await
+    }
+
+    /// Serves until `signal` resolves (or a [`ShutdownTrigger`] fires), then shuts down as
+    /// [`ServerHandle::shutdown`] does — the mini-redis pattern.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](Server::spawn).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> microcs::Result<()> {
+    /// use microcs::{RemoteError, Request};
+    /// microcs::tokio::Server::bind("LIFE_GEN")
+    ///     .await?
+    ///     .serve_with_shutdown(
+    ///         |req: Request| async move { Ok::<_, RemoteError>(req.into_payload()) },
+    ///         async { tokio::time::sleep(std::time::Duration::from_secs(60)).await },
+    ///     )
+    ///     .await
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`serve`](Server::serve).
+    pub async fn serve_with_shutdown<F, Fut, R, E, S>(self, handler: F, signal: S) -> Result<()>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: Future<Output = ()>,
+    {
+        let handle = self.start(erase(handler))?;
+        let mut stop = handle.shared.stop.subscribe();
+        ::tokio::select! {
+            () = signal => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        handle.shutdown().await;
+        Ok(())
+    }
+
+    fn start(self, default: Arc<AsyncHandler>) -> Result<ServerHandle> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let service = Arc::new(Service::new(self.name.clone(), self.identity, default, self.methods));
+        if let Some(claim) = &self.claim {
+            claim.write_meta(&meta(
+                self.started_ms,
+                &service.identity,
+                &service.id,
+                &service.method_names(),
+            ))?;
+        }
+        #[cfg(feature = "nats")]
+        let nats = match self.nats {
+            Some(pending) => Some(crate::nats::start_async(pending, service.clone(), &self.config)?),
+            None => None,
+        };
+        let (kill, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            service,
+            config: self.config,
+            stop: self.stop,
+            kill,
+            claim: Mutex::new(self.claim),
+            conns: Mutex::new(HashMap::new()),
+            drained: Notify::new(),
+            next_conn: AtomicU64::new(1),
+        });
+        let accept = self.listener.map(|l| ::tokio::spawn(accept_loop(shared.clone(), l)));
+        tracing::info!(service = %self.name, "serving");
+        Ok(ServerHandle {
+            shared,
+            accept,
+            #[cfg(feature = "nats")]
+            nats,
+        })
+    }
+}
+
+/// Stops a server from any thread or task (for example a signal handler); cheap to clone.
+#[derive(Clone)]
+pub struct ShutdownTrigger {
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownTrigger {
+    /// Asks the server to shut down; [`Server::serve`] then drains and returns.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for ShutdownTrigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownTrigger").field("fired", &*self.stop.borrow()).finish()
+    }
+}
+
+/// A running server. Dropping it starts the shutdown in the background; await
+/// [`shutdown`](ServerHandle::shutdown) to wait for it.
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+    /// The NATS side; dropping it stops it too.
+    #[cfg(feature = "nats")]
+    nats: Option<crate::nats::Side>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle").field("name", &self.shared.service.name).finish_non_exhaustive()
+    }
+}
+
+impl ServerHandle {
+    /// Stops accepting, removes the socket and lock (the name is free again at once), lets
+    /// running handlers finish within the grace period, then closes every connection; handlers
+    /// still running then are dropped.
+    ///
+    /// Requests that arrive after this started are answered "shutting down" without running,
+    /// which tells the client it may safely send them again.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the shutdown to finish in the background.
+    pub async fn shutdown(mut self) {
+        let shared = self.shared.clone();
+        shared.stop.send_replace(true);
+        // NATS first: it unsubscribes at once (new requests go to other instances), then drains
+        // alongside the local connections.
+        #[cfg(feature = "nats")]
+        let nats = self.nats.take().map(|side| ::tokio::spawn(side.stop(shared.config.grace)));
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.await;
+        }
+        let grace_over = Instant::now() + shared.config.grace;
+        loop {
+            let drained = shared.drained.notified();
+            ::tokio::pin!(drained);
+            drained.as_mut().enable();
+            let open = shared.conns().len();
+            if open == 0 {
+                break;
+            }
+            ::tokio::select! {
+                () = drained => {}
+                () = sleep_until(grace_over), if !*shared.kill.borrow() => {
+                    tracing::warn!(service = %shared.service.name, connections = open, "grace period over; dropping handlers still running");
+                    shared.kill.send_replace(true);
+                }
+            }
+        }
+        #[cfg(feature = "nats")]
+        if let Some(task) = nats {
+            let _ = task.await;
+        }
+        tracing::info!(service = %shared.service.name, "stopped");
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &Name {
+        &self.shared.service.name
+    }
+
+    /// A trigger that shuts this server down from another thread or task.
+    pub fn shutdown_trigger(&self) -> ShutdownTrigger {
+        ShutdownTrigger { stop: self.shared.stop.clone() }
+    }
+
+    /// Waits until a [`ShutdownTrigger`] fires (the server keeps serving meanwhile).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only waits.
+    pub async fn wait(&self) {
+        let _ = self.shared.stop.subscribe().wait_for(|s| *s).await;
+    }
+
+    /// The same counters `$stats` reports, read locally.
+    pub fn stats(&self) -> StatsResponse {
+        self.shared.service.stats()
+    }
+
+    /// Connections open right now.
+    pub fn connections(&self) -> usize {
+        self.shared.conns().len()
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            // The accept task releases the name as it ends; connections drain on their own.
+            self.shared.stop.send_replace(true);
+        }
+    }
+}
