@@ -23,17 +23,27 @@
 //!
 //! # Layout
 //!
-//! - [`proto`]: the wire protocol, sans I/O — frame layout, limits, status codes.
+//! Protocol rules live once, below the two I/O flavours (see `docs/ARCHITECTURE.md`):
+//!
+//! - [`proto`]: the wire protocol, sans I/O — frame layout, limits, status codes, deadlines — and
+//!   the connection state machines of both sides (`proto::server_conn`, `proto::client_conn`):
+//!   which frame is allowed when, request ids, admission, `Cancel`, answer limits, what a failure
+//!   means to the caller and whether a request may be sent again.
+//! - `dispatch`: the life of one request in any server (local or NATS): route, refuse a late
+//!   one, build the [`Request`], turn the handler's end into the one answer, count it.
+//! - `io` and `transport`: plumbing both flavours share — the read buffer and the transport
+//!   seam that moves frames (`transport::unix` today).
 //! - [`Name`]: validated service names.
 //! - [`registry`]: runtime directory, name ownership, [`list`] of running services.
 //! - [`Error`], [`ErrorKind`], [`RemoteError`]: what can go wrong.
 //! - [`Request`], [`Peer`], [`IntoPayload`]: what a handler sees and returns.
 //! - [`micro`]: the JSON of the built-in `$ping`, `$info` and `$stats` methods.
-//! - [`blocking`]: the std-only [`Client`] and [`Server`] (re-exported at the root).
-//! - `nats` (feature `nats`): the same services and calls over a NATS broker, as NATS micro
-//!   services.
+//! - [`blocking`]: the std-only [`Client`] and [`Server`] (re-exported at the root); they only
+//!   move bytes, wait and run handlers.
 //! - `tokio` (feature `tokio`): the same API with `async fn`, a multiplexed client and a
 //!   task-per-connection server; its docs say when to pick which.
+//! - `nats` (feature `nats`): the same services and calls over a NATS broker, as NATS micro
+//!   services; it plugs into `dispatch` (servers) and the clients' transport choice.
 //!
 //! # Security
 //!

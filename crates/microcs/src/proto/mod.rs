@@ -1,8 +1,11 @@
 //! The wire protocol, sans I/O: frame layout, limits, status codes, encode and decode.
 //!
-//! Nothing in this module touches a socket. The connection code in [`crate::blocking`] feeds bytes
-//! in and takes frames out; the exact byte layout is specified in `docs/PROTOCOL.md`, and the golden
-//! examples there are checked by this module's tests.
+//! Nothing in this module touches a socket or a runtime. Besides the codec it holds the
+//! connection state machines of both sides (crate-internal `server_conn` and `client_conn`),
+//! which the blocking and tokio flavours drive with decoded frames: every protocol rule is
+//! decided there, once. The exact byte layout and the rules are specified in
+//! `docs/PROTOCOL.md`; the golden examples there are checked by this module's tests, codec and
+//! state machines alike.
 //!
 //! A frame is a big-endian `u32` length of what follows, a fixed 20-byte [`Header`], an optional
 //! method name and the payload:
@@ -375,5 +378,7 @@ pub fn check_method(method: &str) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
+mod core_tests;
 #[cfg(test)]
 mod tests;

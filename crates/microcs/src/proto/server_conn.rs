@@ -238,6 +238,18 @@ pub(crate) fn frame_timed_out(limit: Duration) -> Out {
     Out::error(0, status::TIMED_OUT, FLAG_SYSTEM, format!("frame not completed within {limit:?}"))
 }
 
+/// The refusal of a peer of another user than the server's (and not allowed in).
+pub(crate) fn other_user(service: &str, uid: u32, own_uid: u32) -> Out {
+    let msg = format!("user {uid} may not use service '{service}' (it serves uid {own_uid} only)");
+    refuse_connection(status::PERMISSION_DENIED, msg)
+}
+
+/// The refusal of a connection past the server's connection limit: try again later.
+pub(crate) fn at_connection_limit(service: &str, max: usize) -> Out {
+    let msg = format!("service '{service}' is at its limit of {max} connections; try again later");
+    refuse_connection(status::BUSY, msg)
+}
+
 /// A refusal of the whole connection, sent right after accepting it (another user, too many
 /// connections, out of threads).
 pub(crate) fn refuse_connection(code: u16, message: impl Into<String>) -> Out {

@@ -71,21 +71,21 @@ const STATUS_RS: &str = include_str!("status.rs");
 
 /// One ` ```hex KIND=NAME [limit=N] ` block of the specification.
 #[derive(Debug)]
-struct HexBlock {
+pub(super) struct HexBlock {
     /// `golden`, `reject` or `incomplete`.
-    kind: String,
-    name: String,
+    pub(super) kind: String,
+    pub(super) name: String,
     /// Payload limit to decode with (`limit=N`, default 16 MiB).
-    limit: u32,
-    bytes: Vec<u8>,
+    pub(super) limit: u32,
+    pub(super) bytes: Vec<u8>,
     /// 1-based line of the opening fence, for failure messages.
-    line: usize,
+    pub(super) line: usize,
 }
 
 /// Every hex block of the specification, in order. Two hex digits per byte, separated by white
 /// space; `#` starts a comment. Anything else inside a block is an error, so a typo cannot be
 /// skipped silently.
-fn hex_blocks() -> Vec<HexBlock> {
+pub(super) fn hex_blocks() -> Vec<HexBlock> {
     let mut out = Vec::new();
     let mut lines = PROTOCOL_MD.lines().enumerate();
     while let Some((n, line)) = lines.next() {

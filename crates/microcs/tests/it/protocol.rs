@@ -331,3 +331,31 @@ fn nothing_goes_out_over_the_clients_limit() {
     assert_eq!(c.request(b"fits").unwrap(), b"fits");
     h.shutdown();
 }
+
+/// The one deadline rule of every server (docs/PROTOCOL.md § 8): a handler that runs past the
+/// request's deadline gets its request answered Error 408 FLAG_SYSTEM without FLAG_NOT_RUN, and
+/// its own late answer is never sent. A raw client that sends no Cancel sees it.
+#[test]
+fn a_deadline_passed_while_the_handler_ran_is_answered_408_by_the_blocking_server() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("late");
+    let name = unique("LATE");
+    let h = dir
+        .server(&name)
+        .bind()
+        .unwrap()
+        .spawn(|r: Request| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<_, RemoteError>(r.into_payload())
+        })
+        .unwrap();
+    let mut r = Raw::hello(&dir, &name);
+    r.send(&Header::request(7, 50), b"", b"too slow");
+    let (flags, msg) = r.expect_error(7, status::TIMED_OUT);
+    assert_eq!(flags, proto::FLAG_SYSTEM, "the handler started: may have run ({msg})");
+    assert!(msg.contains("while the handler ran"), "{msg}");
+    // Nothing else follows for id 7, and the connection still works.
+    r.request(8, "$ping", b"");
+    assert!(!r.expect_reply(8).is_empty());
+    h.shutdown();
+}

@@ -1405,3 +1405,30 @@ fn a_large_request_future_left_unpolled_does_not_stall_the_connection() {
     assert_eq!(reader.join().unwrap(), vec![big.len(), 5], "the big request whole, then the small one");
     drop(big_call);
 }
+
+/// The same deadline rule on the tokio server (docs/PROTOCOL.md § 8).
+#[test]
+fn a_deadline_passed_while_the_handler_ran_is_answered_408_by_the_tokio_server() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("tlate");
+    let name = unique("TLATE");
+    let rt = rt();
+    let _h = rt.block_on(async {
+        tokio_dir_server(&dir, &name)
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: Request| async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, RemoteError>(r.into_payload())
+            })
+            .unwrap()
+    });
+    let mut r = Raw::hello(&dir, &name);
+    r.send(&Header::request(7, 50), b"", b"too slow");
+    let (flags, msg) = r.expect_error(7, status::TIMED_OUT);
+    assert_eq!(flags, proto::FLAG_SYSTEM, "the handler started: may have run ({msg})");
+    assert!(msg.contains("while the handler ran"), "{msg}");
+    r.request(8, "$ping", b"");
+    assert!(!r.expect_reply(8).is_empty());
+}

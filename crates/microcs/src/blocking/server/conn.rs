@@ -17,7 +17,7 @@ use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 use crate::error::ErrorKind;
 use crate::error::Result;
 use crate::io::{Filled, ReadBuf, is_timeout};
-use crate::proto::server_conn::{Action, Out, ServerConn, broken, frame_timed_out, refuse_connection};
+use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, refuse_connection};
 use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::{self, Claim};
 use crate::request::{CancelState, Peer, panic_message};
@@ -230,8 +230,7 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &std::os::unix::net::U
 
 pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     let name = &shared.service.name;
-    let refuse = |code: u16, message: String| {
-        let out = refuse_connection(code, message);
+    let refuse = |out: Out| {
         let _ = send_frame(&stream, &out.header, b"", &out.payload);
     };
     let peer = match peer_credentials(&stream) {
@@ -243,27 +242,14 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     };
     if !shared.config.allows(peer.uid) {
         tracing::warn!(service = %name, uid = peer.uid, pid = peer.pid, "refused a peer of another user");
-        refuse(
-            status::PERMISSION_DENIED,
-            format!(
-                "user {} may not use service '{name}' (it serves uid {} only)",
-                peer.uid,
-                registry::euid()
-            ),
-        );
+        refuse(server_conn::other_user(name.as_str(), peer.uid, registry::euid()));
         return;
     }
     let mut conns = lock(&shared.conns);
     if conns.len() >= shared.config.max_connections {
         drop(conns);
         tracing::warn!(service = %name, "connection limit reached; refusing a connection");
-        refuse(
-            status::BUSY,
-            format!(
-                "service '{name}' is at its limit of {} connections; try again later",
-                shared.config.max_connections
-            ),
-        );
+        refuse(server_conn::at_connection_limit(name.as_str(), shared.config.max_connections));
         return;
     }
     if shared.handshaking.load(Ordering::SeqCst) >= shared.config.max_handshaking {

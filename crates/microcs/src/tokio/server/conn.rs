@@ -20,10 +20,8 @@ use super::{AsyncHandler, HandlerFuture};
 use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 use crate::error::RemoteError;
 use crate::io::{Filled, ReadBuf};
-use crate::proto::server_conn::{
-    Action, Out, ServerConn, broken, frame_timed_out, refuse_connection, shutting_down,
-};
-use crate::proto::{DecodeError, Decoded, Header, status};
+use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, shutting_down};
+use crate::proto::{DecodeError, Decoded, Header};
 use crate::registry::{self, Claim};
 use crate::request::{CancelState, Peer, panic_message};
 use crate::service::{Config, Service};
@@ -132,8 +130,7 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
             return;
         }
     };
-    let refuse = |code: u16, message: String| {
-        let out = refuse_connection(code, message);
+    let refuse = |out: Out| {
         send_frame_now(&stream, &out.header, &out.payload);
     };
     let peer = match peer_credentials(&stream) {
@@ -145,27 +142,14 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     };
     if !shared.config.allows(peer.uid) {
         tracing::warn!(service = %name, uid = peer.uid, pid = peer.pid, "refused a peer of another user");
-        refuse(
-            status::PERMISSION_DENIED,
-            format!(
-                "user {} may not use service '{name}' (it serves uid {} only)",
-                peer.uid,
-                registry::euid()
-            ),
-        );
+        refuse(server_conn::other_user(name.as_str(), peer.uid, registry::euid()));
         return;
     }
     let mut conns = shared.conns();
     if conns.len() >= shared.config.max_connections {
         drop(conns);
         tracing::warn!(service = %name, "connection limit reached; refusing a connection");
-        refuse(
-            status::BUSY,
-            format!(
-                "service '{name}' is at its limit of {} connections; try again later",
-                shared.config.max_connections
-            ),
-        );
+        refuse(server_conn::at_connection_limit(name.as_str(), shared.config.max_connections));
         return;
     }
     let handshaking = conns.values_mut().filter(|c| !c.handshaken && !c.dropped);
