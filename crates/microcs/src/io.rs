@@ -284,6 +284,16 @@ impl std::hash::Hasher for IdHasher {
     }
 }
 
+/// Logs why a server dropped a connection whose write failed: a client that does not read its
+/// replies (the write timeout) is worth a warning, anything else (it left) is not.
+pub(crate) fn log_write_failed(conn: u64, pid: u32, e: &io::Error) {
+    if is_timeout(e) {
+        tracing::warn!(conn, pid, "client does not read its replies; dropping the connection");
+    } else {
+        tracing::debug!(conn, error = %e, "write failed; dropping the connection");
+    }
+}
+
 /// True for the errors that mean the peer is gone.
 pub(crate) fn is_disconnect(e: &io::Error) -> bool {
     matches!(

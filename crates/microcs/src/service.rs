@@ -12,8 +12,12 @@ use std::path::PathBuf;
 use crate::error::{Error, ErrorKind, RemoteError, Result};
 use crate::micro::{self, EndpointInfo, EndpointStats, InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
+use crate::proto::server_conn::{self, Out};
 use crate::proto::{self, status};
 use crate::registry::{self, Claim, Meta};
+use crate::request::Peer;
+use crate::transport::Link;
+use crate::transport::unix::peer_credentials;
 
 /// Service identity and description, set on the server builder.
 #[derive(Debug, Clone)]
@@ -314,6 +318,20 @@ impl Config {
     /// Whether a peer with this uid may connect.
     pub(crate) fn allows(&self, uid: u32) -> bool {
         self.allow_any_user || uid == crate::registry::euid() || self.allowed_uids.contains(&uid)
+    }
+
+    /// The peer of a connection just accepted, as the kernel reports it, if it may use the
+    /// service. `Err`: drop the connection, after sending the refusal when there is one.
+    pub(crate) fn check_peer(&self, service: &Name, link: &Link) -> std::result::Result<Peer, Option<Out>> {
+        let peer = peer_credentials(link).map_err(|e| {
+            tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
+            None
+        })?;
+        if !self.allows(peer.uid) {
+            tracing::warn!(service = %service, uid = peer.uid, pid = peer.pid, "refused a peer of another user");
+            return Err(Some(server_conn::other_user(service.as_str(), peer.uid, registry::euid())));
+        }
+        Ok(peer)
     }
 }
 

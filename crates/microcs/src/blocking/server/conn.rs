@@ -16,13 +16,13 @@ use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::Result;
-use crate::io::{Filled, ReadBuf, is_timeout};
+use crate::io::{Filled, ReadBuf, is_timeout, log_write_failed};
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, refuse_connection};
 use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
-use crate::registry::{self, Claim};
+use crate::registry::Claim;
 use crate::request::{CancelState, Peer, panic_message};
 use crate::service::{Config, Service};
-use crate::transport::unix::{peer_credentials, set_recv_timeout, set_send_buffer, set_send_timeout};
+use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
 use super::{SyncHandler, Trigger};
@@ -178,15 +178,7 @@ impl Conn {
     }
 
     fn write_failed(&self, e: std::io::Error) {
-        if is_timeout(&e) {
-            tracing::warn!(
-                conn = self.id,
-                pid = self.peer.pid,
-                "client does not read its replies; dropping the connection"
-            );
-        } else {
-            tracing::debug!(conn = self.id, error = %e, "write failed; dropping the connection");
-        }
+        log_write_failed(self.id, self.peer.pid, &e);
         self.cancel_all();
         self.close();
     }
@@ -233,18 +225,15 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     let refuse = |out: Out| {
         let _ = send_frame(&stream, &out.header, b"", &out.payload);
     };
-    let peer = match peer_credentials(&stream) {
+    let peer = match shared.config.check_peer(name, &stream) {
         Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
+        Err(refusal) => {
+            if let Some(out) = refusal {
+                refuse(out);
+            }
             return;
         }
     };
-    if !shared.config.allows(peer.uid) {
-        tracing::warn!(service = %name, uid = peer.uid, pid = peer.pid, "refused a peer of another user");
-        refuse(server_conn::other_user(name.as_str(), peer.uid, registry::euid()));
-        return;
-    }
     let mut conns = lock(&shared.conns);
     if conns.len() >= shared.config.max_connections {
         drop(conns);

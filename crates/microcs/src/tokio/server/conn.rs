@@ -19,13 +19,13 @@ use super::super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, shutdown
 use super::{AsyncHandler, HandlerFuture};
 use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 use crate::error::RemoteError;
-use crate::io::{Filled, ReadBuf};
+use crate::io::{Filled, ReadBuf, log_write_failed};
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, shutting_down};
 use crate::proto::{DecodeError, Decoded, Header};
-use crate::registry::{self, Claim};
+use crate::registry::Claim;
 use crate::request::{CancelState, Peer, panic_message};
 use crate::service::{Config, Service};
-use crate::transport::unix::{peer_credentials, set_send_buffer};
+use crate::transport::unix::set_send_buffer;
 use crate::transport::{Link, Shut, Transport, send_frame_now};
 
 /// What the server's tasks share.
@@ -133,18 +133,15 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     let refuse = |out: Out| {
         send_frame_now(&stream, &out.header, &out.payload);
     };
-    let peer = match peer_credentials(&stream) {
+    let peer = match shared.config.check_peer(name, &stream) {
         Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
+        Err(refusal) => {
+            if let Some(out) = refusal {
+                refuse(out);
+            }
             return;
         }
     };
-    if !shared.config.allows(peer.uid) {
-        tracing::warn!(service = %name, uid = peer.uid, pid = peer.pid, "refused a peer of another user");
-        refuse(server_conn::other_user(name.as_str(), peer.uid, registry::euid()));
-        return;
-    }
     let mut conns = shared.conns();
     if conns.len() >= shared.config.max_connections {
         drop(conns);
@@ -258,15 +255,7 @@ pub(super) async fn conn_task(shared: Arc<Shared>, conn: Arc<Conn>, _guard: Conn
     let mut writer = ::tokio::spawn(async move {
         let end = c.outbox.run_writer(&c.stream, Some(write_timeout)).await;
         if let Some(e) = end.error {
-            if e.kind() == std::io::ErrorKind::TimedOut {
-                tracing::warn!(
-                    conn = c.id,
-                    pid = c.peer.pid,
-                    "client does not read its replies; dropping the connection"
-                );
-            } else {
-                tracing::debug!(conn = c.id, error = %e, "write failed; dropping the connection");
-            }
+            log_write_failed(c.id, c.peer.pid, &e);
             c.cancel_all();
             shutdown(&c.stream);
         }
