@@ -204,6 +204,10 @@ impl Error {
         };
         let text = if kind == ErrorKind::Remote {
             format!("service '{service}' answered with error {code}: {message}")
+        } else if kind == ErrorKind::TimedOut {
+            // Worded like the client's own timeout: which side noticed first is a race.
+            let run = if flags & FLAG_NOT_RUN == 0 { "may have run" } else { "did not run" };
+            format!("service '{service}' did not answer in time ({message}); the request {run}")
         } else {
             format!("service '{service}' refused the request: {message}")
         };

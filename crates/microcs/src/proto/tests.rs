@@ -347,6 +347,20 @@ fn status_table_in_protocol_md_lists_every_code_of_status_rs() {
     assert_eq!(status::reason(999), "error");
 }
 
+#[test]
+fn a_timeout_the_server_noticed_reads_like_one_the_client_noticed() {
+    // Both sides hold the same deadline, so which one speaks first is a race; the caller must
+    // not see two different stories (nor "refused" for a handler that ran).
+    let ran = crate::error::Error::from_remote("X", status::TIMED_OUT, FLAG_SYSTEM, "late".into());
+    assert_eq!(ran.kind(), crate::ErrorKind::TimedOut);
+    assert!(ran.may_have_run());
+    assert_eq!(ran.to_string(), "service 'X' did not answer in time (late); the request may have run");
+    let not_run =
+        crate::error::Error::from_remote("X", status::TIMED_OUT, FLAG_SYSTEM | FLAG_NOT_RUN, "early".into());
+    assert!(!not_run.may_have_run());
+    assert!(not_run.to_string().ends_with("the request did not run"), "{not_run}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The decoder's rules, one by one (docs/PROTOCOL.md § 3).
 // ---------------------------------------------------------------------------------------------
