@@ -42,9 +42,11 @@ pub fn exit_code_for(kind: ErrorKind) -> u8 {
         | ErrorKind::Protocol
         | ErrorKind::FrameTooLarge => EXIT_REQUEST_FAILED,
         // Something about this invocation or this machine must change first.
-        ErrorKind::InvalidName | ErrorKind::NameTaken | ErrorKind::PermissionDenied | ErrorKind::Io => {
-            EXIT_LOCAL
-        }
+        ErrorKind::InvalidName
+        | ErrorKind::InvalidConfig
+        | ErrorKind::NameTaken
+        | ErrorKind::PermissionDenied
+        | ErrorKind::Io => EXIT_LOCAL,
         // ErrorKind is non-exhaustive: a kind added later is treated as local until mapped here.
         _ => EXIT_LOCAL,
     }
@@ -136,7 +138,13 @@ mod tests {
         for k in [ErrorKind::NoService, ErrorKind::TimedOut, ErrorKind::Remote, ErrorKind::Closed] {
             assert_eq!(exit_code_for(k), 1, "{k}");
         }
-        for k in [ErrorKind::InvalidName, ErrorKind::NameTaken, ErrorKind::PermissionDenied, ErrorKind::Io] {
+        for k in [
+            ErrorKind::InvalidName,
+            ErrorKind::InvalidConfig,
+            ErrorKind::NameTaken,
+            ErrorKind::PermissionDenied,
+            ErrorKind::Io,
+        ] {
             assert_eq!(exit_code_for(k), 2, "{k}");
         }
     }

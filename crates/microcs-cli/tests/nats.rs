@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use microcs_testsupport::{Broker, Nats};
 use serde_json::Value;
 
 const EXE: &str = env!("CARGO_BIN_EXE_microcs");
@@ -24,97 +25,11 @@ const WATCHDOG: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 // The broker.
 
-/// True when the tests must not skip for lack of a broker.
-fn required() -> bool {
-    std::env::var("MICROCS_REQUIRE_NATS").is_ok_and(|v| v == "1")
-}
-
-fn nats_server_bin() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-}
-
-/// A `nats-server` child process on 127.0.0.1 (a port it picks), killed on drop.
-struct Broker {
-    child: Child,
-    port: u16,
-}
-
-impl Broker {
-    /// Starts one with extra arguments; `None` (after saying why on stderr) when there is no
-    /// `nats-server` binary and nobody required one.
-    fn start(extra: &[&str]) -> Option<Broker> {
-        let Some(bin) = nats_server_bin() else {
-            assert!(!required(), "MICROCS_REQUIRE_NATS=1 but no nats-server binary was found in PATH");
-            eprintln!(
-                "SKIPPED: no nats-server binary, so the NATS tests of the CLI did not run (apt-get install \
-                 nats-server, or run ./scripts/test nats)"
-            );
-            return None;
-        };
-        let mut child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", "-1"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start nats-server");
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut log = String::new();
-        let port = loop {
-            let mut line = String::new();
-            if err.read_line(&mut line).unwrap_or(0) == 0 {
-                let _ = child.kill();
-                panic!("nats-server exited before listening:\n{log}");
-            }
-            log.push_str(&line);
-            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                break rest.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap();
-            }
-        };
-        // Keep reading its log, so that it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in err.lines() {});
-        Some(Broker { child, port })
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The broker of the NATS stage if it exported one, else one of our own (kept alive by this
-/// value).
-struct Nats {
-    url: String,
-    _own: Option<Broker>,
-}
-
-impl Nats {
-    fn get() -> Option<Nats> {
-        match std::env::var("MICROCS_TEST_NATS_URL") {
-            Ok(u) if !u.is_empty() => Some(Nats { url: u, _own: None }),
-            _ => {
-                assert!(!required(), "MICROCS_REQUIRE_NATS=1 but MICROCS_TEST_NATS_URL is not set");
-                Broker::start(&[]).map(|b| Nats { url: b.url(), _own: Some(b) })
-            }
-        }
-    }
-}
+const WHO: &str = "the NATS tests of the CLI";
 
 macro_rules! nats_or_skip {
     () => {
-        match Nats::get() {
+        match Nats::get(WHO) {
             Some(n) => n,
             None => return,
         }
@@ -335,7 +250,8 @@ fn listed<'a>(ls: &'a Value, name: &str) -> Vec<&'a Value> {
 #[test]
 fn serve_on_nats_only_and_call_ls_ping_info_stats_bench_from_elsewhere() {
     let nats = nats_or_skip!();
-    let url = nats.url.as_str();
+    let url = nats.url();
+    let url = url.as_str();
     let (server_env, caller) = (Env::new("srv"), Env::new("caller"));
     let name = unique("CLI_NATS");
     let srv = server_env.serve(&[
@@ -456,7 +372,8 @@ fn serve_on_nats_only_and_call_ls_ping_info_stats_bench_from_elsewhere() {
 #[test]
 fn no_responders_is_no_service_at_once() {
     let nats = nats_or_skip!();
-    let url = nats.url.as_str();
+    let url = nats.url();
+    let url = url.as_str();
     let env = Env::new("nobody");
     let name = unique("CLI_NOBODY");
     let t0 = Instant::now();
@@ -482,7 +399,8 @@ fn no_responders_is_no_service_at_once() {
 #[test]
 fn served_locally_and_on_nats_is_one_instance() {
     let nats = nats_or_skip!();
-    let url = nats.url.as_str();
+    let url = nats.url();
+    let url = url.as_str();
     let (here, elsewhere) = (Env::new("here"), Env::new("elsewhere"));
     let name = unique("CLI_BOTH");
     let srv = here.serve(&[&name, "--echo", "--nats", url]);
@@ -513,7 +431,7 @@ fn served_locally_and_on_nats_is_one_instance() {
 fn credentials_come_from_the_environment_only() {
     // A broker of our own (even in the NATS stage: the shared one has no users), that wants a
     // user and password.
-    let Some(broker) = Broker::start(&["--user", "cli", "--pass", "hunter2"]) else { return };
+    let Some(broker) = Broker::start(WHO, &["--user", "cli", "--pass", "hunter2"]) else { return };
     let url = broker.url();
     let secret_url = url.replace("nats://", "nats://cli:hunter2@");
     let env = Env::new("auth");

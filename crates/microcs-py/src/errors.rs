@@ -12,7 +12,7 @@ use pyo3::types::PyType;
 /// The Python classes, in the order of [`class_index`].
 static CLASSES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
 
-const CLASS_NAMES: [&str; 10] = [
+const CLASS_NAMES: [&str; 11] = [
     "Error",
     "InvalidName",
     "NoService",
@@ -23,6 +23,7 @@ const CLASS_NAMES: [&str; 10] = [
     "ProtocolError",
     "PermissionDenied",
     "Closed",
+    "InvalidConfig",
 ];
 
 fn class_index(kind: ErrorKind) -> usize {
@@ -36,6 +37,7 @@ fn class_index(kind: ErrorKind) -> usize {
         ErrorKind::Protocol => 7,
         ErrorKind::PermissionDenied => 8,
         ErrorKind::Closed => 9,
+        ErrorKind::InvalidConfig => 10,
         // `Io` and kinds added later: the base class, with the Rust message.
         _ => 0,
     }

@@ -13,9 +13,9 @@ use microcs::micro::{DEFAULT_ENDPOINT, InfoResponse, StatsResponse};
 use microcs::nats::{ENV_URL, NatsOptions, Transport};
 use microcs::{Error, ErrorKind};
 
-/// An `InvalidName` error (also a `ValueError` in Python): the arguments do not make sense.
+/// An `InvalidConfig` error (also a `ValueError` in Python): the arguments do not make sense.
 fn invalid(message: String) -> Error {
-    Error::new(ErrorKind::InvalidName, message)
+    Error::new(ErrorKind::InvalidConfig, message)
 }
 
 /// The `transport=` argument: `None`, `"auto"`, `"local"` or `"nats"`.

@@ -542,7 +542,7 @@ impl Server {
 
 /// The library's advice names its Rust builder method; a Python caller passes an argument.
 fn python_advice(e: microcs::Error) -> microcs::Error {
-    if e.kind() == ErrorKind::InvalidName && e.message().contains("fix .version()") {
+    if e.kind() == ErrorKind::InvalidConfig && e.message().contains("fix .version()") {
         return microcs::Error::new(e.kind(), e.message().replace("fix .version()", "pass such a version="));
     }
     e

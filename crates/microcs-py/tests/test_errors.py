@@ -17,6 +17,7 @@ from conftest import ServerFactory
 def test_hierarchy_and_builtin_bases() -> None:
     kinds = [
         microcs.InvalidName,
+        microcs.InvalidConfig,
         microcs.NoService,
         microcs.NameTaken,
         microcs.TimedOut,
@@ -31,6 +32,8 @@ def test_hierarchy_and_builtin_bases() -> None:
         assert k.__module__ == "microcs._errors"
     assert issubclass(microcs.TimedOut, TimeoutError)
     assert issubclass(microcs.InvalidName, ValueError)
+    assert issubclass(microcs.InvalidConfig, ValueError)
+    assert not issubclass(microcs.InvalidConfig, microcs.InvalidName)
     assert issubclass(microcs.PermissionDenied, PermissionError)
     assert issubclass(microcs.NoService, ConnectionError)
     assert issubclass(microcs.Closed, ConnectionError)

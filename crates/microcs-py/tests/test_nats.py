@@ -358,7 +358,7 @@ def test_microcs_nats_url_alone_reaches_nats(
         microcs.Client(name, timeout=10)
     # A server never takes its URL from the environment.
     monkeypatch.delenv("MICROCS_TRANSPORT")
-    with pytest.raises(microcs.InvalidName, match="never takes it from MICROCS_NATS_URL"):
+    with pytest.raises(microcs.InvalidConfig, match="never takes it from MICROCS_NATS_URL"):
         microcs.Server(lambda b: b, f"{name}_S", transport="nats")
 
 
@@ -404,17 +404,17 @@ def test_in_process_nats_only_servers(
 
 
 def test_argument_errors(nats_url: str, name: str) -> None:
-    with pytest.raises(microcs.InvalidName, match="'auto', 'local' or 'nats'"):
+    with pytest.raises(microcs.InvalidConfig, match="'auto', 'local' or 'nats'"):
         microcs.Client(name, transport="tcp")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="transport='nats' needs a NATS URL"):
+    with pytest.raises(microcs.InvalidConfig, match="transport='nats' needs a NATS URL"):
         microcs.Client(name, transport="nats")
     with pytest.raises(ValueError, match="transport='nats' needs a NATS URL"):
         microcs.AsyncClient(name, transport="nats")
-    with pytest.raises(microcs.InvalidName, match="not an empty string"):
+    with pytest.raises(microcs.InvalidConfig, match="not an empty string"):
         microcs.Client(name, nats=" ")
     with pytest.raises(microcs.InvalidName, match="no dots"):
         microcs.Server(lambda b: b, f"{name}.sub", nats=nats_url)
-    with pytest.raises(microcs.InvalidName, match="not SemVer.*pass such a version="):
+    with pytest.raises(microcs.InvalidConfig, match="not SemVer.*pass such a version="):
         microcs.Server(lambda b: b, name, nats=nats_url, version="1.0")
     with pytest.raises(microcs.InvalidName, match="method 'v1.step'"):
         microcs.Server(None, name, nats=nats_url, methods={"v1.step": lambda b: b})

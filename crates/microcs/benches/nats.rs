@@ -11,53 +11,14 @@
 //! service would; requests are sequential (one in flight), so a case measures latency. See
 //! docs/BENCHMARKS.md, section NATS.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use microcs::nats::Transport;
 use microcs::{Client, RemoteError, Request, Server};
+use microcs_testsupport::Nats;
 
 const SIZES: [usize; 2] = [32, 4096];
-
-struct Broker(Option<Child>, String);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn broker() -> Broker {
-    if let Ok(u) = std::env::var("MICROCS_TEST_NATS_URL") {
-        return Broker(None, u);
-    }
-    let bin = ["nats-server", "/usr/sbin/nats-server"]
-        .into_iter()
-        .find(|b| Command::new(b).arg("--version").output().is_ok())
-        .expect("nats-server not found: apt-get install nats-server, or set MICROCS_TEST_NATS_URL");
-    let mut child = Command::new(bin)
-        .args(["-a", "127.0.0.1", "-p", "-1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start nats-server");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let port = loop {
-        let mut line = String::new();
-        assert!(err.read_line(&mut line).unwrap() > 0, "nats-server exited");
-        if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-            break rest.trim().rsplit(':').next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in err.lines() {});
-    Broker(Some(child), format!("nats://127.0.0.1:{port}"))
-}
 
 /// A current-thread runtime on a thread of its own, kept alive until the process ends.
 fn service_runtime() -> tokio::runtime::Handle {
@@ -111,8 +72,12 @@ fn bare_requests(
 }
 
 fn bench(c: &mut Criterion) {
-    let b = broker();
-    let url = b.1.clone();
+    let Some(b) = Nats::get("the NATS benchmark") else {
+        panic!(
+            "the NATS benchmark needs nats-server: apt-get install nats-server, or set MICROCS_TEST_NATS_URL"
+        )
+    };
+    let url = b.url();
     let pid = std::process::id();
     let bare_subject = format!("BARE_{pid}");
     bare_responder(&url, &bare_subject);

@@ -17,6 +17,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum ErrorKind {
     /// The service (or method) name is not valid.
     InvalidName,
+    /// A setting does not make sense: an unknown transport (`MICROCS_TRANSPORT`), transport
+    /// `nats` without a NATS URL, an empty or malformed NATS URL (its credentials included), a
+    /// version that is not SemVer for a service served on NATS. The message names the setting.
+    InvalidConfig,
     /// No service of that name is running.
     NoService,
     /// Another live server already owns the name.
@@ -44,6 +48,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::InvalidName => "invalid name",
+            ErrorKind::InvalidConfig => "invalid configuration",
             ErrorKind::NoService => "no service",
             ErrorKind::NameTaken => "name taken",
             ErrorKind::TimedOut => "timed out",
@@ -290,7 +295,7 @@ impl std::error::Error for Error {
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match e.kind() {
-            ErrorKind::InvalidName => io::ErrorKind::InvalidInput,
+            ErrorKind::InvalidName | ErrorKind::InvalidConfig => io::ErrorKind::InvalidInput,
             ErrorKind::NoService => io::ErrorKind::NotFound,
             ErrorKind::NameTaken => io::ErrorKind::AddrInUse,
             ErrorKind::TimedOut => io::ErrorKind::TimedOut,

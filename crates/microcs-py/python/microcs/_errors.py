@@ -12,6 +12,7 @@ from typing import Optional
 __all__ = [
     "Error",
     "InvalidName",
+    "InvalidConfig",
     "NoService",
     "NameTaken",
     "TimedOut",
@@ -38,6 +39,11 @@ class Error(Exception):
 
 class InvalidName(Error, ValueError):
     """A service or method name is not valid (the message says what is allowed)."""
+
+
+class InvalidConfig(Error, ValueError):
+    """A setting does not make sense: an unknown ``transport``, ``transport="nats"`` without a
+    NATS URL, an empty or malformed URL, a ``version`` that is not SemVer for a service on NATS."""
 
 
 class NoService(Error, ConnectionError):

@@ -13,7 +13,8 @@ pub(crate) async fn connect(opts: &NatsOptions, label: &str) -> Result<async_nat
     let written = opts.url.as_deref().unwrap_or_default().trim();
     // Credentials written in the URL are ours to apply (the client library does not read them),
     // after any given as options.
-    let from_url = super::url_credentials(written).map_err(|why| Error::new(ErrorKind::InvalidName, why))?;
+    let from_url =
+        super::url_credentials(written).map_err(|why| Error::new(ErrorKind::InvalidConfig, why))?;
     let url = super::strip_credentials(written);
     let shown = opts.display_url();
     let mut co = ConnectOptions::new()
@@ -88,7 +89,7 @@ pub(crate) async fn connect(opts: &NatsOptions, label: &str) -> Result<async_nat
     }
     co.connect(url.as_str()).await.map_err(|e| {
         let (kind, why) = match e.kind() {
-            ConnectErrorKind::ServerParse => (ErrorKind::InvalidName, "the URL is not valid"),
+            ConnectErrorKind::ServerParse => (ErrorKind::InvalidConfig, "the URL is not valid"),
             ConnectErrorKind::Dns => (ErrorKind::Io, "its host name does not resolve"),
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => (
                 ErrorKind::PermissionDenied,

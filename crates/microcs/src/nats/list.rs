@@ -25,7 +25,7 @@ const QUIET: Duration = Duration::from_millis(150);
 ///
 /// The broker cannot be reached (an error naming the URL), its credentials are refused
 /// ([`ErrorKind::PermissionDenied`]), or no URL was given nor set in
-/// [`MICROCS_NATS_URL`](super::ENV_URL) ([`ErrorKind::InvalidName`]).
+/// [`MICROCS_NATS_URL`](super::ENV_URL) ([`ErrorKind::InvalidConfig`]).
 ///
 /// # Examples
 ///
@@ -115,7 +115,7 @@ async fn gather<T: Answer>(
     let options = options.clone().with_env();
     if options.url().is_none() {
         return Err(Error::new(
-            ErrorKind::InvalidName,
+            ErrorKind::InvalidConfig,
             format!("no NATS URL to list services from: pass one or set {}", super::ENV_URL),
         ));
     }

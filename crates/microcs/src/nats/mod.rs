@@ -149,14 +149,14 @@ impl Transport {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::InvalidName`] naming the accepted values.
+    /// [`ErrorKind::InvalidConfig`] naming the accepted values.
     pub fn parse(s: &str) -> Result<Transport> {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" | "" => Ok(Transport::Auto),
             "local" => Ok(Transport::Local),
             "nats" => Ok(Transport::Nats),
             other => Err(Error::new(
-                ErrorKind::InvalidName,
+                ErrorKind::InvalidConfig,
                 format!("unknown transport {other:?}; use 'auto', 'local' or 'nats'"),
             )),
         }
@@ -254,7 +254,7 @@ impl ClientConfig {
             Some(t) => t,
             None => match std::env::var(ENV_TRANSPORT) {
                 Ok(v) => Transport::parse(&v).map_err(|e| {
-                    Error::new(ErrorKind::InvalidName, format!("{ENV_TRANSPORT}: {}", e.message()))
+                    Error::new(ErrorKind::InvalidConfig, format!("{ENV_TRANSPORT}: {}", e.message()))
                 })?,
                 Err(_) => Transport::Auto,
             },
@@ -266,7 +266,7 @@ impl ClientConfig {
         if options.url.is_none() {
             if transport == Transport::Nats {
                 return Err(Error::new(
-                    ErrorKind::InvalidName,
+                    ErrorKind::InvalidConfig,
                     format!("transport 'nats' needs a NATS URL: use .nats(url) or set {ENV_URL}"),
                 ));
             }
@@ -291,7 +291,7 @@ impl ServerConfig {
         match (&self.options, self.transport) {
             (_, Transport::Local) => Ok(None),
             (None, Transport::Nats) => Err(Error::new(
-                ErrorKind::InvalidName,
+                ErrorKind::InvalidConfig,
                 "transport 'nats' needs a NATS URL: use .nats(url) on the server builder",
             )),
             (None, _) => Ok(None),
@@ -300,7 +300,7 @@ impl ServerConfig {
                 let mut o = o.clone().with_env();
                 o.url = url; // the environment's URL is for clients only
                 if o.url.as_deref().is_none_or(|u| u.trim().is_empty()) {
-                    return Err(Error::new(ErrorKind::InvalidName, "the NATS URL is empty"));
+                    return Err(Error::new(ErrorKind::InvalidConfig, "the NATS URL is empty"));
                 }
                 Ok(Some(o))
             }
@@ -345,7 +345,7 @@ pub(crate) fn check_semver(version: &str) -> Result<()> {
         return Ok(());
     }
     Err(Error::new(
-        ErrorKind::InvalidName,
+        ErrorKind::InvalidConfig,
         format!(
             "version {version:?} is not SemVer (MAJOR.MINOR.PATCH, e.g. 1.2.0), which NATS micro services \
              require; fix .version() to serve on NATS"
@@ -430,6 +430,6 @@ mod tests {
         assert_eq!(Transport::parse("NATS").unwrap(), Transport::Nats);
         assert_eq!(Transport::parse(" local ").unwrap(), Transport::Local);
         assert_eq!(Transport::parse("auto").unwrap(), Transport::Auto);
-        assert_eq!(Transport::parse("tcp").unwrap_err().kind(), ErrorKind::InvalidName);
+        assert_eq!(Transport::parse("tcp").unwrap_err().kind(), ErrorKind::InvalidConfig);
     }
 }

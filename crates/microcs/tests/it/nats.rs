@@ -8,144 +8,31 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use microcs::nats::{NatsOptions, Transport};
 use microcs::{Client, ErrorKind, RemoteError, Request, Server};
+use microcs_testsupport::{Broker, Nats, required};
 
 use crate::common::{TempDir, eventually, unique, watchdog};
 
-/// True when the tests must not skip for lack of a server.
-fn required() -> bool {
-    std::env::var("MICROCS_REQUIRE_NATS").is_ok_and(|v| v == "1")
-}
-
-fn nats_server_bin() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-}
-
-/// A `nats-server` child process on 127.0.0.1, killed on drop.
-struct Broker {
-    child: Option<Child>,
-    port: u16,
-    args: Vec<String>,
-    bin: PathBuf,
-}
-
-impl Broker {
-    /// Starts a broker with extra arguments; `None` (after saying why) when there is no
-    /// `nats-server` and the NATS stage did not ask for one.
-    fn start(extra: &[&str]) -> Option<Broker> {
-        let Some(bin) = nats_server_bin() else {
-            assert!(!required(), "MICROCS_REQUIRE_NATS=1 but no nats-server binary was found in PATH");
-            eprintln!(
-                "SKIPPED: no nats-server binary (apt-get install nats-server, or run ./scripts/test nats)"
-            );
-            return None;
-        };
-        let mut b = Broker { child: None, port: 0, args: extra.iter().map(|s| s.to_string()).collect(), bin };
-        b.spawn("-1");
-        Some(b)
-    }
-
-    fn spawn(&mut self, port: &str) {
-        let mut child = Command::new(&self.bin)
-            .args(["-a", "127.0.0.1", "-p", port])
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start nats-server");
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut log = String::new();
-        let port = loop {
-            let mut line = String::new();
-            if err.read_line(&mut line).unwrap_or(0) == 0 {
-                let _ = child.kill();
-                panic!("nats-server exited before listening:\n{log}");
-            }
-            log.push_str(&line);
-            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                break rest.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap();
-            }
-        };
-        // Keep reading its log, so that it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in err.lines() {});
-        self.port = port;
-        self.child = Some(child);
-    }
-
-    fn url(&self) -> String {
-        let scheme = if self.args.iter().any(|a| a == "--tls") { "tls" } else { "nats" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+/// A broker of our own, with extra `nats-server` arguments (skips the test when there is none).
+macro_rules! own_broker {
+    ($($arg:expr),* $(,)?) => {
+        match Broker::start("the NATS tests of the library", &[$($arg),*]) {
+            Some(b) => b,
+            None => return,
         }
-    }
-
-    /// Kills the broker and starts a new one on the same port.
-    fn restart(&mut self) {
-        self.kill();
-        let port = self.port.to_string();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // The port may linger a moment after the old process died.
-        loop {
-            let ok = std::net::TcpListener::bind(("127.0.0.1", self.port)).is_ok();
-            if ok || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.spawn(&port);
-    }
+    };
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The broker of the NATS stage if it exported one, else a broker of our own.
-enum Url {
-    Shared(String),
-    Own(Broker),
-}
-
-impl Url {
-    fn get() -> Option<Url> {
-        match std::env::var("MICROCS_TEST_NATS_URL") {
-            Ok(u) if !u.is_empty() => Some(Url::Shared(u)),
-            _ => {
-                assert!(!required(), "MICROCS_REQUIRE_NATS=1 but MICROCS_TEST_NATS_URL is not set");
-                Broker::start(&[]).map(Url::Own)
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        match self {
-            Url::Shared(u) => u.clone(),
-            Url::Own(b) => b.url(),
-        }
-    }
-}
-
+/// The shared broker or one of our own (skips the test when there is none).
 macro_rules! broker_url {
     () => {
-        match Url::get() {
+        match Nats::get("the NATS tests of the library") {
             Some(u) => u,
             None => return,
         }
@@ -364,7 +251,7 @@ fn oversize_payloads_are_refused_before_sending() {
     let conf = TempDir::new("nbig");
     let conf_file = conf.path().join("nats.conf");
     std::fs::write(&conf_file, "max_payload: 65536\n").unwrap();
-    let Some(b) = Broker::start(&["-c", conf_file.to_str().unwrap()]) else { return };
+    let b = own_broker!("-c", conf_file.to_str().unwrap());
     let url = b.url();
     let name = unique("NBIG");
     let handle = Server::builder(&name)
@@ -527,7 +414,7 @@ fn a_server_serves_local_and_nats_with_one_handler() {
 #[test]
 fn broker_restart_client_and_server_recover() {
     let _w = watchdog(Duration::from_secs(90));
-    let Some(mut b) = Broker::start(&[]) else { return };
+    let mut b = own_broker!();
     let url = b.url();
     let name = unique("NRST");
     let handle =
@@ -567,7 +454,7 @@ fn names_and_versions_nats_cannot_take_are_refused() {
     assert!(e.to_string().contains("no dots"), "{e}");
     let name = unique("NVER");
     let e = Server::builder(&name).nats(&url).transport(Transport::Nats).version("1.0").bind().unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidName, "{e}");
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
     assert!(e.to_string().contains("SemVer"), "{e}");
     let e = Server::builder(&name)
         .nats(&url)
@@ -585,6 +472,44 @@ fn names_and_versions_nats_cannot_take_are_refused() {
     // The server's broker URL never comes from the environment: Nats transport without one fails.
     let e = Server::builder(&name).transport(Transport::Nats).bind().unwrap_err();
     assert!(e.to_string().contains("needs a NATS URL"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+}
+
+/// A client process started with `env`: its `call` outcome as the peer prints it
+/// (`Kind: message` on stderr when it fails).
+fn peer_call(dir: &TempDir, name: &str, env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(crate::common::PEER);
+    cmd.args(["call", name, "x"]).env("MICROCS_RUNTIME_DIR", dir.path());
+    for var in ["MICROCS_TRANSPORT", "MICROCS_NATS_URL"] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "the call should fail: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn configuration_mistakes_are_invalid_config_and_bad_names_stay_invalid_name() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("ncfg");
+    let name = unique("NCFG");
+    // Settings: an unknown transport, NATS without a URL, an empty URL, bad credentials in one.
+    let err = peer_call(&dir, &name, &[("MICROCS_TRANSPORT", "tcp")]);
+    assert!(err.starts_with("InvalidConfig: MICROCS_TRANSPORT: unknown transport"), "{err}");
+    let err = peer_call(&dir, &name, &[("MICROCS_TRANSPORT", "nats")]);
+    assert!(err.starts_with("InvalidConfig: ") && err.contains("needs a NATS URL"), "{err}");
+    let e = Server::builder(&name).nats("  ").bind().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+    assert!(e.to_string().contains("the NATS URL is empty"), "{e}");
+    let e = Transport::parse("tcp").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+    assert_eq!(e.kind().as_str(), "invalid configuration");
+    // Names are still names, with NATS configured or not.
+    let e = dir.client("bad/name").nats("nats://127.0.0.1:1").connect().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName, "{e}");
+    let err = peer_call(&dir, "bad/name", &[("MICROCS_TRANSPORT", "local")]);
+    assert!(err.starts_with("InvalidName: "), "{err}");
 }
 
 #[test]
@@ -618,7 +543,7 @@ fn unreachable_broker_is_a_clear_error_naming_the_url() {
 #[test]
 fn credentials_user_password_and_token() {
     let _w = watchdog(Duration::from_secs(60));
-    let Some(b) = Broker::start(&["--user", "svc", "--pass", "s3cret-pw"]) else { return };
+    let b = own_broker!("--user", "svc", "--pass", "s3cret-pw");
     let url = b.url();
     let name = unique("NAUTH");
     let good = NatsOptions::new(&url).user_password("svc", "s3cret-pw");
@@ -645,7 +570,7 @@ fn credentials_user_password_and_token() {
     assert!(!e.to_string().contains("wrong"), "{e}");
     handle.shutdown();
 
-    let Some(t) = Broker::start(&["--auth", "tok-123"]) else { return };
+    let t = own_broker!("--auth", "tok-123");
     let opts = NatsOptions::new(&t.url()).token("tok-123");
     let handle = Server::builder(&name)
         .nats_options(opts.clone())
@@ -730,10 +655,7 @@ fn tls_urls_work() {
         return;
     }
     let p = |f: &str| certs.path().join(f).to_str().unwrap().to_owned();
-    let Some(b) = Broker::start(&["--tls", "--tlscert", &p("server.pem"), "--tlskey", &p("server.key")])
-    else {
-        return;
-    };
+    let b = own_broker!("--tls", "--tlscert", &p("server.pem"), "--tlskey", &p("server.key"));
     let url = b.url();
     assert!(url.starts_with("tls://"));
     let name = unique("NTLS");
