@@ -5,16 +5,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Call local services by name: serve any program as a service, call it, list, ping, inspect and
-/// benchmark services, all from the shell.
-///
-/// Services live in a private runtime directory ($MICROCS_RUNTIME_DIR, else
-/// $XDG_RUNTIME_DIR/microcs, else /tmp/microcs-UID) and talk over Unix sockets. Across machines,
-/// the same names work over a NATS server: `serve NAME --nats URL` there, `call NAME --nats URL`
-/// (or $MICROCS_NATS_URL) anywhere.
-///
-/// Exit status: 0 success, 1 the request failed (remote error, timeout, no such service),
-/// 2 usage or local error.
 /// The `--help` paragraph on NATS credentials.
 macro_rules! nats_creds_help {
     () => {
@@ -36,9 +26,20 @@ macro_rules! nats_env_help {
     };
 }
 
+/// Call local services by name: serve any program as a service, call it, list, ping, inspect and
+/// benchmark services, all from the shell.
+///
+/// Services live in a private runtime directory ($MICROCS_RUNTIME_DIR, else
+/// $XDG_RUNTIME_DIR/microcs, else /tmp/microcs-UID) and talk over Unix sockets. Across machines,
+/// the same names work over a NATS server: `serve NAME --nats URL` there, `call NAME --nats URL`
+/// (or $MICROCS_NATS_URL) anywhere.
 #[derive(Debug, Parser)]
 #[command(name = "microcs", version, propagate_version = true, max_term_width = 100)]
-#[command(after_help = "New here? Run `microcs demo` for a guided tour (a few seconds, nothing to set up).")]
+#[command(
+    after_help = "Exit status: 0 success, 1 the request failed (remote error, timeout, no such service), 2 \
+                         usage or local error.\n\nNew here? Run `microcs demo` for a guided tour (a few seconds, \
+                         nothing to set up)."
+)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]

@@ -572,6 +572,19 @@ fn closed_stdout_exits_quietly() {
 }
 
 #[test]
+fn help_says_what_the_tool_is_and_the_exit_status_rule() {
+    let env = Env::new("help");
+    for flag in ["--help", "-h"] {
+        let text = env.run(&[flag]).ok().text();
+        // The description comes first; the exit-status rule is in both the short and long help.
+        assert!(text.starts_with("Call local services by name"), "{flag}: {text}");
+        let status = text.find("Exit status: 0 success, 1 the request failed").expect("the exit-status note");
+        assert!(text[status..].contains("2 usage or local error"), "{text}");
+        assert!(!text.contains("The subcommands"), "{text}");
+    }
+}
+
+#[test]
 fn completions_for_each_shell() {
     let env = Env::new("compl");
     for shell in ["bash", "zsh", "fish"] {
