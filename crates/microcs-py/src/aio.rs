@@ -23,7 +23,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use microcs::ErrorKind;
@@ -48,18 +48,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The process's tokio runtime for async clients: one worker thread (the work per request is
 /// encoding and decoding frames; the waiting is asyncio's).
+///
+/// One per process: threads do not survive `fork()`, so a child gets a runtime of its own. The
+/// parent's is never dropped (its thread is not there to stop, and its state is the parent's).
 fn runtime() -> PyResult<&'static Runtime> {
-    static RT: OnceLock<Result<Runtime, String>> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("microcs-async")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the async runtime: {e}"))
-    })
-    .as_ref()
-    .map_err(|e| PyRuntimeError::new_err(e.clone()))
+    static RT: Mutex<Option<(u32, &'static Runtime)>> = Mutex::new(None);
+    let mut slot = lock(&RT);
+    let pid = std::process::id();
+    if let Some((owner, rt)) = *slot
+        && owner == pid
+    {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("microcs-async")
+        .enable_all()
+        .build()
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start the async runtime: {e}")))?;
+    let rt: &'static Runtime = Box::leak(Box::new(rt));
+    *slot = Some((pid, rt));
+    Ok(rt)
 }
 
 /// What a finished call hands to the loop.
@@ -187,8 +196,8 @@ struct Shared {
     /// The NATS URL given (else the library reads `MICROCS_NATS_URL`).
     nats: Option<String>,
     transport: Option<Transport>,
-    /// The connection, once made; clones share it.
-    client: Mutex<Option<microcs::tokio::Client>>,
+    /// The connection, once made, with the process that made it; clones share it.
+    client: Mutex<Option<(u32, microcs::tokio::Client)>>,
     /// Serialises connecting, so that a crowd of first calls opens one connection.
     connecting: tokio::sync::Mutex<()>,
     closed: AtomicBool,
@@ -209,11 +218,11 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(self.closed_error());
         }
-        if let Some(c) = lock(&self.client).clone() {
+        if let Some(c) = self.current() {
             return Ok(c);
         }
         let _one_at_a_time = self.connecting.lock().await;
-        if let Some(c) = lock(&self.client).clone() {
+        if let Some(c) = self.current() {
             return Ok(c);
         }
         let mut b = microcs::tokio::Client::builder(&self.name).timeout(self.timeout);
@@ -233,8 +242,22 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(self.closed_error());
         }
-        *lock(&self.client) = Some(c.clone());
+        *lock(&self.client) = Some((std::process::id(), c.clone()));
         Ok(c)
+    }
+
+    /// The connection made by this process, if any. One made before a `fork()` is let go (the
+    /// library leaves the parent's connection untouched), so this process connects anew.
+    fn current(&self) -> Option<microcs::tokio::Client> {
+        let mut slot = lock(&self.client);
+        match slot.as_ref() {
+            Some((owner, c)) if *owner == std::process::id() => Some(c.clone()),
+            Some(_) => {
+                drop(slot.take());
+                None
+            }
+            None => None,
+        }
     }
 }
 
@@ -242,6 +265,8 @@ impl Shared {
 struct LoopBinding {
     event_loop: Py<PyAny>,
     bridge: Arc<Bridge>,
+    /// The process that registered it: a forked child's loop is not this one.
+    owner: u32,
 }
 
 /// An asyncio client of a named service: many requests in flight over one connection.
@@ -259,6 +284,11 @@ impl AsyncClient {
         let running = py.import("asyncio")?.call_method0("get_running_loop")?;
         let this = slf.get();
         let mut binding = lock(&this.binding);
+        if binding.as_ref().is_some_and(|b| b.owner != std::process::id()) {
+            // Made before a fork(): its wake-up socket pair is shared with the parent, whose loop
+            // watches it. Left alone (not unregistered, not closed); this process makes its own.
+            std::mem::forget(binding.take());
+        }
         if let Some(b) = binding.as_ref() {
             let bound = b.event_loop.bind(py);
             if bound.is(&running) {
@@ -279,7 +309,11 @@ impl AsyncClient {
         })?);
         let drain = Drain { bridge: bridge.clone() };
         running.call_method1("add_reader", (bridge.wake_rx.as_raw_fd(), drain))?;
-        *binding = Some(LoopBinding { event_loop: running.clone().unbind(), bridge: bridge.clone() });
+        *binding = Some(LoopBinding {
+            event_loop: running.clone().unbind(),
+            bridge: bridge.clone(),
+            owner: std::process::id(),
+        });
         Ok((running, bridge))
     }
 
@@ -467,7 +501,7 @@ impl AsyncClient {
     /// any request); None until connected.
     #[getter]
     fn via(&self) -> Option<&'static str> {
-        lock(&self.shared.client).as_ref().map(|c| c.via().as_str())
+        lock(&self.shared.client).as_ref().map(|(_, c)| c.via().as_str())
     }
 
     /// Closes the client: later calls raise `Closed`; calls already in flight still complete.
@@ -501,6 +535,10 @@ impl Drop for AsyncClient {
         // No call is in flight (each call keeps its client alive until its future is settled):
         // stop watching the wake-up socket. The loop may be closed already.
         if let Some(b) = self.binding.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            if b.owner != std::process::id() {
+                std::mem::forget(b); // the parent's (see `bridge`)
+                return;
+            }
             Python::attach(|py| {
                 let fd = b.bridge.wake_rx.as_raw_fd();
                 let _ = b.event_loop.bind(py).call_method1("remove_reader", (fd,));

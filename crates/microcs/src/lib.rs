@@ -57,6 +57,7 @@
 pub mod blocking;
 mod dispatch;
 pub mod error;
+mod fork;
 mod io;
 pub mod micro;
 mod name;

@@ -10,6 +10,8 @@
 //! microcs-peer call-method NAME METHOD PAYLOAD   one call of a method; prints the reply
 //! microcs-peer serve-tokio NAME   as `serve`, with the async server (feature `tokio`) and
 //!                                 async versions of the same methods
+//! microcs-peer fork-call NAME N    connect, fork, N requests from each process (see fork.rs)
+//! microcs-peer fork-tokio NAME N   the same with the async client
 //! ```
 //! Server options from the environment: PEER_GRACE_MS, PEER_WRITE_TIMEOUT_MS, PEER_MAX_PENDING,
 //! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_LOG (file for the `record` method).
@@ -20,6 +22,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use microcs::{ErrorKind, RemoteError, Request, Server};
+
+mod fork;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +36,9 @@ fn main() -> ExitCode {
         #[cfg(feature = "tokio")]
         "serve-tokio" => async_peer::serve(name),
         "race" => serve(name, true),
+        "fork-call" => fork::blocking(name, args.get(2).and_then(|n| n.parse().ok()).unwrap_or(100)),
+        #[cfg(feature = "tokio")]
+        "fork-tokio" => fork::tokio(name, args.get(2).and_then(|n| n.parse().ok()).unwrap_or(100)),
         "call-method" => {
             let (method, payload) =
                 (args.get(2).cloned().unwrap_or_default(), args.get(3).cloned().unwrap_or_default());

@@ -179,6 +179,10 @@ class Client:
     ``"local"`` or ``"nats"`` (default: ``MICROCS_TRANSPORT``, else ``"auto"``). Credentials come
     from the URL (``nats://user:password@host``, percent-encoded) or the
     ``MICROCS_NATS_*`` environment variables; there are no credential arguments.
+
+    After ``os.fork()`` (a ``multiprocessing`` pool with the ``fork`` start method, say) a client
+    made in the parent keeps working in every process: the child's first call leaves the
+    parent's connection alone and connects anew, so each process gets only its own replies.
     """
 
     def __init__(
@@ -246,6 +250,9 @@ class AsyncClient:
 
     ``nats`` and ``transport`` as for ``Client`` (``MICROCS_NATS_URL`` applies too). Over NATS,
     cancelling a call stops waiting for it; the broker does not carry the cancellation.
+
+    After ``os.fork()``, a client made in the parent connects anew in the child (on a runtime of
+    the child's own, for the child's event loop) and never touches the parent's connection.
     """
 
     def __init__(

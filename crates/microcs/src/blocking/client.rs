@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::fork;
 use crate::io::{Filled, ReadBuf, is_timeout};
 use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
@@ -26,6 +27,15 @@ use crate::transport::{Link, send_bytes, send_frame};
 /// when it provably never reached the server (the connection was already dead when it was
 /// written, or the server answered that it did not run it); otherwise the error says
 /// [`may_have_run`](Error::may_have_run).
+///
+/// # After `fork()`
+///
+/// A connection belongs to the process that opened it. A client used in a forked child never
+/// reads, writes or shuts down the connection it inherited (the parent still uses it): the
+/// child's first request closes the child's copy of the socket and connects anew, from the
+/// child (over NATS too: the child gets a broker connection of its own). So a client created
+/// before a `multiprocessing`-style fork keeps working in every process, each getting only its
+/// own replies. Telling costs one atomic load per request (a wipe-on-fork page, no system call).
 ///
 /// # Examples
 ///
@@ -67,6 +77,8 @@ struct Connection {
     max_payload: u32,
     /// The receive timeout currently set on the socket, to avoid a syscall per request.
     rcv_timeout: Option<Duration>,
+    /// The process that opened it ([`fork::current`]): no other may use it.
+    owner: u32,
 }
 
 /// Options for a [`Client`]; from [`Client::builder`].
@@ -335,6 +347,7 @@ impl Client {
     }
 
     fn exchange(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        self.leave_inherited();
         #[cfg(feature = "nats")]
         if let Some(link) = self.nats.clone() {
             if link.try_local(self.conn.is_some()) {
@@ -364,6 +377,24 @@ impl Client {
     #[cfg(feature = "nats")]
     pub fn nats_url(&self) -> Option<String> {
         self.nats.as_ref().map(|l| l.display_url())
+    }
+
+    /// In a process other than the one that connected (after `fork()`): lets go of what the
+    /// parent opened without touching it — no read, no write, no shutdown; only this process's
+    /// copy of the socket is closed — so that the next request connects anew from here.
+    fn leave_inherited(&mut self) {
+        if self.conn.as_ref().is_some_and(|c| !fork::is_current(c.owner)) {
+            tracing::debug!(service = %self.name, "used after fork(): reconnecting from this process");
+            self.conn = None;
+        }
+        #[cfg(feature = "nats")]
+        if let Some(link) = self.nats.as_ref().filter(|l| !l.is_current()) {
+            let fresh = std::sync::Arc::new(link.for_this_process());
+            // The parent's broker connection lives on a runtime whose thread did not survive the
+            // fork: dropping it here could wake or lock what belongs to that runtime. It is left
+            // as it is (a one-time leak per fork).
+            std::mem::forget(self.nats.replace(fresh));
+        }
     }
 
     /// One request to the local instance (reconnecting when needed).
@@ -453,6 +484,7 @@ impl Client {
             server: placeholder_ack(),
             max_payload: client_conn::decode_limit(self.max_payload),
             rcv_timeout: Some(remaining),
+            owner: fork::current(),
         };
         let sent = send_bytes(&conn.stream, &client_conn::hello(self.max_payload));
         // A server that refuses us (busy, another user) writes why and closes without reading:

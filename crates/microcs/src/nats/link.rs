@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::call::Caller;
 use super::{ClientConfig, NatsOptions, Transport, rt};
 use crate::error::{Error, Result};
+use crate::fork;
 use crate::name::Name;
 
 /// How often a client on NATS looks again for a local instance (local first: one that starts
@@ -28,6 +29,8 @@ pub(crate) struct Link {
     caller: tokio::sync::OnceCell<Caller>,
     /// When a local instance was last looked for while on NATS.
     probed: Mutex<Option<Instant>>,
+    /// The process that made it ([`fork::current`]): its broker connection is that process's.
+    owner: u32,
 }
 
 impl Link {
@@ -38,7 +41,24 @@ impl Link {
             transport,
             caller: tokio::sync::OnceCell::new(),
             probed: Mutex::new(None),
+            owner: fork::current(),
         }))
+    }
+
+    /// Whether this process made the link (false in a child after `fork()`).
+    pub(crate) fn is_current(&self) -> bool {
+        fork::is_current(self.owner)
+    }
+
+    /// The same settings, not yet connected, for this process (after `fork()`).
+    pub(crate) fn for_this_process(&self) -> Link {
+        Link {
+            options: self.options.clone(),
+            transport: self.transport,
+            caller: tokio::sync::OnceCell::new(),
+            probed: Mutex::new(None),
+            owner: fork::current(),
+        }
     }
 
     /// The broker's URL, password removed.

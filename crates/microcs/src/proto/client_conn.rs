@@ -325,6 +325,20 @@ pub(crate) fn connect_timed_out(name: &Name, timeout: Duration) -> Error {
     )
 }
 
+/// A client used in process `now` although process `owner` made it (after `fork()`), where it
+/// cannot start over by itself: the tokio client, whose connection tasks ran on the parent's
+/// runtime. Nothing was sent.
+pub(crate) fn forked(name: &Name, owner: u32, now: u32) -> Error {
+    Error::new(
+        ErrorKind::Closed,
+        format!(
+            "this client of service '{name}' was created in process {owner}, which has since forked: process \
+             {now} cannot use it (the connection belongs to the parent, and its tasks ran on the parent's \
+             runtime); create the client after fork(), in the process that uses it"
+        ),
+    )
+}
+
 /// Nobody serves the name.
 pub(crate) fn no_service(name: &Name, dir: &Path, detail: &str) -> Error {
     Error::new(

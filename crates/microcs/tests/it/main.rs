@@ -7,6 +7,7 @@ mod common;
 
 mod blocking;
 mod faults;
+mod fork;
 #[cfg(feature = "nats")]
 mod nats;
 mod protocol;

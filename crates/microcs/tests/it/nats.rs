@@ -219,6 +219,31 @@ fn handler_errors_travel_as_nats_micro_headers() {
 }
 
 #[test]
+fn a_blocking_client_on_nats_forked_after_connecting_reconnects_in_the_child() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let dir = TempDir::new("nfork");
+    let name = unique("NFORK");
+    let handle =
+        Server::builder(&name).nats(&url).transport(Transport::Nats).bind().unwrap().spawn(echo).unwrap();
+    // The peer's client is on NATS only (its runtime directory has no local instance): after the
+    // fork the child gets a NATS runtime and broker connection of its own.
+    let out = Command::new(crate::common::PEER)
+        .args(["fork-call", &name, "100"])
+        .env("MICROCS_RUNTIME_DIR", dir.path())
+        .env("MICROCS_NATS_URL", &url)
+        .env("MICROCS_TRANSPORT", "nats")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("parent ok") && text.contains("child ok"), "{text}");
+    assert!(handle.stats().endpoints[0].num_requests >= 201);
+    handle.shutdown();
+}
+
+#[test]
 fn nobody_serving_is_no_service_at_once() {
     let _w = watchdog(Duration::from_secs(60));
     let b = broker_url!();

@@ -26,6 +26,7 @@ use ::tokio::time::{Instant, timeout_at};
 
 use super::io::{Outbox, SPLICE_MIN, Stream, write_all};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fork;
 use crate::io::ReadBuf;
 use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
@@ -46,6 +47,14 @@ use conn::{Book, CancelOnDrop, Conn, Pending, connect, deadline_task, read_frame
 /// only when it provably never reached the server (the connection was already dead before any
 /// of its bytes were written, or the server answered that it did not run it); otherwise the
 /// error says [`may_have_run`](Error::may_have_run).
+///
+/// # After `fork()`
+///
+/// Create the client in the process that uses it. Its connection's tasks run on the runtime of
+/// the process that connected, whose threads a forked child does not have; so in a child every
+/// call fails at once with [`ErrorKind::Closed`], saying to create the client after forking,
+/// and dropping it there leaves the parent's connection untouched (nothing is closed, shut down
+/// or written). A client the child creates on a runtime of its own works as usual.
 ///
 /// # Examples
 ///
@@ -86,12 +95,24 @@ struct Shared {
     /// NATS settings and connection, when NATS is configured (see `crate::nats`).
     #[cfg(feature = "nats")]
     nats: Option<crate::nats::Link>,
+    /// The process that made the client ([`fork::current`]); no other may use it.
+    owner: u32,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if !fork::is_current(self.owner) {
+            // Dropped in a child after fork(): the connection (and NATS link) are the parent's,
+            // and so are the runtime their tasks run on. Closing would shut the parent's stream
+            // down; they are left as they are (a one-time leak per fork).
+            std::mem::forget(conn);
+            #[cfg(feature = "nats")]
+            std::mem::forget(self.nats.take());
+            return;
+        }
         // The last clone is gone: nobody can wait on this connection any more.
-        if let Some(c) = self.conn.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(c) = conn {
             c.close(Loss::Dropped);
         }
     }
@@ -144,6 +165,7 @@ impl ClientBuilder {
                 next_id: Ids::new(),
                 #[cfg(feature = "nats")]
                 nats: crate::nats::Link::new(self.nats)?,
+                owner: fork::current(),
             }),
             timeout: self.timeout,
         };
@@ -354,6 +376,10 @@ impl Client {
     }
 
     async fn exchange(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        let now = fork::current();
+        if now != self.shared.owner {
+            return Err(client_conn::forked(&self.shared.name, self.shared.owner, now));
+        }
         #[cfg(feature = "nats")]
         if let Some(link) = &self.shared.nats {
             if link.try_local(self.has_local()) {
