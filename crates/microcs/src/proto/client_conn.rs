@@ -114,6 +114,7 @@ pub(crate) enum Incoming {
 }
 
 /// What a frame from the server means (after the handshake).
+#[inline]
 pub(crate) fn classify(frame: &Frame<'_>) -> Incoming {
     let h = &frame.header;
     let message = || String::from_utf8_lossy(frame.payload).into_owned();
@@ -261,11 +262,22 @@ pub(crate) enum Attempt {
 }
 
 /// Turns what a caller got into its result. `timeout`: the caller's, for messages.
+///
+/// Inline for the reply (the path every successful call takes); the failures are out of line.
+#[inline]
 pub(crate) fn settle(
     name: &Name,
     timeout: Duration,
     outcome: Outcome,
 ) -> std::result::Result<Vec<u8>, Attempt> {
+    match outcome {
+        Outcome::Reply(reply) => Ok(reply),
+        failure => settle_failure(name, timeout, failure),
+    }
+}
+
+#[cold]
+fn settle_failure(name: &Name, timeout: Duration, outcome: Outcome) -> std::result::Result<Vec<u8>, Attempt> {
     match outcome {
         Outcome::Reply(reply) => Ok(reply),
         Outcome::Error { status: code, flags, message } => {
