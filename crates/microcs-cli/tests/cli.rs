@@ -666,3 +666,27 @@ fn sigterm_under_load_drains_in_flight_calls_and_exits_0() {
     let (ok, refused) = flood.join().unwrap();
     assert!(ok > 0 && refused == 1, "flood: {ok} ok, {refused} refused");
 }
+
+#[test]
+fn call_to_a_stopped_server_says_it_holds_the_name_but_is_not_answering() {
+    use rustix::process::Signal;
+    let env = Env::new("frozen");
+    let name = env.name("FROZEN");
+    let srv = env.serve(&[&name, "--echo"]);
+    /// Continues the server whatever happens to the test.
+    struct Cont<'a>(&'a Serving);
+    impl Drop for Cont<'_> {
+        fn drop(&mut self) {
+            self.0.signal(Signal::CONT);
+        }
+    }
+    srv.signal(Signal::STOP);
+    let cont = Cont(&srv);
+    let out = env.run(&["call", &name, "x", "--timeout", "1s"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    let want = format!("service '{name}' (pid {}) holds the name but is not answering", srv.pid());
+    assert!(out.stderr.contains(&want) && out.stderr.contains("stopped or overloaded?"), "{}", out.stderr);
+    assert!(!out.stderr.contains("microcs service"), "{}", out.stderr);
+    drop(cont);
+    assert_eq!(env.run(&["call", &name, "x"]).ok().stdout, b"x");
+}

@@ -318,6 +318,20 @@ fn pid_alive(pid: u32) -> bool {
     !matches!(rustix::process::test_kill_process(pid), Err(rustix::io::Errno::SRCH))
 }
 
+/// The pid of the live server holding `name` in `dir`, if one does; `None` when nobody holds
+/// its lock or it cannot be read. Read-only: unlike [`list`], nothing is reclaimed. For the
+/// clients, to tell a server that holds its name but does not answer from a socket that is not
+/// a microcs service at all.
+pub(crate) fn holder(dir: &Path, name: &Name) -> Option<u32> {
+    let file = open_lock(&lock_path(dir, name), false).ok()?;
+    // A shared lock is enough to test: it conflicts only with an owner's exclusive one, and is
+    // released when `file` closes.
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared) {
+        Err(rustix::io::Errno::WOULDBLOCK) => read_meta(&file).map(|m| m.pid),
+        _ => None,
+    }
+}
+
 /// Ownership of a name: the held lock. Dropping it removes the socket and the lock file.
 #[derive(Debug)]
 pub(crate) struct Claim {

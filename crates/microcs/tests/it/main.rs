@@ -9,6 +9,7 @@ mod blocking;
 mod faults;
 #[cfg(feature = "nats")]
 mod nats;
+mod ownership;
 mod protocol;
 #[cfg(feature = "tokio")]
 mod tokio;
