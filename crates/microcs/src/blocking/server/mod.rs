@@ -383,11 +383,19 @@ impl Trigger {
     }
 
     fn wait(&self) -> Result<()> {
-        let mut fired = lock(&self.fired);
-        while !fired.fired {
-            fired = self.cv.wait(fired).unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(done) = self.wait_timeout(Duration::from_secs(3600)) {
+                return done;
+            }
         }
-        fired.lost.clone().map_or(Ok(()), Err)
+    }
+
+    /// [`wait`](Trigger::wait) for at most `limit`; `None` if not fired by then.
+    fn wait_timeout(&self, limit: Duration) -> Option<Result<()>> {
+        let fired = lock(&self.fired);
+        let (fired, _) =
+            self.cv.wait_timeout_while(fired, limit, |f| !f.fired).unwrap_or_else(|p| p.into_inner());
+        fired.fired.then(|| fired.lost.clone().map_or(Ok(()), Err))
     }
 }
 
@@ -462,6 +470,16 @@ impl ServerHandle {
     /// became unsafe or a non-socket file took the socket's place.
     pub fn wait(&self) -> Result<()> {
         self.shared.trigger.wait()
+    }
+
+    /// Like [`wait`](ServerHandle::wait), for at most `limit`: `None` if the server still serves
+    /// then (`Duration::ZERO` only looks).
+    ///
+    /// # Errors
+    ///
+    /// As [`wait`](ServerHandle::wait).
+    pub fn wait_timeout(&self, limit: Duration) -> Option<Result<()>> {
+        self.shared.trigger.wait_timeout(limit)
     }
 
     /// The same counters `$stats` reports, read locally.
