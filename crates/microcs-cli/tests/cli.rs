@@ -679,3 +679,81 @@ fn sigterm_under_load_drains_in_flight_calls_and_exits_0() {
     let (ok, refused) = flood.join().unwrap();
     assert!(ok > 0 && refused == 1, "flood: {ok} ok, {refused} refused");
 }
+
+/// The pids `microcs ls --json` shows for `name` (a name listed twice would show two).
+fn listed(env: &Env, name: &str) -> Vec<u64> {
+    let j = env.run(&["ls", "--json"]).ok().json();
+    let services = j["services"].as_array().unwrap().iter();
+    services.filter(|s| s["name"] == name).filter_map(|s| s["pid"].as_u64()).collect()
+}
+
+/// Polls `f` (every 20 ms) until it is true, for at most `limit`.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn serve_takes_its_name_back_after_the_runtime_dir_is_removed() {
+    let env = Env::new("restore");
+    let name = env.name("RESTORE");
+    let srv = env.serve(&[&name, "--echo"]);
+    std::fs::remove_dir_all(&env.dir).unwrap();
+    let pid = u64::from(srv.pid());
+    let back = eventually(Duration::from_secs(15), || {
+        env.cmd(&["call", &name, "x"]).output().is_ok_and(|o| o.status.success())
+            && listed(&env, &name) == [pid]
+    });
+    assert!(back, "served and listed once again: {:?}", listed(&env, &name));
+    assert_eq!(env.run(&["call", &name, "back"]).ok().stdout, b"back");
+}
+
+#[test]
+fn serve_stops_with_status_2_when_its_name_was_taken_while_its_files_were_gone() {
+    use rustix::process::Signal;
+    let env = Env::new("lost");
+    let name = env.name("LOST");
+    let first = env.serve(&[&name, "--echo"]);
+    // Stopped, the first server cannot look before the second one owns the name.
+    first.signal(Signal::STOP);
+    std::fs::remove_dir_all(&env.dir).unwrap();
+    let second = env.serve(&[&name, "--echo"]);
+    first.signal(Signal::CONT);
+    let (status, _lines, err) = first.wait();
+    assert_eq!(status.code(), Some(2), "{err}");
+    let why = format!("now belongs to process {}", second.pid());
+    assert!(err.contains(&format!("microcs: error: service '{name}' stops")) && err.contains(&why), "{err}");
+    assert!(!err.contains("the name is free"), "{err}");
+    assert_eq!(listed(&env, &name), [u64::from(second.pid())]);
+    assert_eq!(env.run(&["call", &name, "x"]).ok().stdout, b"x", "the second server serves");
+}
+
+#[test]
+fn call_to_a_stopped_server_says_it_holds_the_name_but_is_not_answering() {
+    use rustix::process::Signal;
+    let env = Env::new("frozen");
+    let name = env.name("FROZEN");
+    let srv = env.serve(&[&name, "--echo"]);
+    /// Continues the server whatever happens to the test.
+    struct Cont<'a>(&'a Serving);
+    impl Drop for Cont<'_> {
+        fn drop(&mut self) {
+            self.0.signal(Signal::CONT);
+        }
+    }
+    srv.signal(Signal::STOP);
+    let cont = Cont(&srv);
+    let out = env.run(&["call", &name, "x", "--timeout", "1s"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    let want = format!("service '{name}' (pid {}) holds the name but is not answering", srv.pid());
+    assert!(out.stderr.contains(&want) && out.stderr.contains("stopped or overloaded?"), "{}", out.stderr);
+    assert!(!out.stderr.contains("microcs service"), "{}", out.stderr);
+    drop(cont);
+    assert_eq!(env.run(&["call", &name, "x"]).ok().stdout, b"x");
+}

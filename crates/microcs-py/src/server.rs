@@ -353,6 +353,14 @@ impl Shared {
         self.stopped.notify_all();
     }
 
+    /// Why the running server stopped by itself, if it did (see `ServerHandle::wait`).
+    fn lost(&self) -> Option<microcs::Error> {
+        match &*lock(&self.state) {
+            State::Running(handle) => handle.wait_timeout(Duration::ZERO).and_then(Result::err),
+            _ => None,
+        }
+    }
+
     /// Waits until stopped, at most `limit`; true if stopped.
     fn wait_stopped(&self, limit: Duration) -> bool {
         let st = lock(&self.state);
@@ -702,6 +710,8 @@ impl Server {
 
     /// Serves until stop() is called (from a handler or another thread), `timeout` seconds
     /// pass, or Ctrl-C: then stops, frees the name, and (for Ctrl-C) raises KeyboardInterrupt.
+    /// Raises NameTaken if the server lost its name (its runtime files were removed and another
+    /// server owns it now).
     #[pyo3(signature = (timeout = None))]
     fn serve(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let until = match timeout {
@@ -716,6 +726,12 @@ impl Server {
             };
             if py.detach(|| self.shared.wait_stopped(slice)) {
                 return Ok(());
+            }
+            // The server stopped by itself: it lost its name (its runtime files were removed and
+            // another server owns it now). Drain, free what is ours, and raise why.
+            if let Some(lost) = self.shared.lost() {
+                self.stop(py);
+                return Err(to_py(py, lost));
             }
             if let Err(interrupted) = py.check_signals() {
                 self.stop(py);

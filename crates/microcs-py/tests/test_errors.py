@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -205,3 +206,44 @@ def test_closed_when_starting_a_stopped_server(runtime_dir: Path, name: str) -> 
         s.start()
     with pytest.raises(microcs.Closed):
         s.method("late", lambda b: b)
+
+
+def test_a_stopped_server_is_named_as_holding_the_name(server: ServerFactory, name: str) -> None:
+    proc = server("bytes")
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(microcs.TimedOut) as e:
+            microcs.Client(name, timeout=1)
+        message = str(e.value)
+        assert f"service '{name}' (pid {proc.pid}) holds the name but is not answering" in message
+        assert message.endswith("stopped or overloaded?")
+        assert "microcs service" not in message
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    with microcs.Client(name, timeout=10) as c:
+        assert c.request(b"awake") == b"awake"
+
+
+def test_serve_raises_name_taken_when_the_name_was_taken_while_its_files_were_gone(
+    server: ServerFactory, name: str, runtime_dir: Path
+) -> None:
+    first = server("bytes")
+    # Stopped, the first server cannot look before this process owns the name.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        shutil.rmtree(runtime_dir)
+        second = microcs.Server(lambda b: b, name)
+        second.start()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    try:
+        _, err = first.communicate(timeout=20)
+        assert first.returncode == 1
+        text = err.decode(errors="replace")
+        assert f"NameTaken: service '{name}' stops" in text, text
+        assert f"now belongs to process {os.getpid()}" in text, text
+        assert [s.pid for s in microcs.list_services(runtime_dir) if s.name == name] == [os.getpid()]
+        with microcs.Client(name, timeout=10) as c:
+            assert c.request(b"mine") == b"mine"
+    finally:
+        second.stop()

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use crate::proto::status;
 
@@ -133,17 +134,29 @@ impl std::error::Error for RemoteError {}
 ///     other => panic!("unexpected: {other:?}"),
 /// }
 /// ```
+#[derive(Clone)]
 pub struct Error {
     inner: Box<Inner>,
 }
 
+#[derive(Clone)]
 struct Inner {
     kind: ErrorKind,
     message: String,
     remote: Option<RemoteError>,
     owner_pid: Option<u32>,
     may_have_run: bool,
-    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// Shared, so that an error can be cloned (a server's reason to stop is reported to every
+    /// caller of `wait`).
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// "process N", or "another process" when the pid is not known.
+fn owner(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("process {pid}"),
+        None => "another process".to_owned(),
+    }
 }
 
 impl Error {
@@ -163,7 +176,7 @@ impl Error {
 
     /// Attaches the underlying cause.
     pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
-        self.inner.source = Some(source.into());
+        self.inner.source = Some(Arc::from(source.into()));
         self
     }
 
@@ -177,19 +190,38 @@ impl Error {
     }
 
     pub(crate) fn name_taken(name: &str, pid: Option<u32>, dir: &std::path::Path) -> Error {
-        let owner = match pid {
-            Some(pid) => format!("process {pid}"),
-            None => "another process".to_owned(),
-        };
         let mut e = Error::new(
             ErrorKind::NameTaken,
             format!(
-                "the name '{name}' is taken by {owner} (in {}); stop that server or pick another name",
+                "the name '{name}' is taken by {} (in {}); stop that server or pick another name",
+                owner(pid),
                 dir.display()
             ),
         );
         e.inner.owner_pid = pid;
         e
+    }
+
+    /// A running server gives up `name` in `dir`: its runtime files were removed or replaced,
+    /// and `cause` is why it could not take them back. Of the same kind as `cause`.
+    pub(crate) fn name_lost(name: &str, dir: &std::path::Path, cause: Error) -> Error {
+        let message = if cause.kind() == ErrorKind::NameTaken {
+            format!(
+                "service '{name}' stops: its runtime files in {} were removed or replaced, and the name \
+                 now belongs to {}",
+                dir.display(),
+                owner(cause.owner_pid())
+            )
+        } else {
+            format!(
+                "service '{name}' stops: its runtime files in {} were removed or replaced, and it cannot \
+                 take its name back: {cause}",
+                dir.display()
+            )
+        };
+        let mut e = Error::new(cause.kind(), message);
+        e.inner.owner_pid = cause.owner_pid();
+        e.with_source(cause)
     }
 
     /// An error the server sent (an `Error` frame): the kind follows from the status code when

@@ -14,6 +14,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -318,48 +319,137 @@ fn pid_alive(pid: u32) -> bool {
     !matches!(rustix::process::test_kill_process(pid), Err(rustix::io::Errno::SRCH))
 }
 
+/// The pid of the live server holding `name` in `dir`, if one does; `None` when nobody holds
+/// its lock or it cannot be read. Read-only: unlike [`list`], nothing is reclaimed. For the
+/// clients, to tell a server that holds its name but does not answer from a socket that is not
+/// a microcs service at all.
+pub(crate) fn holder(dir: &Path, name: &Name) -> Option<u32> {
+    let file = open_lock(&lock_path(dir, name), false).ok()?;
+    // A shared lock is enough to test: it conflicts only with an owner's exclusive one, and is
+    // released when `file` closes.
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared) {
+        Err(rustix::io::Errno::WOULDBLOCK) => read_meta(&file).map(|m| m.pid),
+        _ => None,
+    }
+}
+
+/// Takes the lock of `name` in `dir` (which must exist and be safe).
+///
+/// Waits briefly when the lock is held by a process that is gone or has not written its
+/// metadata yet (someone reclaiming a stale entry, or a server starting up), so that a
+/// momentary holder is not reported as the name's owner.
+fn take_lock(dir: &Path, name: &Name, lock_path: &Path) -> Result<File> {
+    let give_up = Instant::now() + Duration::from_millis(500);
+    loop {
+        let file = open_lock(lock_path, true)
+            .map_err(|e| Error::io(format_args!("cannot open lock file {}", lock_path.display()), e))?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {
+                if !same_file(&file, lock_path) {
+                    continue; // the file we locked was unlinked by its previous owner; retry
+                }
+                return Ok(file);
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let pid = read_meta(&file).map(|m| m.pid).filter(|&p| pid_alive(p));
+                if pid.is_some() || Instant::now() >= give_up {
+                    return Err(Error::name_taken(name.as_str(), pid, dir));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => {
+                return Err(Error::io(format_args!("cannot lock {}", lock_path.display()), e.into()));
+            }
+        }
+    }
+}
+
 /// Ownership of a name: the held lock. Dropping it removes the socket and the lock file.
 #[derive(Debug)]
 pub(crate) struct Claim {
+    /// The name and its runtime directory, to take the name again when its files are removed.
+    name: Name,
+    dir: PathBuf,
     lock: File,
     lock_path: PathBuf,
     sock_path: PathBuf,
-    /// Inode of the socket we bound, so that Drop removes our socket and nothing else.
+    /// Inode of the socket we bound, so that Drop removes our socket and nothing else, and
+    /// [`Claim::intact`] sees when the path names another file.
     sock_ino: Option<(u64, u64)>,
 }
 
 impl Claim {
-    /// Takes the name in `dir` (which must exist and be safe), removing a stale socket.
-    ///
-    /// Waits briefly when the lock is held by a process that is gone or has not written its
-    /// metadata yet (someone reclaiming a stale entry, or a server starting up), so that a
-    /// momentary holder is not reported as the name's owner.
+    /// Takes the name in `dir` (which must exist and be safe); see [`take_lock`].
     pub(crate) fn take(dir: &Path, name: &Name) -> Result<Claim> {
         let lock_path = lock_path(dir, name);
         let sock_path = socket_path(dir, name)?;
-        let give_up = Instant::now() + Duration::from_millis(500);
-        loop {
-            let file = open_lock(&lock_path, true)
-                .map_err(|e| Error::io(format_args!("cannot open lock file {}", lock_path.display()), e))?;
-            match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => {
-                    if !same_file(&file, &lock_path) {
-                        continue; // the file we locked was unlinked by its previous owner; retry
-                    }
-                    return Ok(Claim { lock: file, lock_path, sock_path, sock_ino: None });
-                }
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    let pid = read_meta(&file).map(|m| m.pid).filter(|&p| pid_alive(p));
-                    if pid.is_some() || Instant::now() >= give_up {
-                        return Err(Error::name_taken(name.as_str(), pid, dir));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => {
-                    return Err(Error::io(format_args!("cannot lock {}", lock_path.display()), e.into()));
-                }
+        let lock = take_lock(dir, name, &lock_path)?;
+        Ok(Claim { name: name.clone(), dir: dir.to_owned(), lock, lock_path, sock_path, sock_ino: None })
+    }
+
+    /// Binds the name's socket (removing a stale one first; see
+    /// [`prepare_socket_path`](Claim::prepare_socket_path)), private and non-blocking, so that
+    /// the async server can adopt it as is.
+    pub(crate) fn bind(&mut self) -> Result<UnixListener> {
+        let path = self.prepare_socket_path()?.to_owned();
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| Error::io(format_args!("cannot bind {}", path.display()), e))?;
+        self.socket_bound()?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io(format_args!("cannot configure {}", path.display()), e))?;
+        Ok(listener)
+    }
+
+    /// Whether the lock file and the socket at their paths are still the ones this claim holds
+    /// (two `lstat`s and an `fstat`). Not so after the runtime directory or one of the files
+    /// was removed or replaced: the server is then unreachable, unlisted, and no longer
+    /// protects its name.
+    pub(crate) fn intact(&self) -> bool {
+        let socket_ours = match (self.sock_ino, fs::symlink_metadata(&self.sock_path)) {
+            (None, _) => true, // not bound (yet, or any more): nothing to watch
+            (Some((dev, ino)), Ok(md)) => md.file_type().is_socket() && md.dev() == dev && md.ino() == ino,
+            (Some(_), Err(_)) => false,
+        };
+        socket_ours && same_file(&self.lock, &self.lock_path)
+    }
+
+    /// Takes the name again after its files were removed or replaced (see
+    /// [`intact`](Claim::intact)), by the rules of a first claim: the runtime directory is
+    /// created (0700) and checked, the lock file created and locked, with the same metadata,
+    /// and the socket bound again unless it is still ours. Returns the new listener when the
+    /// socket was bound again.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::NameTaken`] when another live server took the name meanwhile (this claim
+    /// then touches none of its files, now or when dropped); [`ErrorKind::PermissionDenied`]
+    /// for an unsafe runtime directory or something other than a socket at the socket path;
+    /// [`ErrorKind::Io`].
+    pub(crate) fn restore(&mut self) -> Result<Option<UnixListener>> {
+        if !same_file(&self.lock, &self.lock_path) {
+            let meta = read_meta(&self.lock);
+            ensure_dir(&self.dir)?;
+            self.lock = take_lock(&self.dir, &self.name, &self.lock_path)?;
+            if let Some(meta) = meta {
+                self.write_meta(&meta)?;
             }
         }
+        if self.intact() {
+            return Ok(None); // only the lock file was gone
+        }
+        self.sock_ino = None;
+        self.bind().map(Some)
+    }
+
+    /// The service name.
+    pub(crate) fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// The runtime directory the name lives in.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Writes the owner's metadata as the lock file's first line.
@@ -374,7 +464,7 @@ impl Claim {
     }
 
     /// Clears the way for binding: removes a stale socket, refuses anything else at the path.
-    pub(crate) fn prepare_socket_path(&self) -> Result<&Path> {
+    fn prepare_socket_path(&self) -> Result<&Path> {
         match fs::symlink_metadata(&self.sock_path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(&self.sock_path),
             Ok(md) if md.file_type().is_socket() => {
@@ -406,7 +496,7 @@ impl Claim {
     }
 
     /// Records that the socket at the path is ours, and makes it private.
-    pub(crate) fn socket_bound(&mut self) -> Result<()> {
+    fn socket_bound(&mut self) -> Result<()> {
         fs::set_permissions(&self.sock_path, fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(format_args!("cannot chmod {}", self.sock_path.display()), e))?;
         let md = fs::symlink_metadata(&self.sock_path)
@@ -485,17 +575,7 @@ mod tests {
         ensure_dir(&d).unwrap();
         let name = Name::new("X").unwrap();
         let c = Claim::take(&d, &name).unwrap();
-        c.write_meta(&Meta {
-            pid: std::process::id(),
-            uid: euid(),
-            started_ms: now_ms(),
-            protocol: 1,
-            version: "1.0.0".into(),
-            id: "i".into(),
-            methods: vec![],
-            ready: true,
-        })
-        .unwrap();
+        c.write_meta(&meta_of(std::process::id())).unwrap();
         // flock locks belong to the open file description, so a second open in this process
         // conflicts just as another process would.
         let e = Claim::take(&d, &name).unwrap_err();
@@ -504,6 +584,59 @@ mod tests {
         drop(c);
         assert!(!lock_path(&d, &name).exists());
         drop(Claim::take(&d, &name).unwrap());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn meta_of(pid: u32) -> Meta {
+        Meta {
+            pid,
+            uid: euid(),
+            started_ms: now_ms(),
+            protocol: 1,
+            version: "1.0.0".into(),
+            id: "i".into(),
+            methods: vec![],
+            ready: true,
+        }
+    }
+
+    #[test]
+    fn a_claim_whose_files_are_gone_takes_them_back_or_leaves_a_new_owners_alone() {
+        let d = tempdir("restore");
+        ensure_dir(&d).unwrap();
+        let name = Name::new("R").unwrap();
+        let mut c = Claim::take(&d, &name).unwrap();
+        let _l = c.bind().unwrap();
+        c.write_meta(&meta_of(std::process::id())).unwrap();
+        assert!(c.intact());
+
+        // Free: taken back, with the same metadata, and a new socket.
+        fs::remove_dir_all(&d).unwrap();
+        assert!(!c.intact());
+        assert!(c.restore().unwrap().is_some(), "a new listener");
+        assert!(c.intact());
+        assert_eq!(holder(&d, &name), Some(std::process::id()));
+        assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+
+        // Only the lock file gone: the socket is still ours, no new listener.
+        fs::remove_file(lock_path(&d, &name)).unwrap();
+        assert!(!c.intact());
+        assert!(c.restore().unwrap().is_none());
+        assert!(c.intact());
+
+        // Taken by another meanwhile: NameTaken naming it, and its files survive our drop.
+        fs::remove_dir_all(&d).unwrap();
+        ensure_dir(&d).unwrap();
+        let mut other = Claim::take(&d, &name).unwrap();
+        let _l2 = other.bind().unwrap();
+        other.write_meta(&meta_of(1)).unwrap(); // pid 1 is alive
+        let e = c.restore().unwrap_err();
+        assert_eq!((e.kind(), e.owner_pid()), (ErrorKind::NameTaken, Some(1)), "{e}");
+        drop(c);
+        assert!(other.intact(), "the new owner's files are untouched");
+        assert_eq!(holder(&d, &name), Some(1));
+        drop(other);
+        assert_eq!(holder(&d, &name), None);
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 use crate::error::{Error, ErrorKind, RemoteError, Result};
@@ -377,7 +378,7 @@ pub(crate) struct Bound {
     pub dir: PathBuf,
     pub claim: Claim,
     /// Non-blocking, so that the async server can adopt it as is.
-    pub listener: std::os::unix::net::UnixListener,
+    pub listener: UnixListener,
     pub started_ms: u64,
 }
 
@@ -395,17 +396,56 @@ pub(crate) fn claim_and_bind(name: String, dir: Option<PathBuf>, identity: &Iden
     registry::ensure_dir(&dir)?;
     let mut claim = Claim::take(&dir, &name)?;
     let started_ms = registry::now_ms();
-    let path = claim.prepare_socket_path()?.to_owned();
-    let listener = std::os::unix::net::UnixListener::bind(&path)
-        .map_err(|e| Error::io(format_args!("cannot bind {}", path.display()), e))?;
-    claim.socket_bound()?;
+    let listener = claim.bind()?;
     // Owner's pid for competitors' `NameTaken`; not ready (not listed) until the server serves.
     claim.write_meta(&meta(started_ms, identity, "", &[]))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io(format_args!("cannot configure {}", path.display()), e))?;
-    tracing::debug!(service = %name, path = %path.display(), "bound");
+    tracing::debug!(service = %name, path = %claim.socket_path().display(), "bound");
     Ok(Bound { name, dir, claim, listener, started_ms })
+}
+
+/// How often a server's accept loop checks that its name's files are still its own (see
+/// [`watch_name`]); so a server notices within about 1 s that they were removed or replaced,
+/// and is reachable again (or stopped) within 2 s.
+pub(crate) const WATCH_PERIOD: Duration = Duration::from_secs(1);
+
+/// What an accept loop does after [`watch_name`].
+pub(crate) enum Watch {
+    /// Serve on as before.
+    Keep,
+    /// The socket was bound again: accept on this listener from now on (the old one's path is
+    /// gone; connections already accepted are not affected).
+    Serve(UnixListener),
+    /// The name is lost (another server owns it now, or the way to take it back is blocked):
+    /// stop serving, and report this error from `serve` / `wait`.
+    Stop(Error),
+}
+
+/// Checks that the runtime files of `claim` are still its own and, when they were removed or
+/// replaced (a tmp cleaner, someone tidying up the runtime directory), takes the name back
+/// while it is free — or gives it up, with an error that says why, when another server owns it
+/// now. Both server flavours call it from their accept loops every [`WATCH_PERIOD`]; when all
+/// is well it costs three `stat` calls, and nothing per request.
+pub(crate) fn watch_name(claim: &mut Claim) -> Watch {
+    if claim.intact() {
+        return Watch::Keep;
+    }
+    let (name, dir) = (claim.name().clone(), claim.dir().to_owned());
+    match claim.restore() {
+        Ok(listener) => {
+            tracing::warn!(service = %name, path = %claim.socket_path().display(), "the runtime files of this service were removed or replaced; took the name back");
+            listener.map_or(Watch::Keep, Watch::Serve)
+        }
+        // Out of descriptors, disk full, ...: may pass; try again at the next check.
+        Err(e) if e.kind() == ErrorKind::Io => {
+            tracing::warn!(service = %name, error = %e, "the runtime files of this service were removed or replaced, and taking the name back failed; trying again in {WATCH_PERIOD:?}");
+            Watch::Keep
+        }
+        Err(e) => {
+            let e = Error::name_lost(name.as_str(), &dir, e);
+            tracing::error!(service = %name, owner_pid = ?e.owner_pid(), "{e}");
+            Watch::Stop(e)
+        }
+    }
 }
 
 /// The builder options every server flavour shares, expanded inside each flavour's

@@ -2,7 +2,8 @@
 //! methods, a racer for name-claim races, and a one-shot client.
 //!
 //! ```text
-//! microcs-peer serve NAME      serve until stdin closes; prints "READY <pid>" once bound
+//! microcs-peer serve NAME      serve until stdin closes; prints "READY <pid>" once bound, and
+//!                              "LOST <kind> <owner pid>" (exit 3) if the server loses its name
 //! microcs-peer race NAME       try to claim NAME: prints "WON <pid>" (then serves until stdin
 //!                              closes) or "TAKEN <owner pid>"
 //! microcs-peer call NAME MSG   one request; prints the reply
@@ -14,7 +15,8 @@
 //! microcs-peer fork-tokio NAME N   the same with the async client
 //! ```
 //! Server options from the environment: PEER_GRACE_MS, PEER_WRITE_TIMEOUT_MS, PEER_MAX_PENDING,
-//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_LOG (file for the `record` method).
+//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_LOG (file for the `record` method), PEER_NATS (also
+//! serve on this NATS server; feature `nats`).
 //! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
 
 use std::io::{Read, Write};
@@ -90,10 +92,28 @@ fn serve(name: &str, race: bool) -> ExitCode {
     let handle = server.spawn(|req: Request| Ok::<_, RemoteError>(req.into_payload())).expect("spawn");
     println!("{} {}", if race { "WON" } else { "READY" }, std::process::id());
     std::io::stdout().flush().unwrap();
-    // Serve until the test closes our stdin (or kills us).
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    // Serve until the test closes our stdin (or kills us), or the server stops by itself.
+    let trigger = handle.shutdown_trigger();
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        trigger.shutdown();
+    });
+    let served = handle.wait();
     handle.shutdown();
-    ExitCode::SUCCESS
+    stopped(served)
+}
+
+/// The exit of a server: 0 when the test stopped it; 3, after a line `LOST <kind> <owner pid>`
+/// on stdout and the message on stderr, when it stopped by itself because it lost its name.
+fn stopped(served: microcs::Result<()>) -> ExitCode {
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("LOST {:?} {}", e.kind(), e.owner_pid().map_or("?".into(), |p| p.to_string()));
+            eprintln!("{e}");
+            ExitCode::from(3)
+        }
+    }
 }
 
 fn build(name: &str) -> microcs::Result<Server> {
@@ -104,6 +124,10 @@ fn build(name: &str) -> microcs::Result<Server> {
     let mut builder = Server::builder(name);
     if let Some(bytes) = send_buffer() {
         builder = builder.send_buffer(bytes);
+    }
+    #[cfg(feature = "nats")]
+    if let Some(url) = nats_url() {
+        builder = builder.nats(&url);
     }
     builder
         .grace_period(env_ms("PEER_GRACE_MS", 10_000))
@@ -177,6 +201,12 @@ fn build(name: &str) -> microcs::Result<Server> {
 /// `send_buffer` for the server, if PEER_SEND_BUFFER says (else the library's default).
 fn send_buffer() -> Option<usize> {
     std::env::var("PEER_SEND_BUFFER").ok().and_then(|v| v.parse().ok())
+}
+
+/// `PEER_NATS`: also serve on this NATS server (feature `nats`).
+#[cfg(feature = "nats")]
+fn nats_url() -> Option<String> {
+    std::env::var("PEER_NATS").ok().filter(|u| !u.is_empty())
 }
 
 fn max_in_flight() -> usize {
@@ -281,10 +311,15 @@ mod async_peer {
                 .expect("spawn");
             println!("READY {}", std::process::id());
             std::io::stdout().flush().unwrap();
-            // Serve until the test closes our stdin (or kills us).
-            let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new())).await;
+            // Serve until the test closes our stdin (or kills us), or the server stops by itself.
+            let trigger = handle.shutdown_trigger();
+            std::thread::spawn(move || {
+                let _ = std::io::stdin().read_to_end(&mut Vec::new());
+                trigger.shutdown();
+            });
+            let served = handle.wait().await;
             handle.shutdown().await;
-            ExitCode::SUCCESS
+            stopped(served)
         })
     }
 
@@ -296,6 +331,10 @@ mod async_peer {
         let mut builder = microcs::tokio::Server::builder(name);
         if let Some(bytes) = send_buffer() {
             builder = builder.send_buffer(bytes);
+        }
+        #[cfg(feature = "nats")]
+        if let Some(url) = nats_url() {
+            builder = builder.nats(&url);
         }
         builder
             .grace_period(env_ms("PEER_GRACE_MS", 10_000))

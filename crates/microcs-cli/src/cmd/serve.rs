@@ -204,8 +204,11 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
             jobs,
         })?;
     }
-    handle.wait();
+    // An error: the server lost its name (its runtime files were removed and another server
+    // owns it now); reported by main, with the local-error status.
+    let served = handle.wait();
     handle.shutdown();
+    served?;
     note!("microcs: stopped '{name}'; the name is free");
     if ctx.json {
         // The reader may be gone by now (a pipeline shutting down); that is no failure.

@@ -146,7 +146,9 @@ class Server(Generic[_P]):
         """Serves in background threads and returns at once; nothing if already serving."""
     def serve(self, timeout: float | None = None) -> None:
         """Serves until ``stop()``, ``timeout`` seconds, or Ctrl-C (which then raises
-        ``KeyboardInterrupt`` after stopping and freeing the name)."""
+        ``KeyboardInterrupt`` after stopping and freeing the name). Raises ``NameTaken`` (with
+        ``owner_pid``) if the server lost its name: its runtime files were removed and another
+        server owns the name now (while it is free, the server takes it back by itself)."""
     def start_listening(self, timeout: float | None = None) -> None:
         """The original course project's name for ``serve()``."""
     def stop(self) -> None:

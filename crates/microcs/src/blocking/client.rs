@@ -477,6 +477,11 @@ impl Client {
         client_conn::settle(name, self.timeout, outcome)
     }
 
+    /// The pid of the server holding the name, for the message of a server that does not answer.
+    fn holder(&self) -> Option<u32> {
+        registry::holder(&self.dir, &self.name)
+    }
+
     /// Opens a connection and shakes hands.
     fn open(&self, deadline: Instant) -> Result<Connection> {
         let name = &self.name;
@@ -489,8 +494,9 @@ impl Client {
             return Err(client_conn::no_service(name, &self.dir, ""));
         }
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let stream = connect_with_timeout(&self.path, remaining)
-            .map_err(|e| client_conn::connect_failed(name, &self.dir, &self.path, self.timeout, e))?;
+        let stream = connect_with_timeout(&self.path, remaining).map_err(|e| {
+            client_conn::connect_failed(name, &self.dir, &self.path, self.timeout, || self.holder(), e)
+        })?;
         set_send_buffer(&stream, self.send_buffer);
         let mut conn = Connection {
             stream,
@@ -513,7 +519,7 @@ impl Client {
             }
             (Ok(()), Err(Wait::Lost(loss))) => return Err(loss.handshake_error(name, &self.path)),
             (Ok(()), Err(Wait::TimedOut | Wait::Interrupted)) => {
-                return Err(client_conn::handshake_timed_out(name, &self.path));
+                return Err(client_conn::handshake_timed_out(name, &self.path, self.timeout, self.holder()));
             }
         };
         tracing::debug!(service = %name, pid = conn.server.pid, "connected");

@@ -318,22 +318,43 @@ pub(crate) fn not_taken(name: &Name, timeout: Duration) -> Error {
     )
 }
 
-/// No handshake answer within the caller's time.
-pub(crate) fn handshake_timed_out(name: &Name, path: &Path) -> Error {
+/// No handshake answer within the caller's time. `holder`: the pid of the live server that
+/// holds the name's lock, if one does (`registry::holder`) — then the socket is certainly a
+/// microcs service's, and that server is stopped (`kill -STOP`) or too busy to answer.
+pub(crate) fn handshake_timed_out(name: &Name, path: &Path, timeout: Duration, holder: Option<u32>) -> Error {
+    match holder {
+        Some(pid) => not_answering(name, pid, format_args!("no answer to the handshake within {timeout:?}")),
+        None => Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "service '{name}' did not answer the handshake in time; is {} a microcs service?",
+                path.display()
+            ),
+        ),
+    }
+}
+
+/// The connection was not accepted within the caller's time; `holder` as for
+/// [`handshake_timed_out`].
+pub(crate) fn connect_timed_out(name: &Name, timeout: Duration, holder: Option<u32>) -> Error {
+    match holder {
+        Some(pid) => {
+            not_answering(name, pid, format_args!("it did not accept the connection within {timeout:?}"))
+        }
+        None => Error::new(
+            ErrorKind::TimedOut,
+            format!("service '{name}' did not accept the connection within {timeout:?}"),
+        ),
+    }
+}
+
+/// A server that owns the name (it holds the lock) but does not answer.
+fn not_answering(name: &Name, pid: u32, what: std::fmt::Arguments<'_>) -> Error {
     Error::new(
         ErrorKind::TimedOut,
         format!(
-            "service '{name}' did not answer the handshake in time; is {} a microcs service?",
-            path.display()
+            "service '{name}' (pid {pid}) holds the name but is not answering ({what}): stopped or overloaded?"
         ),
-    )
-}
-
-/// The connection was not accepted within the caller's time.
-pub(crate) fn connect_timed_out(name: &Name, timeout: Duration) -> Error {
-    Error::new(
-        ErrorKind::TimedOut,
-        format!("service '{name}' did not accept the connection within {timeout:?}"),
     )
 }
 
@@ -359,12 +380,20 @@ pub(crate) fn no_service(name: &Name, dir: &Path, detail: &str) -> Error {
     )
 }
 
-/// What a failed `connect()` to the service's socket means.
-pub(crate) fn connect_failed(name: &Name, dir: &Path, path: &Path, timeout: Duration, e: io::Error) -> Error {
+/// What a failed `connect()` to the service's socket means; `holder` is asked (as for
+/// [`handshake_timed_out`]) only when it timed out.
+pub(crate) fn connect_failed(
+    name: &Name,
+    dir: &Path,
+    path: &Path,
+    timeout: Duration,
+    holder: impl FnOnce() -> Option<u32>,
+    e: io::Error,
+) -> Error {
     match e.kind() {
         io::ErrorKind::NotFound => no_service(name, dir, ""),
         io::ErrorKind::ConnectionRefused => no_service(name, dir, "; found only a stale socket"),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => connect_timed_out(name, timeout),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => connect_timed_out(name, timeout, holder()),
         _ => Error::io(format_args!("cannot connect to {}", path.display()), e),
     }
 }

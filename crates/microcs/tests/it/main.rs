@@ -10,6 +10,7 @@ mod faults;
 mod fork;
 #[cfg(feature = "nats")]
 mod nats;
+mod ownership;
 mod protocol;
 #[cfg(feature = "tokio")]
 mod tokio;

@@ -17,7 +17,8 @@ use microcs::nats::{NatsOptions, Transport};
 use microcs::{Client, ErrorKind, RemoteError, Request, Server};
 use microcs_testsupport::{Broker, Nats, required};
 
-use crate::common::{TempDir, eventually, unique, watchdog};
+use crate::common::{PeerProcess, TempDir, eventually, unique, watchdog};
+use crate::ownership::{answering_pid, listed};
 
 /// A broker of our own, with extra `nats-server` arguments (skips the test when there is none).
 macro_rules! own_broker {
@@ -955,4 +956,51 @@ fn tokio_server_and_client_over_nats() {
         h.shutdown().await;
     });
     bh.shutdown();
+}
+
+/// A server that also serves on NATS watches its local name like any other (see
+/// `ownership.rs`): it takes the name back while it is free, and stops — NATS side included —
+/// when another server owns it now.
+fn local_name_lost_with_nats_too(mode: &str) {
+    let _w = watchdog(Duration::from_secs(90));
+    let broker = broker_url!();
+    let url = broker.url();
+    let dir = TempDir::new("nlost");
+    let name = unique("NLOST");
+    let env = [("PEER_NATS", url.as_str())];
+    let local_pid = || answering_pid(&dir, &name);
+    let listed = || listed(&dir, &name);
+    let mut a = PeerProcess::serve_mode(dir.path(), mode, &name, &env);
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    let back = eventually(Duration::from_secs(15), || {
+        (local_pid() == Some(a.pid) && listed() == [a.pid]).then_some(())
+    });
+    assert!(back.is_some(), "restored: {:?} {:?}", local_pid(), listed());
+
+    let frozen = a.sigstop();
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    let b = PeerProcess::serve_mode(dir.path(), mode, &name, &env);
+    drop(frozen);
+    let status = a.exited(Duration::from_secs(15)).expect("the first server stops by itself");
+    assert_eq!(a.next_line().as_deref(), Some(format!("LOST NameTaken {}", b.pid).as_str()));
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(listed(), [b.pid]);
+    let mut c = nats_client(&url, &name).connect().unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            c.call("pid", b"").unwrap(),
+            b.pid.to_string().as_bytes(),
+            "only the owner serves on NATS"
+        );
+    }
+}
+
+#[test]
+fn a_server_on_nats_too_restores_or_gives_up_its_local_name_blocking_server() {
+    local_name_lost_with_nats_too("serve");
+}
+
+#[test]
+fn a_server_on_nats_too_restores_or_gives_up_its_local_name_tokio_server() {
+    local_name_lost_with_nats_too("serve-tokio");
 }

@@ -2,7 +2,7 @@
 //! sentinel that starts a follower reader when a handler runs long (see the parent module).
 
 use std::collections::HashMap;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -21,7 +21,7 @@ use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_tim
 use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::Claim;
 use crate::request::{CancelState, Peer, panic_message};
-use crate::service::{Config, Service};
+use crate::service::{Config, Service, WATCH_PERIOD, Watch, watch_name};
 use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
@@ -184,12 +184,15 @@ impl Conn {
     }
 }
 
-pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &std::os::unix::net::UnixListener) {
+pub(super) fn accept_loop(shared: &Arc<Shared>, mut listener: UnixListener) {
     let mut backoff = Duration::from_millis(5);
+    let mut next_watch = Instant::now() + WATCH_PERIOD;
     loop {
         let mut fds =
-            [PollFd::new(listener, PollFlags::IN), PollFd::new(&shared.trigger.wake_r, PollFlags::IN)];
-        match rustix::event::poll(&mut fds, None) {
+            [PollFd::new(&listener, PollFlags::IN), PollFd::new(&shared.trigger.wake_r, PollFlags::IN)];
+        let wait = next_watch.saturating_duration_since(Instant::now());
+        let wait = Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: i64::from(wait.subsec_nanos()) };
+        match rustix::event::poll(&mut fds, Some(&wait)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => {
                 tracing::error!(error = %e, "poll failed in accept loop");
@@ -199,22 +202,43 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &std::os::unix::net::U
         if shared.stopping() {
             return;
         }
-        loop {
-            match rustix::net::accept_with(listener, SocketFlags::CLOEXEC) {
-                Ok(fd) => {
-                    backoff = Duration::from_millis(5);
-                    on_accept(shared, UnixStream::from(fd));
+        if Instant::now() >= next_watch {
+            next_watch = Instant::now() + WATCH_PERIOD;
+            let watched = lock(&shared.claim).as_mut().map_or(Watch::Keep, watch_name);
+            match watched {
+                Watch::Keep => {}
+                Watch::Serve(new) => {
+                    // Whoever connected to the old socket before it was unlinked is served too.
+                    let old = std::mem::replace(&mut listener, new);
+                    accept_all(shared, &old, &mut backoff);
                 }
-                Err(rustix::io::Errno::WOULDBLOCK) => break,
-                Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => {}
-                Err(e) => {
-                    // Out of descriptors or memory: back off instead of spinning on a listener
-                    // that stays readable; connections wait in the backlog meanwhile.
-                    tracing::warn!(error = %e, service = %shared.service.name, "accept failed; backing off {:?}", backoff);
-                    thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(200));
-                    break;
+                Watch::Stop(lost) => {
+                    shared.trigger.fire_lost(lost);
+                    return;
                 }
+            }
+        }
+        accept_all(shared, &listener, &mut backoff);
+    }
+}
+
+/// Accepts every connection waiting in the backlog of `listener`.
+fn accept_all(shared: &Arc<Shared>, listener: &UnixListener, backoff: &mut Duration) {
+    loop {
+        match rustix::net::accept_with(listener, SocketFlags::CLOEXEC) {
+            Ok(fd) => {
+                *backoff = Duration::from_millis(5);
+                on_accept(shared, UnixStream::from(fd));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => break,
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => {}
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning on a listener
+                // that stays readable; connections wait in the backlog meanwhile.
+                tracing::warn!(error = %e, service = %shared.service.name, "accept failed; backing off {:?}", backoff);
+                thread::sleep(*backoff);
+                *backoff = (*backoff * 2).min(Duration::from_millis(200));
+                break;
             }
         }
     }

@@ -256,12 +256,12 @@ impl Server {
         self.start(erase(handler))
     }
 
-    /// Serves on this thread until a [`ShutdownTrigger`] fires, then shuts down as
-    /// [`ServerHandle::shutdown`] does.
+    /// Serves on this thread until a [`ShutdownTrigger`] fires (or the server loses its name,
+    /// see [`ServerHandle::wait`]), then shuts down as [`ServerHandle::shutdown`] does.
     ///
     /// # Errors
     ///
-    /// As [`spawn`](Server::spawn).
+    /// As [`spawn`](Server::spawn), and as [`ServerHandle::wait`] after serving.
     pub fn serve<F, R, E>(self, handler: F) -> Result<()>
     where
         F: Fn(Request) -> std::result::Result<R, E> + Send + Sync + 'static,
@@ -270,9 +270,9 @@ impl Server {
     {
         let trigger = self.trigger.clone();
         let handle = self.start(erase(handler))?;
-        trigger.wait();
+        let served = trigger.wait();
         handle.shutdown();
-        Ok(())
+        served
     }
 
     fn start(self, default: Arc<SyncHandler>) -> Result<ServerHandle> {
@@ -319,7 +319,7 @@ impl Server {
                 let s = shared.clone();
                 let accept = thread::Builder::new()
                     .name("microcs-accept".into())
-                    .spawn(move || accept_loop(&s, &listener))
+                    .spawn(move || accept_loop(&s, listener))
                     .map_err(spawn_err)?;
                 Some(accept)
             }
@@ -338,10 +338,18 @@ impl Server {
 
 /// Wakes the accept loop and whoever waits in [`Server::serve`].
 struct Trigger {
-    fired: Mutex<bool>,
+    fired: Mutex<Fired>,
     cv: Condvar,
     wake_r: OwnedFd,
     wake_w: OwnedFd,
+}
+
+/// Whether the server was asked to stop, and why it stopped by itself, if it did.
+#[derive(Default)]
+struct Fired {
+    fired: bool,
+    /// The server lost its name (see `service::watch_name`); what `serve` and `wait` return.
+    lost: Option<Error>,
 }
 
 impl Trigger {
@@ -349,27 +357,45 @@ impl Trigger {
         let (wake_r, wake_w) =
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
                 .map_err(|e| Error::io("cannot create wake-up pipe", e.into()))?;
-        Ok(Arc::new(Trigger { fired: Mutex::new(false), cv: Condvar::new(), wake_r, wake_w }))
+        Ok(Arc::new(Trigger { fired: Mutex::new(Fired::default()), cv: Condvar::new(), wake_r, wake_w }))
     }
 
     fn fire(&self) {
+        self.fire_with(None);
+    }
+
+    /// Stops the server because it lost its name: `lost` is what `serve` and `wait` return.
+    fn fire_lost(&self, lost: Error) {
+        self.fire_with(Some(lost));
+    }
+
+    fn fire_with(&self, lost: Option<Error>) {
         let mut fired = lock(&self.fired);
-        if !*fired {
-            *fired = true;
+        if !fired.fired {
+            *fired = Fired { fired: true, lost };
             let _ = rustix::io::write(&self.wake_w, &[1]);
             self.cv.notify_all();
         }
     }
 
     fn is_fired(&self) -> bool {
-        *lock(&self.fired)
+        lock(&self.fired).fired
     }
 
-    fn wait(&self) {
-        let mut fired = lock(&self.fired);
-        while !*fired {
-            fired = self.cv.wait(fired).unwrap_or_else(|p| p.into_inner());
+    fn wait(&self) -> Result<()> {
+        loop {
+            if let Some(done) = self.wait_timeout(Duration::from_secs(3600)) {
+                return done;
+            }
         }
+    }
+
+    /// [`wait`](Trigger::wait) for at most `limit`; `None` if not fired by then.
+    fn wait_timeout(&self, limit: Duration) -> Option<Result<()>> {
+        let fired = lock(&self.fired);
+        let (fired, _) =
+            self.cv.wait_timeout_while(fired, limit, |f| !f.fired).unwrap_or_else(|p| p.into_inner());
+        fired.fired.then(|| fired.lost.clone().map_or(Ok(()), Err))
     }
 }
 
@@ -428,9 +454,32 @@ impl ServerHandle {
         ShutdownTrigger { trigger: self.shared.trigger.clone() }
     }
 
-    /// Blocks until a [`ShutdownTrigger`] fires (the server keeps serving meanwhile).
-    pub fn wait(&self) {
-        self.shared.trigger.wait();
+    /// Blocks until a [`ShutdownTrigger`] fires, or the server stops by itself because it lost
+    /// its name (the server keeps serving meanwhile). Call [`shutdown`](ServerHandle::shutdown)
+    /// after it, to let running requests finish.
+    ///
+    /// A server checks every second that its socket and lock file are still its own. When
+    /// they were removed or replaced (the runtime directory was deleted, say), it takes the
+    /// name back while it is free; it stops only when another server owns the name now, or
+    /// something other than a socket blocks the socket path.
+    ///
+    /// # Errors
+    ///
+    /// When the server lost its name: [`ErrorKind::NameTaken`] with the new owner's pid
+    /// ([`Error::owner_pid`]), or [`ErrorKind::PermissionDenied`] when the runtime directory
+    /// became unsafe or a non-socket file took the socket's place.
+    pub fn wait(&self) -> Result<()> {
+        self.shared.trigger.wait()
+    }
+
+    /// Like [`wait`](ServerHandle::wait), for at most `limit`: `None` if the server still serves
+    /// then (`Duration::ZERO` only looks).
+    ///
+    /// # Errors
+    ///
+    /// As [`wait`](ServerHandle::wait).
+    pub fn wait_timeout(&self, limit: Duration) -> Option<Result<()>> {
+        self.shared.trigger.wait_timeout(limit)
     }
 
     /// The same counters `$stats` reports, read locally.

@@ -545,15 +545,20 @@ impl Client {
         if !exists {
             return Err(client_conn::no_service(name, &s.dir, ""));
         }
+        // For the message of a server that does not answer; only after a timeout (a `stat`, an
+        // `open` and a `flock` that never block).
+        let holder = || registry::holder(&s.dir, name);
         let stream = match timeout_at(deadline, connect(&s.path)).await {
-            Err(_) => return Err(client_conn::connect_timed_out(name, self.timeout)),
+            Err(_) => return Err(client_conn::connect_timed_out(name, self.timeout, holder())),
             Ok(Ok(stream)) => {
                 crate::transport::unix::set_send_buffer(&stream, s.send_buffer);
                 stream.into_std().and_then(Stream::new).map_err(|e| {
                     Error::io(format_args!("cannot watch the connection to {}", s.path.display()), e)
                 })?
             }
-            Ok(Err(e)) => return Err(client_conn::connect_failed(name, &s.dir, &s.path, self.timeout, e)),
+            Ok(Err(e)) => {
+                return Err(client_conn::connect_failed(name, &s.dir, &s.path, self.timeout, holder, e));
+            }
         };
         let mut rbuf = ReadBuf::default();
         let decode_limit = client_conn::decode_limit(s.max_payload);
@@ -573,7 +578,7 @@ impl Client {
         };
         let server = timeout_at(deadline, handshake)
             .await
-            .map_err(|_| client_conn::handshake_timed_out(name, &s.path))??;
+            .map_err(|_| client_conn::handshake_timed_out(name, &s.path, self.timeout, holder()))??;
         tracing::debug!(service = %name, pid = server.pid, "connected");
         let conn =
             Arc::new(Conn { stream, server, outbox: Outbox::new(Book::default()), deadlines: Notify::new() });

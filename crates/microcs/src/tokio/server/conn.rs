@@ -13,18 +13,18 @@ use std::time::Duration;
 use ::tokio::net::{UnixListener, UnixStream};
 use ::tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use ::tokio::task::AbortHandle;
-use ::tokio::time::{Instant, sleep, sleep_until};
+use ::tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, sleep_until};
 
 use super::super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, shutdown};
 use super::{AsyncHandler, HandlerFuture};
 use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
-use crate::error::RemoteError;
+use crate::error::{Error, RemoteError};
 use crate::io::{Filled, ReadBuf, log_write_failed};
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, shutting_down};
 use crate::proto::{DecodeError, Decoded, Header};
 use crate::registry::Claim;
 use crate::request::{CancelState, Peer, panic_message};
-use crate::service::{Config, Service};
+use crate::service::{Config, Service, WATCH_PERIOD, Watch, watch_name};
 use crate::transport::unix::set_send_buffer;
 use crate::transport::{Link, Shut, Transport, send_frame_now};
 
@@ -39,6 +39,8 @@ pub(super) struct Shared {
     pub(super) kill: watch::Sender<bool>,
     /// The name's lock and socket; dropped (files removed) when the accept loop ends.
     pub(super) claim: Mutex<Option<Claim>>,
+    /// Why the server stopped by itself (it lost its name), for `serve` and `wait`.
+    pub(super) lost: Mutex<Option<Error>>,
     /// Open connections: for the connection cap, the handshake cap and shutdown.
     pub(super) conns: Mutex<HashMap<u64, ConnEntry>>,
     /// Notified whenever a connection ends.
@@ -53,6 +55,17 @@ impl Shared {
 
     pub(super) fn stopping(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    /// Stops the server because it lost its name: `lost` is what `serve` and `wait` return.
+    fn lose(&self, lost: Error) {
+        *lock(&self.lost) = Some(lost);
+        self.stop.send_replace(true);
+    }
+
+    /// What `serve` and `wait` return once the server stopped.
+    pub(super) fn outcome(&self) -> crate::error::Result<()> {
+        lock(&self.lost).clone().map_or(Ok(()), Err)
     }
 }
 
@@ -86,26 +99,47 @@ impl Drop for ConnGuard {
     }
 }
 
-pub(super) async fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
+pub(super) async fn accept_loop(shared: Arc<Shared>, mut listener: UnixListener) {
     let mut stop = shared.stop.subscribe();
     let mut backoff = Duration::from_millis(5);
+    let mut checks = interval_at(Instant::now() + WATCH_PERIOD, WATCH_PERIOD);
+    checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        let failed = ::tokio::select! {
+        let (failed, check) = ::tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
+            _ = checks.tick() => (false, true),
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     backoff = Duration::from_millis(5);
                     on_accept(&shared, stream);
-                    false
+                    (false, false)
                 }
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted) => false,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted) => (false, false),
                 Err(e) => {
                     tracing::warn!(error = %e, service = %shared.service.name, "accept failed; backing off {:?}", backoff);
-                    true
+                    (true, false)
                 }
             }
         };
+        if check {
+            match watch_files(&shared).await {
+                Watch::Keep => {}
+                // The old listener's backlog is dropped with it: connections made, in the second
+                // before this check, to a socket path that was unlinked.
+                Watch::Serve(new) => match UnixListener::from_std(new) {
+                    Ok(new) => listener = new,
+                    Err(e) => {
+                        shared.lose(Error::io("cannot register the new socket with the runtime", e));
+                        break;
+                    }
+                },
+                Watch::Stop(lost) => {
+                    shared.lose(lost);
+                    break;
+                }
+            }
+        }
         if failed {
             // Out of descriptors or memory: back off instead of spinning on a listener that
             // stays readable; connections wait in the backlog meanwhile.
@@ -118,6 +152,20 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
     }
     drop(listener);
     drop(lock(&shared.claim).take());
+}
+
+/// [`watch_name`] for the accept loop: the check inline (it only `stat`s), taking the name back
+/// (files, maybe a short wait for a racing claimant) off the runtime.
+async fn watch_files(shared: &Arc<Shared>) -> Watch {
+    if lock(&shared.claim).as_ref().is_none_or(Claim::intact) {
+        return Watch::Keep;
+    }
+    let s = shared.clone();
+    let watched =
+        ::tokio::task::spawn_blocking(move || lock(&s.claim).as_mut().map_or(Watch::Keep, watch_name));
+    watched.await.unwrap_or_else(|e| {
+        Watch::Stop(Error::io("cannot take the name back", std::io::Error::other(e.to_string())))
+    })
 }
 
 pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {

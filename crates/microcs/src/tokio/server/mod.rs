@@ -314,12 +314,12 @@ impl Server {
         self.start(erase(handler))
     }
 
-    /// Serves until a [`ShutdownTrigger`] fires, then shuts down as [`ServerHandle::shutdown`]
-    /// does.
+    /// Serves until a [`ShutdownTrigger`] fires (or the server loses its name, see
+    /// [`ServerHandle::wait`]), then shuts down as [`ServerHandle::shutdown`] does.
     ///
     /// # Errors
     ///
-    /// As [`spawn`](Server::spawn).
+    /// As [`spawn`](Server::spawn), and as [`ServerHandle::wait`] after serving.
     ///
     /// # Cancel safety
     ///
@@ -335,12 +335,13 @@ impl Server {
         self.serve_with_shutdown(handler, std::future::pending()).await
     }
 
-    /// Serves until `signal` resolves (or a [`ShutdownTrigger`] fires), then shuts down as
-    /// [`ServerHandle::shutdown`] does — the mini-redis pattern.
+    /// Serves until `signal` resolves (or a [`ShutdownTrigger`] fires, or the server loses its
+    /// name, see [`ServerHandle::wait`]), then shuts down as [`ServerHandle::shutdown`] does —
+    /// the mini-redis pattern.
     ///
     /// # Errors
     ///
-    /// As [`spawn`](Server::spawn).
+    /// As [`spawn`](Server::spawn), and as [`ServerHandle::wait`] after serving.
     ///
     /// # Examples
     ///
@@ -374,8 +375,9 @@ impl Server {
             () = signal => {}
             _ = stop.wait_for(|s| *s) => {}
         }
+        let shared = handle.shared.clone();
         handle.shutdown().await;
-        Ok(())
+        shared.outcome()
     }
 
     fn start(self, default: Arc<AsyncHandler>) -> Result<ServerHandle> {
@@ -403,6 +405,7 @@ impl Server {
             stop: self.stop,
             kill,
             claim: Mutex::new(self.claim),
+            lost: Mutex::new(None),
             conns: Mutex::new(HashMap::new()),
             drained: Notify::new(),
             next_conn: AtomicU64::new(1),
@@ -508,13 +511,27 @@ impl ServerHandle {
         ShutdownTrigger { stop: self.shared.stop.clone() }
     }
 
-    /// Waits until a [`ShutdownTrigger`] fires (the server keeps serving meanwhile).
+    /// Waits until a [`ShutdownTrigger`] fires, or the server stops by itself because it lost
+    /// its name (the server keeps serving meanwhile). Await
+    /// [`shutdown`](ServerHandle::shutdown) after it, to let running requests finish.
+    ///
+    /// A server checks every second that its socket and lock file are still its own. When
+    /// they were removed or replaced (the runtime directory was deleted, say), it takes the
+    /// name back while it is free; it stops only when another server owns the name now, or
+    /// something other than a socket blocks the socket path.
+    ///
+    /// # Errors
+    ///
+    /// When the server lost its name: [`ErrorKind::NameTaken`] with the new owner's pid
+    /// ([`Error::owner_pid`]), or [`ErrorKind::PermissionDenied`] when the runtime directory
+    /// became unsafe or a non-socket file took the socket's place.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: it only waits.
-    pub async fn wait(&self) {
+    pub async fn wait(&self) -> Result<()> {
         let _ = self.shared.stop.subscribe().wait_for(|s| *s).await;
+        self.shared.outcome()
     }
 
     /// The same counters `$stats` reports, read locally.

@@ -157,6 +157,26 @@ impl PeerProcess {
         wait_timeout(&mut self.child, Duration::from_secs(20)).expect("peer did not exit after stdin closed")
     }
 
+    /// The next line the peer prints (after its first), `None` at the end of its output.
+    pub fn next_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.stdout.as_mut()?.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim().to_owned()),
+        }
+    }
+
+    /// Waits for the peer to exit by itself (up to `limit`).
+    pub fn exited(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_timeout(&mut self.child, limit)
+    }
+
+    /// Stops the process with SIGSTOP until the guard is dropped (SIGCONT), whatever the test
+    /// does meanwhile, panics included.
+    pub fn sigstop(&self) -> Frozen {
+        Frozen::new(self.pid)
+    }
+
     /// SIGKILL, and reap.
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
@@ -168,6 +188,25 @@ impl Drop for PeerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A process stopped with SIGSTOP; continued (SIGCONT) when dropped.
+pub struct Frozen {
+    pid: rustix::process::Pid,
+}
+
+impl Frozen {
+    pub fn new(pid: u32) -> Frozen {
+        let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+        Frozen { pid }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::CONT);
     }
 }
 
