@@ -515,7 +515,7 @@ impl Client {
         conn.server = match (sent, got) {
             (_, Ok((answer, _, _))) => answer?,
             (Err(e), Err(_)) => {
-                return Err(Error::io(format_args!("handshake with service '{name}' failed"), e.error));
+                return Err(Loss::from_io(e.error).handshake_error(name, &self.path));
             }
             (Ok(()), Err(Wait::Lost(loss))) => return Err(loss.handshake_error(name, &self.path)),
             (Ok(()), Err(Wait::TimedOut | Wait::Interrupted)) => {

@@ -219,10 +219,15 @@ impl Loss {
                 ErrorKind::Closed,
                 format!("service '{name}' closed the connection during the handshake"),
             ),
-            Loss::Closed(Some(e)) | Loss::Io(e) => {
-                Error::new(ErrorKind::Io, format!("handshake with service '{name}' failed: {e}"))
-                    .with_source(e.clone())
-            }
+            // Reset or broken pipe: the server went away (typically it is shutting down and
+            // closed connections still in its backlog). Nothing was sent.
+            Loss::Closed(Some(e)) => Error::new(
+                ErrorKind::Closed,
+                format!("service '{name}' closed the connection during the handshake ({e})"),
+            )
+            .with_source(e.clone()),
+            Loss::Io(e) => Error::new(ErrorKind::Io, format!("handshake with service '{name}' failed: {e}"))
+                .with_source(e.clone()),
             Loss::Protocol(e) => {
                 not_microcs(path, &format!("it sent bytes that are not a microcs frame ({e})"))
                     .with_source(e.clone())

@@ -572,7 +572,7 @@ impl Client {
             .await;
             match (sent, got) {
                 (_, Ok(answer)) => answer,
-                (Err(e), Err(_)) => Err(Error::io(format_args!("handshake with service '{name}' failed"), e)),
+                (Err(e), Err(_)) => Err(Loss::from_io(e).handshake_error(name, &s.path)),
                 (Ok(()), Err(loss)) => Err(loss.handshake_error(name, &s.path)),
             }
         };
