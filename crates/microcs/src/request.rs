@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -23,21 +23,122 @@ pub struct Peer {
     pub gid: u32,
 }
 
-/// Shared flag between the connection (which sees `Cancel` frames and disconnects) and the
-/// handler (which polls it or awaits it).
+/// Shared state between the connection (which sees `Cancel` and `Credit` frames and
+/// disconnects) and the handler (which polls it or awaits it): the cancel flag and, for a
+/// stream, the room its caller granted (docs/PROTOCOL.md § 17).
 #[derive(Default)]
 pub(crate) struct CancelState {
     flag: AtomicBool,
     wakers: Mutex<Vec<Waker>>,
+    /// Items and bytes the caller still lets the server send (streams only).
+    room: Mutex<(u64, u64)>,
+    /// Signalled on more room and on cancel, for a blocking stream waiting for room.
+    room_cv: Condvar,
+}
+
+/// What a stream waiting to send its next item found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// There is room: send it, then [`take_room`](CancelState::take_room).
+    Ready,
+    /// The caller cancelled or left: stop.
+    Cancelled,
+    /// The deadline passed first.
+    TimedOut,
 }
 
 impl CancelState {
     pub(crate) fn cancel(&self) {
         self.flag.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        {
+            // Under the room lock, so a blocking waiter that just checked cannot miss it.
+            let _room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+            self.room_cv.notify_all();
+        }
         let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
         for w in wakers {
             w.wake();
         }
+    }
+
+    /// The caller granted more room (a `Credit` frame).
+    pub(crate) fn grant(&self, items: u32, bytes: u32) {
+        {
+            let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+            room.0 = room.0.saturating_add(u64::from(items));
+            room.1 = room.1.saturating_add(u64::from(bytes));
+            self.room_cv.notify_all();
+        }
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    fn has_room(room: &(u64, u64)) -> bool {
+        room.0 > 0 && room.1 > 0
+    }
+
+    /// Waits (blocking) until there is room for one more item, the caller cancels, or
+    /// `deadline` passes.
+    pub(crate) fn wait_room(&self, deadline: Option<Instant>) -> Room {
+        let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.is_set() {
+                return Room::Cancelled;
+            }
+            if Self::has_room(&room) {
+                return Room::Ready;
+            }
+            room = match deadline {
+                None => self.room_cv.wait(room).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Room::TimedOut;
+                    }
+                    self.room_cv.wait_timeout(room, left).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
+        }
+    }
+
+    /// As [`wait_room`](Self::wait_room) for a task (the deadline is the caller's to race).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Room> {
+        let check = || {
+            if self.is_set() {
+                Some(Room::Cancelled)
+            } else if Self::has_room(&self.room.lock().unwrap_or_else(|p| p.into_inner())) {
+                Some(Room::Ready)
+            } else {
+                None
+            }
+        };
+        if let Some(r) = check() {
+            return Poll::Ready(r);
+        }
+        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        drop(wakers);
+        // Granted or cancelled between the check and the registration: do not sleep on it.
+        match check() {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
+    }
+
+    /// One item of `len` bytes was sent: uses its room (the bytes may overshoot, by one item).
+    pub(crate) fn take_room(&self, len: usize) {
+        let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        room.0 = room.0.saturating_sub(1);
+        room.1 = room.1.saturating_sub(len as u64);
     }
 
     pub(crate) fn is_set(&self) -> bool {

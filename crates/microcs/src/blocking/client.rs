@@ -602,5 +602,5 @@ impl Connection {
 }
 
 fn placeholder_ack() -> HelloAck {
-    HelloAck { max_payload: 0, max_in_flight: 0, pid: 0, name: String::new() }
+    HelloAck { max_payload: 0, max_in_flight: 0, pid: 0, name: String::new(), features: 0 }
 }

@@ -28,8 +28,10 @@ impl Hello {
 /// Body of the server's `HelloAck` frame.
 ///
 /// Layout: `u32` largest request payload the server accepts, `u32` requests it runs at once per
-/// connection, `u32` server pid, `u16` length of the service name, the name (UTF-8). Bytes after
-/// the name are accepted and ignored, so later versions can add fields.
+/// connection, `u32` server pid, `u16` length of the service name, the name (UTF-8), then `u32`
+/// feature bits ([`FEATURE_STREAMS`](super::FEATURE_STREAMS)); an older server sends no feature
+/// field (read as 0). Bytes after that are accepted and ignored, so later versions can add
+/// fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloAck {
     /// Largest request payload, in bytes, the server will accept.
@@ -40,6 +42,8 @@ pub struct HelloAck {
     pub pid: u32,
     /// The service name the server owns.
     pub name: String,
+    /// Optional protocol features the server supports (0 from servers that predate them).
+    pub features: u32,
 }
 
 impl HelloAck {
@@ -53,12 +57,13 @@ impl HelloAck {
     /// If the name is longer than 65535 bytes (service names are at most 64).
     pub fn to_bytes(&self) -> Vec<u8> {
         let name_len = u16::try_from(self.name.len()).expect("service name longer than 65535 bytes");
-        let mut b = Vec::with_capacity(Self::FIXED_LEN + self.name.len());
+        let mut b = Vec::with_capacity(Self::FIXED_LEN + self.name.len() + 4);
         b.extend_from_slice(&self.max_payload.to_be_bytes());
         b.extend_from_slice(&self.max_in_flight.to_be_bytes());
         b.extend_from_slice(&self.pid.to_be_bytes());
         b.extend_from_slice(&name_len.to_be_bytes());
         b.extend_from_slice(self.name.as_bytes());
+        b.extend_from_slice(&self.features.to_be_bytes());
         b
     }
 
@@ -72,6 +77,38 @@ impl HelloAck {
             max_in_flight: word(4)?,
             pid: word(8)?,
             name: std::str::from_utf8(name).ok()?.to_owned(),
+            // Absent (or cut short) from older servers: no optional features.
+            features: word(Self::FIXED_LEN + name_len).unwrap_or(0),
         })
+    }
+}
+
+/// Body of a `Credit` frame: more room the caller grants a stream.
+///
+/// Layout: `u32` items, `u32` bytes. Longer bodies are accepted and the extra bytes ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credit {
+    /// More items the server may send.
+    pub items: u32,
+    /// More payload bytes the server may send.
+    pub bytes: u32,
+}
+
+impl Credit {
+    /// Encoded length of this version's body.
+    pub const LEN: usize = 8;
+
+    /// The body bytes.
+    pub fn to_bytes(&self) -> [u8; Self::LEN] {
+        let mut b = [0; Self::LEN];
+        b[..4].copy_from_slice(&self.items.to_be_bytes());
+        b[4..].copy_from_slice(&self.bytes.to_be_bytes());
+        b
+    }
+
+    /// Parses a body; `None` if it is too short.
+    pub fn parse(b: &[u8]) -> Option<Credit> {
+        let word = |i: usize| Some(u32::from_be_bytes(b.get(i..i + 4)?.try_into().ok()?));
+        Some(Credit { items: word(0)?, bytes: word(4)? })
     }
 }

@@ -42,7 +42,7 @@ mod hello;
 pub(crate) mod server_conn;
 pub mod status;
 
-pub use hello::{Hello, HelloAck};
+pub use hello::{Credit, Hello, HelloAck};
 
 use std::fmt;
 
@@ -69,9 +69,20 @@ pub const HANDSHAKE_PAYLOAD: u32 = 64 * 1024;
 pub const FLAG_NOT_RUN: u16 = 0x0001;
 /// Error frame flag: the error comes from microcs itself, not from the application's handler.
 pub const FLAG_SYSTEM: u16 = 0x0002;
-/// Every flag bit this version defines. Flags mean something only on `Error` frames: a server
-/// refuses a `Request` with any flag set, and receivers ignore the flags of other frames.
-pub const KNOWN_FLAGS: u16 = FLAG_NOT_RUN | FLAG_SYSTEM;
+/// Request frame flag: the caller takes a stream of answers (`Item` frames, then an empty `Reply`
+/// or an `Error`); sent only to servers whose `HelloAck` announces [`FEATURE_STREAMS`].
+pub const FLAG_STREAM: u16 = 0x0004;
+/// Every flag bit this version defines. `FLAG_NOT_RUN` and `FLAG_SYSTEM` mean something only on
+/// `Error` frames, `FLAG_STREAM` only on `Request` frames: a server refuses a `Request` with any
+/// other flag set, and receivers ignore the flags of other frames.
+pub const KNOWN_FLAGS: u16 = FLAG_NOT_RUN | FLAG_SYSTEM | FLAG_STREAM;
+
+/// `HelloAck` feature bit: this server takes stream requests (docs/PROTOCOL.md § 17).
+pub const FEATURE_STREAMS: u32 = 0x1;
+/// Items a stream's caller lets the server send ahead by default (the window's count).
+pub const DEFAULT_WINDOW_ITEMS: u32 = 64;
+/// Bytes a stream's caller lets the server send ahead by default (the window's size).
+pub const DEFAULT_WINDOW_BYTES: u32 = 1024 * 1024;
 
 /// What a frame is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +106,11 @@ pub enum Kind {
     Ping = 7,
     /// Answer to `Ping`.
     Pong = 8,
+    /// Server → client: one item of the stream answering the request with this id.
+    Item = 9,
+    /// Client → server: room for more items of the stream with this id (`u32` items, `u32`
+    /// bytes).
+    Credit = 10,
 }
 
 impl Kind {
@@ -109,6 +125,8 @@ impl Kind {
             6 => Kind::Cancel,
             7 => Kind::Ping,
             8 => Kind::Pong,
+            9 => Kind::Item,
+            10 => Kind::Credit,
             _ => return None,
         })
     }

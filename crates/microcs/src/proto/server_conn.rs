@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{
-    DecodeError, FLAG_NOT_RUN, FLAG_SYSTEM, Frame, HANDSHAKE_PAYLOAD, Header, Hello, HelloAck, Kind,
-    deadline_at, status,
+    Credit, DecodeError, FEATURE_STREAMS, FLAG_NOT_RUN, FLAG_STREAM, FLAG_SYSTEM, Frame, HANDSHAKE_PAYLOAD,
+    Header, Hello, HelloAck, Kind, deadline_at, status,
 };
 use crate::dispatch::Answer;
 use crate::io::IdHasher;
@@ -69,6 +69,8 @@ pub(crate) enum Action {
 /// A request registered in flight.
 pub(crate) struct Admitted {
     pub id: u64,
+    /// The caller takes a stream of items (`FLAG_STREAM`).
+    pub stream: bool,
     /// When the caller stops waiting, counted from the request's arrival.
     pub deadline: Option<Instant>,
     /// Set when the caller cancels or hangs up.
@@ -123,6 +125,7 @@ impl ServerConn {
             max_in_flight: self.max_in_flight,
             pid,
             name: name.to_owned(),
+            features: FEATURE_STREAMS,
         };
         let out = Out { header: Header::new(Kind::HelloAck, 0), payload: ack.to_bytes() };
         self.max_reply.store(hello.max_payload, Ordering::Relaxed);
@@ -134,7 +137,7 @@ impl ServerConn {
         let h = &frame.header;
         match h.kind() {
             Some(Kind::Request) => {
-                if h.flags != 0 {
+                if h.flags & !FLAG_STREAM != 0 {
                     let msg = format!("request has unknown flags {:#06x}", h.flags);
                     return Action::Send(Out::refusal(h.id, status::BAD_REQUEST, msg));
                 }
@@ -149,6 +152,13 @@ impl ServerConn {
             Some(Kind::Cancel) => {
                 if let Some(c) = self.inflight().get(&h.id) {
                     c.cancel();
+                }
+                Action::None
+            }
+            // Room for a stream; for an id that is not one (any more), or too short: ignored.
+            Some(Kind::Credit) => {
+                if let (Some(credit), Some(c)) = (Credit::parse(frame.payload), self.inflight().get(&h.id)) {
+                    c.grant(credit.items, credit.bytes);
                 }
                 Action::None
             }
@@ -179,11 +189,24 @@ impl ServerConn {
         }
         let cancel = Arc::new(CancelState::default());
         inflight.insert(h.id, cancel.clone());
-        Ok(Admitted { id: h.id, deadline: deadline_at(arrived, h.deadline_ms), cancel })
+        let stream = h.flags & FLAG_STREAM != 0;
+        Ok(Admitted { id: h.id, stream, deadline: deadline_at(arrived, h.deadline_ms), cancel })
+    }
+
+    /// One item of the stream `id`, fitted to the client's limit: `Err` is the error that ends
+    /// the stream instead (an item over the limit: 413 `FLAG_SYSTEM`).
+    pub(crate) fn item(&self, id: u64, payload: Vec<u8>) -> Result<Out, Answer> {
+        let max = self.max_reply() as usize;
+        if payload.len() > max {
+            let msg = format!("stream item of {} bytes is over the client's limit of {max} bytes", payload.len());
+            return Err(Answer::Error { code: status::TOO_LARGE, flags: FLAG_SYSTEM, message: msg });
+        }
+        Ok(Out { header: Header::new(Kind::Item, id), payload })
     }
 
     /// A request is done: forgets it and gives the frame to send for `answer` (`None`: no
-    /// answer is wanted), fitted to the client's limit.
+    /// answer is wanted), fitted to the client's limit. A stream's end is an `answer` too (an
+    /// empty `Reply`, or the `Error` that ended it).
     pub(crate) fn answer(&self, id: u64, answer: Option<Answer>) -> Option<Out> {
         self.inflight().remove(&id);
         let out = match answer? {

@@ -145,7 +145,7 @@ fn blocks_of(kind: &str) -> Vec<HexBlock> {
 fn golden_expectations() -> Vec<(&'static str, Header, &'static [u8], Vec<u8>)> {
     let not_run_system = FLAG_NOT_RUN | FLAG_SYSTEM;
     let ack =
-        HelloAck { max_payload: DEFAULT_MAX_PAYLOAD, max_in_flight: 128, pid: 4242, name: "LIFE_GEN".into() };
+        HelloAck { max_payload: DEFAULT_MAX_PAYLOAD, max_in_flight: 128, pid: 4242, name: "LIFE_GEN".into(), features: FEATURE_STREAMS };
     vec![
         (
             "hello",
@@ -174,6 +174,15 @@ fn golden_expectations() -> Vec<(&'static str, Header, &'static [u8], Vec<u8>)> 
         ("cancel", Header::new(Kind::Cancel, 7), b"", Vec::new()),
         ("ping", Header::new(Kind::Ping, 3), b"", b"hi".to_vec()),
         ("pong", Header::new(Kind::Pong, 3), b"", b"hi".to_vec()),
+        ("stream-request", Header { flags: FLAG_STREAM, ..Header::request(9, 0) }, b"run", b"3".to_vec()),
+        (
+            "credit",
+            Header::new(Kind::Credit, 9),
+            b"",
+            Credit { items: DEFAULT_WINDOW_ITEMS, bytes: DEFAULT_WINDOW_BYTES }.to_bytes().to_vec(),
+        ),
+        ("item", Header::new(Kind::Item, 9), b"", b"#.#".to_vec()),
+        ("stream-end", Header::new(Kind::Reply, 9), b"", Vec::new()),
     ]
 }
 
@@ -221,7 +230,7 @@ fn golden_frames_in_protocol_md_decode_and_reencode_byte_for_byte() {
     }
     assert_eq!(
         kinds_seen.into_iter().collect::<Vec<_>>(),
-        (1..=8).collect::<Vec<u8>>(),
+        (1..=10).collect::<Vec<u8>>(),
         "a golden frame of every kind"
     );
 }
@@ -524,7 +533,7 @@ fn hello_body_ignores_extra_bytes_and_refuses_short_ones() {
 
 #[test]
 fn hello_ack_body_layout() {
-    let ack = HelloAck { max_payload: 1, max_in_flight: 2, pid: 3, name: "a.b".into() };
+    let ack = HelloAck { max_payload: 1, max_in_flight: 2, pid: 3, name: "a.b".into(), features: 0 };
     assert_eq!(ack.to_bytes(), [0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 3, b'a', b'.', b'b']);
     assert_eq!(HelloAck::parse(&ack.to_bytes()), Some(ack.clone()));
     // Bytes after the name are room for later fields, and ignored.
