@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::error::RemoteError;
 use crate::proto::{FLAG_NOT_RUN, FLAG_SYSTEM, status};
 use crate::request::{CancelState, Peer, Request};
+use crate::handler::Streams;
 use crate::service::{Endpoint, Route, Service};
 
 /// A request a transport has admitted: what [`begin`] needs.
@@ -37,6 +38,8 @@ pub(crate) struct Incoming {
     pub deadline: Option<Instant>,
     /// Set by the transport when the caller cancels or leaves.
     pub cancel: Arc<CancelState>,
+    /// The caller takes a stream (docs/PROTOCOL.md § 17).
+    pub stream: bool,
 }
 
 /// What to send back for one request.
@@ -67,6 +70,8 @@ pub(crate) enum End {
     Abandoned(Duration),
     /// Still running when the server's shutdown grace period ended: stopped.
     Killed,
+    /// A stream the library ended with this answer (an item over the caller's limit).
+    Refused(Answer),
 }
 
 /// The largest reply the receiver takes, and how to name that limit in a message.
@@ -92,10 +97,11 @@ pub(crate) struct Run<'a, H> {
     deadline: Option<Instant>,
     cancel: Arc<CancelState>,
     started: Instant,
+    stream: bool,
 }
 
 /// Routes a request by its method name (empty: the default handler) and starts it.
-pub(crate) fn begin<'a, H>(service: &'a Service<H>, method: &[u8], call: Incoming) -> Begin<'a, H> {
+pub(crate) fn begin<'a, H: Streams>(service: &'a Service<H>, method: &[u8], call: Incoming) -> Begin<'a, H> {
     match service.route(method) {
         Route::Endpoint(ep) => begin_at(service, ep, call),
         Route::Builtin(b) => Begin::Answer(Answer::Reply(service.builtin(b))),
@@ -104,11 +110,15 @@ pub(crate) fn begin<'a, H>(service: &'a Service<H>, method: &[u8], call: Incomin
 }
 
 /// Starts a request already routed to `endpoint` (NATS routes by subscription).
-pub(crate) fn begin_at<'a, H>(
+pub(crate) fn begin_at<'a, H: Streams>(
     service: &'a Service<H>,
     endpoint: &'a Endpoint<H>,
     call: Incoming,
 ) -> Begin<'a, H> {
+    if endpoint.handler.streams() && !call.stream {
+        let msg = format!("method '{}' answers with a stream; call it with stream()", endpoint.name);
+        return Begin::Answer(Answer::error(status::BAD_REQUEST, FLAG_SYSTEM | FLAG_NOT_RUN, msg));
+    }
     let now = Instant::now();
     if call.deadline.is_some_and(|d| now >= d) {
         let msg = "the deadline passed before the handler started";
@@ -123,7 +133,8 @@ pub(crate) fn begin_at<'a, H>(
         deadline: call.deadline,
         cancel: call.cancel.clone(),
     };
-    let run = Run { service, endpoint, deadline: call.deadline, cancel: call.cancel, started: now };
+    let run =
+        Run { service, endpoint, deadline: call.deadline, cancel: call.cancel, started: now, stream: call.stream };
     Begin::Run(run, req)
 }
 
@@ -144,11 +155,18 @@ impl<'a, H> Run<'a, H> {
         &self.cancel
     }
 
+    /// The caller takes a stream: items go out as the handler makes them, and
+    /// [`finish`](Self::finish)'s reply (empty) is the end.
+    pub(crate) fn stream(&self) -> bool {
+        self.stream
+    }
+
     /// Records the run in the endpoint's counters and decides what to send: `None` when
     /// nobody wants an answer (see the module docs for the rules).
     pub(crate) fn finish(self, end: End, limit: ReplyLimit<'_>) -> Option<Answer> {
         let elapsed = self.started.elapsed();
         let name = &self.service.name;
+
         let killed = matches!(end, End::Killed);
         // Finished (or failed) on its own, but after the caller's deadline.
         let late = !matches!(end, End::Deadline) && self.deadline.is_some_and(|d| Instant::now() >= d);
@@ -180,6 +198,14 @@ impl<'a, H> Run<'a, H> {
             End::Killed => {
                 let msg = format!("service '{name}' shut down while the handler ran; it was stopped");
                 (Err(RemoteError::new(status::BUSY, msg)), true)
+            }
+            End::Refused(answer) => {
+                let message = match &answer {
+                    Answer::Error { message, .. } => message.clone(),
+                    Answer::Reply(_) => String::new(),
+                };
+                self.endpoint.counters.record(elapsed, Some(&RemoteError::new(status::TOO_LARGE, message)));
+                return (!self.cancel.is_set()).then_some(answer);
             }
         };
         self.endpoint.counters.record(elapsed, result.as_ref().err());

@@ -58,6 +58,7 @@ pub mod blocking;
 mod dispatch;
 pub mod error;
 mod fork;
+mod handler;
 mod io;
 pub mod micro;
 mod name;

@@ -582,6 +582,16 @@ macro_rules! common_client_options {
             self
         }
 
+        /// How far ahead of the application a stream's server may send (docs/PROTOCOL.md
+        /// § 17): at most `items` items and about `bytes` bytes (one item may overshoot) wait
+        /// unread on this side; the default is 64 items and 1 MiB. More room is granted as the
+        /// application takes items, so a consumer that stops reading stops the server after one
+        /// window. Zero counts as one.
+        pub fn stream_window(mut self, items: u32, bytes: u32) -> Self {
+            self.window = crate::proto::Credit { items: items.max(1), bytes: bytes.max(1) };
+            self
+        }
+
         /// Looks for the service in this runtime directory instead of the default one.
         ///
         /// The default directory must belong to this user; a directory named here may belong to

@@ -17,6 +17,10 @@ use crate::registry;
 use crate::transport::unix::{DEFAULT_SEND_BUFFER, connect_with_timeout, set_recv_timeout, set_send_buffer};
 use crate::transport::{Link, send_bytes, send_frame};
 
+#[path = "stream.rs"]
+mod stream;
+pub use stream::ItemStream;
+
 /// A blocking connection to a named service.
 ///
 /// One request at a time (`&mut self`); for many requests in flight over one connection, use the
@@ -57,6 +61,8 @@ pub struct Client {
     max_payload: u32,
     send_buffer: usize,
     interrupt: Option<InterruptCheck>,
+    /// The room each stream grants its server ([`ClientBuilder::stream_window`]).
+    window: proto::Credit,
     conn: Option<Connection>,
     /// Request ids are never reused on a connection, so a late reply to a request that timed out
     /// can never be taken for the answer to a later one.
@@ -91,6 +97,7 @@ pub struct ClientBuilder {
     max_payload: u32,
     send_buffer: usize,
     interrupt: Option<InterruptCheck>,
+    window: proto::Credit,
     #[cfg(feature = "nats")]
     nats: crate::nats::ClientConfig,
 }
@@ -172,6 +179,7 @@ impl ClientBuilder {
             max_payload: self.max_payload,
             send_buffer: self.send_buffer,
             interrupt: self.interrupt,
+            window: self.window,
             conn: None,
             next_id: Ids::new(),
             #[cfg(feature = "nats")]
@@ -229,6 +237,7 @@ impl Client {
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             send_buffer: DEFAULT_SEND_BUFFER,
             interrupt: None,
+            window: proto::Credit { items: proto::DEFAULT_WINDOW_ITEMS, bytes: proto::DEFAULT_WINDOW_BYTES },
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }

@@ -12,7 +12,7 @@ use crate::proto::status;
 use crate::request::{Request, panic_message};
 use crate::service::{Config, Service};
 
-type SyncHandler = dyn Fn(Request) -> std::result::Result<Vec<u8>, RemoteError> + Send + Sync;
+use crate::handler::SyncHandler;
 
 /// Connects a blocking server to its broker at bind time; `None` when it serves locally only.
 pub(crate) fn bind_nats(
@@ -58,8 +58,12 @@ impl Invoke for Arc<SyncHandler> {
     ) -> impl Future<Output = std::result::Result<Vec<u8>, RemoteError>> + Send + 'static {
         let handler = self.clone();
         async move {
+            let run = move || match &*handler {
+                SyncHandler::Unary(h) => h(req),
+                SyncHandler::Stream(_) => Err(super::serve::streams_are_local(req.method().unwrap_or_default())),
+            };
             // On the blocking pool: a blocking handler must not stall the runtime's thread.
-            match tokio::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(|| handler(req)))).await {
+            match tokio::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(run))).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(panic)) => {
                     let msg = panic_message(&*panic);

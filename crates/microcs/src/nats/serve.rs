@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use super::{HEADER_ERROR, HEADER_ERROR_CODE, HEADER_FLAGS, HEADER_TIMEOUT, NATS_PEER, NatsOptions, conn};
+use crate::handler::Streams;
 use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 use crate::error::{Error, ErrorKind, RemoteError, Result};
 use crate::micro::QUEUE_GROUP;
@@ -29,12 +30,21 @@ use crate::request::{CancelState, Request};
 use crate::service::{Builtin, Endpoint, Service};
 
 /// How a server flavour runs one of its handlers for a NATS request.
-pub(crate) trait Invoke: Send + Sync + 'static {
+pub(crate) trait Invoke: Streams + Send + Sync + 'static {
     /// Runs the handler on `req`; a panic becomes an error with code 500.
     fn invoke(
         &self,
         req: Request,
     ) -> impl Future<Output = std::result::Result<Vec<u8>, RemoteError>> + Send + 'static;
+}
+
+/// Why a streaming method is not served over NATS: streams are local only in this version
+/// (docs/PROTOCOL.md § 17.3).
+pub(crate) fn streams_are_local(method: &str) -> RemoteError {
+    RemoteError::new(
+        status::BAD_REQUEST,
+        format!("method '{method}' answers with a stream, and streams are local only: call it on the service's machine"),
+    )
 }
 
 /// Limits the NATS side takes from the server's configuration.
@@ -411,7 +421,12 @@ impl<H: Invoke> Shared<H> {
             payload: msg.payload.to_vec(),
             deadline,
             cancel,
+            stream: false,
         };
+        if ep.handler.streams() {
+            let e = streams_are_local(&ep.name);
+            return self.error(reply, e.code(), FLAG_SYSTEM | FLAG_NOT_RUN, e.message()).await;
+        }
         let (run, req) = match dispatch::begin_at(&self.service, ep, call) {
             Begin::Run(run, req) => (run, req),
             Begin::Answer(a) => return self.answer(reply, a).await,

@@ -14,9 +14,7 @@ use crate::proto::status;
 use crate::request::{Request, panic_message};
 use crate::service::{Config, Service};
 
-type AsyncHandler = dyn Fn(Request) -> Pin<Box<dyn Future<Output = std::result::Result<Vec<u8>, RemoteError>> + Send>>
-    + Send
-    + Sync;
+use crate::handler::AsyncHandler;
 
 /// Connects an async server to its broker at bind time; `None` when it serves locally only.
 pub(crate) async fn bind_nats(
@@ -46,7 +44,14 @@ impl Invoke for Arc<AsyncHandler> {
         &self,
         req: Request,
     ) -> impl Future<Output = std::result::Result<Vec<u8>, RemoteError>> + Send + 'static {
-        CatchUnwind { inner: (**self)(req) }
+        let inner: crate::handler::HandlerFuture = match &**self {
+            AsyncHandler::Unary(h) => h(req),
+            AsyncHandler::Stream(_) => {
+                let e = super::serve::streams_are_local(req.method().unwrap_or_default());
+                Box::pin(async move { Err(e) })
+            }
+        };
+        CatchUnwind { inner }
     }
 }
 

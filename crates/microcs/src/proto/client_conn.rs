@@ -24,7 +24,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{DecodeError, FLAG_NOT_RUN, Frame, HANDSHAKE_PAYLOAD, Header, Hello, HelloAck, Kind, status};
+use super::{
+    Credit, DecodeError, FEATURE_STREAMS, FLAG_NOT_RUN, FLAG_STREAM, Frame, HANDSHAKE_PAYLOAD, Header, Hello,
+    HelloAck, Kind, status,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::is_disconnect;
 use crate::name::Name;
@@ -83,6 +86,68 @@ pub(crate) fn request_header(id: u64, remaining: Duration) -> Header {
     Header::request(id, super::deadline_ms(remaining))
 }
 
+/// The header of a stream request: no deadline unless the caller bounds the whole stream
+/// (docs/PROTOCOL.md § 17.3).
+pub(crate) fn stream_header(id: u64, whole: Option<Duration>) -> Header {
+    Header { flags: FLAG_STREAM, ..Header::request(id, whole.map_or(0, super::deadline_ms)) }
+}
+
+/// Refuses a stream to a server that did not announce streams, before anything is sent.
+pub(crate) fn check_streams(name: &Name, server: &HelloAck) -> Result<()> {
+    if server.features & FEATURE_STREAMS != 0 {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Protocol,
+        format!("service '{name}' does not support streams (its microcs predates them); nothing was sent"),
+    ))
+}
+
+/// A stream whose next item (or end) did not come within the caller's timeout; it was
+/// cancelled.
+pub(crate) fn stream_timed_out(name: &Name, timeout: Duration) -> Error {
+    Error::new(
+        ErrorKind::TimedOut,
+        format!("service '{name}' sent no item of the stream within {timeout:?}; the stream was cancelled"),
+    )
+    .set_may_have_run(true)
+}
+
+/// The caller's side of a stream's flow control: the room it grants, and what the application
+/// has taken since the last grant. Room is granted back once half the items or half the bytes
+/// of the window were taken, so a server that keeps up never waits for it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    full: Credit,
+    items: u32,
+    bytes: u64,
+}
+
+impl Window {
+    pub(crate) fn new(full: Credit) -> Window {
+        Window { full, items: 0, bytes: 0 }
+    }
+
+    /// The room granted with the request.
+    pub(crate) fn opening(&self) -> Credit {
+        self.full
+    }
+
+    /// The application took an item of `len` bytes: the `Credit` to send now, if it is time.
+    pub(crate) fn took(&mut self, len: usize) -> Option<Credit> {
+        self.items += 1;
+        self.bytes = self.bytes.saturating_add(len as u64);
+        let half_items = self.items >= self.full.items.div_ceil(2);
+        let half_bytes = self.bytes >= u64::from(self.full.bytes.div_ceil(2));
+        if !(half_items || half_bytes) {
+            return None;
+        }
+        let credit = Credit { items: self.items, bytes: u32::try_from(self.bytes).unwrap_or(u32::MAX) };
+        (self.items, self.bytes) = (0, 0);
+        Some(credit)
+    }
+}
+
 /// Refuses a payload over the server's limit before anything is sent.
 pub(crate) fn check_payload(name: &Name, len: usize, server: &HelloAck) -> Result<()> {
     if len <= server.max_payload as usize {
@@ -101,8 +166,10 @@ pub(crate) fn check_payload(name: &Name, len: usize, server: &HelloAck) -> Resul
 #[derive(Debug)]
 #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 pub(crate) enum Incoming {
-    /// The reply to request `id`; its payload is the frame's.
+    /// The reply to request `id`; its payload is the frame's. For a stream, its end.
     Reply(u64),
+    /// One item of the stream answering request `id`; its payload is the frame's.
+    Item(u64),
     /// Request `id` failed.
     Error { id: u64, status: u16, flags: u16, message: String },
     /// The connection failed (an `Error` with id 0): it ends; every waiting request is lost.
@@ -120,6 +187,7 @@ pub(crate) fn classify(frame: &Frame<'_>) -> Incoming {
     let message = || String::from_utf8_lossy(frame.payload).into_owned();
     match h.kind() {
         Some(Kind::Reply) if h.id != 0 => Incoming::Reply(h.id),
+        Some(Kind::Item) if h.id != 0 => Incoming::Item(h.id),
         Some(Kind::Error) if h.id != 0 => {
             Incoming::Error { id: h.id, status: h.status, flags: h.flags, message: message() }
         }

@@ -68,4 +68,4 @@ mod io;
 mod server;
 
 pub use client::{Client, ClientBuilder};
-pub use server::{Server, ServerBuilder, ServerHandle, ShutdownTrigger};
+pub use server::{Items, Server, ServerBuilder, ServerHandle, ShutdownTrigger};

@@ -76,7 +76,8 @@ pub(crate) fn send_bytes<T: Transport>(link: &T, bytes: &[u8]) -> Result<(), Sen
     send_all(link, &mut [IoSlice::new(bytes)])
 }
 
-fn send_all<T: Transport>(link: &T, mut parts: &mut [IoSlice<'_>]) -> Result<(), SendError> {
+/// Writes all of `parts`, in order, with as few calls as the transport allows. Blocking.
+pub(crate) fn send_all<T: Transport>(link: &T, mut parts: &mut [IoSlice<'_>]) -> Result<(), SendError> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut sent = 0;
     IoSlice::advance_slices(&mut parts, 0);

@@ -20,12 +20,13 @@ use crate::io::{Filled, ReadBuf, is_timeout, log_write_failed};
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, refuse_connection};
 use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::Claim;
-use crate::request::{CancelState, Peer, panic_message};
+use crate::request::{CancelState, Peer, Room, panic_message};
 use crate::service::{Config, Service, WATCH_PERIOD, Watch, watch_name};
 use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
-use super::{SyncHandler, Trigger};
+use super::Trigger;
+use crate::handler::SyncHandler;
 
 /// How often the sentinel looks at busy connections.
 pub(super) const TICK: Duration = Duration::from_millis(2);
@@ -400,6 +401,7 @@ pub(super) struct Job {
     payload: Vec<u8>,
     deadline: Option<Instant>,
     cancel: Arc<CancelState>,
+    stream: bool,
 }
 
 pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
@@ -448,6 +450,7 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
                             payload: if large { Vec::new() } else { f.payload.to_vec() },
                             deadline: a.deadline,
                             cancel: a.cancel,
+                            stream: a.stream,
                         }),
                         Err(refusal) => {
                             conn.send(shared, refusal, true);
@@ -502,10 +505,16 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
     }
 }
 
-pub(super) fn run(shared: &Shared, conn: &Conn, job: Job, batch: bool) {
+pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool) {
     let id = job.id;
-    let call =
-        Incoming { id, peer: conn.peer, payload: job.payload, deadline: job.deadline, cancel: job.cancel };
+    let call = Incoming {
+        id,
+        peer: conn.peer,
+        payload: job.payload,
+        deadline: job.deadline,
+        cancel: job.cancel,
+        stream: job.stream,
+    };
     let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
         Begin::Run(run, req) => (run, req),
         Begin::Answer(a) => return conn.finish(shared, id, Some(a), batch),
@@ -516,15 +525,77 @@ pub(super) fn run(shared: &Shared, conn: &Conn, job: Job, batch: bool) {
             t.unpark();
         }
     }
-    let handler = run.handler();
-    let end = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
-        Ok(r) => End::Done(r),
-        Err(panic) => End::Panicked(panic_message(&*panic)),
+    let end = match &**run.handler() {
+        SyncHandler::Unary(handler) => {
+            let end = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
+                Ok(r) => End::Done(r),
+                Err(panic) => End::Panicked(panic_message(&*panic)),
+            };
+            match end {
+                // Asked as a stream: its one answer is the stream's one item.
+                End::Done(Ok(reply)) if run.stream() => {
+                    stream_items(shared, conn, id, run.deadline(), run.cancel(), std::iter::once(Ok(reply)))
+                }
+                end => end,
+            }
+        }
+        SyncHandler::Stream(handler) => match catch_unwind(AssertUnwindSafe(|| handler(req))) {
+            Ok(Ok(items)) => stream_items(shared, conn, id, run.deadline(), run.cancel(), items),
+            Ok(Err(e)) => End::Done(Err(e)),
+            Err(panic) => End::Panicked(panic_message(&*panic)),
+        },
     };
     conn.running.fetch_sub(1, Ordering::SeqCst);
     let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
     let answer = run.finish(end, limit);
     conn.finish(shared, id, answer, batch);
+}
+
+/// Sends a stream's items as the caller makes room for them (docs/PROTOCOL.md § 17), on this
+/// connection thread; how the stream ended, for [`dispatch::Run::finish`] (whose empty reply is
+/// the end frame). The iterator is dropped, not run further, once the caller cancels or leaves
+/// or the stream's deadline passes.
+fn stream_items(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    id: u64,
+    deadline: Option<Instant>,
+    cancel: &CancelState,
+    items: impl Iterator<Item = std::result::Result<Vec<u8>, crate::error::RemoteError>>,
+) -> End {
+    let mut items = items;
+    loop {
+        let next = match catch_unwind(AssertUnwindSafe(|| items.next())) {
+            Ok(Some(Ok(item))) => item,
+            Ok(Some(Err(e))) => return End::Done(Err(e)),
+            Ok(None) => return End::Done(Ok(Vec::new())),
+            Err(panic) => return End::Panicked(panic_message(&*panic)),
+        };
+        // The caller's `Credit` frames arrive on this connection, which nobody reads while this
+        // thread runs the stream: make sure someone does before waiting for them.
+        let mut room = cancel.wait_room(Some(Instant::now()));
+        if room == Room::TimedOut {
+            start_follower(shared, conn.clone());
+            room = cancel.wait_room(deadline);
+        }
+        match room {
+            Room::Ready => {}
+            // Nobody reads it: `finish` sends nothing for a cancelled request.
+            Room::Cancelled => return End::Done(Ok(Vec::new())),
+            Room::TimedOut => return End::Deadline,
+        }
+        let len = next.len();
+        match conn.core.item(id, next) {
+            Ok(out) => {
+                conn.send(shared, out, false);
+                cancel.take_room(len);
+            }
+            Err(answer) => return End::Refused(answer),
+        }
+        if conn.closed.load(Ordering::SeqCst) {
+            return End::Done(Ok(Vec::new()));
+        }
+    }
 }
 
 /// Watches connections whose handler runs long (see the module docs).

@@ -27,12 +27,11 @@ use crate::error::ErrorKind;
 use crate::error::{Error, RemoteError, Result};
 use crate::micro::StatsResponse;
 use crate::name::Name;
+use crate::handler::SyncHandler;
 use crate::registry::{self, Claim};
 use crate::request::{IntoPayload, Request, to_remote};
 use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};
 use conn::{Shared, accept_loop, lock, sentinel};
-
-pub(crate) type SyncHandler = dyn Fn(Request) -> std::result::Result<Vec<u8>, RemoteError> + Send + Sync;
 
 fn erase<F, R, E>(f: F) -> Arc<SyncHandler>
 where
@@ -40,7 +39,25 @@ where
     R: IntoPayload,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    Arc::new(move |req| f(req).map(IntoPayload::into_payload).map_err(|e| to_remote(e.into())))
+    Arc::new(SyncHandler::Unary(Box::new(move |req| {
+        f(req).map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))
+    })))
+}
+
+fn erase_stream<F, I, T, E, E2>(f: F) -> Arc<SyncHandler>
+where
+    F: Fn(Request) -> std::result::Result<I, E> + Send + Sync + 'static,
+    I: IntoIterator<Item = std::result::Result<T, E2>>,
+    I::IntoIter: Send + 'static,
+    T: IntoPayload,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E2: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Arc::new(SyncHandler::Stream(Box::new(move |req| {
+        let items = f(req).map_err(|e| to_remote(e.into()))?.into_iter();
+        Ok(Box::new(items.map(|r| r.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))))
+            as crate::handler::SyncItems)
+    })))
 }
 
 /// Options for a [`Server`]; from [`Server::builder`].
@@ -94,6 +111,40 @@ impl ServerBuilder {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         add_method(&mut self.methods, &mut self.error, name, erase(handler));
+        self
+    }
+
+    /// Adds a named method that answers with a stream: the handler returns the items (any
+    /// iterator of results), which go to the caller as it takes them. Clients read it with
+    /// [`Client::stream`](crate::Client::stream) (docs/PROTOCOL.md § 17).
+    ///
+    /// The iterator runs on the connection's thread; between items it waits while the caller's
+    /// window is full, and it is dropped (not run further) once the caller cancels or leaves, or
+    /// the stream's deadline, if the caller set one, passes. An `Err` item ends the stream with
+    /// that error. An invalid or duplicate method name is reported by
+    /// [`bind`](ServerBuilder::bind).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use microcs::{RemoteError, Request};
+    ///
+    /// let server = microcs::Server::builder("COUNTER").bind()?.stream_method("count", |req: Request| {
+    ///     let n: u32 = req.text()?.parse().map_err(|_| RemoteError::new(400, "want a number"))?;
+    ///     Ok::<_, RemoteError>((0..n).map(|i| Ok::<_, RemoteError>(i.to_string())))
+    /// });
+    /// # let _ = server; Ok::<(), microcs::Error>(())
+    /// ```
+    pub fn stream_method<F, I, T, E, E2>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> std::result::Result<I, E> + Send + Sync + 'static,
+        I: IntoIterator<Item = std::result::Result<T, E2>>,
+        I::IntoIter: Send + 'static,
+        T: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        E2: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        add_method(&mut self.methods, &mut self.error, name, erase_stream(handler));
         self
     }
 
@@ -222,6 +273,20 @@ impl Server {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         add_method(&mut self.methods, &mut self.error, name, erase(handler));
+        self
+    }
+
+    /// Adds a named method that answers with a stream (see [`ServerBuilder::stream_method`]).
+    pub fn stream_method<F, I, T, E, E2>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Request) -> std::result::Result<I, E> + Send + Sync + 'static,
+        I: IntoIterator<Item = std::result::Result<T, E2>>,
+        I::IntoIter: Send + 'static,
+        T: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        E2: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        add_method(&mut self.methods, &mut self.error, name, erase_stream(handler));
         self
     }
 

@@ -7,13 +7,13 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use ::tokio::net::UnixStream;
-use ::tokio::sync::{Notify, oneshot};
+use ::tokio::sync::{Notify, mpsc, oneshot};
 use ::tokio::time::{Instant, sleep, sleep_until};
 
 use super::super::io::{Outbox, Stream, read_more, shutdown};
 use crate::io::{Filled, IdMap, ReadBuf};
 use crate::proto::client_conn::{self, Incoming, Loss, Outcome, Written};
-use crate::proto::{Decoded, Frame, Header, HelloAck, Kind};
+use crate::proto::{Credit, Decoded, Frame, Header, HelloAck, Kind};
 
 /// One connection and the requests waiting on it.
 pub(super) struct Conn {
@@ -48,9 +48,39 @@ pub(super) struct Book {
     pub(super) burst: bool,
 }
 
+/// Where a request's answer goes.
+pub(super) enum Waiter {
+    /// A unary call: its one outcome.
+    Once(oneshot::Sender<Outcome>),
+    /// A stream: each item, then its end (docs/PROTOCOL.md § 17). Unbounded, yet bounded by the
+    /// window the caller grants: the server sends no more than that ahead of the application.
+    Stream(mpsc::UnboundedSender<Event>),
+}
+
+/// What reaches a stream's caller.
+pub(super) enum Event {
+    Item(Vec<u8>),
+    /// The end: an empty `Reply`, or how it failed.
+    End(Outcome),
+}
+
+impl Waiter {
+    /// Delivers the request's outcome (a stream's end).
+    pub(super) fn settle(self, outcome: Outcome) {
+        match self {
+            Waiter::Once(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Waiter::Stream(tx) => {
+                let _ = tx.send(Event::End(outcome));
+            }
+        }
+    }
+}
+
 /// A caller waiting for a reply.
 pub(super) struct Pending {
-    pub(super) tx: oneshot::Sender<Outcome>,
+    pub(super) tx: Waiter,
     /// When the caller stops waiting (the deadline task then answers `TimedOut`).
     pub(super) deadline: Instant,
     /// Offsets of the request's frame in the connection's byte stream.
@@ -109,7 +139,7 @@ impl Conn {
             self.outbox.wake();
         }
         for tx in expired {
-            let _ = tx.send(Outcome::TimedOut);
+            tx.settle(Outcome::TimedOut);
         }
         if close {
             self.close(Loss::Closed(None));
@@ -126,10 +156,27 @@ impl Conn {
             (w, st.extra.retired && st.extra.pending.is_empty())
         };
         if let Some(p) = waiter {
-            let _ = p.tx.send(outcome);
+            p.tx.settle(outcome);
         }
         if close {
             self.close(Loss::Closed(None));
+        }
+    }
+
+    /// Hands an item to the stream `id`, if its caller still waits (a late item of a cancelled
+    /// stream is dropped).
+    pub(super) fn item(&self, id: u64, payload: Vec<u8>) {
+        let st = self.book();
+        if let Some(Pending { tx: Waiter::Stream(tx), .. }) = st.extra.pending.get(&id) {
+            let _ = tx.send(Event::Item(payload));
+        }
+    }
+
+    /// Grants the stream `id` more room (best effort: a dead connection ends the stream anyway).
+    pub(super) fn credit(&self, id: u64, credit: Credit) {
+        let pushed = self.book().push(&Header::new(Kind::Credit, id), b"", &credit.to_bytes()).is_some();
+        if pushed {
+            self.outbox.wake();
         }
     }
 
@@ -196,6 +243,10 @@ pub(super) async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload:
                         let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
                         conn.resolve(id, Outcome::Reply(payload), replies > 0);
                         replies += 1;
+                    }
+                    Incoming::Item(id) => {
+                        let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
+                        conn.item(id, small.or_else(|| rbuf.take_payload()).unwrap_or_default());
                     }
                     Incoming::Error { id, status, flags, message } => {
                         conn.resolve(id, Outcome::Error { status, flags, message }, replies > 0);
@@ -310,7 +361,7 @@ impl Drop for TaskGuard<'_> {
 pub(super) fn settle_lost(pending: IdMap<Pending>, dead: &Loss, written: u64) {
     for (_, p) in pending {
         let written = Written::of(p.start, p.end, written);
-        let _ = p.tx.send(Outcome::Lost { loss: dead.clone(), written });
+        p.tx.settle(Outcome::Lost { loss: dead.clone(), written });
     }
 }
 

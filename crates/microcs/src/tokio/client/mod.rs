@@ -16,6 +16,9 @@
 //! that says whether it may have run.
 
 mod conn;
+mod stream;
+
+pub use stream::ItemStream;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,7 +36,9 @@ use crate::name::Name;
 use crate::proto;
 use crate::proto::client_conn::{self, Attempt, DEFAULT_TIMEOUT, Ids, Loss, Written};
 use crate::registry;
-use conn::{Book, CancelOnDrop, Conn, Pending, connect, deadline_task, read_frame, reader_task, writer_task};
+use conn::{
+    Book, CancelOnDrop, Conn, Pending, Waiter, connect, deadline_task, read_frame, reader_task, writer_task,
+};
 
 /// An async connection to a named service. Cheap to clone; clones share one connection.
 ///
@@ -85,6 +90,8 @@ struct Shared {
     max_payload: u32,
     /// Kernel send buffer asked for on each connection (0: the system's default).
     send_buffer: usize,
+    /// The room each stream grants its server ([`ClientBuilder::stream_window`]).
+    window: proto::Credit,
     /// The connection new requests use; replaced when it dies or is retired.
     conn: Mutex<Option<Arc<Conn>>>,
     /// Serialises reconnecting, so a crowd of callers after a restart opens one connection.
@@ -127,6 +134,7 @@ pub struct ClientBuilder {
     timeout: Duration,
     max_payload: u32,
     send_buffer: usize,
+    window: proto::Credit,
     #[cfg(feature = "nats")]
     nats: crate::nats::ClientConfig,
 }
@@ -160,6 +168,7 @@ impl ClientBuilder {
                 explicit_dir,
                 max_payload: self.max_payload,
                 send_buffer: self.send_buffer,
+                window: self.window,
                 conn: Mutex::new(None),
                 connecting: ::tokio::sync::Mutex::new(()),
                 next_id: Ids::new(),
@@ -226,6 +235,7 @@ impl Client {
             timeout: DEFAULT_TIMEOUT,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
+            window: proto::Credit { items: proto::DEFAULT_WINDOW_ITEMS, bytes: proto::DEFAULT_WINDOW_BYTES },
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -479,7 +489,7 @@ impl Client {
                 let dead = st.extra.dead.clone().unwrap_or(Loss::Closed(None));
                 return Err(Attempt::NotRun(dead.error(name, Written::None)));
             };
-            st.extra.pending.insert(id, Pending { tx, deadline, start, end });
+            st.extra.pending.insert(id, Pending { tx: Waiter::Once(tx), deadline, start, end });
             let earlier = st.extra.next_deadline.is_none_or(|t| deadline < t);
             if earlier {
                 st.extra.next_deadline = Some(deadline);

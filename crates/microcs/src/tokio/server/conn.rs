@@ -16,14 +16,14 @@ use ::tokio::task::AbortHandle;
 use ::tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, sleep_until};
 
 use super::super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, shutdown};
-use super::{AsyncHandler, HandlerFuture};
+use crate::handler::{AsyncHandler, HandlerFuture, Items};
 use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 use crate::error::{Error, RemoteError};
 use crate::io::{Filled, ReadBuf, log_write_failed};
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, shutting_down};
 use crate::proto::{DecodeError, Decoded, Header};
 use crate::registry::Claim;
-use crate::request::{CancelState, Peer, panic_message};
+use crate::request::{CancelState, Peer, Room, panic_message};
 use crate::service::{Config, Service, WATCH_PERIOD, Watch, watch_name};
 use crate::transport::unix::set_send_buffer;
 use crate::transport::{Link, Shut, Transport, send_frame_now};
@@ -515,7 +515,14 @@ pub(super) fn admit(
             return;
         }
     };
-    let job = Job { id: h.id, method, payload, deadline: admitted.deadline, cancel: admitted.cancel };
+    let job = Job {
+        id: h.id,
+        method,
+        payload,
+        deadline: admitted.deadline,
+        cancel: admitted.cancel,
+        stream: admitted.stream,
+    };
     // Most handlers answer without waiting for anything: poll the request once here, on the
     // connection's task, and start a task only for one still pending. That saves a task per
     // request (its allocation, the move of this future into it, a trip through the scheduler).
@@ -534,13 +541,20 @@ pub(super) struct Job {
     pub(super) payload: Vec<u8>,
     pub(super) deadline: Option<std::time::Instant>,
     pub(super) cancel: Arc<CancelState>,
+    pub(super) stream: bool,
 }
 
 /// The task of one request: runs its handler and sends the answer.
 pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit: OwnedSemaphorePermit) {
     let id = job.id;
-    let call =
-        Incoming { id, peer: conn.peer, payload: job.payload, deadline: job.deadline, cancel: job.cancel };
+    let call = Incoming {
+        id,
+        peer: conn.peer,
+        payload: job.payload,
+        deadline: job.deadline,
+        cancel: job.cancel,
+        stream: job.stream,
+    };
     let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
         Begin::Run(run, req) => (run, req),
         Begin::Answer(a) => return conn.finish(id, Some(a)),
@@ -549,8 +563,19 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
     let cancel = run.cancel().clone();
     let mut kill = shared.kill.subscribe();
     let grace = shared.config.grace;
-    let handler = run.handler();
-    let end = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
+    let overflow = Arc::new(Mutex::new(None));
+    let started = match &**run.handler() {
+        AsyncHandler::Unary(handler) => catch_unwind(AssertUnwindSafe(|| handler(req))),
+        AsyncHandler::Stream(handler) => {
+            let c = conn.clone();
+            let sink = Arc::new(move |item: Vec<u8>| c.core.item(id, item).map(|out| drop(c.send(out))));
+            let items = Items { cancel: cancel.clone(), sink, overflow: overflow.clone() };
+            catch_unwind(AssertUnwindSafe(|| handler(req, items)))
+        }
+    };
+    // Asked as a stream, a unary handler's one answer is the stream's one item.
+    let one_item = run.stream() && !matches!(**run.handler(), AsyncHandler::Stream(_));
+    let end = match started {
         Err(panic) => End::Panicked(panic_message(&*panic)),
         Ok(fut) => ::tokio::select! {
             biased;
@@ -563,9 +588,43 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
             _ = kill.wait_for(|k| *k) => End::Killed,
         },
     };
+    let end = match (end, overflow.lock().unwrap_or_else(|p| p.into_inner()).take()) {
+        (_, Some(answer)) => End::Refused(answer),
+        (End::Done(Ok(reply)), None) if one_item => send_one_item(&conn, id, &cancel, deadline, reply).await,
+        (end, None) => end,
+    };
     let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
     let answer = run.finish(end, limit);
     conn.finish(id, answer);
+}
+
+/// A unary handler's reply as the one item of a stream, once the caller has room for it.
+async fn send_one_item(
+    conn: &Conn,
+    id: u64,
+    cancel: &CancelState,
+    deadline: Option<Instant>,
+    reply: Vec<u8>,
+) -> End {
+    let room = std::future::poll_fn(|cx| cancel.poll_room(cx));
+    let room = match deadline {
+        Some(d) => ::tokio::time::timeout_at(d, room).await.unwrap_or(Room::TimedOut),
+        None => room.await,
+    };
+    match room {
+        Room::Ready => {}
+        Room::Cancelled => return End::Done(Ok(Vec::new())),
+        Room::TimedOut => return End::Deadline,
+    }
+    let len = reply.len();
+    match conn.core.item(id, reply) {
+        Ok(out) => {
+            conn.send(out);
+            cancel.take_room(len);
+            End::Done(Ok(Vec::new()))
+        }
+        Err(answer) => End::Refused(answer),
+    }
 }
 
 /// Turns a panic inside the handler's future into a value, as `catch_unwind` does for a call.

@@ -38,12 +38,9 @@ use crate::name::Name;
 use crate::registry::{self, Claim};
 use crate::request::{IntoPayload, Request, to_remote};
 use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};
+use crate::handler::{AsyncHandler, HandlerFuture};
+pub use crate::handler::Items;
 use conn::{Shared, accept_loop};
-
-/// What a handler's future resolves to, after type erasure.
-type HandlerFuture = Pin<Box<dyn Future<Output = std::result::Result<Vec<u8>, RemoteError>> + Send>>;
-/// A handler, after type erasure.
-pub(crate) type AsyncHandler = dyn Fn(Request) -> HandlerFuture + Send + Sync;
 
 fn erase<F, Fut, R, E>(f: F) -> Arc<AsyncHandler>
 where
@@ -52,10 +49,23 @@ where
     R: IntoPayload,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    Arc::new(move |req| {
+    Arc::new(AsyncHandler::Unary(Box::new(move |req| {
         let fut = f(req);
         Box::pin(async move { fut.await.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into())) })
-    })
+    })))
+}
+
+fn erase_stream<F, Fut, E>(f: F) -> Arc<AsyncHandler>
+where
+    F: Fn(Request, Items) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Arc::new(AsyncHandler::Stream(Box::new(move |req, items| {
+        let fut = f(req, items);
+        Box::pin(async move { fut.await.map(|()| Vec::new()).map_err(|e| to_remote(e.into())) })
+            as HandlerFuture
+    })))
 }
 
 /// Options for a [`Server`]; from [`Server::builder`].
@@ -117,6 +127,23 @@ impl ServerBuilder {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         add_method(&mut self.methods, &mut self.error, name, erase(handler));
+        self
+    }
+
+    /// Adds a named method that answers with a stream: the handler pushes each item into the
+    /// [`Items`] it is given (sending waits while the caller's window is full) and returns once
+    /// the stream is complete; `Err` ends the stream with that error. Clients read it with
+    /// [`Client::stream`](crate::tokio::Client::stream) (docs/PROTOCOL.md § 17). The handler
+    /// is dropped when the caller cancels or leaves (within the grace period, as for any
+    /// request), when the stream's deadline passes if the caller set one, and at shutdown's
+    /// end. An invalid or duplicate method name is reported by [`bind`](ServerBuilder::bind).
+    pub fn stream_method<F, Fut, E>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Request, Items) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        add_method(&mut self.methods, &mut self.error, name, erase_stream(handler));
         self
     }
 
@@ -274,6 +301,17 @@ impl Server {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         add_method(&mut self.methods, &mut self.error, name, erase(handler));
+        self
+    }
+
+    /// Adds a named method that answers with a stream (see [`ServerBuilder::stream_method`]).
+    pub fn stream_method<F, Fut, E>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Request, Items) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        add_method(&mut self.methods, &mut self.error, name, erase_stream(handler));
         self
     }
 

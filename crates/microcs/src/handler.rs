@@ -1,0 +1,149 @@
+//! Handlers after type erasure, as the servers (and their NATS side) hold them: each is unary
+//! (one answer) or streaming (items, then an end; docs/PROTOCOL.md § 17).
+
+use std::sync::Arc;
+
+use crate::error::RemoteError;
+use crate::request::Request;
+
+/// A blocking unary handler.
+pub(crate) type SyncUnary = dyn Fn(Request) -> Result<Vec<u8>, RemoteError> + Send + Sync;
+/// The items of a blocking stream, in order; an `Err` ends the stream with that error.
+pub(crate) type SyncItems = Box<dyn Iterator<Item = Result<Vec<u8>, RemoteError>> + Send>;
+/// A blocking streaming handler: the request in, its items out (or an error before any).
+pub(crate) type SyncStream = dyn Fn(Request) -> Result<SyncItems, RemoteError> + Send + Sync;
+
+/// A blocking server's handler.
+pub(crate) enum SyncHandler {
+    Unary(Box<SyncUnary>),
+    Stream(Box<SyncStream>),
+}
+
+/// Whether a handler answers with a stream; a plain request to one is refused
+/// ([`crate::dispatch::begin`]).
+pub(crate) trait Streams {
+    fn streams(&self) -> bool;
+}
+
+impl Streams for Arc<SyncHandler> {
+    fn streams(&self) -> bool {
+        matches!(**self, SyncHandler::Stream(_))
+    }
+}
+
+#[cfg(feature = "tokio")]
+pub(crate) use async_handlers::*;
+
+#[cfg(feature = "tokio")]
+mod async_handlers {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+
+    use super::Streams;
+    use crate::dispatch::Answer;
+    use crate::error::RemoteError;
+    use crate::proto::status;
+    use crate::request::{CancelState, IntoPayload, Request, Room};
+
+    /// What an async handler's future resolves to.
+    pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, RemoteError>> + Send>>;
+    /// An async unary handler.
+    pub(crate) type AsyncUnary = dyn Fn(Request) -> HandlerFuture + Send + Sync;
+    /// An async streaming handler: pushes its items into [`Items`]; its future's `Ok` (always
+    /// empty) ends the stream.
+    pub(crate) type AsyncStream = dyn Fn(Request, Items) -> HandlerFuture + Send + Sync;
+
+    /// An async server's handler.
+    pub(crate) enum AsyncHandler {
+        Unary(Box<AsyncUnary>),
+        Stream(Box<AsyncStream>),
+    }
+
+    impl Streams for Arc<AsyncHandler> {
+        fn streams(&self) -> bool {
+            matches!(**self, AsyncHandler::Stream(_))
+        }
+    }
+
+    /// Where a stream's item goes: the connection's writer. `Err`: the stream must end with
+    /// this answer instead (an item over the client's limit).
+    pub(crate) type Sink = Arc<dyn Fn(Vec<u8>) -> Result<(), Answer> + Send + Sync>;
+
+    /// The items of a stream an async handler answers with: [`send`](Items::send) each one.
+    ///
+    /// Sending waits while the caller's window is full (docs/PROTOCOL.md § 17), so a slow
+    /// consumer slows the handler down instead of filling memory; it fails once the caller has
+    /// cancelled or left (return the error with `?`: nobody reads the stream any more).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> microcs::Result<()> {
+    /// use microcs::{RemoteError, Request};
+    /// use microcs::tokio::Items;
+    ///
+    /// let server = microcs::tokio::Server::builder("COUNTER")
+    ///     .bind()
+    ///     .await?
+    ///     .stream_method("count", |req: Request, items: Items| async move {
+    ///         let n: u32 = req.text()?.parse().map_err(|_| RemoteError::new(400, "want a number"))?;
+    ///         for i in 0..n {
+    ///             items.send(i.to_string()).await?;
+    ///         }
+    ///         Ok::<_, RemoteError>(())
+    ///     });
+    /// # let _ = server; Ok(()) }
+    /// ```
+    pub struct Items {
+        pub(crate) cancel: Arc<CancelState>,
+        pub(crate) sink: Sink,
+        /// The answer that must end the stream, when the library ended it (an item too large).
+        pub(crate) overflow: Arc<Mutex<Option<Answer>>>,
+    }
+
+    impl std::fmt::Debug for Items {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Items").field("cancelled", &self.cancel.is_set()).finish_non_exhaustive()
+        }
+    }
+
+    impl Items {
+        /// Sends one item, once the caller has room for it.
+        ///
+        /// # Errors
+        ///
+        /// A [`RemoteError`] to return from the handler when the stream cannot go on: the
+        /// caller cancelled or left (code 499; no answer is sent for a cancelled stream), or the
+        /// item is over the caller's limit (the stream then ends with `Error` 413).
+        pub async fn send(&self, item: impl IntoPayload) -> Result<(), RemoteError> {
+            let item = item.into_payload();
+            match std::future::poll_fn(|cx| self.cancel.poll_room(cx)).await {
+                Room::Ready => {}
+                Room::Cancelled | Room::TimedOut => {
+                    return Err(RemoteError::new(status::CANCELLED, "the caller cancelled the stream"));
+                }
+            }
+            let len = item.len();
+            match (self.sink)(item) {
+                Ok(()) => {
+                    self.cancel.take_room(len);
+                    Ok(())
+                }
+                Err(answer) => {
+                    let e = match &answer {
+                        Answer::Error { code, message, .. } => RemoteError::new(*code, message.clone()),
+                        Answer::Reply(_) => RemoteError::new(status::TOO_LARGE, "stream item too large"),
+                    };
+                    *self.overflow.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer);
+                    Err(e)
+                }
+            }
+        }
+
+        /// True once the caller has cancelled the stream or left.
+        pub fn is_cancelled(&self) -> bool {
+            self.cancel.is_set()
+        }
+    }
+}
