@@ -380,6 +380,7 @@ class _Claim:
         self.lock_path = os.path.join(d, name + ".lock")
         self.sock_path = _socket_path(d, name)
         self.sock_ino: Optional[Tuple[int, int]] = None
+        self.fd: Optional[int] = None
         give_up = time.monotonic() + 0.5
         while True:
             try:
@@ -406,7 +407,7 @@ class _Claim:
             if not _same_file(fd, self.lock_path):
                 os.close(fd)  # its previous owner unlinked the file we locked: retry
                 continue
-            self.fd: Optional[int] = fd
+            self.fd = fd
             return
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:

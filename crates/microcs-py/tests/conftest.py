@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,9 +27,10 @@ import microcs
 PEERS = Path(__file__).parent / "peers"
 ROOT = Path(__file__).resolve().parents[3]
 #: The pure-Python implementation (``microcs_lite`` and the seed's two modules over it), kept at
-#: the repository root so that it can be copied as is; the tests import it from there.
+#: the repository root so that it can be copied as is; the tests import it from there. Last on
+#: the path: its micro_server/micro_client must not shadow the installed package's.
 LITE = ROOT / "python"
-sys.path.insert(0, str(LITE))
+sys.path.append(str(LITE))
 #: Longest any single test may run before the watchdog dumps all stacks and exits.
 WATCHDOG_SECONDS = 120
 _names = itertools.count()
@@ -170,3 +173,25 @@ def rust_binary(name: str) -> Path:
     if os.environ.get("MICROCS_REQUIRE_RUST_PEERS") == "1":
         pytest.fail(f"MICROCS_REQUIRE_RUST_PEERS=1 but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+class Interrupted(Exception):
+    """Raised in the main thread by `interrupted_after`, as a signal handler would (Ctrl-C)."""
+
+
+@contextlib.contextmanager
+def interrupted_after(seconds: float) -> Iterator[None]:
+    """Within the block, a SIGUSR1 arrives after `seconds` and its handler raises `Interrupted`
+    in whatever the main thread is waiting in."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, old)

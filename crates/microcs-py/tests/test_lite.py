@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import microcs_lite as lite
-from conftest import LITE, ServerFactory, stop_process
+from conftest import LITE, Interrupted, ServerFactory, interrupted_after, stop_process
 
 
 @pytest.fixture(params=["lite", "compiled"])
@@ -135,32 +134,17 @@ def test_a_timeout_may_have_run_and_the_connection_keeps_working(
         assert json.loads(c.call("request"))["remaining"] <= 0.5
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_an_interrupted_wait_cancels_the_request_on_the_server(
     impl: str, server: ServerFactory, name: str, tmp_path: Path
 ) -> None:
     server("bytes")
     marker = tmp_path / "cancelled"
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted()
-
-    old = signal.signal(signal.SIGUSR1, interrupt)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
-    try:
-        with lite.Client(name, timeout=60) as c:
-            timer.start()
-            with pytest.raises(Interrupted):
-                c.call("watch", str(marker).encode())
-            # Long before its 60 s deadline, the handler saw the Cancel the client sent.
-            wait_for(marker, "the handler seeing the cancellation")
-            assert c.request(b"after") == b"after"
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGUSR1, old)
+    with lite.Client(name, timeout=60) as c:
+        with interrupted_after(0.3), pytest.raises(Interrupted):
+            c.call("watch", str(marker).encode())
+        # Long before its 60 s deadline, the handler saw the Cancel the client sent.
+        wait_for(marker, "the handler seeing the cancellation")
+        assert c.request(b"after") == b"after"
 
 
 def test_reconnects_after_the_server_restarts(impl: str, server: ServerFactory, name: str) -> None:
