@@ -604,47 +604,72 @@ def _parse_ack(payload: bytes) -> Optional[Tuple[int, int, int, str]]:
 class _Reader:
     """Reassembles frames from a socket by their length prefix."""
 
-    __slots__ = ("sock", "buf")
+    __slots__ = ("sock", "buf", "ready", "large")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
+        #: A large frame read by `fill`, not yet taken by `frame`.
+        self.ready: Optional[Frame] = None
+        #: The last frame was large: read the next one's header alone first (see `fill`).
+        self.large = False
+
+    def pending(self) -> bool:
+        """Bytes or a frame are buffered."""
+        return bool(self.buf) or self.ready is not None
 
     def frame(self, limit: int) -> Union[Frame, int]:
         """A whole buffered frame (consumed), or the bytes needed for one."""
+        if self.ready is not None:
+            frame, self.ready = self.ready, None
+            return frame
         r = decode(self.buf, limit)
         if isinstance(r, int):
             return r
         frame, used = r
         del self.buf[:used]
+        self.large = False
         return frame
 
     def fill(self, needed: int) -> bool:
         """Reads what is there (at least one byte, waiting for it); False at end of stream.
 
-        A large frame is read straight into place, so it is copied once from the kernel.
+        Frames of up to 64 KiB come in one read, several at a time. A larger one's payload is
+        read in one piece with ``MSG_WAITALL`` into the bytes object handed out, so it is
+        allocated and copied once; after a large frame the next header is read alone, so that
+        none of the next payload lands in the buffer first.
         """
         buf = self.buf
         have = len(buf)
-        want = needed - have
-        if want <= _READ_CHUNK:
-            data = self.sock.recv(_READ_CHUNK)
-            if not data:
-                return False
-            buf += data
-            return True
-        buf.extend(bytes(want))
-        got = 0
-        try:
-            with memoryview(buf) as view:
-                while got < want:
-                    n = self.sock.recv_into(view[have + got :])
-                    if not n:
-                        break
-                    got += n
-        finally:
-            del buf[have + got :]
-        return got > 0
+        if have >= FRAME_OVERHEAD and needed - have > _READ_CHUNK:
+            return self._fill_large(needed)
+        data = self.sock.recv(FRAME_OVERHEAD if self.large and not have else _READ_CHUNK)
+        if not data:
+            return False
+        buf += data
+        return True
+
+    def _fill_large(self, needed: int) -> bool:
+        buf = self.buf
+        start = FRAME_OVERHEAD + buf[18] * 256 + buf[19]  # decode() checked the method length
+        if len(buf) < start:
+            data = self.sock.recv(start - len(buf), socket.MSG_WAITALL)
+        else:
+            want = needed - len(buf)
+            data = self.sock.recv(want, socket.MSG_WAITALL)
+            if len(data) == want:
+                _, _, kind, flags, id, status, _, deadline_ms = _HEADER.unpack_from(buf)
+                prefix = bytes(buf[start:])
+                payload = b"".join((prefix, data)) if prefix else data
+                self.ready = Frame(kind, flags, id, status, deadline_ms, bytes(buf[FRAME_OVERHEAD:start]), payload)
+                buf.clear()
+                self.large = True
+                return True
+        # The method, or part of the payload (a timeout or a signal ended the wait): buffered.
+        if not data:
+            return False
+        buf += data
+        return True
 
 
 def _send(sock: socket.socket, parts: Tuple[bytes, ...]) -> None:
@@ -906,7 +931,7 @@ class Client:
         reader, sock, limit = conn.reader, conn.sock, self._limit
         while True:
             try:
-                f = reader.frame(limit) if reader.buf else FRAME_OVERHEAD
+                f = reader.frame(limit) if reader.pending() else FRAME_OVERHEAD
             except DecodeError as e:
                 self._drop()
                 raise _error(
@@ -952,8 +977,11 @@ class Client:
                 return
             error = e
         except BaseException:
-            # Ctrl-C (or another exception from a signal handler): stop waiting, tell the server.
+            # Ctrl-C (or another exception from a signal handler): stop waiting. The connection
+            # goes too (the server cancels what it carried): the exception may have come between
+            # a read and the buffering of its bytes, so the stream is no longer to be trusted.
             self._cancel(conn, id)
+            self._drop()
             raise
         self._drop()
         if error is None:
@@ -1638,7 +1666,7 @@ class Server:
         reader = conn.reader
         while True:
             try:
-                f = reader.frame(self._max_payload) if reader.buf else FRAME_OVERHEAD
+                f = reader.frame(self._max_payload) if reader.pending() else FRAME_OVERHEAD
             except DecodeError as e:
                 self._reject(conn, e)
                 return None

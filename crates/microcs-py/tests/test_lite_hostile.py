@@ -402,3 +402,29 @@ def test_racing_servers_exactly_one_wins_and_is_reachable(runtime_dir: Path, nam
             p.wait(timeout=20)
             if p.stdout is not None:
                 p.stdout.close()
+
+
+def test_large_frames_split_anyhow_with_methods_and_small_frames_between(serve: LiteServer, runtime_dir: Path, name: str) -> None:
+    server = serve(methods={"upper": lambda b: b.upper()})
+    assert server.running
+    s = connect(runtime_dir, name)
+    big = os.urandom(300_000)
+    frames_out = [
+        lite.encode(lite.REQUEST, 1, big, deadline_ms=60_000),
+        lite.encode(lite.REQUEST, 2, b"small", deadline_ms=60_000),
+        lite.encode(lite.REQUEST, 3, b"x" * 200_000, b"upper", deadline_ms=60_000),
+        lite.encode(lite.REQUEST, 4, big, deadline_ms=60_000),
+    ]
+    wire = b"".join(frames_out)
+    # Pieces of every size, with pauses: headers, methods and payloads split at odd places.
+    for cut in range(0, len(wire), 77_777):
+        s.sendall(wire[cut : cut + 77_777])
+        time.sleep(0.02)
+    got = {f.id: f.payload for f in frames(s, 4)}
+    assert got == {1: big, 2: b"small", 3: b"X" * 200_000, 4: big}
+    # And the pure client, both ways, with payloads around the 64 KiB read size.
+    with lite.Client(name, timeout=10) as c:
+        for size in (65_535 - 24, 65_536 - 24, 65_537, 1 << 20, 10, (1 << 20) + 1):
+            payload = os.urandom(size)
+            assert c.request(payload) == payload
+            assert c.call("upper", payload) == payload.upper()
