@@ -916,7 +916,19 @@ class Client:
             _deadline_ms(deadline - time.monotonic()),
         )
         try:
-            _send(conn.sock, (head, method, payload) if method else (head, payload))
+            if len(payload) < _READ_CHUNK:  # the usual case, in one system call
+                data = head + method + payload
+                try:
+                    n = conn.sock.send(data, socket.MSG_NOSIGNAL)
+                except OSError as first:
+                    raise _SendFailed(0, first) from None
+                if n < len(data):
+                    try:
+                        _send(conn.sock, (data[n:],))
+                    except _SendFailed as rest:
+                        raise _SendFailed(n + rest.sent, rest.error) from None
+            else:
+                _send(conn.sock, (head, method, payload))
         except _SendFailed as failed:
             self._drop()
             if _timed_out(failed.error):
@@ -1649,17 +1661,11 @@ class Server:
                 conn.unattended_since = time.monotonic()
                 buf = conn.reader.buf
                 conn.pending_buffered = len(buf) >= FRAME_OVERHEAD and len(buf) >= 4 + _U32.unpack_from(buf)[0]
-                with conn.lock:
-                    conn.running += 1
             finally:
                 conn.read_lock.release()
             if self._sentinel_parked:
                 self._sentinel_wake.set()
-            try:
-                self._run(conn, job)
-            finally:
-                with conn.lock:
-                    conn.running -= 1
+            self._run(conn, job)  # counted in `running` from admission to `_finish`
 
     def _next_request(self, conn: _SConn) -> Optional[_Job]:
         """Reads frames until a request to run (None: the connection is done)."""
@@ -1715,6 +1721,7 @@ class Server:
                             refusal = f"request id {id} is already in flight"
                         else:
                             call = conn.inflight[id] = _Call()
+                            conn.running += 1
                     if refusal is None:
                         deadline = time.monotonic() + f.deadline_ms / 1000 if f.deadline_ms else None
                         return f, call, deadline
@@ -1787,7 +1794,7 @@ class Server:
             error = str(e)
             _log.error("the handler for %s returned an unusable reply: %s", self._label(ep), error)
             answer = (ERROR, error.encode(), 0, HANDLER_FAILED)
-        except Exception as e:
+        except BaseException as e:  # SystemExit too: a handler does not end the server
             error = _describe(e)
             _log.error("the handler for %s raised %s", self._label(ep), error, exc_info=True)
             answer = (ERROR, error.encode(), 0, HANDLER_FAILED)
@@ -1804,6 +1811,7 @@ class Server:
     def _finish(self, conn: _SConn, id: int, answer: Tuple[int, bytes, int, int]) -> None:
         with conn.lock:
             conn.inflight.pop(id, None)
+            conn.running -= 1
         kind, payload, flags, status = answer
         if kind:
             self._send(conn, kind, id, payload, flags, status)
