@@ -55,6 +55,7 @@ __all__ = [
     "Error",
     "FrameTooLarge",
     "InvalidName",
+    "InvalidConfig",
     "NameTaken",
     "NoService",
     "PermissionDenied",
@@ -122,6 +123,11 @@ class Error(Exception):
 
 class InvalidName(Error, ValueError):
     """A service or method name is not valid (the message says what is allowed)."""
+
+
+class InvalidConfig(Error, ValueError):
+    """A setting does not make sense. Here for parity with the compiled package, which raises it
+    for a bad ``transport`` or NATS URL; this module has no such settings."""
 
 
 class NoService(Error, ConnectionError):
