@@ -11,8 +11,13 @@ median of the ratios of runs measured side by side).
     python crates/microcs-py/bench/roundtrip.py                     # print the table
     python crates/microcs-py/bench/roundtrip.py --write docs/BENCHMARKS.md
 
+    # microcs_lite, the pure-Python implementation, against the others (its own section):
+    python crates/microcs-py/bench/roundtrip.py --subject lite --systems lite mp.conn microcs \
+        --sizes 32 1048576 --write docs/BENCHMARKS.md
+
 The compared systems:
   microcs      microcs.Client.request -> microcs.Server handler (Python function)
+  lite         the same with microcs_lite (python/microcs_lite.py, standard library only)
   mp.conn      multiprocessing.connection.Client over AF_UNIX, send_bytes/recv_bytes, and a
                Python loop recv_bytes/send_bytes in the server (no pickling either way)
   pyzmq        zmq REQ socket -> REP socket over ipc://, a Python loop recv/send in the server
@@ -36,10 +41,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("microcs", "mp.conn", "pyzmq")
+SYSTEMS = ("microcs", "mp.conn", "pyzmq", "lite")
+#: Where microcs_lite lives: python/ at the repository root.
+LITE = Path(__file__).resolve().parents[3] / "python"
 #: The AsyncClient row: requests made many at a time over one connection (throughput, not latency).
 ASYNC = "microcs AsyncClient"
 SECTION = "## Python"
+#: The section of each subject (the system whose ratios to the others are reported).
+SECTIONS = {"microcs": SECTION, "lite": "## Pure Python (microcs_lite)"}
 
 
 # ---------------------------------------------------------------- server side (child process)
@@ -48,13 +57,15 @@ SECTION = "## Python"
 def serve(system: str, address: str, cpu: int) -> None:
     """Runs one echo server until killed. Pins itself first, so all its threads inherit it."""
     os.sched_setaffinity(0, {cpu})
-    if system == "microcs":
-        import microcs
+    if system in ("microcs", "lite"):
+        if system == "lite":
+            sys.path.insert(0, str(LITE))
+        impl: Any = __import__("microcs_lite" if system == "lite" else "microcs")
 
         def echo(data: bytes) -> bytes:
             return data
 
-        server = microcs.Server(echo, address)
+        server = impl.Server(echo, address)
         print("ready", flush=True)
         server.start_listening()
     elif system == "mp.conn":
@@ -92,6 +103,12 @@ def connect(system: str, address: str) -> tuple[Callable[[bytes], bytes], Callab
 
         client = microcs.Client(address, timeout=30)
         return client.request, client.close
+    if system == "lite":
+        sys.path.insert(0, str(LITE))
+        import microcs_lite
+
+        lite_client = microcs_lite.Client(address, timeout=30)
+        return lite_client.request, lite_client.close
     if system == "mp.conn":
         from multiprocessing.connection import Client
 
@@ -176,10 +193,12 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int, str], list[float]]:
     os.environ["MICROCS_RUNTIME_DIR"] = env["MICROCS_RUNTIME_DIR"]
     addresses = {
         "microcs": f"BENCH_{os.getpid()}",
+        "lite": f"BENCH_LITE_{os.getpid()}",
         "mp.conn": str(tmp / "mp.sock"),
         "pyzmq": f"ipc://{tmp / 'zmq.sock'}",
     }
-    placements = {"same CPU": (0, 0), "different CPUs": (0, 1)}
+    # (client CPU, server CPU): both on CPU 0 (as `taskset -c 0` for both), or split.
+    placements = {"same CPU": (0, 0), "different CPUs": (1, 0)}
     results: dict[tuple[str, int, str], list[float]] = {}
     for placement, (client_cpu, server_cpu) in placements.items():
         os.sched_setaffinity(0, {client_cpu})
@@ -188,12 +207,14 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int, str], list[float]]:
             conns = {s: connect(s, addresses[s]) for s in args.systems}
             for size in args.sizes:
                 payload = os.urandom(size)
+                # Large payloads take longer per round trip: fewer of them keep a run short.
+                n = args.n if size <= 65536 else max(100, args.n * 65536 // size)
                 for r in range(args.runs):
                     for s in args.systems:
-                        us = measure(conns[s][0], payload, args.n)
+                        us = measure(conns[s][0], payload, n)
                         results.setdefault((placement, size, s), []).append(us)
                         print(f"  {placement:14} {size:>7} B  run {r + 1}/{args.runs}  {s:8} {us:8.2f} µs", file=sys.stderr)
-                    if "microcs" in args.systems and args.width:
+                    if "microcs" in args.systems and args.width and args.subject == "microcs":
                         us = measure_async(addresses["microcs"], payload, args.n, args.width)
                         results.setdefault((placement, size, ASYNC), []).append(us)
             for _, close in conns.values():
@@ -207,10 +228,10 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int, str], list[float]]:
 
 
 def table(args: argparse.Namespace, results: dict[tuple[str, int, str], list[float]]) -> str:
-    systems = args.systems
+    systems, subject = args.systems, args.subject
     head = "| placement | payload | " + " | ".join(f"{s} (µs)" for s in systems)
-    others = [s for s in systems if s != "microcs"]
-    head += "".join(f" | microcs / {s}" for s in others) + " |"
+    others = [s for s in systems if s != subject]
+    head += "".join(f" | {subject} / {s}" for s in others) + " |"
     lines = [head, "|" + "---|" * (2 + len(systems) + len(others))]
     placements = list(dict.fromkeys(p for p, _, _ in results))
     for placement in placements:
@@ -218,11 +239,11 @@ def table(args: argparse.Namespace, results: dict[tuple[str, int, str], list[flo
             runs = {s: results[(placement, size, s)] for s in systems}
             med = {s: statistics.median(r) for s, r in runs.items()}
             row = f"| {placement} | {size} B | " + " | ".join(f"{med[s]:.1f}" for s in systems)
-            if "microcs" in med:
+            if subject in med:
                 # Ratios of runs measured side by side, then their median: drift in the machine's
                 # load between runs cancels out.
                 row += "".join(
-                    f" | {statistics.median(m / o for m, o in zip(runs['microcs'], runs[s])):.2f}×"
+                    f" | {statistics.median(m / o for m, o in zip(runs[subject], runs[s])):.2f}×"
                     for s in others
                 )
             lines.append(row + " |")
@@ -272,10 +293,10 @@ def loadavg() -> str:
         return "unknown"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Puts `text` as the "## Python" section of `path`, keeping every other section."""
+def write_section(path: Path, section: str, text: str) -> None:
+    """Puts `text` as the `section` section of `path`, keeping every other section."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(old):
         new = pattern.sub(lambda _: text.rstrip() + "\n\n", old, count=1)
     else:
@@ -291,10 +312,14 @@ def main() -> None:
     p.add_argument("-n", type=int, default=20000, help="round trips per run (default 20000)")
     p.add_argument("--runs", type=int, default=5, help="runs per system and placement (default 5)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 4096], help="payload sizes in bytes")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=["microcs", "mp.conn", "pyzmq"])
     p.add_argument("--width", type=int, default=1000, help="AsyncClient requests in flight (0: skip)")
-    p.add_argument("--write", type=Path, help="put the results in this Markdown file's Python section")
+    p.add_argument("--subject", choices=sorted(SECTIONS), default="microcs",
+                   help="the system whose ratios to the others are reported (default microcs)")
+    p.add_argument("--write", type=Path, help="put the results in this Markdown file's section of the subject")
     args = p.parse_args()
+    if args.subject not in args.systems:
+        raise SystemExit(f"--subject {args.subject} is not among --systems")
     if "pyzmq" in args.systems:
         try:
             import zmq  # noqa: F401
@@ -309,7 +334,9 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
     body = table(args, results)
     print(body)
-    if args.write:
+    if args.write and args.subject == "lite":
+        text = lite_section(args, body, started, load_before, load_after, command)
+    elif args.write:
         text = f"""{SECTION}
 
 Python client → Python handler round trip (an echo), against `multiprocessing.connection`
@@ -331,8 +358,33 @@ a ratio under 1 means microcs is faster.
   next (each round trip is two cross-CPU wake-ups, and other work on the machine shifts them):
   rerun before reading much into a few hundredths.
 """
-        write_section(args.write, text)
-        print(f"wrote the {SECTION!r} section of {args.write}", file=sys.stderr)
+    if args.write:
+        write_section(args.write, SECTIONS[args.subject], text)
+        print(f"wrote the {SECTIONS[args.subject]!r} section of {args.write}", file=sys.stderr)
+
+
+def lite_section(
+    args: argparse.Namespace, body: str, started: datetime.datetime, load_before: str, load_after: str, command: str
+) -> str:
+    return f"""{SECTIONS["lite"]}
+
+`microcs_lite` (python/microcs_lite.py: protocol v1 in pure Python, standard library only)
+client → its threaded server, a Python echo handler, against `multiprocessing.connection`
+(AF_UNIX, `send_bytes`/`recv_bytes`, a Python loop in the server) and the compiled package
+(`microcs.Client` → `microcs.Server`), each server a separate process. Placements: both processes
+on CPU 0 (as `taskset -c 0` for both; pinned with `os.sched_setaffinity`), and split (server on
+CPU 0, client on CPU 1). Median of {args.runs} runs of {args.n} round trips (of 1 MiB: {max(100, args.n * 65536 // (1 << 20))})
+each, after a warm-up; systems measured in turns within each run, each ratio the median of the
+per-run ratios. Lower is better; a ratio under 1 means microcs_lite is faster.
+
+{body}
+
+- Machine: {machine()}
+- Date: {started:%Y-%m-%d %H:%M} UTC; 1-minute load average {load_before} before the run and
+  {load_after} after (the 2 vCPUs are shared with other work: read the ratios, not the times)
+- Command: `{command}` (from the repository root, in `.venv`)
+- The target: within 1.3× of `multiprocessing.connection`.
+"""
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +25,12 @@ import pytest
 import microcs
 
 PEERS = Path(__file__).parent / "peers"
+ROOT = Path(__file__).resolve().parents[3]
+#: The pure-Python implementation (``microcs_lite`` and the seed's two modules over it), kept at
+#: the repository root so that it can be copied as is; the tests import it from there. Last on
+#: the path: its micro_server/micro_client must not shadow the installed package's.
+LITE = ROOT / "python"
+sys.path.append(str(LITE))
 #: Longest any single test may run before the watchdog dumps all stacks and exits.
 WATCHDOG_SECONDS = 120
 _names = itertools.count()
@@ -136,3 +144,54 @@ def server(runtime_dir: Path, name: str) -> Iterator[ServerFactory]:
     yield start
     for p in procs:
         stop_process(p)
+
+
+@pytest.fixture
+def lite(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Servers started by `server` from now on run on ``microcs_lite`` (``PEER_LITE``), which
+    they import from `LITE`. Returns `LITE`."""
+    monkeypatch.setenv("PEER_LITE", "1")
+    monkeypatch.setenv("PYTHONPATH", str(LITE))
+    return LITE
+
+
+def rust_binary(name: str) -> Path:
+    """A binary of the Rust workspace (``microcs``, ``microcs-peer``) for interoperability tests.
+
+    Looked for in ``MICROCS_TEST_BIN_DIR`` (``./scripts/test python`` builds them and sets it),
+    else in the cargo target directory's ``debug/``. Without it the test is skipped, saying why
+    — unless ``MICROCS_REQUIRE_RUST_PEERS=1`` (the test script), where that is a failure, as
+    test_nats.py does for its broker.
+    """
+    dirs = [os.environ.get("MICROCS_TEST_BIN_DIR", "")]
+    dirs.append(os.path.join(os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target")), "debug"))
+    for d in filter(None, dirs):
+        path = Path(d) / name
+        if os.access(path, os.X_OK):
+            return path
+    reason = f"no {name} binary in {' or '.join(filter(None, dirs))} (cargo build -p microcs-cli -p microcs --features microcs/tokio --bins)"
+    if os.environ.get("MICROCS_REQUIRE_RUST_PEERS") == "1":
+        pytest.fail(f"MICROCS_REQUIRE_RUST_PEERS=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class Interrupted(Exception):
+    """Raised in the main thread by `interrupted_after`, as a signal handler would (Ctrl-C)."""
+
+
+@contextlib.contextmanager
+def interrupted_after(seconds: float) -> Iterator[None]:
+    """Within the block, a SIGUSR1 arrives after `seconds` and its handler raises `Interrupted`
+    in whatever the main thread is waiting in."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, old)

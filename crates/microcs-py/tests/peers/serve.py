@@ -1,6 +1,8 @@
 """A test server, run as its own process: ``serve.py MODE NAME [--nats URL] [--transport WAY]``.
 
-With ``--nats`` it also serves on that NATS broker; ``--transport nats`` serves there only.
+With ``--nats`` it also serves on that NATS broker; ``--transport nats`` serves there only. With
+``PEER_LITE=1`` in its environment it is served by the pure-Python ``microcs_lite`` instead of the
+compiled package (no NATS then).
 
 Modes:
   bytes   default handler echoes bytes; methods below
@@ -18,6 +20,7 @@ running at once), big (a reply of int(payload) bytes), stop (stops the server), 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -25,7 +28,11 @@ import threading
 import time
 from typing import Any, Union, cast
 
-import microcs
+if os.environ.get("PEER_LITE"):
+    # The same server over the pure-Python implementation (python/microcs_lite.py, found through
+    # PYTHONPATH): it has the API this script uses, so `microcs` below is that module.
+    sys.modules["microcs"] = importlib.import_module("microcs_lite")
+import microcs  # noqa: E402
 
 mode, name = sys.argv[1], sys.argv[2]
 text = mode == "text"

@@ -359,3 +359,38 @@ fn a_deadline_passed_while_the_handler_ran_is_answered_408_by_the_blocking_serve
     assert!(!r.expect_reply(8).is_empty());
     h.shutdown();
 }
+
+#[test]
+fn requests_still_in_the_socket_at_shutdown_are_answered_503_not_run_by_the_blocking_server() {
+    // PROTOCOL.md § 11: frames the client sent before the server shut the read side are still
+    // read, and each request among them is refused as not run. With one request in flight
+    // allowed, the second one waits unread in the kernel while the first runs.
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("drain");
+    let name = unique("DRAIN");
+    let (started_tx, started_rx) = mpsc::channel();
+    let started_tx = std::sync::Mutex::new(started_tx);
+    let h = dir
+        .server(&name)
+        .max_in_flight(1)
+        .bind()
+        .unwrap()
+        .spawn(move |r: Request| {
+            started_tx.lock().unwrap().send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<_, RemoteError>(r.into_payload())
+        })
+        .unwrap();
+    let mut r = Raw::hello(&dir, &name);
+    r.request(1, "", b"first");
+    started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    r.request(2, "", b"second");
+    std::thread::sleep(Duration::from_millis(50));
+    let stopper = std::thread::spawn(move || h.shutdown());
+    assert_eq!(r.expect_reply(1), b"first");
+    let (flags, msg) = r.expect_error(2, status::BUSY);
+    assert_eq!(flags, FLAG_SYSTEM | FLAG_NOT_RUN, "{msg}");
+    assert!(msg.contains("shutting down"), "{msg}");
+    r.expect_eof();
+    stopper.join().unwrap();
+}

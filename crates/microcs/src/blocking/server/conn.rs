@@ -407,8 +407,9 @@ pub(super) struct Job {
 pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
     loop {
         let Ok(mut rs) = conn.read.try_lock() else { return };
-        if conn.closed.load(Ordering::SeqCst) || (conn.read_shut.load(Ordering::SeqCst) && rs.rbuf.is_empty())
-        {
+        // After our own shutdown of the read side, frames the client sent before it are still in
+        // the socket: they are read (each request answered 503 not run) until the end of stream.
+        if conn.closed.load(Ordering::SeqCst) {
             return;
         }
         conn.reader_active.store(true, Ordering::SeqCst);
