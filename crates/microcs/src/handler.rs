@@ -35,7 +35,7 @@ impl Streams for Arc<SyncHandler> {
 pub(crate) use async_handlers::*;
 
 #[cfg(feature = "tokio")]
-mod async_handlers {
+pub(crate) mod async_handlers {
     use std::future::Future;
     use std::pin::Pin;
     use std::sync::{Arc, Mutex};

@@ -72,7 +72,7 @@ mod service;
 pub mod tokio;
 mod transport;
 
-pub use blocking::{Client, ClientBuilder, Server, ServerBuilder, ServerHandle, ShutdownTrigger};
+pub use blocking::{Client, ClientBuilder, ItemStream, Server, ServerBuilder, ServerHandle, ShutdownTrigger};
 pub use error::{Error, ErrorKind, RemoteError, Result};
 pub use name::Name;
 pub use registry::{ServiceInfo, list, list_in};

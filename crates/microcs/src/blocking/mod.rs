@@ -16,5 +16,5 @@
 mod client;
 mod server;
 
-pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
+pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT, ItemStream};
 pub use server::{Server, ServerBuilder, ServerHandle, ShutdownTrigger};

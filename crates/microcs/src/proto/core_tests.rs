@@ -14,6 +14,13 @@ use crate::name::Name;
 use crate::request::{Peer, Request};
 use crate::service::{Identity, Service};
 
+/// The handlers these tests route to: plain functions, never streaming.
+impl crate::handler::Streams for fn(Request) -> Result<Vec<u8>, RemoteError> {
+    fn streams(&self) -> bool {
+        false
+    }
+}
+
 fn golden(name: &str) -> Vec<u8> {
     hex_blocks().into_iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no golden {name}")).bytes
 }
@@ -63,6 +70,7 @@ fn serve(conn: &ServerConn, service: &Service<Handler>, bytes: &[u8], arrived: I
         payload: f.payload.to_vec(),
         deadline: a.deadline,
         cancel: a.cancel,
+        stream: a.stream,
     };
     let answer = match dispatch::begin(service, f.method, call) {
         Begin::Answer(answer) => Some(answer),
@@ -115,7 +123,7 @@ fn requests_are_admitted_in_the_order_of_the_specification() {
         Action::Request | Action::None => panic!("refusal expected for {h:?}"),
     };
     let nr = FLAG_SYSTEM | FLAG_NOT_RUN;
-    let flagged = Header { flags: 0x0004, ..Header::request(5, 0) };
+    let flagged = Header { flags: 0x0008, ..Header::request(5, 0) };
     assert_eq!(check(flagged, true).0, status::BAD_REQUEST, "flags are checked before shutdown");
     let (code, flags, msg) = check(Header::request(0, 0), false);
     assert_eq!((code, flags), (status::BAD_REQUEST, nr));
@@ -157,6 +165,7 @@ fn a_cancelled_request_gets_no_answer() {
         payload: Vec::new(),
         deadline: a.deadline,
         cancel: a.cancel,
+        stream: a.stream,
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call) else { panic!("runs") };
     assert!(matches!(conn.on_frame(&frame(&golden("cancel")), false, "LIFE_GEN"), Action::None));
@@ -185,6 +194,7 @@ fn deadlines_decide_whether_and_how_a_request_is_answered() {
         payload: Vec::new(),
         deadline: Some(Instant::now() + Duration::from_millis(20)),
         cancel: Default::default(),
+        stream: false,
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call(22)) else { panic!("runs") };
     std::thread::sleep(Duration::from_millis(40));
@@ -229,6 +239,7 @@ fn nothing_goes_out_over_the_clients_limit() {
         payload: Vec::new(),
         deadline: None,
         cancel: Default::default(),
+        stream: false,
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call) else { panic!("runs") };
     let end = End::Done((run.handler())(req));

@@ -300,7 +300,7 @@ fn doc_table(name: &str) -> Vec<Vec<String>> {
 #[test]
 fn kind_table_in_protocol_md_matches_the_code() {
     let rows = doc_table("kinds");
-    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.len(), 10);
     for row in &rows {
         let raw: u8 = row[0].parse().unwrap();
         let kind = Kind::from_u8(raw).unwrap_or_else(|| panic!("kind {raw} is not defined"));
@@ -308,7 +308,7 @@ fn kind_table_in_protocol_md_matches_the_code() {
         assert_eq!(kind as u8, raw);
     }
     assert_eq!(Kind::from_u8(0), None);
-    assert_eq!(Kind::from_u8(9), None);
+    assert_eq!(Kind::from_u8(11), None);
 }
 
 #[test]
@@ -320,6 +320,7 @@ fn flag_table_in_protocol_md_matches_the_code() {
         let constant = match row[1].as_str() {
             "FLAG_NOT_RUN" => FLAG_NOT_RUN,
             "FLAG_SYSTEM" => FLAG_SYSTEM,
+            "FLAG_STREAM" => FLAG_STREAM,
             other => panic!("unknown flag {other}"),
         };
         assert_eq!(bit, constant, "{}", row[1]);
@@ -458,7 +459,7 @@ fn checks_run_in_the_documented_order() {
 #[test]
 fn unknown_kinds_and_flags_still_decode() {
     // Kind and flags are the receiver's business, so the stream stays in sync.
-    for raw in [0u8, 9, 42, 255] {
+    for raw in [0u8, 11, 42, 255] {
         let h = Header { kind: raw, flags: 0xffff, ..Header::new(Kind::Ping, 5) };
         let b = frame(&h, b"", b"x");
         let Ok(Decoded::Frame(f)) = decode(&b, 10) else { panic!("kind {raw}") };
@@ -534,8 +535,13 @@ fn hello_body_ignores_extra_bytes_and_refuses_short_ones() {
 #[test]
 fn hello_ack_body_layout() {
     let ack = HelloAck { max_payload: 1, max_in_flight: 2, pid: 3, name: "a.b".into(), features: 0 };
-    assert_eq!(ack.to_bytes(), [0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 3, b'a', b'.', b'b']);
+    assert_eq!(ack.to_bytes(), [0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 3, b'a', b'.', b'b', 0, 0, 0, 0]);
     assert_eq!(HelloAck::parse(&ack.to_bytes()), Some(ack.clone()));
+    // An older server's answer ends after the name: no optional features.
+    assert_eq!(HelloAck::parse(&ack.to_bytes()[..17]), Some(ack.clone()));
+    let streams = HelloAck { features: FEATURE_STREAMS, ..ack.clone() };
+    assert_eq!(&streams.to_bytes()[17..], &[0, 0, 0, 1]);
+    assert_eq!(HelloAck::parse(&streams.to_bytes()).map(|a| a.features), Some(FEATURE_STREAMS));
     // Bytes after the name are room for later fields, and ignored.
     let mut longer = ack.to_bytes();
     longer.extend_from_slice(&[9, 9, 9]);

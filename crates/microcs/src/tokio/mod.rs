@@ -67,5 +67,5 @@ mod client;
 mod io;
 mod server;
 
-pub use client::{Client, ClientBuilder};
+pub use client::{Client, ClientBuilder, ItemStream};
 pub use server::{Items, Server, ServerBuilder, ServerHandle, ShutdownTrigger};

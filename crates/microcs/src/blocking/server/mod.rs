@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 #[cfg(doc)]
 use crate::error::ErrorKind;
-use crate::error::{Error, RemoteError, Result};
+use crate::error::{Error, Result};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::handler::SyncHandler;

@@ -568,7 +568,9 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
         AsyncHandler::Unary(handler) => catch_unwind(AssertUnwindSafe(|| handler(req))),
         AsyncHandler::Stream(handler) => {
             let c = conn.clone();
-            let sink = Arc::new(move |item: Vec<u8>| c.core.item(id, item).map(|out| drop(c.send(out))));
+            let sink = Arc::new(move |item: Vec<u8>| c.core.item(id, item).map(|out| {
+                    c.send(out);
+                }));
             let items = Items { cancel: cancel.clone(), sink, overflow: overflow.clone() };
             catch_unwind(AssertUnwindSafe(|| handler(req, items)))
         }
@@ -588,7 +590,8 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
             _ = kill.wait_for(|k| *k) => End::Killed,
         },
     };
-    let end = match (end, overflow.lock().unwrap_or_else(|p| p.into_inner()).take()) {
+    let overflowed = overflow.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let end = match (end, overflowed) {
         (_, Some(answer)) => End::Refused(answer),
         (End::Done(Ok(reply)), None) if one_item => send_one_item(&conn, id, &cancel, deadline, reply).await,
         (end, None) => end,

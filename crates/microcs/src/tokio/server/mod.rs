@@ -20,7 +20,6 @@ mod conn;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,14 +31,14 @@ use ::tokio::time::{Instant, sleep_until};
 
 #[cfg(doc)]
 use crate::error::ErrorKind;
-use crate::error::{Error, RemoteError, Result};
+use crate::error::{Error, Result};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::registry::{self, Claim};
 use crate::request::{IntoPayload, Request, to_remote};
 use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};
 use crate::handler::{AsyncHandler, HandlerFuture};
-pub use crate::handler::Items;
+pub use crate::handler::async_handlers::Items;
 use conn::{Shared, accept_loop};
 
 fn erase<F, Fut, R, E>(f: F) -> Arc<AsyncHandler>
