@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::RemoteError;
+use crate::handler::Streams;
 use crate::proto::{FLAG_NOT_RUN, FLAG_SYSTEM, status};
 use crate::request::{CancelState, Peer, Request};
-use crate::handler::Streams;
 use crate::service::{Endpoint, Route, Service};
 
 /// A request a transport has admitted: what [`begin`] needs.
@@ -133,8 +133,14 @@ pub(crate) fn begin_at<'a, H: Streams>(
         deadline: call.deadline,
         cancel: call.cancel.clone(),
     };
-    let run =
-        Run { service, endpoint, deadline: call.deadline, cancel: call.cancel, started: now, stream: call.stream };
+    let run = Run {
+        service,
+        endpoint,
+        deadline: call.deadline,
+        cancel: call.cancel,
+        started: now,
+        stream: call.stream,
+    };
     Begin::Run(run, req)
 }
 

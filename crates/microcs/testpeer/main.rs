@@ -116,6 +116,14 @@ fn stopped(served: microcs::Result<()>) -> ExitCode {
     }
 }
 
+/// The arguments of the `count` stream: "N" or "N fail".
+fn count_args(req: &Request) -> Result<(u64, bool), RemoteError> {
+    let text = req.text()?;
+    let mut words = text.split_whitespace();
+    let n = words.next().and_then(|w| w.parse().ok()).ok_or_else(|| RemoteError::new(400, "want a count"))?;
+    Ok((n, words.next() == Some("fail")))
+}
+
 fn build(name: &str) -> microcs::Result<Server> {
     let env_ms = |k: &str, default: u64| {
         Duration::from_millis(std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
@@ -169,6 +177,21 @@ fn build(name: &str) -> microcs::Result<Server> {
             Ok::<_, RemoteError>(format!("slept {ms}"))
         })
         .method("max_running", |_req: Request| Ok::<_, RemoteError>(Running::max().to_string()))
+        // Streams: "N" → the items "0" .. "N-1"; "N fail" → then an error 422; "tick" → an item
+        // every 5 ms, forever.
+        .stream_method("count", |req: Request| {
+            let (n, fail) = count_args(&req)?;
+            let items = (0..n).map(|i| Ok::<_, RemoteError>(i.to_string()));
+            Ok::<_, RemoteError>(
+                items.chain(fail.then(|| Err(RemoteError::new(422, "failed after the items")))),
+            )
+        })
+        .stream_method("tick", |_req: Request| {
+            Ok::<_, RemoteError>((0u64..).map(|i| {
+                std::thread::sleep(Duration::from_millis(5));
+                Ok::<_, RemoteError>(i.to_string())
+            }))
+        })
         // "MS PATH": sleeps, then writes "finished" to PATH ("dropped" if the server drops it).
         .method("sleep_marked", |req: Request| {
             let (ms, mut marker) = Marker::parse(&req)?;
@@ -382,6 +405,23 @@ mod async_peer {
                 Ok::<_, RemoteError>(format!("slept {ms}"))
             })
             .method("max_running", |_req: Request| async { Ok::<_, RemoteError>(Running::max().to_string()) })
+            .stream_method("count", |req: Request, items: microcs::tokio::Items| async move {
+                let (n, fail) = count_args(&req)?;
+                for i in 0..n {
+                    items.send(i.to_string()).await?;
+                }
+                if fail {
+                    return Err(RemoteError::new(422, "failed after the items"));
+                }
+                Ok(())
+            })
+            .stream_method("tick", |_req: Request, items: microcs::tokio::Items| async move {
+                for i in 0u64.. {
+                    sleep(Duration::from_millis(5)).await;
+                    items.send(i.to_string()).await?;
+                }
+                Ok::<_, RemoteError>(())
+            })
             .method("sleep_marked", |req: Request| async move {
                 let (ms, mut marker) = Marker::parse(&req)?;
                 sleep(ms).await;

@@ -50,7 +50,12 @@ impl Client {
         self.open_stream(method, payload, Some(limit))
     }
 
-    fn open_stream(&mut self, method: &str, payload: &[u8], whole: Option<Duration>) -> Result<ItemStream<'_>> {
+    fn open_stream(
+        &mut self,
+        method: &str,
+        payload: &[u8],
+        whole: Option<Duration>,
+    ) -> Result<ItemStream<'_>> {
         if !method.is_empty() {
             proto::check_method(method).map_err(|m| Error::new(ErrorKind::InvalidName, m))?;
         }
@@ -157,7 +162,10 @@ impl Iterator for ItemStream<'_> {
                 Err(Wait::Interrupted) => {
                     self.cancel();
                     let e = Error::io(
-                        format_args!("the wait for service '{}' was interrupted; the stream may have run", self.client.name),
+                        format_args!(
+                            "the wait for service '{}' was interrupted; the stream may have run",
+                            self.client.name
+                        ),
                         std::io::ErrorKind::Interrupted.into(),
                     );
                     return Some(Err(e.set_may_have_run(true)));

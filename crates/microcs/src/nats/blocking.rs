@@ -60,7 +60,9 @@ impl Invoke for Arc<SyncHandler> {
         async move {
             let run = move || match &*handler {
                 SyncHandler::Unary(h) => h(req),
-                SyncHandler::Stream(_) => Err(super::serve::streams_are_local(req.method().unwrap_or_default())),
+                SyncHandler::Stream(_) => {
+                    Err(super::serve::streams_are_local(req.method().unwrap_or_default()))
+                }
             };
             // On the blocking pool: a blocking handler must not stall the runtime's thread.
             match tokio::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(run))).await {

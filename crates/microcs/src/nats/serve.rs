@@ -21,9 +21,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use super::{HEADER_ERROR, HEADER_ERROR_CODE, HEADER_FLAGS, HEADER_TIMEOUT, NATS_PEER, NatsOptions, conn};
-use crate::handler::Streams;
 use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 use crate::error::{Error, ErrorKind, RemoteError, Result};
+use crate::handler::Streams;
 use crate::micro::QUEUE_GROUP;
 use crate::proto::{FLAG_NOT_RUN, FLAG_SYSTEM, status};
 use crate::request::{CancelState, Request};
@@ -43,7 +43,9 @@ pub(crate) trait Invoke: Streams + Send + Sync + 'static {
 pub(crate) fn streams_are_local(method: &str) -> RemoteError {
     RemoteError::new(
         status::BAD_REQUEST,
-        format!("method '{method}' answers with a stream, and streams are local only: call it on the service's machine"),
+        format!(
+            "method '{method}' answers with a stream, and streams are local only: call it on the service's machine"
+        ),
     )
 }
 

@@ -198,7 +198,8 @@ impl ServerConn {
     pub(crate) fn item(&self, id: u64, payload: Vec<u8>) -> Result<Out, Answer> {
         let max = self.max_reply() as usize;
         if payload.len() > max {
-            let msg = format!("stream item of {} bytes is over the client's limit of {max} bytes", payload.len());
+            let msg =
+                format!("stream item of {} bytes is over the client's limit of {max} bytes", payload.len());
             return Err(Answer::Error { code: status::TOO_LARGE, flags: FLAG_SYSTEM, message: msg });
         }
         Ok(Out { header: Header::new(Kind::Item, id), payload })

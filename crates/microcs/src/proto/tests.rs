@@ -144,8 +144,13 @@ fn blocks_of(kind: &str) -> Vec<HexBlock> {
 /// What each golden frame of the specification must decode to.
 fn golden_expectations() -> Vec<(&'static str, Header, &'static [u8], Vec<u8>)> {
     let not_run_system = FLAG_NOT_RUN | FLAG_SYSTEM;
-    let ack =
-        HelloAck { max_payload: DEFAULT_MAX_PAYLOAD, max_in_flight: 128, pid: 4242, name: "LIFE_GEN".into(), features: FEATURE_STREAMS };
+    let ack = HelloAck {
+        max_payload: DEFAULT_MAX_PAYLOAD,
+        max_in_flight: 128,
+        pid: 4242,
+        name: "LIFE_GEN".into(),
+        features: FEATURE_STREAMS,
+    };
     vec![
         (
             "hello",

@@ -362,7 +362,13 @@ fn fake_server(
         let (mut s, _) = l.accept().unwrap();
         let mut buf = [0u8; 64];
         let _ = s.read(&mut buf);
-        let ack = proto::HelloAck { max_payload: 1 << 20, max_in_flight: 8, pid: 1, name: "FAKE".into(), features: 0 };
+        let ack = proto::HelloAck {
+            max_payload: 1 << 20,
+            max_in_flight: 8,
+            pid: 1,
+            name: "FAKE".into(),
+            features: 0,
+        };
         let mut b = Vec::new();
         proto::encode(&mut b, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
         s.write_all(&b).unwrap();

@@ -13,4 +13,6 @@ mod nats;
 mod ownership;
 mod protocol;
 #[cfg(feature = "tokio")]
+mod stream;
+#[cfg(feature = "tokio")]
 mod tokio;

@@ -572,6 +572,9 @@ fn stream_items(
             Ok(None) => return End::Done(Ok(Vec::new())),
             Err(panic) => return End::Panicked(panic_message(&*panic)),
         };
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return End::Deadline;
+        }
         // The caller's `Credit` frames arrive on this connection, which nobody reads while this
         // thread runs the stream: make sure someone does before waiting for them.
         let mut room = cancel.wait_room(Some(Instant::now()));

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::{Error, Result};
+use crate::handler::SyncHandler;
 use crate::micro::StatsResponse;
 use crate::name::Name;
-use crate::handler::SyncHandler;
 use crate::registry::{self, Claim};
 use crate::request::{IntoPayload, Request, to_remote};
 use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};

@@ -170,7 +170,10 @@ pub struct ItemStream {
 
 impl std::fmt::Debug for ItemStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ItemStream").field("service", &self.name).field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("ItemStream")
+            .field("service", &self.name)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -211,7 +214,9 @@ impl Stream for ItemStream {
             }
             Poll::Ready(Some(Event::End(outcome))) => Poll::Ready(this.end(outcome)),
             // The connection's tasks are gone without settling it (its runtime shut down).
-            Poll::Ready(None) => Poll::Ready(this.end(Outcome::Lost { loss: Loss::Dropped, written: Written::All })),
+            Poll::Ready(None) => {
+                Poll::Ready(this.end(Outcome::Lost { loss: Loss::Dropped, written: Written::All }))
+            }
             Poll::Pending => match this.idle.as_mut().poll(cx) {
                 Poll::Ready(()) => {
                     this.done = true;

@@ -16,9 +16,9 @@ use ::tokio::task::AbortHandle;
 use ::tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, sleep_until};
 
 use super::super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, shutdown};
-use crate::handler::{AsyncHandler, HandlerFuture, Items};
 use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 use crate::error::{Error, RemoteError};
+use crate::handler::{AsyncHandler, HandlerFuture, Items};
 use crate::io::{Filled, ReadBuf, log_write_failed};
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, shutting_down};
 use crate::proto::{DecodeError, Decoded, Header};
@@ -568,9 +568,11 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
         AsyncHandler::Unary(handler) => catch_unwind(AssertUnwindSafe(|| handler(req))),
         AsyncHandler::Stream(handler) => {
             let c = conn.clone();
-            let sink = Arc::new(move |item: Vec<u8>| c.core.item(id, item).map(|out| {
+            let sink = Arc::new(move |item: Vec<u8>| {
+                c.core.item(id, item).map(|out| {
                     c.send(out);
-                }));
+                })
+            });
             let items = Items { cancel: cancel.clone(), sink, overflow: overflow.clone() };
             catch_unwind(AssertUnwindSafe(|| handler(req, items)))
         }

@@ -32,13 +32,13 @@ use ::tokio::time::{Instant, sleep_until};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::{Error, Result};
+pub use crate::handler::async_handlers::Items;
+use crate::handler::{AsyncHandler, HandlerFuture};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::registry::{self, Claim};
 use crate::request::{IntoPayload, Request, to_remote};
 use crate::service::{Bound, Config, Identity, Service, add_method, claim_and_bind, meta};
-use crate::handler::{AsyncHandler, HandlerFuture};
-pub use crate::handler::async_handlers::Items;
 use conn::{Shared, accept_loop};
 
 fn erase<F, Fut, R, E>(f: F) -> Arc<AsyncHandler>

@@ -406,7 +406,13 @@ pub fn deaf_server(dir: &TempDir, name: &str) -> std::thread::JoinHandle<UnixStr
         let mut raw = Raw { s, buf: Vec::new() };
         let (h, _, _) = raw.read().expect("a hello");
         assert_eq!(h.kind(), Some(Kind::Hello));
-        let ack = HelloAck { max_payload: 16 << 20, max_in_flight: 128, pid: std::process::id(), name, features: 0 };
+        let ack = HelloAck {
+            max_payload: 16 << 20,
+            max_in_flight: 128,
+            pid: std::process::id(),
+            name,
+            features: 0,
+        };
         raw.send(&Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
         raw.s
     })
