@@ -434,6 +434,7 @@ fn not_answering(name: &Name, pid: u32, what: std::fmt::Arguments<'_>) -> Error 
 /// A client used in process `now` although process `owner` made it (after `fork()`), where it
 /// cannot start over by itself: the tokio client, whose connection tasks ran on the parent's
 /// runtime. Nothing was sent.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
 pub(crate) fn forked(name: &Name, owner: u32, now: u32) -> Error {
     Error::new(
         ErrorKind::Closed,
