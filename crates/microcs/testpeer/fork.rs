@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-
 unsafe extern "C" {
     /// libc's fork(2) (std has none; the runtime of this peer is libc's anyway).
     fn fork() -> i32;
@@ -115,7 +114,9 @@ pub fn tokio(name: &str, n: usize) -> ExitCode {
         let rt = runtime();
         let outcome = rt.block_on(async {
             match client.request(b"child").await {
-                Err(e) if e.kind() == microcs::ErrorKind::Closed && e.to_string().contains("after fork()") => {
+                Err(e)
+                    if e.kind() == microcs::ErrorKind::Closed && e.to_string().contains("after fork()") =>
+                {
                     println!("child refused: {e}");
                 }
                 other => return Err(format!("child: the parent's client gave {other:?}")),
