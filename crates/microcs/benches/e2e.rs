@@ -378,6 +378,14 @@ fn echo(r: Request) -> Result<Vec<u8>, RemoteError> {
     Ok(r.into_payload())
 }
 
+/// The count of a stream request (`items` method): its payload, a decimal number.
+fn stream_count(r: &Request) -> Result<u64, RemoteError> {
+    r.text()?.parse().map_err(|_| RemoteError::new(400, "want a count"))
+}
+
+/// One 32-byte item of the benchmark's streams.
+const ITEM: [u8; 32] = [7; 32];
+
 fn ready_then_wait_for_stdin() {
     println!("READY");
     let _ = std::io::stdout().flush();
@@ -412,7 +420,16 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
             ready_then_wait_for_stdin();
         }
         ServerKind::Blocking => {
-            let h = Server::builder(BLOCKING_NAME).max_frame(MAX_FRAME).bind().unwrap().spawn(echo).unwrap();
+            let h = Server::builder(BLOCKING_NAME)
+                .max_frame(MAX_FRAME)
+                .bind()
+                .unwrap()
+                .stream_method("items", |r: Request| {
+                    let n = stream_count(&r)?;
+                    Ok::<_, RemoteError>((0..n).map(|_| Ok::<_, RemoteError>(ITEM.to_vec())))
+                })
+                .spawn(echo)
+                .unwrap();
             let k = Server::builder(BLOCKING_KBUF_NAME)
                 .max_frame(MAX_FRAME)
                 .send_buffer(0)
@@ -435,6 +452,12 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
                         .bind()
                         .await
                         .unwrap()
+                        .stream_method("items", |r: Request, items: microcs::tokio::Items| async move {
+                            for _ in 0..stream_count(&r)? {
+                                items.send(ITEM.to_vec()).await?;
+                            }
+                            Ok::<_, RemoteError>(())
+                        })
                         .spawn(|r: Request| async move { echo(r) })
                         .unwrap()
                 };
@@ -669,6 +692,33 @@ fn inflight_run(server: ServerKind, dir: &Path, depth: usize, size: usize, d: Du
     })
 }
 
+/// Items per second of one stream of `n` 32-byte items (the `items` method), read as they come.
+fn stream_run(system: System, dir: &Path, n: u64) -> f64 {
+    let count = n.to_string();
+    match Caller::connect(system, dir) {
+        Caller::Blocking(mut c) => {
+            let t0 = Instant::now();
+            let got = c.stream("items", count.as_bytes()).unwrap().map(|i| i.unwrap().len()).count();
+            assert_eq!(got as u64, n);
+            n as f64 / t0.elapsed().as_secs_f64()
+        }
+        #[cfg(feature = "tokio")]
+        Caller::Tokio(rt, c) => rt.block_on(async {
+            use futures_core::Stream;
+            let t0 = Instant::now();
+            let mut s = c.stream("items", count.as_bytes()).await.unwrap();
+            let mut got = 0u64;
+            while let Some(item) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut s).poll_next(cx)).await {
+                assert_eq!(item.unwrap().len(), ITEM.len());
+                got += 1;
+            }
+            assert_eq!(got, n);
+            n as f64 / t0.elapsed().as_secs_f64()
+        }),
+        Caller::Floor(..) => unreachable!("the floor has no streams"),
+    }
+}
+
 /// MB/s of payload (one way) echoing `n` 1 MiB payloads back to back.
 fn bulk_run(system: System, dir: &Path, n: usize) -> f64 {
     let mut c = Caller::connect(system, dir);
@@ -828,6 +878,35 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
             println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
             let mut row =
                 json!({"scenario": "inflight", "system": s.label(), "depth": DEPTH, "rps": t.median(i)});
+            merge(&mut row, ratio_json(r));
+            json.push(row);
+        }
+    }
+
+    // Streams: items per second of one stream of small items, against the same system's unary
+    // rate (one client, sequential calls) in the same run.
+    if opts.wants("stream") {
+        let n = if opts.quick { 2_000 } else { 100_000 };
+        let systems: Vec<System> = System::main().into_iter().skip(1).collect();
+        // Each system twice in a row: first its unary rate, then its stream.
+        let mut turn = 0usize;
+        let t = Series::measure(systems.iter().flat_map(|&s| [s, s]).collect(), runs, |s| {
+            turn += 1;
+            if turn % 2 == 0 { stream_run(s, &dir, n) } else { throughput_run(s, &dir, 1, 32, dur) }
+        });
+        println!("\n| one stream of {n} items of 32 B | items/s | / the same system's unary calls/s |");
+        println!("|---|---|---|");
+        for (k, s) in systems.iter().enumerate() {
+            let (unary, stream) = (2 * k, 2 * k + 1);
+            let r = t.ratio(stream, |run| t.runs[run][unary]);
+            println!(
+                "| {} | {:.0} | {:.2}× ({:.0} calls/s) |",
+                s.label(),
+                t.median(stream),
+                r.0,
+                t.median(unary)
+            );
+            let mut row = json!({"scenario": "stream", "system": s.label(), "items_per_s": t.median(stream), "unary_rps": t.median(unary)});
             merge(&mut row, ratio_json(r));
             json.push(row);
         }
