@@ -84,11 +84,18 @@ DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 #: The payload limit before the handshake has told a side the peer's (and a client's floor).
 HANDSHAKE_PAYLOAD = 64 * 1024
 
-HELLO, HELLO_ACK, REQUEST, REPLY, ERROR, CANCEL, PING, PONG = range(1, 9)
-KIND_NAMES = {1: "Hello", 2: "HelloAck", 3: "Request", 4: "Reply", 5: "Error", 6: "Cancel", 7: "Ping", 8: "Pong"}
+HELLO, HELLO_ACK, REQUEST, REPLY, ERROR, CANCEL, PING, PONG, ITEM, CREDIT = range(1, 11)
+KIND_NAMES = {
+    1: "Hello", 2: "HelloAck", 3: "Request", 4: "Reply", 5: "Error", 6: "Cancel", 7: "Ping", 8: "Pong",
+    9: "Item", 10: "Credit",
+}
 
 FLAG_NOT_RUN = 0x0001
 FLAG_SYSTEM = 0x0002
+#: A stream request (PROTOCOL.md § 17). This module neither sends nor serves streams: its server
+#: announces no features, so clients never send it one.
+FLAG_STREAM = 0x0004
+FEATURE_STREAMS = 0x1
 
 BAD_REQUEST, PERMISSION_DENIED, NO_METHOD, TIMED_OUT = 400, 403, 404, 408
 TOO_LARGE, CANCELLED, HANDLER_FAILED, BUSY, VERSION_UNSUPPORTED = 413, 499, 500, 503, 505
@@ -1627,6 +1634,7 @@ class Server:
                         self._send(conn, ERROR, 0, b"expected a Hello frame first", FLAG_SYSTEM | FLAG_NOT_RUN, BAD_REQUEST)
                         return False
                     ack = _ACK.pack(self._max_payload, self._max_in_flight, os.getpid(), len(self._name.encode())) + self._name.encode()
+                    ack += _U32.pack(0)  # features: none (no streams)
                     self._send(conn, HELLO_ACK, 0, ack)
                     conn.max_reply = _U32.unpack_from(f.payload)[0]
                     try:
@@ -1737,6 +1745,8 @@ class Server:
                     c.cancelled = True
             elif kind == PING:
                 self._send(conn, PONG, id, f.payload)
+            elif kind == CREDIT:
+                pass  # room for a stream: this server runs none, and ignores it as the Rust one does for an id not in flight
             elif kind in KIND_NAMES:
                 if kind != PONG:
                     refusal = f"a client may not send {KIND_NAMES[kind]} frames here"

@@ -24,7 +24,10 @@ PROTOCOL = ROOT / "docs" / "PROTOCOL.md"
 #: name -> (kind, flags, id, status, deadline_ms, method, payload); as tests.rs's table.
 GOLDEN = {
     "hello": (lite.HELLO, 0, 0, 0, 0, b"", bytes.fromhex("01000000")),
-    "hello-ack": (lite.HELLO_ACK, 0, 0, 0, 0, b"", bytes.fromhex("0100000000000080000010920008") + b"LIFE_GEN"),
+    "hello-ack": (
+        lite.HELLO_ACK, 0, 0, 0, 0, b"",
+        bytes.fromhex("0100000000000080000010920008") + b"LIFE_GEN" + bytes.fromhex("00000001"),
+    ),
     "request-method": (lite.REQUEST, 0, 7, 0, 250, b"step", b"hello"),
     "request-default": (lite.REQUEST, 0, 1, 0, 30000, b"", b"Give me some data back!!"),
     "request-builtin": (lite.REQUEST, 0, 2, 0, 30000, b"$ping", b""),
@@ -38,6 +41,10 @@ GOLDEN = {
     "cancel": (lite.CANCEL, 0, 7, 0, 0, b"", b""),
     "ping": (lite.PING, 0, 3, 0, 0, b"", b"hi"),
     "pong": (lite.PONG, 0, 3, 0, 0, b"", b"hi"),
+    "stream-request": (lite.REQUEST, lite.FLAG_STREAM, 9, 0, 0, b"run", b"3"),
+    "credit": (lite.CREDIT, 0, 9, 0, 0, b"", bytes.fromhex("0000004000100000")),
+    "item": (lite.ITEM, 0, 9, 0, 0, b"", b"#.#"),
+    "stream-end": (lite.REPLY, 0, 9, 0, 0, b"", b""),
 }
 #: name -> status of the Error that answers it.
 REJECT = {
