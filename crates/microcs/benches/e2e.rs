@@ -698,8 +698,12 @@ fn stream_run(system: System, dir: &Path, n: u64) -> f64 {
     match Caller::connect(system, dir) {
         Caller::Blocking(mut c) => {
             let t0 = Instant::now();
-            let got = c.stream("items", count.as_bytes()).unwrap().map(|i| i.unwrap().len()).count();
-            assert_eq!(got as u64, n);
+            let mut got = 0u64;
+            for item in c.stream("items", count.as_bytes()).unwrap() {
+                assert_eq!(item.unwrap().len(), ITEM.len());
+                got += 1;
+            }
+            assert_eq!(got, n);
             n as f64 / t0.elapsed().as_secs_f64()
         }
         #[cfg(feature = "tokio")]
