@@ -151,8 +151,14 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with_all = ["command", "life"])]
     pub echo: bool,
 
+    /// Answer with a stream: each line CMD writes on stdout is sent as an item as soon as it is
+    /// written (callers use `call --stream`); CMD is killed when the caller cancels or leaves.
+    #[arg(long, requires = "command")]
+    pub lines: bool,
+
     /// Serve Conway's Game of Life (what `microcs demo` runs): a board of '.' and '#' rows in,
-    /// the next generation out; method `steps` takes "N\n" then a board and runs N generations.
+    /// the next generation out; method `steps` takes "N\n" then a board and runs N generations;
+    /// method `run` (a stream: `call --stream`) sends each of those N generations as it comes.
     #[arg(long, conflicts_with = "command")]
     pub life: bool,
 
@@ -245,9 +251,16 @@ pub struct CallArgs {
     #[arg(long, short = 'm', value_name = "NAME")]
     pub method: Option<String>,
 
-    /// Give up after this long (e.g. 500ms, 2s, 1m).
+    /// Give up after this long (e.g. 500ms, 2s, 1m); with --stream, the longest wait for each
+    /// next item.
     #[arg(long, short = 't', value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// Ask for a stream of replies and print each item as it arrives: one per line (a newline is
+    /// added to an item that does not end with one), or one JSON object per line with --json.
+    /// Ctrl-C (or a closed stdout) cancels the stream on the server.
+    #[arg(long)]
+    pub stream: bool,
 
     /// NATS: `--nats URL`, `--transport`.
     #[command(flatten)]

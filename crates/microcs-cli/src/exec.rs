@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,16 @@ pub struct Slots {
     cv: Condvar,
 }
 
+/// A slot taken for a stream, which outlives the handler's call; dropping it frees the slot.
+#[derive(Debug)]
+pub struct SlotGuard(Arc<Runner>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.slots.give_back();
+    }
+}
+
 /// A taken slot; dropping it frees the slot.
 #[derive(Debug)]
 pub struct Slot<'a>(&'a Slots);
@@ -91,10 +101,123 @@ impl Slots {
     }
 }
 
+impl Slots {
+    /// As [`acquire`](Slots::acquire), for a slot given back with [`give_back`](Slots::give_back).
+    fn take(&self, req: &Request) -> bool {
+        self.acquire(req).map(std::mem::forget).is_some()
+    }
+
+    fn give_back(&self) {
+        *self.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.cv.notify_one();
+    }
+}
+
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.0.cv.notify_one();
+        self.0.give_back();
+    }
+}
+
+/// The lines of a `--lines` command, as a stream's items; see [`Runner::run_lines`]. Dropping it
+/// (the caller cancelled, the connection closed) kills the command's process group.
+pub struct Lines {
+    runner: Arc<Runner>,
+    _slot: SlotGuard,
+    pgid: i32,
+    req: Request,
+    rx: mpsc::Receiver<Event>,
+    stderr: Option<Vec<u8>>,
+    exit: Option<io::Result<ExitStatus>>,
+    /// Stdout reached its end.
+    out_done: bool,
+    done: bool,
+}
+
+impl Lines {
+    /// Kills the command and ends the stream with `error` (`None`: nobody reads it any more).
+    fn stop(&mut self, error: Option<RemoteError>) -> Option<Result<Vec<u8>, RemoteError>> {
+        kill_group(self.pgid);
+        self.done = true;
+        error.map(Err)
+    }
+}
+
+impl Iterator for Lines {
+    type Item = Result<Vec<u8>, RemoteError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            if self.req.is_cancelled() {
+                let late = self.req.remaining().is_some_and(|r| r.is_zero());
+                let e = late.then(|| {
+                    RemoteError::new(
+                        status::TIMED_OUT,
+                        "the stream's deadline passed; the command was killed",
+                    )
+                });
+                return self.stop(e);
+            }
+            if self.out_done && self.stderr.is_some() {
+                if let Some(exit) = self.exit.take() {
+                    self.done = true;
+                    return match exit {
+                        Ok(s) if s.success() => None,
+                        Ok(s) => Some(Err(failed(s, self.stderr.as_deref().unwrap_or_default()))),
+                        Err(e) => Some(Err(RemoteError::new(
+                            status::HANDLER_FAILED,
+                            format!("cannot wait for the command: {e}"),
+                        ))),
+                    };
+                }
+            }
+            match self.rx.recv_timeout(TICK) {
+                Ok(Event::Line(line)) => return Some(Ok(line)),
+                Ok(Event::Stdout(Ok(_))) => self.out_done = true,
+                Ok(Event::Stdout(Err(e))) => {
+                    let msg = format!("cannot read the command's output: {e}");
+                    return self.stop(Some(RemoteError::new(status::HANDLER_FAILED, msg)));
+                }
+                Ok(Event::StdoutTooLarge) => {
+                    let msg = format!(
+                        "the command wrote a line of more than {} bytes, over the item limit of service '{}'; \
+                         it was killed",
+                        self.runner.max_output, self.runner.service
+                    );
+                    return self.stop(Some(RemoteError::new(status::TOO_LARGE, msg)));
+                }
+                Ok(Event::Stderr(e)) => self.stderr = Some(e),
+                Ok(Event::Exited(s)) => {
+                    if !self.out_done || self.stderr.is_none() {
+                        // Something the command started still holds its output open: nothing a
+                        // request starts may outlive it.
+                        kill_group(self.pgid);
+                    }
+                    self.exit = Some(s);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.out_done = true;
+                    self.stderr.get_or_insert_with(Vec::new);
+                    if self.exit.is_none() {
+                        return self.stop(Some(RemoteError::new(
+                            status::HANDLER_FAILED,
+                            "the command's exit status was lost",
+                        )));
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        if self.exit.is_none() && !self.done {
+            kill_group(self.pgid);
+        }
+        self.runner.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.pgid);
     }
 }
 
@@ -111,6 +234,8 @@ pub struct Runner {
 enum Event {
     Stdout(io::Result<Vec<u8>>),
     StdoutTooLarge,
+    /// One line of a `--lines` command (without its newline).
+    Line(Vec<u8>),
     Stderr(Vec<u8>),
     Exited(io::Result<ExitStatus>),
 }
@@ -153,6 +278,14 @@ impl Runner {
         let Some(_slot) = self.slots.acquire(&req) else {
             return Err(gave_up(&req, "while waiting for a free slot (see serve --jobs)"));
         };
+        let (child, pgid) = self.start(program, &req)?;
+        let result = self.supervise(child, pgid, &req);
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&pgid);
+        result
+    }
+
+    /// Starts `program` for `req` in a process group of its own (registered in `running`).
+    fn start(&self, program: &Program, req: &Request) -> Result<(Child, i32), RemoteError> {
         let mut cmd = program.command();
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -172,9 +305,58 @@ impl Runner {
         })?;
         let pgid = child.id() as i32;
         self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(pgid);
-        let result = self.supervise(child, pgid, &req);
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&pgid);
-        result
+        Ok((child, pgid))
+    }
+
+    /// Runs `program` for `req` and streams its stdout, one item per line (the line without its
+    /// newline), as the command writes them (`serve --lines`). The stream ends when the command
+    /// exits: normally if it exited 0, else with the error [`run`](Runner::run) would give. A
+    /// line longer than the reply limit ends it with 413 (the command is killed); so does the
+    /// caller cancelling, leaving, or the stream's deadline passing (408).
+    ///
+    /// # Errors
+    ///
+    /// Before any item: no free slot in time, or the command cannot start.
+    pub fn run_lines(self: &Arc<Self>, program: &Program, req: Request) -> Result<Lines, RemoteError> {
+        if !self.slots.take(&req) {
+            return Err(gave_up(&req, "while waiting for a free slot (see serve --jobs)"));
+        }
+        let slot = SlotGuard(self.clone());
+        let (mut child, pgid) = self.start(program, &req)?;
+        let (tx, rx) = mpsc::channel();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            thread::Builder::new().name(name.into()).spawn(f).map(drop).map_err(|e| {
+                kill_group(pgid);
+                RemoteError::new(
+                    status::HANDLER_FAILED,
+                    format!("cannot start a thread for the command: {e}"),
+                )
+            })
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            let payload = req.payload().to_vec();
+            spawn("microcs-stdin", Box::new(move || drop(stdin.write_all(&payload))))?;
+        }
+        if let Some(out) = child.stdout.take() {
+            let (tx, limit) = (tx.clone(), self.max_output);
+            spawn("microcs-stdout", Box::new(move || read_lines(out, limit, &tx)))?;
+        }
+        if let Some(err) = child.stderr.take() {
+            let tx = tx.clone();
+            spawn("microcs-stderr", Box::new(move || read_stderr(err, &tx)))?;
+        }
+        spawn("microcs-wait", Box::new(move || drop(tx.send(Event::Exited(child.wait())))))?;
+        Ok(Lines {
+            runner: self.clone(),
+            _slot: slot,
+            pgid,
+            req,
+            rx,
+            stderr: None,
+            exit: None,
+            out_done: false,
+            done: false,
+        })
     }
 
     fn supervise(&self, mut child: Child, pgid: i32, req: &Request) -> Result<Vec<u8>, RemoteError> {
@@ -238,6 +420,7 @@ impl Runner {
                     kill(Some(Kill::TooLarge), &mut killed, &mut abandon_at);
                 }
                 Ok(Event::Stderr(e)) => stderr = Some(e),
+                Ok(Event::Line(_)) => {} // only `run_lines` reads lines
                 Ok(Event::Exited(s)) => {
                     exit = Some(s);
                     if stdout.is_none() || stderr.is_none() {
@@ -291,19 +474,7 @@ impl Runner {
             }
         };
         if !status.success() {
-            let what = match (status.code(), status.signal()) {
-                (Some(code), _) => format!("exit status {code}"),
-                (None, Some(sig)) => format!("killed by signal {sig}"),
-                _ => "failed".to_owned(),
-            };
-            let text = String::from_utf8_lossy(&stderr);
-            let text = text.trim();
-            let message = if text.is_empty() {
-                format!("{what} (nothing on stderr)")
-            } else {
-                format!("{what}: {text}")
-            };
-            return Err(RemoteError::new(status::HANDLER_FAILED, message));
+            return Err(failed(status, &stderr));
         }
         match stdout {
             Some(Ok(out)) => Ok(out),
@@ -316,6 +487,20 @@ impl Runner {
     }
 }
 
+/// The error for a command that exited non-zero or died of a signal, with the end of its stderr.
+fn failed(exit: ExitStatus, stderr: &[u8]) -> RemoteError {
+    let what = match (exit.code(), exit.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "failed".to_owned(),
+    };
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    let message =
+        if text.is_empty() { format!("{what} (nothing on stderr)") } else { format!("{what}: {text}") };
+    RemoteError::new(status::HANDLER_FAILED, message)
+}
+
 /// Reads the command's stdout up to `limit` bytes; past it, stops and says so (the command is
 /// then killed).
 fn read_stdout(out: impl Read, limit: u64, tx: &mpsc::Sender<Event>) {
@@ -326,6 +511,39 @@ fn read_stdout(out: impl Read, limit: u64, tx: &mpsc::Sender<Event>) {
         Err(e) => Event::Stdout(Err(e)),
     };
     let _ = tx.send(event);
+}
+
+/// Reads the command's stdout line by line and sends each line as it comes; a line longer than
+/// `limit` stops it (the command is then killed). `Stdout(Ok(empty))` marks the end.
+fn read_lines(out: impl Read, limit: u64, tx: &mpsc::Sender<Event>) {
+    let mut out = io::BufReader::new(out);
+    loop {
+        let mut line = Vec::new();
+        match io::BufRead::read_until(&mut (&mut out).take(limit.saturating_add(2)), b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                } else if line.len() as u64 > limit {
+                    let _ = tx.send(Event::StdoutTooLarge);
+                    return;
+                }
+                if line.len() as u64 > limit {
+                    let _ = tx.send(Event::StdoutTooLarge);
+                    return;
+                }
+                if tx.send(Event::Line(line)).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.send(Event::Stdout(Err(e)));
+                return;
+            }
+        }
+    }
+    let _ = tx.send(Event::Stdout(Ok(Vec::new())));
 }
 
 /// Reads the command's stderr to the end, keeping its last [`STDERR_KEEP`] bytes (the end of an

@@ -127,6 +127,32 @@ pub fn next_generation(req: Request) -> Result<String, RemoteError> {
 ///
 /// Code 400 for a bad count or board, or too much work; 499 when the caller gave up meanwhile.
 pub fn steps(req: Request) -> Result<String, RemoteError> {
+    let (n, mut board) = generations(&req)?;
+    for _ in 0..n {
+        if req.is_cancelled() {
+            return Err(RemoteError::new(microcs::proto::status::CANCELLED, "the caller gave up"));
+        }
+        board = board.step();
+    }
+    Ok(board.to_string())
+}
+
+/// The streaming method `run`: "N\n" then a board in, the N generations after it out, one item
+/// each (as they are computed; the stream stops when the caller does).
+///
+/// # Errors
+///
+/// As [`steps`], before any item.
+pub fn run(req: Request) -> Result<impl Iterator<Item = Result<String, RemoteError>> + Send, RemoteError> {
+    let (n, mut board) = generations(&req)?;
+    Ok((0..n).map(move |_| {
+        board = board.step();
+        Ok(board.to_string())
+    }))
+}
+
+/// "N\n" and a board: the generation count (bounded, and bounded by the work) and the board.
+fn generations(req: &Request) -> Result<(u64, Board), RemoteError> {
     let text = req.text()?;
     let (count, board) = text.split_once('\n').unwrap_or((text, ""));
     let n: u64 = count.trim().parse().map_err(|_| {
@@ -138,20 +164,14 @@ pub fn steps(req: Request) -> Result<String, RemoteError> {
     if n > MAX_STEPS {
         return Err(bad_request(format!("{n} generations is too many; at most {MAX_STEPS} per request")));
     }
-    let mut board = Board::parse(board).map_err(bad_request)?;
+    let board = Board::parse(board).map_err(bad_request)?;
     if n.saturating_mul(board.len() as u64) > MAX_WORK {
         return Err(bad_request(format!(
             "{n} generations of a {}-cell board is too much work for one request; send fewer generations",
             board.len()
         )));
     }
-    for _ in 0..n {
-        if req.is_cancelled() {
-            return Err(RemoteError::new(microcs::proto::status::CANCELLED, "the caller gave up"));
-        }
-        board = board.step();
-    }
-    Ok(board.to_string())
+    Ok((n, board))
 }
 
 /// A glider in the top-left corner of an 8×6 board.
@@ -194,5 +214,15 @@ mod tests {
         assert_eq!(e.code(), 400);
         let e = steps(Request::for_test(Some("steps"), b"999999999\n#".to_vec())).unwrap_err();
         assert!(e.message().contains("too many"), "{e}");
+    }
+
+    #[test]
+    fn run_streams_each_generation_and_ends_where_steps_does() {
+        let req = |n: u32| Request::for_test(Some("run"), format!("{n}\n{GLIDER}").into_bytes());
+        let items: Vec<String> = run(req(4)).unwrap().map(Result::unwrap).collect();
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[3], steps(req(4)).unwrap());
+        assert_eq!(items[0], steps(req(1)).unwrap());
+        assert!(run(Request::for_test(Some("run"), b"x\n#".to_vec())).is_err());
     }
 }

@@ -757,3 +757,77 @@ fn call_to_a_stopped_server_says_it_holds_the_name_but_is_not_answering() {
     drop(cont);
     assert_eq!(env.run(&["call", &name, "x"]).ok().stdout, b"x");
 }
+
+#[test]
+fn call_stream_prints_each_item_and_json_lines_and_life_runs_as_a_stream() {
+    let env = Env::new("stream");
+    let name = env.name("LIFES");
+    let _srv = env.serve(&[&name, "--life"]);
+    let glider = ".#......\n..#.....\n###.....\n........\n........\n";
+    let input = format!("4\n{glider}");
+    // Each generation as an item, in order; the last is what `steps` computes.
+    let streamed = env.run_with(&["call", &name, "-m", "run", "--stream", "-"], input.as_bytes()).ok().text();
+    let last = env.run_with(&["call", &name, "-m", "steps", "-"], input.as_bytes()).ok().text();
+    let one =
+        env.run_with(&["call", &name, "-m", "steps", "-"], format!("1\n{glider}").as_bytes()).ok().text();
+    assert!(streamed.starts_with(&one), "{streamed}");
+    assert!(streamed.ends_with(&last), "{streamed}");
+    assert_eq!(streamed.len(), 4 * last.len(), "{streamed}");
+    // --json: one object per item, then the end.
+    let out = env.run_with(&["--json", "call", &name, "-m", "run", "--stream", "-"], input.as_bytes()).ok();
+    let lines: Vec<Value> = out.text().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5, "{}", out.text());
+    for (i, item) in lines[..4].iter().enumerate() {
+        assert_eq!(item["index"], i as u64);
+        assert!(item["item"].as_str().unwrap().contains('#'));
+    }
+    assert_eq!(lines[4]["end"], true);
+    assert_eq!(lines[4]["items"], 4);
+    // A bad board fails before any item, with exit status 1.
+    let bad = env.run_with(&["call", &name, "-m", "run", "--stream", "-"], b"x\n#");
+    assert_eq!(bad.code(), 1, "{bad:?}");
+    assert!(bad.stderr.contains("number of generations"), "{bad:?}");
+}
+
+#[test]
+fn serve_lines_streams_each_output_line_and_kills_the_command_when_the_caller_leaves() {
+    let env = Env::new("lines");
+    let name = env.name("LINES");
+    let pidfile = env.dir.join("cmd.pid");
+    let script = format!(
+        "p=$(cat); if [ \"$p\" = forever ]; then echo $$ > {}; while :; do echo tick; sleep 0.01; done; fi; \
+         for i in 1 2 3; do echo line $i; sleep 0.05; done; [ \"$p\" != fail ] || {{ echo broke >&2; exit 3; }}",
+        pidfile.display()
+    );
+    let _srv = env.serve(&[&name, "--lines", "--", "sh", "-c", &script]);
+    assert_eq!(env.run(&["call", &name, "--stream", "go"]).ok().text(), "line 1\nline 2\nline 3\n");
+    // A command that fails after its lines: the lines, then its error (exit status 1).
+    let failed = env.run(&["call", &name, "--stream", "fail"]);
+    assert_eq!((failed.code(), failed.text().as_str()), (1, "line 1\nline 2\nline 3\n"), "{failed:?}");
+    assert!(failed.stderr.contains("exit status 3: broke"), "{failed:?}");
+    // A plain call of a streaming default handler is refused.
+    let plain = env.run(&["call", &name, "go"]);
+    assert_eq!(plain.code(), 1, "{plain:?}");
+    assert!(plain.stderr.contains("stream"), "{plain:?}");
+    // The caller stops reading (`| head -1`): the call ends quietly and the server kills the
+    // command's process group.
+    let mut child = env
+        .cmd(&["call", &name, "--stream", "forever"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first, "tick\n");
+    drop(stdout);
+    let out = wait_output(child, &["call --stream forever"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let t0 = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the command of a cancelled stream still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

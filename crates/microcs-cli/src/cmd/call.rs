@@ -27,6 +27,76 @@ struct CallJson<'a> {
     nats_url: Option<String>,
 }
 
+/// `--json --stream` output: one object per item, then one for the end.
+#[derive(Serialize)]
+struct ItemJson<'a> {
+    /// The item's position, from 0.
+    index: u64,
+    /// The item as text when it is UTF-8, else null.
+    item: Option<&'a str>,
+    item_base64: String,
+    bytes: usize,
+    /// Since the call started.
+    elapsed_us: u64,
+}
+
+/// The last line of `--json --stream`: how many items came and when the stream ended.
+#[derive(Serialize)]
+struct EndJson<'a> {
+    name: &'a str,
+    method: Option<&'a str>,
+    end: bool,
+    items: u64,
+    elapsed_us: u64,
+}
+
+/// `microcs call --stream`: each item as it arrives.
+fn stream(
+    ctx: &Ctx,
+    args: &CallArgs,
+    client: &mut microcs::Client,
+    payload: &[u8],
+    t0: Instant,
+) -> CliResult {
+    let method = args.method.as_deref().unwrap_or("");
+    let mut out = std::io::stdout().lock();
+    let mut index = 0u64;
+    for item in client.stream(method, payload)? {
+        let item = item?;
+        if ctx.json {
+            let line = serde_json::to_string(&ItemJson {
+                index,
+                item: std::str::from_utf8(&item).ok(),
+                item_base64: base64(&item),
+                bytes: item.len(),
+                elapsed_us: t0.elapsed().as_micros() as u64,
+            })
+            .map_err(|e| CliError::local(e.to_string()))?;
+            writeln!(out, "{line}")?;
+        } else {
+            out.write_all(&item)?;
+            if !item.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+        }
+        // Each item as it comes, not when a buffer fills: a stream may be slow.
+        out.flush()?;
+        index += 1;
+    }
+    if ctx.json {
+        let end = EndJson {
+            name: &args.name,
+            method: args.method.as_deref(),
+            end: true,
+            items: index,
+            elapsed_us: t0.elapsed().as_micros() as u64,
+        };
+        writeln!(out, "{}", serde_json::to_string(&end).map_err(|e| CliError::local(e.to_string()))?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Runs `microcs call`.
 pub fn run(ctx: &Ctx, args: CallArgs) -> CliResult {
     let payload = match args.message.as_deref() {
@@ -44,6 +114,9 @@ pub fn run(ctx: &Ctx, args: CallArgs) -> CliResult {
     let net = Net::from_args(&args.net)?;
     let t0 = Instant::now();
     let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
+    if args.stream {
+        return stream(ctx, &args, &mut client, &payload, t0);
+    }
     let reply = match args.method.as_deref() {
         Some(m) => client.call(m, &payload)?,
         None => client.request(&payload)?,

@@ -40,6 +40,8 @@ struct DemoJson {
     generations: Vec<String>,
     /// The glider after the `steps` method ran 8 generations.
     after_8_steps: String,
+    /// The 4 generations the streaming method `run` sent, one item each.
+    streamed: Vec<String>,
     services: Vec<Row>,
     ping: Summary,
     bench: Report,
@@ -147,6 +149,15 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
         String::from_utf8_lossy(&client.call("steps", format!("8\n{GLIDER}").as_bytes())?).into_owned();
     say.block(&after8)?;
     say.line("   A method (here `steps`) is a named entry point: 8 generations in one request.")?;
+    say.cmd("printf '4\\n%s' \"$(cat glider.txt)\" | microcs call LIFE_GEN --method run --stream -")?;
+    let mut streamed = Vec::new();
+    for board in client.stream("run", format!("{GENERATIONS}\n{GLIDER}").as_bytes())? {
+        streamed.push(String::from_utf8_lossy(&board?).into_owned());
+    }
+    let shown: Vec<String> = std::iter::once(GLIDER.to_owned()).chain(streamed.iter().cloned()).collect();
+    say.block(&side_by_side(&shown))?;
+    say.line("   `run` answers with a stream: one request, each generation sent as soon as it is")?;
+    say.line("   computed (the caller's window keeps a slow reader from being flooded).")?;
 
     // 3. List.
     say.step(3, "See what is running")?;
@@ -239,6 +250,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
             pid,
             generations,
             after_8_steps: after8,
+            streamed,
             services: rows,
             ping: summary,
             bench: report,

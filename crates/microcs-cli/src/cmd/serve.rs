@@ -122,11 +122,12 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
         Box::new(|req: Request| Ok(req.into_payload()))
     } else if args.life {
         handler_desc = "game of life".to_owned();
-        builder = builder.method("steps", life::steps);
+        builder = builder.method("steps", life::steps).stream_method("run", life::run);
         Box::new(|req| life::next_generation(req).map(String::into_bytes))
     } else if !args.command.is_empty() {
         let program = Program::Exec(args.command.clone());
-        handler_desc = program.display();
+        handler_desc =
+            if args.lines { format!("{} (lines as a stream)", program.display()) } else { program.display() };
         let r = runner.clone();
         Box::new(move |req| r.run(&program, req))
     } else {
@@ -146,6 +147,9 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     let description = args.description.clone().unwrap_or_else(|| match (args.echo, args.life) {
         (true, _) => "echoes every request".to_owned(),
         (_, true) => "Conway's Game of Life: send rows of '.' and '#', get the next generation".to_owned(),
+        _ if args.lines => {
+            format!("runs `{}` for each request and streams its output lines", args.command.join(" "))
+        }
         _ => format!("runs `{handler_desc}` for each request"),
     });
     builder = builder.description(&description).metadata("handler", &handler_desc);
@@ -166,10 +170,15 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     }
     let on_nats = args.transport == Way::Nats;
     let socket = (!on_nats).then(|| server.socket_path().display().to_string());
-    let handle = server.spawn(default)?;
+    let handle = if args.lines {
+        let (program, r) = (Program::Exec(args.command.clone()), runner.clone());
+        server.spawn_stream(move |req| r.run_lines(&program, req))?
+    } else {
+        server.spawn(default)?
+    };
     let mut methods: Vec<String> = args.methods.iter().map(|(m, _)| m.clone()).collect();
     if args.life {
-        methods.insert(0, "steps".into());
+        methods.splice(0..0, ["steps".to_owned(), "run".to_owned()]);
     }
     let shown_url = nats_url.as_deref().map(microcs::nats::redact_url);
     let place = match (&socket, &shown_url) {

@@ -321,6 +321,25 @@ impl Server {
         self.start(erase(handler))
     }
 
+    /// As [`spawn`](Server::spawn), with a default handler that answers with a stream (see
+    /// [`ServerBuilder::stream_method`]): callers read it with
+    /// [`Client::stream`](crate::Client::stream) and an empty method name.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](Server::spawn).
+    pub fn spawn_stream<F, I, T, E, E2>(self, handler: F) -> Result<ServerHandle>
+    where
+        F: Fn(Request) -> std::result::Result<I, E> + Send + Sync + 'static,
+        I: IntoIterator<Item = std::result::Result<T, E2>>,
+        I::IntoIter: Send + 'static,
+        T: IntoPayload,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        E2: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.start(erase_stream(handler))
+    }
+
     /// Serves on this thread until a [`ShutdownTrigger`] fires (or the server loses its name,
     /// see [`ServerHandle::wait`]), then shuts down as [`ServerHandle::shutdown`] does.
     ///
