@@ -245,6 +245,35 @@ fn a_blocking_client_on_nats_forked_after_connecting_reconnects_in_the_child() {
 }
 
 #[test]
+fn streams_are_local_only_and_say_so() {
+    let _w = watchdog(Duration::from_secs(60));
+    let b = broker_url!();
+    let url = b.url();
+    let name = unique("NSTREAM");
+    let handle = Server::builder(&name)
+        .nats(&url)
+        .transport(Transport::Nats)
+        .bind()
+        .unwrap()
+        .stream_method("count", |_req: Request| {
+            Ok::<_, RemoteError>((0..3).map(|i| Ok::<_, RemoteError>(format!("{i}"))))
+        })
+        .spawn(echo)
+        .unwrap();
+    // A client on NATS cannot open a stream: refused before anything is sent.
+    let mut c = nats_client(&url, &name).connect().unwrap();
+    let e = c.stream("count", b"").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+    assert!(e.to_string().contains("streams are local only"), "{e}");
+    // A plain call of the streaming method over NATS gets the server's reason.
+    let e = c.call("count", b"").unwrap_err();
+    assert_eq!(e.remote().map(|r| r.code()), Some(400), "{e}");
+    assert!(e.to_string().contains("streams are local only") && !e.may_have_run(), "{e}");
+    assert_eq!(c.request(b"unary still works").unwrap(), b"unary still works");
+    handle.shutdown();
+}
+
+#[test]
 fn nobody_serving_is_no_service_at_once() {
     let _w = watchdog(Duration::from_secs(60));
     let b = broker_url!();
