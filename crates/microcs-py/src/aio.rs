@@ -36,7 +36,7 @@ use tokio::task::AbortHandle;
 
 use crate::duration;
 use crate::errors::to_py;
-use crate::payload::extract_payload;
+use crate::payload::{extract_payload, stream_args};
 
 fn py_none(py: Python<'_>) -> Bound<'_, PyAny> {
     py.None().into_bound(py)
@@ -483,11 +483,8 @@ impl AsyncClient {
         payload: Option<&Bound<'_, PyAny>>,
         limit: Option<f64>,
     ) -> PyResult<AsyncItemStream> {
-        let payload = match payload {
-            Some(p) => extract_payload(p)?.to_vec(),
-            None => Vec::new(),
-        };
-        let limit = limit.map(|l| duration(l, "limit")).transpose()?;
+        let (payload, limit) = stream_args(payload, limit)?;
+        let payload = payload.map(|p| p.to_vec()).unwrap_or_default();
         Ok(AsyncItemStream {
             client: slf.clone().unbind(),
             state: Arc::new(Mutex::new(StreamState::Unopened { method: method.to_owned(), payload, limit })),

@@ -22,7 +22,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::errors::IntoPyResult;
-use crate::payload::extract_payload;
+use crate::payload::{extract_payload, stream_args};
 use crate::{duration, json_to_py};
 
 /// How often a call waiting for its answer lets Python run its signal handlers.
@@ -278,11 +278,7 @@ impl Client {
         limit: Option<f64>,
     ) -> PyResult<ItemStream> {
         let py = slf.py();
-        let payload = match payload {
-            Some(p) => Some(extract_payload(p)?),
-            None => None,
-        };
-        let limit = limit.map(|l| duration(l, "limit")).transpose()?;
+        let (payload, limit) = stream_args(payload, limit)?;
         let this = slf.get();
         let name = &this.name;
         let stream = this.with_slot(py, |slot| match std::mem::replace(slot, Slot::Lent) {
