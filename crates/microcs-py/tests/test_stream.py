@@ -23,7 +23,7 @@ def wait_for_file(path: Path, seconds: float = 10.0) -> bool:
 
 
 def test_a_generator_method_streams_its_items(server: ServerFactory, name: str) -> None:
-    server("bytes")
+    server("streams")
     with microcs.Client(name, timeout=10) as c:
         assert list(c.stream("count", b"5")) == [b"0", b"1", b"2", b"3", b"4"]
         assert list(c.stream("count", b"0")) == []
@@ -44,13 +44,13 @@ def test_a_generator_default_handler_streams(server: ServerFactory, name: str) -
 
 
 def test_a_plain_method_asked_for_a_stream_answers_one_item(server: ServerFactory, name: str) -> None:
-    server("bytes")
+    server("streams")
     with microcs.Client(name, timeout=10) as c, c.stream("upper", b"abc") as items:
         assert list(items) == [b"ABC"]
 
 
 def test_calling_a_streaming_method_with_call_is_remote_error_400(server: ServerFactory, name: str) -> None:
-    server("bytes")
+    server("streams")
     with microcs.Client(name, timeout=10) as c:
         for method in ("count", "acount"):
             with pytest.raises(microcs.RemoteError) as e:
@@ -60,7 +60,7 @@ def test_calling_a_streaming_method_with_call_is_remote_error_400(server: Server
 
 
 def test_breaking_out_of_the_loop_cancels_on_the_server(server: ServerFactory, name: str, tmp_path: Path) -> None:
-    server("bytes")
+    server("streams")
     with microcs.Client(name, timeout=10) as c:
         for method in ("count", "acount"):
             marker = tmp_path / method
@@ -77,7 +77,7 @@ def test_breaking_out_of_the_loop_cancels_on_the_server(server: ServerFactory, n
 
 
 def test_an_open_stream_holds_the_client(server: ServerFactory, name: str) -> None:
-    server("bytes")
+    server("streams")
     with microcs.Client(name, timeout=10) as c:
         items = c.stream("count", b"10")
         assert next(items) == b"0"
@@ -91,7 +91,7 @@ def test_an_open_stream_holds_the_client(server: ServerFactory, name: str) -> No
 
 
 def test_a_server_killed_mid_stream_raises_a_typed_error(server: ServerFactory, name: str) -> None:
-    proc = server("bytes")
+    proc = server("streams")
     with microcs.Client(name, timeout=10) as c:
         items = c.stream("forever")
         assert next(items) == b"tick"
@@ -107,7 +107,7 @@ def test_a_server_killed_mid_stream_raises_a_typed_error(server: ServerFactory, 
 
 
 def test_the_whole_stream_limit_and_the_wait_for_each_item(server: ServerFactory, name: str) -> None:
-    server("bytes")
+    server("streams")
     with microcs.Client(name, timeout=10) as c:
         started = time.monotonic()
         with pytest.raises(microcs.TimedOut):
@@ -126,7 +126,7 @@ def test_the_whole_stream_limit_and_the_wait_for_each_item(server: ServerFactory
 
 
 def test_a_signal_during_a_wait_for_an_item(server: ServerFactory, name: str) -> None:
-    server("bytes")
+    server("streams")
     with microcs.Client(name, timeout=30) as c:
         items = c.stream("slowcount", b"2 20")
         assert next(items) == b"0"
@@ -165,7 +165,7 @@ async def _collect(items: microcs.AsyncItemStream) -> list[bytes]:
 def test_cancelling_the_consuming_task_cancels_the_stream(
     server: ServerFactory, name: str, tmp_path: Path
 ) -> None:
-    server("bytes")
+    server("streams")
     asyncio.run(_cancel_consumers(name, tmp_path))
 
 
@@ -210,7 +210,7 @@ def test_async_def_handlers(server: ServerFactory, name: str) -> None:
 
 
 def test_async_def_handlers_run_concurrently(server: ServerFactory, name: str) -> None:
-    server("bytes")
+    server("streams")
 
     async def main() -> list[bytes]:
         async with microcs.AsyncClient(name, timeout=60) as c:
@@ -226,7 +226,7 @@ def test_async_def_handlers_run_concurrently(server: ServerFactory, name: str) -
 
 
 def test_cancellation_reaches_the_coroutine(server: ServerFactory, name: str, tmp_path: Path) -> None:
-    server("bytes")
+    server("streams")
     # The caller's deadline passes (its timeout).
     marker = tmp_path / "deadline"
     with microcs.Client(name, timeout=0.3) as c:

@@ -10,8 +10,9 @@ Modes:
   small   like bytes, with max_frame=1024 (requests over 1 KiB are refused before sending)
   grace   like bytes, with a short grace period (1 s)
   binary  like bytes, but the default handler answers 0xff 0xfe + payload (not UTF-8)
-  gen     like bytes, but the default handler is a generator: one item per word of the payload
-  async   like bytes, but the default handler is ``async def`` (echoes the payload)
+  streams like bytes, with the streaming and async methods below too
+  gen     like streams, but the default handler is a generator: one item per word of the payload
+  async   like streams, but the default handler is ``async def`` (echoes the payload)
 
 Methods (all modes): upper, request (the Request's fields as JSON), fail (raises ValueError),
 custom (raises RemoteError 400), none (returns None), binary (returns non-UTF-8 bytes), slow
@@ -19,7 +20,7 @@ custom (raises RemoteError 400), none (returns None), binary (returns non-UTF-8 
 once the caller cancels), concurrency (sleeps 0.3 s, reports the most handlers seen
 running at once), big (a reply of int(payload) bytes), stop (stops the server), pid.
 
-Streaming and async methods (all modes but with PEER_LITE): count (a generator: payload
+Streaming and async methods (modes streams, gen and async): count (a generator: payload
 "N [MARKER]" yields b"0" .. b"N-1"; touches MARKER if closed early), acount (the same as an async
 generator), slowcount (payload "N SECONDS": yields b"0" .. b"N-1", sleeping SECONDS after each),
 forever (yields b"tick" every 10 ms until closed), asleep (``async def``: payload
@@ -233,7 +234,7 @@ methods: dict[str, Any] = {
     "big": big,
     "watch": watch,
 }
-if not os.environ.get("PEER_LITE"):
+if mode in ("streams", "gen", "async"):
     methods.update(
         count=count,
         acount=acount,
