@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use microcs::ErrorKind;
 use microcs::nats::Transport;
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyStopAsyncIteration};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use tokio::runtime::Runtime;
@@ -36,7 +36,7 @@ use tokio::task::AbortHandle;
 
 use crate::duration;
 use crate::errors::to_py;
-use crate::payload::extract_payload;
+use crate::payload::{extract_payload, stream_args};
 
 fn py_none(py: Python<'_>) -> Bound<'_, PyAny> {
     py.None().into_bound(py)
@@ -79,6 +79,8 @@ enum Outcome {
     Json(String),
     /// `connect()` and `__aenter__`: the client itself.
     Client,
+    /// A stream ended: `StopAsyncIteration`.
+    End,
     Failed(microcs::Error),
 }
 
@@ -156,6 +158,7 @@ impl Drain {
                 Outcome::Text(s) => Ok(s.into_pyobject(py)?.into_any()),
                 Outcome::Json(s) => py.import("json").and_then(|j| j.call_method1("loads", (s,))),
                 Outcome::Client => Ok(done.owner.bind(py).clone().into_any()),
+                Outcome::End => Err(PyStopAsyncIteration::new_err(())),
                 Outcome::Failed(e) => Err(to_py(py, e)),
             };
             // Each future is settled on its own: one failing callback must not strand the rest.
@@ -196,6 +199,8 @@ struct Shared {
     /// The NATS URL given (else the library reads `MICROCS_NATS_URL`).
     nats: Option<String>,
     transport: Option<Transport>,
+    /// `stream_window=(items, bytes)`, when given.
+    window: Option<(u32, u32)>,
     /// The connection, once made, with the process that made it; clones share it.
     client: Mutex<Option<(u32, microcs::tokio::Client)>>,
     /// Serialises connecting, so that a crowd of first calls opens one connection.
@@ -237,6 +242,9 @@ impl Shared {
         }
         if let Some(t) = self.transport {
             b = b.transport(t);
+        }
+        if let Some((items, bytes)) = self.window {
+            b = b.stream_window(items, bytes);
         }
         let c = b.connect().await?;
         if self.closed.load(Ordering::SeqCst) {
@@ -399,8 +407,10 @@ impl AsyncClient {
     /// the NATS broker otherwise; `transport` forces `"local"` or `"nats"`.
     #[new]
     #[pyo3(signature = (
-        name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None
+        name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None,
+        stream_window = None
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         name: &str,
@@ -409,6 +419,7 @@ impl AsyncClient {
         max_frame: Option<u32>,
         nats: Option<&str>,
         transport: Option<&str>,
+        stream_window: Option<(u32, u32)>,
     ) -> PyResult<AsyncClient> {
         // Checked now rather than on first use, so a typo fails where it is written.
         microcs::Name::new(name).map_err(|e| to_py(py, e))?;
@@ -421,6 +432,7 @@ impl AsyncClient {
                 max_frame,
                 nats,
                 transport,
+                window: stream_window,
                 client: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 closed: AtomicBool::new(false),
@@ -457,6 +469,26 @@ impl AsyncClient {
             Some(p) => Self::exchange(slf, Some(method.to_owned()), extract_payload(p)?, false),
             None => Self::exchange(slf, Some(method.to_owned()), Vec::new(), false),
         }
+    }
+
+    /// Calls `method` (`""`: the default handler) with `payload`; returns an async iterator of
+    /// the items it answers with (the stream is opened by the first `__anext__`). The client's
+    /// timeout bounds each wait for an item; `limit` (seconds) bounds the whole stream.
+    /// Cancelling a wait (the consuming task) cancels the stream on the server, and so do
+    /// `aclose()` and dropping the iterator before the end.
+    #[pyo3(signature = (method, payload = None, *, limit = None))]
+    fn stream(
+        slf: &Bound<'_, Self>,
+        method: &str,
+        payload: Option<&Bound<'_, PyAny>>,
+        limit: Option<f64>,
+    ) -> PyResult<AsyncItemStream> {
+        let (payload, limit) = stream_args(payload, limit)?;
+        let payload = payload.map(|p| p.to_vec()).unwrap_or_default();
+        Ok(AsyncItemStream {
+            client: slf.clone().unbind(),
+            state: Arc::new(Mutex::new(StreamState::Unopened { method: method.to_owned(), payload, limit })),
+        })
     }
 
     /// Sends text to the default handler; resolves to the reply as text.
@@ -544,5 +576,127 @@ impl Drop for AsyncClient {
                 let _ = b.event_loop.bind(py).call_method1("remove_reader", (fd,));
             });
         }
+    }
+}
+
+/// Where an [`AsyncItemStream`] is.
+enum StreamState {
+    /// Opened by the first `__anext__`.
+    Unopened {
+        method: String,
+        payload: Vec<u8>,
+        limit: Option<Duration>,
+    },
+    Open(microcs::tokio::ItemStream),
+    /// A `__anext__` has it.
+    Busy,
+    Ended,
+}
+
+impl StreamState {
+    /// Ends it here; a running stream is dropped on the runtime (its `Drop` tells the server).
+    fn end(state: &Mutex<StreamState>) {
+        let was = std::mem::replace(&mut *lock(state), StreamState::Ended);
+        if let (StreamState::Open(stream), Ok(rt)) = (was, runtime()) {
+            let _on_runtime = rt.enter();
+            drop(stream);
+        }
+    }
+}
+
+/// A `__anext__` that was cancelled (its task aborted) leaves its stream ended, not busy.
+struct EndIfBusy(Arc<Mutex<StreamState>>);
+
+impl Drop for EndIfBusy {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0);
+        if matches!(*state, StreamState::Busy) {
+            *state = StreamState::Ended;
+        }
+    }
+}
+
+/// The items of a stream, from `AsyncClient.stream()`: an async iterator of `bytes`.
+#[pyclass(module = "microcs", frozen)]
+pub struct AsyncItemStream {
+    client: Py<AsyncClient>,
+    state: Arc<Mutex<StreamState>>,
+}
+
+#[pymethods]
+impl AsyncItemStream {
+    fn __aiter__(slf: &Bound<'_, Self>) -> Py<Self> {
+        slf.clone().unbind()
+    }
+
+    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let taken = std::mem::replace(&mut *lock(&self.state), StreamState::Busy);
+        let mut stream = match taken {
+            StreamState::Ended => {
+                *lock(&self.state) = StreamState::Ended;
+                return Ok(None);
+            }
+            StreamState::Busy => {
+                return Err(PyRuntimeError::new_err(
+                    "another __anext__ of this stream is waiting; read a stream from one task at a time",
+                ));
+            }
+            other => other,
+        };
+        let client = self.client.bind(py);
+        let shared = client.get().shared.clone();
+        let guard = EndIfBusy(self.state.clone());
+        AsyncClient::spawn(client, async move {
+            let next = async {
+                if let StreamState::Unopened { method, payload, limit } = &stream {
+                    let c = shared.client().await?;
+                    let opened = match limit {
+                        Some(l) => c.stream_until(method, payload, *l).await?,
+                        None => c.stream(method, payload).await?,
+                    };
+                    stream = StreamState::Open(opened);
+                }
+                let StreamState::Open(open) = &mut stream else { unreachable!("opened above") };
+                std::future::poll_fn(|cx| futures_core::Stream::poll_next(std::pin::Pin::new(&mut *open), cx))
+                    .await
+                    .transpose()
+            }
+            .await;
+            let outcome = match next {
+                Ok(Some(item)) => {
+                    *lock(&guard.0) = stream;
+                    return Outcome::Bytes(item);
+                }
+                Ok(None) => Outcome::End,
+                Err(e) => Outcome::Failed(e),
+            };
+            *lock(&guard.0) = StreamState::Ended;
+            outcome
+        })
+        .map(Some)
+    }
+
+    /// Ends the stream here (the server is told to stop if it has not ended); resolves at once.
+    fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        StreamState::end(&self.state);
+        let (event_loop, _) = AsyncClient::bridge(self.client.bind(py))?;
+        let fut = event_loop.call_method0("create_future")?;
+        fut.call_method1("set_result", (py_none(py),))?;
+        Ok(fut)
+    }
+
+    fn __repr__(&self) -> String {
+        let state = match &*lock(&self.state) {
+            StreamState::Unopened { .. } => "not started",
+            StreamState::Open(_) | StreamState::Busy => "open",
+            StreamState::Ended => "ended",
+        };
+        format!("<microcs.AsyncItemStream of {:?} {state}>", self.client.get().shared.name)
+    }
+}
+
+impl Drop for AsyncItemStream {
+    fn drop(&mut self) {
+        StreamState::end(&self.state);
     }
 }

@@ -22,7 +22,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::errors::IntoPyResult;
-use crate::payload::extract_payload;
+use crate::payload::{extract_payload, stream_args};
 use crate::{duration, json_to_py};
 
 /// How often a call waiting for its answer lets Python run its signal handlers.
@@ -71,13 +71,40 @@ fn check_signals(slot: &Mutex<Option<PyErr>>) -> bool {
     })
 }
 
+/// Where a [`Client`]'s connection is.
+// One per client, in place: the size of an empty slot does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Slot {
+    Ready(microcs::Client),
+    /// Taken along by an open [`ItemStream`], which gives it back when it ends.
+    Lent,
+    Closed,
+}
+
+/// Why a client that is not [`Slot::Ready`] cannot make a call.
+fn unusable(name: &str, slot: &Slot) -> microcs::Error {
+    if matches!(slot, Slot::Lent) {
+        return microcs::Error::new(
+            ErrorKind::InvalidConfig,
+            format!(
+                "the client of service '{name}' is reading a stream; finish or close() the stream first, \
+                 or use another Client"
+            ),
+        );
+    }
+    microcs::Error::new(
+        ErrorKind::Closed,
+        format!("the client of service '{name}' is closed; create a new Client to call it again"),
+    )
+}
+
 /// A connection to a named service.
 #[pyclass(module = "microcs", frozen)]
 pub struct Client {
     name: String,
-    /// `None` once closed. Locked only without the GIL, so a thread waiting for its turn never
-    /// holds up the others.
-    inner: Mutex<Option<microcs::Client>>,
+    /// Locked only without the GIL (and never held while waiting for it), so a thread waiting
+    /// for its turn never holds up the others.
+    inner: Mutex<Slot>,
     /// What a signal handler raised while a call waited (`KeyboardInterrupt` for Ctrl-C): the
     /// call ended for it, and it is raised in place of the call's error.
     interrupted: Arc<Mutex<Option<PyErr>>>,
@@ -94,6 +121,20 @@ impl Client {
         f: impl FnOnce(&mut microcs::Client) -> microcs::Result<T> + Send,
     ) -> PyResult<T> {
         let name = &self.name;
+        self.with_slot(py, |slot| match slot {
+            Slot::Ready(c) => f(c),
+            other => Err(unusable(name, other)),
+        })
+    }
+
+    /// Runs `f` on the connection's slot without the GIL; what a signal handler raised
+    /// meanwhile replaces `f`'s error.
+    fn with_slot<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Slot) -> microcs::Result<T> + Send,
+    ) -> PyResult<T> {
+        let name = &self.name;
         let me = self.id();
         if IN_CALL.get() == me {
             return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
@@ -105,27 +146,33 @@ impl Client {
             let mut inner = lock(&self.inner);
             let r = {
                 let _in_call = InCall::enter(me);
-                match inner.as_mut() {
-                    Some(c) => f(c),
-                    None => Err(microcs::Error::new(
-                        ErrorKind::Closed,
-                        format!(
-                            "the client of service '{name}' is closed; create a new Client to call it again"
-                        ),
-                    )),
-                }
+                f(&mut inner)
             };
             // Taken while the client is still ours: what a handler raised during this call
             // belongs to this call, not to another thread's next one.
             let raised = lock(&self.interrupted).take();
             if self.close_after_call.swap(false, Ordering::SeqCst) {
-                *inner = None;
+                *inner = Slot::Closed;
             }
             (r, raised)
         });
+        self.settle(py, r, raised)
+    }
+
+    /// What a call returns: what a signal handler raised during it replaces its error.
+    fn settle<T>(&self, py: Python<'_>, r: microcs::Result<T>, raised: Option<PyErr>) -> PyResult<T> {
         match (r, raised) {
             (Err(_), Some(raised)) => Err(raised),
             (r, _) => r.py_err(py),
+        }
+    }
+
+    /// Takes back the connection an [`ItemStream`] had (dropped if the client was closed
+    /// meanwhile). Called without the GIL.
+    fn give_back(&self, client: Option<microcs::Client>) {
+        let mut inner = lock(&self.inner);
+        if matches!(*inner, Slot::Lent) {
+            *inner = client.map_or(Slot::Closed, Slot::Ready);
         }
     }
 
@@ -143,7 +190,8 @@ impl Client {
     /// the NATS broker otherwise; `transport` forces `"local"` or `"nats"`.
     #[new]
     #[pyo3(signature = (
-        name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None
+        name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None,
+        stream_window = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -154,6 +202,7 @@ impl Client {
         max_frame: Option<u32>,
         nats: Option<&str>,
         transport: Option<&str>,
+        stream_window: Option<(u32, u32)>,
     ) -> PyResult<Client> {
         let interrupted = Arc::new(Mutex::new(None));
         let slot = interrupted.clone();
@@ -168,6 +217,9 @@ impl Client {
         }
         if let Some(n) = max_frame {
             b = b.max_frame(n);
+        }
+        if let Some((items, bytes)) = stream_window {
+            b = b.stream_window(items, bytes);
         }
         // Without `nats=`, the library reads MICROCS_NATS_URL (and MICROCS_TRANSPORT) itself.
         let (url, transport) = crate::nats::client(nats, transport).py_err(py)?;
@@ -184,7 +236,7 @@ impl Client {
         let client = client.py_err(py)?;
         Ok(Client {
             name: name.to_owned(),
-            inner: Mutex::new(Some(client)),
+            inner: Mutex::new(Slot::Ready(client)),
             interrupted,
             close_after_call: AtomicBool::new(false),
         })
@@ -211,6 +263,42 @@ impl Client {
         };
         let reply = self.with(py, |c| c.call(method, payload.as_deref().unwrap_or_default()))?;
         Ok(PyBytes::new(py, &reply))
+    }
+
+    /// Calls `method` (`""`: the default handler) with `payload`; returns an iterator of the
+    /// items it answers with. The client's timeout bounds each wait for an item; `limit`
+    /// (seconds) bounds the whole stream. The client makes no other call until the stream ends
+    /// or is closed (breaking out of a `for` loop over it closes it, which cancels it on the
+    /// server).
+    #[pyo3(signature = (method, payload = None, *, limit = None))]
+    fn stream(
+        slf: &Bound<'_, Self>,
+        method: &str,
+        payload: Option<&Bound<'_, PyAny>>,
+        limit: Option<f64>,
+    ) -> PyResult<ItemStream> {
+        let py = slf.py();
+        let (payload, limit) = stream_args(payload, limit)?;
+        let this = slf.get();
+        let name = &this.name;
+        let stream = this.with_slot(py, |slot| match std::mem::replace(slot, Slot::Lent) {
+            Slot::Ready(c) => {
+                c.into_stream(method, payload.as_deref().unwrap_or_default(), limit).map_err(|(e, c)| {
+                    *slot = Slot::Ready(*c);
+                    e
+                })
+            }
+            other => {
+                let e = unusable(name, &other);
+                *slot = other;
+                Err(e)
+            }
+        })?;
+        Ok(ItemStream {
+            client: slf.clone().unbind(),
+            stream: Mutex::new(Some(stream)),
+            close_after_next: AtomicBool::new(false),
+        })
     }
 
     /// Sends text to the default handler and returns the reply as text (the original course
@@ -285,7 +373,7 @@ impl Client {
             // takes effect when the call returns).
             return self.close_after_call.load(Ordering::SeqCst);
         }
-        py.detach(|| lock(&self.inner).is_none())
+        py.detach(|| matches!(*lock(&self.inner), Slot::Closed))
     }
 
     /// Closes the connection. Further calls raise `microcs.Closed`. Idempotent. Called by a
@@ -295,8 +383,8 @@ impl Client {
             self.close_after_call.store(true, Ordering::SeqCst);
             return;
         }
-        let client = py.detach(|| lock(&self.inner).take());
-        drop(client);
+        let slot = py.detach(|| std::mem::replace(&mut *lock(&self.inner), Slot::Closed));
+        drop(slot);
     }
 
     fn __enter__(slf: &Bound<'_, Self>) -> Py<Self> {
@@ -311,5 +399,101 @@ impl Client {
     fn __repr__(&self, py: Python<'_>) -> String {
         let state = if self.closed(py) { " closed" } else { "" };
         format!("<microcs.Client name={:?}{state}>", self.name)
+    }
+}
+
+/// The items of a stream, from `Client.stream()`: an iterator of `bytes`.
+///
+/// It holds its client's connection until the stream ends, fails, or is closed (`close()`,
+/// `with`, or dropping it: a `for` loop left early drops it), which cancels the stream on the
+/// server if it is still running.
+#[pyclass(module = "microcs", frozen)]
+pub struct ItemStream {
+    client: Py<Client>,
+    /// `None` once ended (the connection is back in the client). Locked only without the GIL.
+    stream: Mutex<Option<microcs::ItemStream<'static>>>,
+    /// `close()` was called by a signal handler during a `next()` of this stream.
+    close_after_next: AtomicBool,
+}
+
+impl ItemStream {
+    /// Ends the stream (cancelling it if it runs) and gives the connection back. Without the GIL.
+    fn end(&self, taken: Option<microcs::ItemStream<'static>>) {
+        if let Some(s) = taken {
+            self.client.get().give_back(s.into_client());
+        }
+    }
+
+    /// This stream's identity for [`IN_CALL`].
+    fn id(&self) -> usize {
+        self as *const ItemStream as usize
+    }
+}
+
+#[pymethods]
+impl ItemStream {
+    fn __iter__(slf: &Bound<'_, Self>) -> Py<Self> {
+        slf.clone().unbind()
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let client = self.client.get();
+        let me = self.id();
+        if IN_CALL.get() == me {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "the stream is waiting on this thread (a signal handler may not read it; close() is allowed)",
+            ));
+        }
+        let (next, raised) = py.detach(|| {
+            let mut slot = lock(&self.stream);
+            let next = {
+                let _in_call = InCall::enter(me);
+                slot.as_mut().and_then(Iterator::next)
+            };
+            let raised = lock(&client.interrupted).take();
+            if !matches!(next, Some(Ok(_))) || self.close_after_next.swap(false, Ordering::SeqCst) {
+                self.end(slot.take());
+            }
+            (next, raised)
+        });
+        match next {
+            None => Ok(None),
+            Some(r) => client.settle(py, r, raised).map(|item| Some(PyBytes::new(py, &item))),
+        }
+    }
+
+    /// Ends the stream here: the server is told to stop (if it has not ended), and the client
+    /// can make calls again. Idempotent. Called by a signal handler while the stream waits, it
+    /// takes effect when that wait returns.
+    fn close(&self, py: Python<'_>) {
+        if IN_CALL.get() == self.id() {
+            self.close_after_next.store(true, Ordering::SeqCst);
+            return;
+        }
+        py.detach(|| self.end(lock(&self.stream).take()));
+    }
+
+    fn __enter__(slf: &Bound<'_, Self>) -> Py<Self> {
+        slf.clone().unbind()
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) {
+        self.close(py);
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let open = py.detach(|| lock(&self.stream).is_some());
+        let state = if open { "open" } else { "ended" };
+        format!("<microcs.ItemStream of {:?} {state}>", self.client.get().name)
+    }
+}
+
+impl Drop for ItemStream {
+    fn drop(&mut self) {
+        // Runs with the GIL (deallocation); the connection's lock is never held by a thread
+        // waiting for the GIL, and the end is one short write.
+        let taken = self.stream.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        self.end(taken);
     }
 }

@@ -66,11 +66,20 @@ pub(crate) fn to_py(py: Python<'_>, err: microcs::Error) -> PyErr {
     }
 }
 
+/// Whether the server refused the request with 400 (the library's verdict, such as a streaming
+/// method called with `call()`): Python raises that as the `RemoteError` it is, with its code,
+/// where Rust reports `ErrorKind::Protocol`.
+fn refused_400(err: &microcs::Error) -> bool {
+    err.kind() == ErrorKind::Protocol
+        && err.remote().is_some_and(|r| r.code() == microcs::proto::status::BAD_REQUEST)
+}
+
 fn build(py: Python<'_>, err: &microcs::Error) -> PyResult<PyErr> {
-    let cls = classes(py)?[class_index(err.kind())].bind(py);
+    let kind = if refused_400(err) { ErrorKind::Remote } else { err.kind() };
+    let cls = classes(py)?[class_index(kind)].bind(py);
     let value = cls.call1((err.to_string(),))?;
     value.setattr("may_have_run", err.may_have_run())?;
-    if err.kind() == ErrorKind::Remote {
+    if kind == ErrorKind::Remote {
         if let Some(remote) = err.remote() {
             value.setattr("code", remote.code())?;
             value.setattr("message", remote.message())?;

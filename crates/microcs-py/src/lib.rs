@@ -170,7 +170,9 @@ fn _microcs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<server::PyRequest>()?;
     m.add_class::<server::MethodDecorator>()?;
     m.add_class::<client::Client>()?;
+    m.add_class::<client::ItemStream>()?;
     m.add_class::<aio::AsyncClient>()?;
+    m.add_class::<aio::AsyncItemStream>()?;
     m.add_class::<ServiceInfo>()?;
     m.add_function(wrap_pyfunction!(list_services, m)?)?;
     m.add_function(wrap_pyfunction!(runtime_dir, m)?)?;

@@ -51,6 +51,15 @@ pub(crate) fn reply_bytes(obj: &Bound<'_, PyAny>) -> Result<Vec<u8>, String> {
     Err(format!("TypeError: the handler returned {}; it must return bytes or str", type_name(obj)))
 }
 
+/// The `payload` and `limit` (seconds for the whole stream) arguments of `stream()`.
+pub(crate) fn stream_args(
+    payload: Option<&Bound<'_, PyAny>>,
+    limit: Option<f64>,
+) -> PyResult<(Option<PyBackedBytes>, Option<std::time::Duration>)> {
+    let payload = payload.map(extract_payload).transpose()?;
+    Ok((payload, limit.map(|l| crate::duration(l, "limit")).transpose()?))
+}
+
 pub(crate) fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "an object".to_owned())
 }

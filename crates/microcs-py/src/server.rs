@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use microcs::nats::Transport;
 use microcs::{ErrorKind, RemoteError, Request, ServerHandle};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyRuntimeError, PyStopAsyncIteration, PyStopIteration, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -48,7 +48,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// method, and how long the caller still waits.
 #[pyclass(module = "microcs", name = "Request", frozen)]
 pub struct PyRequest {
-    inner: Request,
+    /// Shared with the server side of an async handler or a stream, which watches whether the
+    /// request was cancelled.
+    inner: Arc<Request>,
 }
 
 #[pymethods]
@@ -138,6 +140,47 @@ fn over_nats(req: &Request) -> bool {
     req.peer() == microcs::nats::NATS_PEER
 }
 
+/// How a handler answers, decided once when it is registered (with `inspect`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Style {
+    /// A plain function: its return value is the reply.
+    Unary,
+    /// `async def`: the coroutine runs on the server's event loop; its result is the reply.
+    Coroutine,
+    /// A generator function: each `yield` is an item of a stream.
+    Generator,
+    /// An async generator function: each `yield` is an item; it runs on the server's loop.
+    AsyncGenerator,
+}
+
+impl Style {
+    fn of(func: &Bound<'_, PyAny>) -> PyResult<Style> {
+        let inspect = func.py().import("inspect")?;
+        // A callable object counts by its `__call__` (a bound method, which inspect unwraps).
+        let call = func.getattr("__call__").ok();
+        for f in std::iter::once(func).chain(call.as_ref()) {
+            for (test, style) in [
+                ("isasyncgenfunction", Style::AsyncGenerator),
+                ("iscoroutinefunction", Style::Coroutine),
+                ("isgeneratorfunction", Style::Generator),
+            ] {
+                if inspect.call_method1(test, (f,))?.is_truthy()? {
+                    return Ok(style);
+                }
+            }
+        }
+        Ok(Style::Unary)
+    }
+
+    fn streams(self) -> bool {
+        matches!(self, Style::Generator | Style::AsyncGenerator)
+    }
+
+    fn is_async(self) -> bool {
+        matches!(self, Style::Coroutine | Style::AsyncGenerator)
+    }
+}
+
 /// A Python callable registered as the default handler or a named method.
 struct Handler {
     func: Py<PyAny>,
@@ -145,8 +188,11 @@ struct Handler {
     with_request: bool,
     /// Pass the payload as `str` (decoded UTF-8) rather than `bytes`.
     text: bool,
+    style: Style,
     /// For log messages: "service 'X'" or "method 'step' of service 'X'".
     label: String,
+    /// The server's event loop, for async handlers (set when serving starts).
+    event_loop: Option<Py<PyAny>>,
 }
 
 impl Handler {
@@ -157,48 +203,132 @@ impl Handler {
                 type_name(func)
             )));
         }
-        Ok(Handler { func: func.clone().unbind(), with_request: wants_request(func)?, text, label })
+        Ok(Handler {
+            func: func.clone().unbind(),
+            with_request: wants_request(func)?,
+            text,
+            style: Style::of(func)?,
+            label,
+            event_loop: None,
+        })
     }
 
-    /// Runs the handler for one request; the only place the server takes the GIL.
-    fn call(&self, req: Request) -> Result<Vec<u8>, RemoteError> {
+    /// Runs `f` with the GIL, as a handler of `req`: the only way the server takes the GIL.
+    fn attached<T>(req: &Request, f: impl FnOnce(Python<'_>) -> T) -> T {
         // Requests over NATS run on the library's blocking pool, whose threads idle for a
         // while before they exit: a kept thread state there would hold up the interpreter's
         // exit (`_stop_all` waits for kept states). NATS round trips are long enough that
         // creating the state per call does not show.
-        if !over_nats(&req) {
+        if !over_nats(req) {
             keep_thread_state();
         }
         Python::attach(|py| {
-            IN_HANDLER.set(true);
-            let result = self.call_attached(py, req);
-            IN_HANDLER.set(false);
+            let was = IN_HANDLER.replace(true);
+            let result = f(py);
+            IN_HANDLER.set(was);
             result
         })
     }
 
-    fn call_attached(&self, py: Python<'_>, req: Request) -> Result<Vec<u8>, RemoteError> {
+    /// Runs a unary (or `async def`) handler for one request.
+    fn call(&self, req: Request) -> Result<Vec<u8>, RemoteError> {
+        let req = Arc::new(req);
+        Self::attached(&req, |py| {
+            let returned = match self.invoke(py, &req)? {
+                Ok(r) if self.style == Style::Coroutine => match self.on_loop(py, r, &req) {
+                    Some(r) => r,
+                    None => return Err(cancelled()),
+                },
+                r => r,
+            };
+            match returned {
+                Ok(obj) => self.reply(py, &obj),
+                Err(err) => Err(self.remote_from(py, err)),
+            }
+        })
+    }
+
+    /// Starts a streaming handler for one request: its items, pulled one by one.
+    fn open(self: &Arc<Self>, req: Request) -> Result<PyItems, RemoteError> {
+        let req = Arc::new(req);
+        Self::attached(&req, |py| match self.invoke(py, &req)? {
+            Ok(generator) => {
+                Ok(PyItems { handler: self.clone(), generator: Some(generator.unbind()), req: req.clone() })
+            }
+            Err(err) => Err(self.remote_from(py, err)),
+        })
+    }
+
+    /// Calls the Python function: what it returned (a reply, a coroutine or a generator), or
+    /// raised. `Err`: the payload is not the text a `text=True` server takes (400).
+    fn invoke<'py>(
+        &self,
+        py: Python<'py>,
+        req: &Arc<Request>,
+    ) -> Result<PyResult<Bound<'py, PyAny>>, RemoteError> {
         let payload = if self.text {
             PyString::new(py, req.text()?).into_any()
         } else {
             PyBytes::new(py, req.payload()).into_any()
         };
         let func = self.func.bind(py);
-        let returned = if self.with_request {
-            Bound::new(py, PyRequest { inner: req }).and_then(|r| func.call1((payload, r)))
+        Ok(if self.with_request {
+            Bound::new(py, PyRequest { inner: req.clone() }).and_then(|r| func.call1((payload, r)))
         } else {
             func.call1((payload,))
+        })
+    }
+
+    /// What the handler returned (or yielded), as reply bytes.
+    fn reply(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> Result<Vec<u8>, RemoteError> {
+        reply_bytes(obj).map_err(|m| {
+            let what =
+                if self.style.streams() { "yielded an unusable item" } else { "returned an unusable reply" };
+            log_failure(py, &format!("the handler for {} {what}: {m}", self.label), None);
+            RemoteError::new(HANDLER_FAILED, m)
+        })
+    }
+
+    /// Runs the awaitable `aw` on the server's event loop and waits for it without the GIL;
+    /// `None` once the request is cancelled (the task is cancelled then: the coroutine gets
+    /// `asyncio.CancelledError`).
+    fn on_loop<'py>(
+        &self,
+        py: Python<'py>,
+        aw: Bound<'py, PyAny>,
+        req: &Request,
+    ) -> Option<PyResult<Bound<'py, PyAny>>> {
+        let Some(event_loop) = &self.event_loop else {
+            return Some(Err(PyRuntimeError::new_err("the server has no event loop (not serving)")));
         };
-        match returned {
-            Ok(obj) => reply_bytes(&obj).map_err(|m| {
-                log_failure(
-                    py,
-                    &format!("the handler for {} returned an unusable reply: {m}", self.label),
-                    None,
-                );
-                RemoteError::new(HANDLER_FAILED, m)
-            }),
-            Err(err) => Err(self.remote_from(py, err)),
+        let settled = Arc::new(Settled::default());
+        let fut = match py.import("asyncio").and_then(|a| {
+            let fut = a.call_method1("run_coroutine_threadsafe", (aw, event_loop.bind(py)))?;
+            fut.call_method1("add_done_callback", (Settle { settled: settled.clone() },))?;
+            Ok(fut)
+        }) {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e)),
+        };
+        let done = py.detach(|| {
+            let mut slot = lock(&settled.result);
+            loop {
+                if let Some(r) = slot.take() {
+                    return Some(r);
+                }
+                if req.is_cancelled() {
+                    return None;
+                }
+                slot = settled.cv.wait_timeout(slot, CANCEL_POLL).unwrap_or_else(|p| p.into_inner()).0;
+            }
+        });
+        match done {
+            Some(r) => Some(r.map(|v| v.into_bound(py))),
+            None => {
+                // Cancels the task on the loop (asyncio chains the two futures).
+                let _ = fut.call_method0("cancel");
+                None
+            }
         }
     }
 
@@ -229,6 +359,107 @@ impl Handler {
         let message = if text.is_empty() { name } else { format!("{name}: {text}") };
         log_failure(py, &format!("the handler for {} raised {message}", self.label), Some(err));
         RemoteError::new(HANDLER_FAILED, message)
+    }
+}
+
+/// How often a thread waiting for an async handler looks whether its request was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(10);
+
+fn cancelled() -> RemoteError {
+    RemoteError::new(microcs::proto::status::CANCELLED, "the caller cancelled the request")
+}
+
+/// The outcome of a coroutine run on the server's loop, for the thread that waits for it.
+#[derive(Default)]
+struct Settled {
+    result: Mutex<Option<PyResult<Py<PyAny>>>>,
+    cv: Condvar,
+}
+
+/// The done callback of a coroutine run on the server's loop (`concurrent.futures.Future`).
+#[pyclass(module = "microcs", frozen)]
+struct Settle {
+    settled: Arc<Settled>,
+}
+
+#[pymethods]
+impl Settle {
+    fn __call__(&self, fut: &Bound<'_, PyAny>) {
+        let r = fut.call_method0("result").map(Bound::unbind);
+        *lock(&self.settled.result) = Some(r);
+        self.settled.cv.notify_all();
+    }
+}
+
+/// The items of a generator (or async generator) handler, pulled by the server's stream loop
+/// one `next()` at a time, each with the GIL; dropping it (the caller cancelled or left)
+/// closes the generator, which raises `GeneratorExit` at its `yield`.
+struct PyItems {
+    handler: Arc<Handler>,
+    /// `None` once finished.
+    generator: Option<Py<PyAny>>,
+    req: Arc<Request>,
+}
+
+impl Iterator for PyItems {
+    type Item = Result<Vec<u8>, RemoteError>;
+
+    fn next(&mut self) -> Option<Result<Vec<u8>, RemoteError>> {
+        let generator = self.generator.as_ref()?;
+        let h = &self.handler;
+        let next = Handler::attached(&self.req, |py| {
+            let generator = generator.bind(py);
+            let got = if h.style == Style::AsyncGenerator {
+                let step =
+                    py.import("microcs._handlers").and_then(|m| m.call_method1("anext_item", (generator,)));
+                match step {
+                    Ok(step) => match h.on_loop(py, step, &self.req) {
+                        Some(r) => r,
+                        None => return None,
+                    },
+                    Err(e) => Err(e),
+                }
+            } else {
+                generator.call_method0("__next__")
+            };
+            match got {
+                Ok(item) => Some(h.reply(py, &item)),
+                Err(e)
+                    if e.is_instance_of::<PyStopIteration>(py)
+                        || e.is_instance_of::<PyStopAsyncIteration>(py) =>
+                {
+                    None
+                }
+                Err(e) => Some(Err(h.remote_from(py, e))),
+            }
+        });
+        if !matches!(next, Some(Ok(_))) {
+            // Finished, failed or cancelled: nothing to close any more.
+            self.generator = None;
+        }
+        next
+    }
+}
+
+impl Drop for PyItems {
+    fn drop(&mut self) {
+        let Some(generator) = self.generator.take() else { return };
+        let h = &self.handler;
+        Handler::attached(&self.req, |py| {
+            let generator = generator.bind(py);
+            let closed = match (&h.event_loop, h.style) {
+                // `aclose()` on the loop; not waited for (the stream is over for the caller).
+                (Some(event_loop), Style::AsyncGenerator) => py.import("microcs._handlers").and_then(|m| {
+                    let close = m.call_method1("aclose", (generator,))?;
+                    py.import("asyncio")?
+                        .call_method1("run_coroutine_threadsafe", (close, event_loop.bind(py)))
+                }),
+                _ => generator.call_method0("close"),
+            };
+            if let Err(e) = closed {
+                log_failure(py, &format!("closing the stream of {} raised", h.label), Some(e));
+            }
+        });
     }
 }
 
@@ -345,10 +576,16 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when the state becomes `Stopped` (the name is free by then).
     stopped: Condvar,
+    /// The event loop of the async handlers, when there are any (from start to stop).
+    event_loop: Mutex<Option<HandlerLoop>>,
 }
 
 impl Shared {
     fn mark_stopped(&self) {
+        // The handlers have finished (or were given up on): their loop goes first.
+        if let Some(l) = lock(&self.event_loop).take() {
+            l.stop();
+        }
         *lock(&self.state) = State::Stopped;
         self.stopped.notify_all();
     }
@@ -412,6 +649,52 @@ impl Shared {
                 }
                 self.mark_stopped();
             }
+        }
+    }
+}
+
+/// The asyncio event loop a server runs its async handlers (coroutines and async generators)
+/// on: a thread of its own, started with the server and stopped after it drained.
+struct HandlerLoop {
+    event_loop: Py<PyAny>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl HandlerLoop {
+    fn start(py: Python<'_>, service: &str) -> PyResult<HandlerLoop> {
+        let asyncio = py.import("asyncio")?;
+        let event_loop = asyncio.call_method0("new_event_loop")?.unbind();
+        let theirs = event_loop.clone_ref(py);
+        let label = format!("service '{service}'");
+        let run = move || {
+            // Code on this loop runs as handlers do: `stop()` from it must not wait for itself.
+            IN_HANDLER.set(true);
+            Python::attach(|py| {
+                let l = theirs.bind(py);
+                let ran = py.import("microcs._handlers").and_then(|m| m.call_method1("run_loop", (l,)));
+                if let Err(e) = ran {
+                    log_failure(py, &format!("the event loop of {label} failed"), Some(e));
+                }
+            });
+        };
+        let thread = std::thread::Builder::new()
+            .name("microcs-asyncio".into())
+            .spawn(run)
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the event loop's thread: {e}")))?;
+        Ok(HandlerLoop { event_loop, thread })
+    }
+
+    /// Stops the loop (its tasks still running are cancelled) and waits for its thread, unless
+    /// called on it. Called without the GIL.
+    fn stop(self) {
+        Python::attach(|py| {
+            let l = self.event_loop.bind(py);
+            if let Ok(stop) = l.getattr("stop") {
+                let _ = l.call_method1("call_soon_threadsafe", (stop,));
+            }
+        });
+        if self.thread.thread().id() != std::thread::current().id() {
+            let _ = self.thread.join();
         }
     }
 }
@@ -492,11 +775,33 @@ impl Server {
         };
         let mut server = *server;
         let names: Vec<String> = methods.iter().map(|(m, _)| m.clone()).collect();
+        let mut default = default;
+        let mut methods = methods;
+        let any_async = default.iter().chain(methods.iter().map(|(_, h)| h)).any(|h| h.style.is_async());
+        if any_async {
+            let started = match HandlerLoop::start(py, &self.name) {
+                Ok(l) => l,
+                Err(e) => {
+                    *st = State::Bound { server: Box::new(server), default, methods };
+                    return Err(e);
+                }
+            };
+            for h in default.iter_mut().chain(methods.iter_mut().map(|(_, h)| h)) {
+                h.event_loop = Some(started.event_loop.clone_ref(py));
+            }
+            *lock(&self.shared.event_loop) = Some(started);
+        }
         for (name, h) in methods {
-            server = server.method(&name, move |req: Request| h.call(req));
+            let h = Arc::new(h);
+            server = if h.style.streams() {
+                server.stream_method(&name, move |req: Request| h.open(req))
+            } else {
+                server.method(&name, move |req: Request| h.call(req))
+            };
         }
         let service = self.name.clone();
-        let spawned = match default {
+        let spawned = match default.map(Arc::new) {
+            Some(h) if h.style.streams() => server.spawn_stream(move |req: Request| h.open(req)),
             Some(h) => server.spawn(move |req: Request| h.call(req)),
             None => server.spawn(move |_req: Request| -> Result<Vec<u8>, RemoteError> {
                 Err(RemoteError::new(
@@ -516,8 +821,8 @@ impl Server {
             }
             Err(e) => {
                 // The Rust server was consumed: the name is released; this object is done.
-                *st = State::Stopped;
-                self.shared.stopped.notify_all();
+                drop(st);
+                py.detach(|| self.shared.mark_stopped());
                 Err(to_py(py, e))
             }
         }
@@ -637,6 +942,7 @@ impl Server {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::Bound { server: Box::new(server), default, methods: Vec::new() }),
                 stopped: Condvar::new(),
+                event_loop: Mutex::new(None),
             }),
         };
         if let Some(methods) = methods.filter(|m| !m.is_none()) {

@@ -58,7 +58,9 @@ from ._errors import (
 from ._microcs import (
     DEFAULT_TIMEOUT,
     AsyncClient,
+    AsyncItemStream,
     Client,
+    ItemStream,
     Request,
     Server,
     ServiceInfo,
@@ -71,6 +73,7 @@ from ._microcs import _stop_all
 __all__ = [
     "__version__",
     "AsyncClient",
+    "AsyncItemStream",
     "Client",
     "Closed",
     "DEFAULT_TIMEOUT",
@@ -78,6 +81,7 @@ __all__ = [
     "FrameTooLarge",
     "InvalidConfig",
     "InvalidName",
+    "ItemStream",
     "NameTaken",
     "NoService",
     "PermissionDenied",

@@ -2,7 +2,7 @@
 
 import os
 from asyncio import Future
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, final, overload
 
@@ -10,14 +10,18 @@ from typing_extensions import Self, TypeAlias
 
 #: What a handler receives: ``bytes``, or ``str`` for a server made with ``text=True``.
 _P = TypeVar("_P", bytes, str)
-_R = TypeVar("_R", bound="Reply")
+_R = TypeVar("_R", bound="Answer")
 
-#: What a handler may return (``str`` is sent as UTF-8).
+#: What a handler may return (``str`` is sent as UTF-8); also what a streaming handler yields.
 Reply: TypeAlias = bytes | bytearray | memoryview | str
+#: How a handler answers: a reply (a plain function), an awaitable of one (``async def``: run on
+#: the server's event loop), or items (a generator or an async generator function: a stream).
+Answer: TypeAlias = Reply | Awaitable[Reply] | Iterator[Reply] | AsyncIterator[Reply]
 #: What may be sent as a payload.
 Payload: TypeAlias = bytes | bytearray | memoryview
-#: A handler: ``f(payload)`` or ``f(payload, request)``.
-Handler: TypeAlias = Callable[[_P], Reply] | Callable[[_P, Request], Reply]
+#: A handler: ``f(payload)`` or ``f(payload, request)``; ``def``, ``async def``, a generator or
+#: an async generator function (told apart with ``inspect`` when it is registered).
+Handler: TypeAlias = Callable[[_P], Answer] | Callable[[_P, Request], Answer]
 _PathLike: TypeAlias = str | os.PathLike[str]
 #: Where a server serves or a client calls: ``"auto"`` (default), ``"local"`` or ``"nats"``.
 _Transport: TypeAlias = Literal["auto", "local", "nats"]
@@ -78,6 +82,19 @@ class Server(Generic[_P]):
     ``start_listening()``/``serve()`` serve on this thread until ``stop()`` or Ctrl-C;
     ``start()`` (or ``with``) serves in background threads. Each request runs its handler on
     a server thread, which takes the GIL only for the handler.
+
+    A generator function (``yield``) answers with a stream: each item goes to the caller of
+    ``Client.stream()`` as the caller makes room for it (each ``next()`` of the generator runs
+    on the server thread with the GIL); when the caller cancels or leaves, the generator is
+    closed (``GeneratorExit`` at its ``yield``). A streaming method called with ``call()``
+    answers ``RemoteError`` 400; a plain handler asked for a stream answers with one item.
+
+    ``async def`` handlers and async generator functions run on an asyncio event loop that the
+    server owns: a thread of its own, started by ``start()``/``serve()`` when any handler is
+    async and stopped after the server drained. They run there concurrently (each request in
+    flight still holds a server thread, waiting without the GIL, so ``max_in_flight`` per
+    connection bounds them). When the caller cancels, or its deadline passes, the coroutine's
+    task is cancelled: ``asyncio.CancelledError`` is raised at its ``await``.
 
     With ``nats="nats://host:4222"`` the same handlers are also a NATS micro service on that
     broker (service ``name``, subjects ``name`` and ``name.<method>``, queue group ``q``); the
@@ -196,11 +213,17 @@ class Client:
         max_frame: int | None = None,
         nats: str | None = None,
         transport: _Transport | None = None,
+        stream_window: tuple[int, int] | None = None,
     ) -> None: ...
     def request(self, payload: Payload) -> bytes:
         """Sends ``payload`` to the default handler; returns the reply."""
     def call(self, method: str, payload: Payload | None = None) -> bytes:
         """Calls the method ``method`` with ``payload``; returns the reply."""
+    def stream(self, method: str, payload: Payload | None = None, *, limit: float | None = None) -> ItemStream:
+        """Calls ``method`` (``""``: the default handler) and returns an iterator of the items
+        it answers with. The timeout bounds each wait for an item; ``limit`` (seconds) bounds
+        the whole stream. The client makes no other call until the stream ends or is closed
+        (breaking out of a ``for`` loop closes it and cancels it on the server)."""
     def send_message(self, message: str) -> str:
         """Sends text to the default handler; returns the reply as text."""
     def ping(self) -> dict[str, Any]:
@@ -266,6 +289,7 @@ class AsyncClient:
         max_frame: int | None = None,
         nats: str | None = None,
         transport: _Transport | None = None,
+        stream_window: tuple[int, int] | None = None,
     ) -> None: ...
     def connect(self) -> Future[AsyncClient]:
         """Connects now (``NoService`` if nobody serves the name); resolves to the client."""
@@ -273,6 +297,13 @@ class AsyncClient:
         """Sends ``payload`` to the default handler; resolves to the reply."""
     def call(self, method: str, payload: Payload | None = None) -> Future[bytes]:
         """Calls the method ``method`` with ``payload``; resolves to the reply."""
+    def stream(
+        self, method: str, payload: Payload | None = None, *, limit: float | None = None
+    ) -> AsyncItemStream:
+        """Calls ``method`` (``""``: the default handler); an async iterator of the items it
+        answers with, opened by the first ``__anext__``. The timeout bounds each wait for an
+        item; ``limit`` bounds the whole stream. Cancelling the task that waits for an item
+        cancels the stream on the server, as do ``aclose()`` and dropping the iterator."""
     def send_message(self, message: str) -> Future[str]:
         """Sends text to the default handler; resolves to the reply as text."""
     def ping(self) -> Future[dict[str, Any]]:
@@ -304,6 +335,37 @@ class AsyncClient:
         tb: TracebackType | None,
         /,
     ) -> Future[None]: ...
+
+@final
+class ItemStream:
+    """The items of a stream, from ``Client.stream()``: an iterator of ``bytes``.
+
+    Holds its client's connection until the stream ends, fails (the usual exceptions), or is
+    closed: ``close()``, ``with``, or dropping it (leaving a ``for`` loop early), which cancels
+    the stream on the server. Ctrl-C during a wait raises ``KeyboardInterrupt`` and cancels it.
+    """
+
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> bytes: ...
+    def close(self) -> None:
+        """Ends the stream here (cancelled on the server if it runs); idempotent."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> None: ...
+
+@final
+class AsyncItemStream:
+    """The items of a stream, from ``AsyncClient.stream()``: an async iterator of ``bytes``."""
+
+    def __aiter__(self) -> Self: ...
+    def __anext__(self) -> Future[bytes]: ...
+    def aclose(self) -> Future[None]:
+        """Ends the stream here (cancelled on the server if it runs); resolves at once."""
 
 @final
 class ServiceInfo:

@@ -10,22 +10,35 @@ Modes:
   small   like bytes, with max_frame=1024 (requests over 1 KiB are refused before sending)
   grace   like bytes, with a short grace period (1 s)
   binary  like bytes, but the default handler answers 0xff 0xfe + payload (not UTF-8)
+  streams like bytes, with the streaming and async methods below too
+  gen     like streams, but the default handler is a generator: one item per word of the payload
+  async   like streams, but the default handler is ``async def`` (echoes the payload)
 
 Methods (all modes): upper, request (the Request's fields as JSON), fail (raises ValueError),
 custom (raises RemoteError 400), none (returns None), binary (returns non-UTF-8 bytes), slow
 (payload "SECONDS [MARKER]": touches MARKER, sleeps), watch (touches the file named by the payload
 once the caller cancels), concurrency (sleeps 0.3 s, reports the most handlers seen
 running at once), big (a reply of int(payload) bytes), stop (stops the server), pid.
+
+Streaming and async methods (modes streams, gen and async): count (a generator: payload
+"N [MARKER]" yields b"0" .. b"N-1"; touches MARKER if closed early), acount (the same as an async
+generator), slowcount (payload "N SECONDS": yields b"0" .. b"N-1", sleeping SECONDS after each),
+forever (yields b"tick" every 10 ms until closed), asleep (``async def``: payload
+"SECONDS [MARKER]" awaits asyncio.sleep, touching MARKER if cancelled), arequest (``async def``
+taking the Request: its method and payload), acall (an object whose ``__call__`` is async:
+upper-cases).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Union, cast
 
 if os.environ.get("PEER_LITE"):
@@ -140,6 +153,75 @@ def pid(data: Payload) -> str:
     return str(os.getpid())
 
 
+def touch(marker: str) -> None:
+    if marker:
+        open(marker, "w").close()
+
+
+def count(data: Payload) -> Iterator[bytes]:
+    n, _, marker = as_bytes(data).decode().partition(" ")
+    try:
+        for i in range(int(n)):
+            yield b"%d" % i
+    except GeneratorExit:
+        touch(marker)  # closed before the end: the caller left
+        raise
+
+
+async def acount(data: Payload) -> AsyncIterator[bytes]:
+    n, _, marker = as_bytes(data).decode().partition(" ")
+    try:
+        for i in range(int(n)):
+            await asyncio.sleep(0)
+            yield b"%d" % i
+    except (GeneratorExit, asyncio.CancelledError):
+        touch(marker)
+        raise
+
+
+def slowcount(data: Payload) -> Iterator[bytes]:
+    n, _, seconds = as_bytes(data).decode().partition(" ")
+    for i in range(int(n)):
+        yield b"%d" % i
+        time.sleep(float(seconds))
+
+
+def forever(data: Payload) -> Iterator[bytes]:
+    while True:
+        yield b"tick"
+        time.sleep(0.01)
+
+
+async def asleep(data: Payload) -> bytes:
+    seconds, _, marker = as_bytes(data).decode().partition(" ")
+    try:
+        await asyncio.sleep(float(seconds))
+    except asyncio.CancelledError:
+        touch(marker)  # the caller cancelled, or its deadline passed
+        raise
+    return b"slept"
+
+
+async def arequest(data: Payload, req: microcs.Request) -> str:
+    await asyncio.sleep(0)
+    return f"{req.method} {as_bytes(data).decode()}"
+
+
+class AsyncUpper:
+    async def __call__(self, data: Payload) -> bytes:
+        await asyncio.sleep(0)
+        return as_bytes(data).upper()
+
+
+async def echo_async(data: bytes) -> bytes:
+    await asyncio.sleep(0)
+    return data
+
+
+def words(data: bytes) -> Iterator[bytes]:
+    yield from data.split()
+
+
 methods: dict[str, Any] = {
     "upper": upper,
     "request": request_info,
@@ -152,6 +234,16 @@ methods: dict[str, Any] = {
     "big": big,
     "watch": watch,
 }
+if mode in ("streams", "gen", "async"):
+    methods.update(
+        count=count,
+        acount=acount,
+        slowcount=slowcount,
+        forever=forever,
+        asleep=asleep,
+        arequest=arequest,
+        acall=AsyncUpper(),
+    )
 
 options: dict[str, Any] = {}
 if mode == "small":
@@ -169,7 +261,8 @@ server: microcs.Server[bytes] | microcs.Server[str]
 if text:
     server = microcs.Server(echo_text, name, text=True, methods=methods, **options)
 else:
-    server = microcs.Server(not_text if mode == "binary" else echo_bytes, name, methods=methods, **options)
+    default: Any = {"binary": not_text, "gen": words, "async": echo_async}.get(mode, echo_bytes)
+    server = microcs.Server(default, name, methods=methods, **options)
 
 
 def stop(data: Payload) -> bytes:

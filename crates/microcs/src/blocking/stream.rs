@@ -37,7 +37,7 @@ impl Client {
     /// # Ok::<(), microcs::Error>(())
     /// ```
     pub fn stream(&mut self, method: &str, payload: &[u8]) -> Result<ItemStream<'_>> {
-        self.open_stream(method, payload, None)
+        self.borrowed_stream(method, payload, None)
     }
 
     /// As [`stream`](Client::stream), with the whole stream bounded by `limit`: the server
@@ -47,15 +47,47 @@ impl Client {
     ///
     /// As [`stream`](Client::stream).
     pub fn stream_until(&mut self, method: &str, payload: &[u8], limit: Duration) -> Result<ItemStream<'_>> {
-        self.open_stream(method, payload, Some(limit))
+        self.borrowed_stream(method, payload, Some(limit))
     }
 
-    fn open_stream(
+    /// As [`stream_until`](Client::stream_until) (with `limit`) or [`stream`](Client::stream)
+    /// (without), taking the client along: for a stream that must outlive a borrow (the Python
+    /// bindings keep one in an object). [`ItemStream::into_client`] gives the client back; so
+    /// does the error when the stream could not be opened.
+    ///
+    /// # Errors
+    ///
+    /// As [`stream`](Client::stream), with the client.
+    pub fn into_stream(
+        self,
+        method: &str,
+        payload: &[u8],
+        limit: Option<Duration>,
+    ) -> std::result::Result<ItemStream<'static>, (Error, Box<Client>)> {
+        let mut client = Box::new(self);
+        match client.open_stream(method, payload, limit) {
+            Ok((id, window)) => Ok(ItemStream { client: Lend::Owned(client), id, window, done: false }),
+            Err(e) => Err((e, client)),
+        }
+    }
+
+    fn borrowed_stream(
         &mut self,
         method: &str,
         payload: &[u8],
         whole: Option<Duration>,
     ) -> Result<ItemStream<'_>> {
+        let (id, window) = self.open_stream(method, payload, whole)?;
+        Ok(ItemStream { client: Lend::Borrowed(self), id, window, done: false })
+    }
+
+    /// Sends the stream request and its first credit: the stream's id and window.
+    fn open_stream(
+        &mut self,
+        method: &str,
+        payload: &[u8],
+        whole: Option<Duration>,
+    ) -> Result<(u64, Window)> {
         if !method.is_empty() {
             proto::check_method(method).map_err(|m| Error::new(ErrorKind::InvalidName, m))?;
         }
@@ -92,7 +124,7 @@ impl Client {
                 IoSlice::new(&credit),
             ];
             match send_all(&conn.stream, &mut parts) {
-                Ok(()) => return Ok(ItemStream { client: self, id, window, done: false }),
+                Ok(()) => return Ok((id, window)),
                 Err(e) => {
                     self.conn = None;
                     let loss = Loss::from_io(e.error);
@@ -116,26 +148,57 @@ impl Client {
 #[derive(Debug)]
 #[must_use = "a stream is cancelled when dropped"]
 pub struct ItemStream<'a> {
-    client: &'a mut Client,
+    client: Lend<'a>,
     id: u64,
     window: Window,
     done: bool,
 }
 
+/// The client a stream reads with: borrowed ([`Client::stream`]) or taken along
+/// ([`Client::into_stream`]; `Returned` once [`ItemStream::into_client`] gave it back).
+#[derive(Debug)]
+enum Lend<'a> {
+    Borrowed(&'a mut Client),
+    Owned(Box<Client>),
+    Returned,
+}
+
+impl Lend<'_> {
+    fn get(&mut self) -> Option<&mut Client> {
+        match self {
+            Lend::Borrowed(c) => Some(c),
+            Lend::Owned(c) => Some(c),
+            Lend::Returned => None,
+        }
+    }
+}
+
 impl ItemStream<'_> {
+    /// Ends the stream here (the server is told to stop unless it has ended) and gives back the
+    /// client of [`Client::into_stream`]; `None` for a stream whose client is only borrowed.
+    pub fn into_client(mut self) -> Option<Client> {
+        if !self.done {
+            self.cancel();
+        }
+        match std::mem::replace(&mut self.client, Lend::Returned) {
+            Lend::Owned(c) => Some(*c),
+            Lend::Borrowed(_) | Lend::Returned => None,
+        }
+    }
+
     /// Ends the stream here: the server is told to stop (best effort).
     fn cancel(&mut self) {
         self.done = true;
-        if let Some(conn) = &self.client.conn {
+        if let Some(conn) = self.client.get().and_then(|c| c.conn.as_ref()) {
             let _ = send_frame(&conn.stream, &Header::new(Kind::Cancel, self.id), b"", b"");
         }
     }
 
     /// The stream failed with the connection: it is dropped, and the client reconnects next time.
-    fn lost(&mut self, loss: Loss) -> Error {
-        self.done = true;
-        self.client.conn = None;
-        loss.error(&self.client.name, Written::All)
+    fn lost(done: &mut bool, client: &mut Client, loss: Loss) -> Error {
+        *done = true;
+        client.conn = None;
+        loss.error(&client.name, Written::All)
     }
 }
 
@@ -146,31 +209,36 @@ impl Iterator for ItemStream<'_> {
         if self.done {
             return None;
         }
-        let timeout = self.client.timeout;
+        let Some(client) = self.client.get() else {
+            self.done = true;
+            return None;
+        };
+        let timeout = client.timeout;
         let deadline = Instant::now() + timeout;
         loop {
-            let Some(conn) = self.client.conn.as_mut() else {
+            let Some(conn) = client.conn.as_mut() else {
                 self.done = true;
                 return None;
             };
-            let (frame, payload) = match conn.read_frame(deadline, self.client.interrupt.as_ref()) {
+            let (frame, payload) = match conn.read_frame(deadline, client.interrupt.as_ref()) {
                 Ok(f) => f,
                 Err(Wait::TimedOut) => {
+                    let e = client_conn::stream_timed_out(&client.name, timeout);
                     self.cancel();
-                    return Some(Err(client_conn::stream_timed_out(&self.client.name, timeout)));
+                    return Some(Err(e));
                 }
                 Err(Wait::Interrupted) => {
-                    self.cancel();
                     let e = Error::io(
                         format_args!(
                             "the wait for service '{}' was interrupted; the stream may have run",
-                            self.client.name
+                            client.name
                         ),
                         std::io::ErrorKind::Interrupted.into(),
                     );
+                    self.cancel();
                     return Some(Err(e.set_may_have_run(true)));
                 }
-                Err(Wait::Lost(loss)) => return Some(Err(self.lost(loss))),
+                Err(Wait::Lost(loss)) => return Some(Err(Self::lost(&mut self.done, client, loss))),
             };
             match frame {
                 Incoming::Item(i) if i == self.id => {
@@ -189,9 +257,9 @@ impl Iterator for ItemStream<'_> {
                 }
                 Incoming::Error { id, status, flags, message } if id == self.id => {
                     self.done = true;
-                    return Some(Err(Error::from_remote(self.client.name.as_str(), status, flags, message)));
+                    return Some(Err(Error::from_remote(client.name.as_str(), status, flags, message)));
                 }
-                Incoming::Closing(loss) => return Some(Err(self.lost(loss))),
+                Incoming::Closing(loss) => return Some(Err(Self::lost(&mut self.done, client, loss))),
                 // Answers to requests given up on earlier, pings: not ours.
                 _ => continue,
             }
