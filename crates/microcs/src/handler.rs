@@ -15,8 +15,8 @@ pub(crate) type SyncStream = dyn Fn(Request) -> Result<SyncItems, RemoteError> +
 
 /// A blocking server's handler.
 pub(crate) enum SyncHandler {
-    Unary(Box<SyncUnary>),
-    Stream(Box<SyncStream>),
+    Unary(Arc<SyncUnary>),
+    Stream(Arc<SyncStream>),
 }
 
 /// Whether a handler answers with a stream; a plain request to one is refused
@@ -40,7 +40,7 @@ pub(crate) mod async_handlers {
     use std::pin::Pin;
     use std::sync::{Arc, Mutex};
 
-    use super::Streams;
+    use super::{Streams, SyncHandler};
     use crate::dispatch::Answer;
     use crate::error::RemoteError;
     use crate::proto::status;
@@ -64,6 +64,57 @@ pub(crate) mod async_handlers {
         fn streams(&self) -> bool {
             matches!(**self, AsyncHandler::Stream(_))
         }
+    }
+
+    /// A blocking handler as an async one (as `tokio::blocking` and `tokio::blocking_stream`
+    /// make them, for `tokio::Server::from_blocking`): each call runs on tokio's blocking pool.
+    pub(crate) fn on_blocking_pool(h: &SyncHandler) -> AsyncHandler {
+        match h {
+            SyncHandler::Unary(f) => {
+                let f = f.clone();
+                AsyncHandler::Unary(Box::new(move |req| {
+                    let f = f.clone();
+                    Box::pin(pooled(move || f(req)))
+                }))
+            }
+            SyncHandler::Stream(f) => {
+                let f = f.clone();
+                AsyncHandler::Stream(Box::new(move |req, items| {
+                    let (f, rt) = (f.clone(), ::tokio::runtime::Handle::current());
+                    Box::pin(pooled(move || pump(f(req)?, &items, &rt)))
+                }))
+            }
+        }
+    }
+
+    /// Runs `work` on tokio's blocking pool (`spawn_blocking`) and waits for it, so that it never
+    /// holds up the runtime's workers. A panic in it is resumed in the waiting task (the
+    /// request's, which answers it with 500 as for any handler). Work still running when the
+    /// waiting task is dropped (deadline, cancel) runs to its end, as on the blocking server.
+    pub(crate) async fn pooled<W>(work: W) -> Result<Vec<u8>, RemoteError>
+    where
+        W: FnOnce() -> Result<Vec<u8>, RemoteError> + Send + 'static,
+    {
+        match ::tokio::task::spawn_blocking(work).await {
+            Ok(r) => r,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(RemoteError::new(status::BUSY, "the server's runtime is shutting down")),
+            },
+        }
+    }
+
+    /// Sends a blocking stream's items from a blocking-pool thread, each once the caller has
+    /// room (its `Err` ends the stream); stops when the caller cancels or leaves.
+    pub(crate) fn pump(
+        all: impl IntoIterator<Item = Result<Vec<u8>, RemoteError>>,
+        items: &Items,
+        rt: &::tokio::runtime::Handle,
+    ) -> Result<Vec<u8>, RemoteError> {
+        for item in all {
+            rt.block_on(items.send(item?))?;
+        }
+        Ok(Vec::new())
     }
 
     /// Where a stream's item goes: the connection's writer. `Err`: the stream must end with

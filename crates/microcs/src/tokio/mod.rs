@@ -68,4 +68,4 @@ mod io;
 mod server;
 
 pub use client::{Client, ClientBuilder, ItemStream};
-pub use server::{Items, Server, ServerBuilder, ServerHandle, ShutdownTrigger};
+pub use server::{Items, Server, ServerBuilder, ServerHandle, ShutdownTrigger, blocking, blocking_stream};

@@ -6,6 +6,8 @@
 mod common;
 
 mod blocking;
+#[cfg(feature = "tokio")]
+mod convert;
 mod faults;
 mod fork;
 #[cfg(feature = "nats")]

@@ -39,7 +39,7 @@ where
     R: IntoPayload,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    Arc::new(SyncHandler::Unary(Box::new(move |req| {
+    Arc::new(SyncHandler::Unary(Arc::new(move |req| {
         f(req).map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))
     })))
 }
@@ -53,7 +53,7 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     E2: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    Arc::new(SyncHandler::Stream(Box::new(move |req| {
+    Arc::new(SyncHandler::Stream(Arc::new(move |req| {
         let items = f(req).map_err(|e| to_remote(e.into()))?.into_iter();
         Ok(Box::new(items.map(|r| r.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))))
             as crate::handler::SyncItems)
@@ -195,6 +195,23 @@ impl ServerBuilder {
     }
 }
 
+/// A bound blocking server, taken apart for the async server to serve (its shutdown trigger is
+/// left behind: triggers made before the conversion do not reach the async server).
+#[cfg(feature = "tokio")]
+pub(crate) struct Parts {
+    pub(crate) name: Name,
+    pub(crate) dir: PathBuf,
+    pub(crate) claim: Option<Claim>,
+    pub(crate) listener: Option<std::os::unix::net::UnixListener>,
+    pub(crate) started_ms: u64,
+    pub(crate) config: Config,
+    pub(crate) identity: Identity,
+    pub(crate) methods: Vec<(String, Arc<SyncHandler>)>,
+    pub(crate) error: Option<Error>,
+    #[cfg(feature = "nats")]
+    pub(crate) nats: Option<crate::nats::Pending>,
+}
+
 /// A server that owns its name and socket, ready to serve.
 ///
 /// # Examples
@@ -288,6 +305,24 @@ impl Server {
     {
         add_method(&mut self.methods, &mut self.error, name, erase_stream(handler));
         self
+    }
+
+    /// What the async server takes over (see `tokio::Server::from_blocking`).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn into_parts(self) -> Parts {
+        Parts {
+            name: self.name,
+            dir: self.dir,
+            claim: self.claim,
+            listener: self.listener,
+            started_ms: self.started_ms,
+            config: self.config,
+            identity: self.identity,
+            methods: self.methods,
+            error: self.error,
+            #[cfg(feature = "nats")]
+            nats: self.nats,
+        }
     }
 
     /// The service name.

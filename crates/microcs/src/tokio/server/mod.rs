@@ -20,6 +20,7 @@ mod conn;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,9 +32,9 @@ use ::tokio::time::{Instant, sleep_until};
 
 #[cfg(doc)]
 use crate::error::ErrorKind;
-use crate::error::{Error, Result};
+use crate::error::{Error, RemoteError, Result};
 pub use crate::handler::async_handlers::Items;
-use crate::handler::{AsyncHandler, HandlerFuture};
+use crate::handler::{AsyncHandler, HandlerFuture, pooled, pump};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::registry::{self, Claim};
@@ -65,6 +66,93 @@ where
         Box::pin(async move { fut.await.map(|()| Vec::new()).map_err(|e| to_remote(e.into())) })
             as HandlerFuture
     })))
+}
+
+/// A blocking handler for an async server: each call runs on tokio's blocking pool
+/// (`spawn_blocking`), so a handler that computes for long or calls blocking code never holds up
+/// the runtime. Use it with [`ServerBuilder::method`] or [`Server::spawn`]. The handler runs to
+/// its end even when its caller cancels or its deadline passes (the caller is answered at once
+/// all the same); [`Request::is_cancelled`] tells it to stop early. A panic is answered with 500,
+/// as in any handler.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> microcs::Result<()> {
+/// use microcs::{RemoteError, Request};
+///
+/// microcs::tokio::Server::builder("HASHER")
+///     .method("slow", microcs::tokio::blocking(|req: Request| {
+///         std::thread::sleep(std::time::Duration::from_millis(50)); // blocking is fine here
+///         Ok::<_, RemoteError>(req.into_payload())
+///     }))
+///     .bind()
+///     .await?
+///     .serve(|req: Request| async move { Ok::<_, RemoteError>(req.into_payload()) })
+///     .await
+/// # }
+/// ```
+pub fn blocking<F, R, E>(handler: F) -> impl Fn(Request) -> HandlerFuture + Send + Sync + 'static
+where
+    F: Fn(Request) -> std::result::Result<R, E> + Send + Sync + 'static,
+    R: IntoPayload,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let handler = Arc::new(handler);
+    move |req| {
+        let h = handler.clone();
+        Box::pin(pooled(move || h(req).map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))))
+    }
+}
+
+/// A blocking streaming handler for an async server (see [`blocking`]): it returns an iterator
+/// of items, pulled on tokio's blocking pool, each sent once the caller has room for it (as
+/// [`Items::send`] does). Use it with [`ServerBuilder::stream_method`] or
+/// [`Server::spawn_stream`]. The iterator is dropped, and so stops, once the caller cancels or
+/// leaves.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> microcs::Result<()> {
+/// use microcs::{RemoteError, Request};
+///
+/// microcs::tokio::Server::builder("LINES")
+///     .stream_method("read", microcs::tokio::blocking_stream(|req: Request| {
+///         let text = std::fs::read_to_string(req.text()?).map_err(|e| RemoteError::new(404, e.to_string()))?;
+///         Ok::<_, RemoteError>(text.lines().map(|l| Ok::<_, RemoteError>(l.to_owned())).collect::<Vec<_>>())
+///     }))
+///     .bind()
+///     .await?
+///     .serve(|req: Request| async move { Ok::<_, RemoteError>(req.into_payload()) })
+///     .await
+/// # }
+/// ```
+pub fn blocking_stream<F, I, T, E, E2>(
+    handler: F,
+) -> impl Fn(Request, Items) -> Pin<Box<dyn Future<Output = std::result::Result<(), RemoteError>> + Send>>
++ Send
++ Sync
++ 'static
+where
+    F: Fn(Request) -> std::result::Result<I, E> + Send + Sync + 'static,
+    I: IntoIterator<Item = std::result::Result<T, E2>>,
+    I::IntoIter: Send + 'static,
+    T: IntoPayload,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E2: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let handler = Arc::new(handler);
+    move |req, items| {
+        let (h, rt) = (handler.clone(), ::tokio::runtime::Handle::current());
+        let work = pooled(move || {
+            let all = h(req).map_err(|e| to_remote(e.into()))?;
+            let all =
+                all.into_iter().map(|r| r.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into())));
+            pump(all, &items, &rt)
+        });
+        Box::pin(async move { work.await.map(drop) })
+    }
 }
 
 /// Options for a [`Server`]; from [`Server::builder`].
@@ -290,6 +378,83 @@ impl Server {
         }
     }
 
+    /// Takes over a name claimed by a blocking [`crate::Server`], to serve it with async
+    /// handlers: the socket, the name's ownership, the options and the methods added so far
+    /// (their handlers run on tokio's blocking pool, see [`blocking`]). For a program (or a
+    /// binding to another language) that must claim the name synchronously — so that
+    /// [`ErrorKind::NameTaken`] is reported at once — and learns only later whether it serves
+    /// async handlers. [`ShutdownTrigger`](crate::ShutdownTrigger)s taken from the blocking
+    /// server before do not reach this one; take a new one with
+    /// [`shutdown_trigger`](Server::shutdown_trigger).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] if the socket cannot be registered with the runtime (the name is
+    /// released then).
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("microcs-doc-frombl-{}", std::process::id()));
+    /// use microcs::Request;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let claimed = microcs::Server::builder("CONVERTED_DOC")
+    ///     # .runtime_dir(&dir)
+    ///     .bind()?; // NameTaken here, synchronously
+    /// let handle = microcs::tokio::Server::from_blocking(claimed)?
+    ///     .spawn(|req: Request| async move { Ok::<_, microcs::RemoteError>(req.into_payload()) })?;
+    /// # let client = microcs::tokio::Client::builder("CONVERTED_DOC").runtime_dir(&dir).connect().await?;
+    /// # assert_eq!(client.request(b"hi").await?, b"hi");
+    /// handle.shutdown().await;
+    /// # Ok::<(), microcs::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn from_blocking(server: crate::Server) -> Result<Server> {
+        let parts = server.into_parts();
+        let listener = match parts.listener {
+            Some(l) => {
+                let registered = l.set_nonblocking(true).and_then(|()| UnixListener::from_std(l));
+                Some(registered.map_err(|e| Error::io("cannot register the socket with the runtime", e))?)
+            }
+            None => None,
+        };
+        let methods = parts
+            .methods
+            .into_iter()
+            .map(|(m, h)| (m, Arc::new(crate::handler::on_blocking_pool(&h))))
+            .collect();
+        let (stop, _) = watch::channel(false);
+        Ok(Server {
+            name: parts.name,
+            dir: parts.dir,
+            claim: parts.claim,
+            listener,
+            started_ms: parts.started_ms,
+            config: parts.config,
+            identity: parts.identity,
+            methods,
+            error: parts.error,
+            stop: Arc::new(stop),
+            #[cfg(feature = "nats")]
+            nats: parts.nats,
+        })
+    }
+
+    /// Changes how many requests of one connection run at once (see
+    /// [`ServerBuilder::max_in_flight`]), before serving: for a server taken over with
+    /// [`from_blocking`](Server::from_blocking), whose handlers turned out to be async (tasks
+    /// are cheap: an async server can admit more than a blocking one, which runs a thread per
+    /// request).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        self
+    }
+
     /// Adds a named method (see [`ServerBuilder::method`]); an invalid name is reported by
     /// [`spawn`](Server::spawn) or [`serve`](Server::serve).
     pub fn method<F, Fut, R, E>(mut self, name: &str, handler: F) -> Self
@@ -349,6 +514,26 @@ impl Server {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         self.start(erase(handler))
+    }
+
+    /// As [`spawn`](Server::spawn), with a default handler that answers with a stream (see
+    /// [`ServerBuilder::stream_method`]): callers read it with
+    /// [`Client::stream`](crate::tokio::Client::stream) and an empty method name.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](Server::spawn).
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime.
+    pub fn spawn_stream<F, Fut, E>(self, handler: F) -> Result<ServerHandle>
+    where
+        F: Fn(Request, Items) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.start(erase_stream(handler))
     }
 
     /// Serves until a [`ShutdownTrigger`] fires (or the server loses its name, see
