@@ -18,9 +18,6 @@
 //! instance when one is running and the broker otherwise; its NATS connection lives on the same
 //! runtime. Cancellation does not cross the broker: a cancelled NATS call stops waiting.
 
-use std::io::{ErrorKind as IoKind, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,7 +48,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///
 /// One per process: threads do not survive `fork()`, so a child gets a runtime of its own. The
 /// parent's is never dropped (its thread is not there to stop, and its state is the parent's).
-fn runtime() -> PyResult<&'static Runtime> {
+pub(crate) fn runtime() -> PyResult<&'static Runtime> {
     static RT: Mutex<Option<(u32, &'static Runtime)>> = Mutex::new(None);
     let mut slot = lock(&RT);
     let pid = std::process::id();
@@ -93,50 +90,7 @@ struct Done {
 }
 
 /// The path from tokio tasks to the event loop (see the module docs).
-struct Bridge {
-    queue: Mutex<Vec<Done>>,
-    /// Written by tokio tasks (one byte when the queue stops being empty).
-    wake_tx: UnixStream,
-    /// Watched by the loop (`add_reader`); drained before the queue is taken.
-    wake_rx: UnixStream,
-}
-
-impl Bridge {
-    fn new() -> std::io::Result<Bridge> {
-        let (wake_tx, wake_rx) = UnixStream::pair()?;
-        wake_tx.set_nonblocking(true)?;
-        wake_rx.set_nonblocking(true)?;
-        Ok(Bridge { queue: Mutex::new(Vec::new()), wake_tx, wake_rx })
-    }
-
-    fn push(&self, done: Done) {
-        let was_empty = {
-            let mut q = lock(&self.queue);
-            let was_empty = q.is_empty();
-            q.push(done);
-            was_empty
-        };
-        if was_empty {
-            // A full socket buffer means a wake-up is already pending: nothing is lost.
-            let _ = (&self.wake_tx).write(&[1]);
-        }
-    }
-
-    /// Takes every finished call. The wake-up bytes are read first, so a push that comes after
-    /// the queue was taken always writes a new byte (it finds the queue empty).
-    fn take(&self) -> Vec<Done> {
-        let mut buf = [0u8; 256];
-        loop {
-            match (&self.wake_rx).read(&mut buf) {
-                Ok(n) if n == buf.len() => continue,
-                Ok(_) => break,
-                Err(e) if e.kind() == IoKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        std::mem::take(&mut *lock(&self.queue))
-    }
-}
+type Bridge = crate::bridge::Bridge<Done>;
 
 /// The loop callback registered with `add_reader`: completes the finished calls' futures.
 #[pyclass(module = "microcs", frozen)]
@@ -316,7 +270,7 @@ impl AsyncClient {
             PyRuntimeError::new_err(format!("cannot create the async client's wake-up socket: {e}"))
         })?);
         let drain = Drain { bridge: bridge.clone() };
-        running.call_method1("add_reader", (bridge.wake_rx.as_raw_fd(), drain))?;
+        running.call_method1("add_reader", (bridge.fd(), drain))?;
         *binding = Some(LoopBinding {
             event_loop: running.clone().unbind(),
             bridge: bridge.clone(),
@@ -336,7 +290,8 @@ impl AsyncClient {
         let owner = slf.clone().unbind();
         let task = runtime()?.spawn(async move {
             let outcome = work.await;
-            bridge.push(Done { future, outcome, owner });
+            // Never closed: a client's bridge lives as long as its loop binding.
+            let _ = bridge.push(Done { future, outcome, owner });
         });
         fut.call_method1("add_done_callback", (AbortOnCancel { abort: task.abort_handle() },))?;
         Ok(fut)
@@ -572,7 +527,7 @@ impl Drop for AsyncClient {
                 return;
             }
             Python::attach(|py| {
-                let fd = b.bridge.wake_rx.as_raw_fd();
+                let fd = b.bridge.fd();
                 let _ = b.event_loop.bind(py).call_method1("remove_reader", (fd,));
             });
         }

@@ -22,6 +22,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 mod aio;
+mod bridge;
 mod client;
 mod errors;
 mod nats;

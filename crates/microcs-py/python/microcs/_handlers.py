@@ -1,8 +1,10 @@
 """Helpers of ``microcs.Server`` for async handlers, called by the extension module.
 
 A server with ``async def`` handlers (or async generators) runs them on an event loop of its
-own, in a thread the server starts (``run_loop``); the server's threads hand each coroutine to
-it with ``asyncio.run_coroutine_threadsafe`` and wait for it without the GIL.
+own, in a thread the server starts (``run_loop``). The server's tokio tasks queue each step (a
+coroutine, or an async generator's next item via ``anext_item``) and wake the loop through a
+socket it watches; the loop starts it as a task and sends its outcome back from the task's done
+callback. No thread waits for a coroutine.
 """
 
 from __future__ import annotations

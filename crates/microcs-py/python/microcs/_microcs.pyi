@@ -91,10 +91,12 @@ class Server(Generic[_P]):
 
     ``async def`` handlers and async generator functions run on an asyncio event loop that the
     server owns: a thread of its own, started by ``start()``/``serve()`` when any handler is
-    async and stopped after the server drained. They run there concurrently (each request in
-    flight still holds a server thread, waiting without the GIL, so ``max_in_flight`` per
-    connection bounds them). When the caller cancels, or its deadline passes, the coroutine's
-    task is cancelled: ``asyncio.CancelledError`` is raised at its ``await``.
+    async and stopped after the server drained. Such a server is served by the library's
+    async (tokio) server: each request is a task on that loop, no thread waits for it, and
+    ``max_in_flight`` defaults to 1024 per connection (128 for a server of plain handlers,
+    which runs a thread per request); its plain handlers and generators run on a pool of
+    threads. When the caller cancels, or its deadline passes, the coroutine's task is
+    cancelled: ``asyncio.CancelledError`` is raised at its ``await``.
 
     With ``nats="nats://host:4222"`` the same handlers are also a NATS micro service on that
     broker (service ``name``, subjects ``name`` and ``name.<method>``, queue group ``q``); the

@@ -1,7 +1,12 @@
-//! `microcs.Server` and `microcs.Request`: a Python handler served by the Rust blocking server.
+//! `microcs.Server` and `microcs.Request`: Python handlers served by the Rust servers.
 //!
-//! The Rust server's threads accept, read and write without the GIL; a thread takes the GIL only
-//! to run the Python handler for one request. The thread that waits in `start_listening()`
+//! A server whose handlers are all plain functions (or generators) is the Rust blocking server:
+//! its threads accept, read and write without the GIL; a thread takes the GIL only to run the
+//! Python handler for one request. A server with any `async def` handler (or async generator)
+//! is taken over by the Rust tokio server at `start()` (`tokio::Server::from_blocking`: the name
+//! was claimed, synchronously, when the `Server` was made): its coroutines run as tasks on an
+//! event loop the server owns ([`tasks`]), so a thousand of them waiting cost no thread each,
+//! and its plain handlers run on tokio's blocking pool. The thread that waits in `start_listening()`
 //! holds no GIL either, and wakes every `SIGNAL_POLL` to let Python run its signal handlers,
 //! so Ctrl-C stops the server cleanly (the name is freed) and then raises `KeyboardInterrupt`.
 //!
@@ -15,12 +20,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use microcs::nats::Transport;
-use microcs::{ErrorKind, RemoteError, Request, ServerHandle};
-use pyo3::exceptions::{PyRuntimeError, PyStopAsyncIteration, PyStopIteration, PyTypeError};
+use microcs::{ErrorKind, RemoteError, Request};
+use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple, PyType};
+
+mod tasks;
 
 use crate::errors::{IntoPyResult, remote_error_class, to_py};
 use crate::payload::{reply_bytes, type_name};
@@ -191,8 +198,12 @@ struct Handler {
     style: Style,
     /// For log messages: "service 'X'" or "method 'step' of service 'X'".
     label: String,
-    /// The server's event loop, for async handlers (set when serving starts).
-    event_loop: Option<Py<PyAny>>,
+    /// The server's event loop's jobs, for async handlers (set when serving starts).
+    jobs: Option<Arc<tasks::Jobs>>,
+    /// Keep a Python thread state on the threads that run this handler (the blocking server's,
+    /// which live as long as their connection); not on tokio's blocking pool, whose idle threads
+    /// linger for seconds and would hold up the interpreter's exit (`_stop_all`).
+    keep_state: bool,
 }
 
 impl Handler {
@@ -209,17 +220,18 @@ impl Handler {
             text,
             style: Style::of(func)?,
             label,
-            event_loop: None,
+            jobs: None,
+            keep_state: true,
         })
     }
 
     /// Runs `f` with the GIL, as a handler of `req`: the only way the server takes the GIL.
-    fn attached<T>(req: &Request, f: impl FnOnce(Python<'_>) -> T) -> T {
+    fn attached<T>(&self, req: &Request, f: impl FnOnce(Python<'_>) -> T) -> T {
         // Requests over NATS run on the library's blocking pool, whose threads idle for a
         // while before they exit: a kept thread state there would hold up the interpreter's
         // exit (`_stop_all` waits for kept states). NATS round trips are long enough that
         // creating the state per call does not show.
-        if !over_nats(req) {
+        if self.keep_state && !over_nats(req) {
             keep_thread_state();
         }
         Python::attach(|py| {
@@ -230,28 +242,19 @@ impl Handler {
         })
     }
 
-    /// Runs a unary (or `async def`) handler for one request.
+    /// Runs a plain handler for one request.
     fn call(&self, req: Request) -> Result<Vec<u8>, RemoteError> {
         let req = Arc::new(req);
-        Self::attached(&req, |py| {
-            let returned = match self.invoke(py, &req)? {
-                Ok(r) if self.style == Style::Coroutine => match self.on_loop(py, r, &req) {
-                    Some(r) => r,
-                    None => return Err(cancelled()),
-                },
-                r => r,
-            };
-            match returned {
-                Ok(obj) => self.reply(py, &obj),
-                Err(err) => Err(self.remote_from(py, err)),
-            }
+        self.attached(&req, |py| match self.invoke(py, &req)? {
+            Ok(obj) => self.reply(py, &obj),
+            Err(err) => Err(self.remote_from(py, err)),
         })
     }
 
     /// Starts a streaming handler for one request: its items, pulled one by one.
     fn open(self: &Arc<Self>, req: Request) -> Result<PyItems, RemoteError> {
         let req = Arc::new(req);
-        Self::attached(&req, |py| match self.invoke(py, &req)? {
+        self.attached(&req, |py| match self.invoke(py, &req)? {
             Ok(generator) => {
                 Ok(PyItems { handler: self.clone(), generator: Some(generator.unbind()), req: req.clone() })
             }
@@ -289,49 +292,6 @@ impl Handler {
         })
     }
 
-    /// Runs the awaitable `aw` on the server's event loop and waits for it without the GIL;
-    /// `None` once the request is cancelled (the task is cancelled then: the coroutine gets
-    /// `asyncio.CancelledError`).
-    fn on_loop<'py>(
-        &self,
-        py: Python<'py>,
-        aw: Bound<'py, PyAny>,
-        req: &Request,
-    ) -> Option<PyResult<Bound<'py, PyAny>>> {
-        let Some(event_loop) = &self.event_loop else {
-            return Some(Err(PyRuntimeError::new_err("the server has no event loop (not serving)")));
-        };
-        let settled = Arc::new(Settled::default());
-        let fut = match py.import("asyncio").and_then(|a| {
-            let fut = a.call_method1("run_coroutine_threadsafe", (aw, event_loop.bind(py)))?;
-            fut.call_method1("add_done_callback", (Settle { settled: settled.clone() },))?;
-            Ok(fut)
-        }) {
-            Ok(f) => f,
-            Err(e) => return Some(Err(e)),
-        };
-        let done = py.detach(|| {
-            let mut slot = lock(&settled.result);
-            loop {
-                if let Some(r) = slot.take() {
-                    return Some(r);
-                }
-                if req.is_cancelled() {
-                    return None;
-                }
-                slot = settled.cv.wait_timeout(slot, CANCEL_POLL).unwrap_or_else(|p| p.into_inner()).0;
-            }
-        });
-        match done {
-            Some(r) => Some(r.map(|v| v.into_bound(py))),
-            None => {
-                // Cancels the task on the loop (asyncio chains the two futures).
-                let _ = fut.call_method0("cancel");
-                None
-            }
-        }
-    }
-
     /// The code and message the caller gets for an exception: a `microcs.RemoteError` keeps its
     /// code and message (so a handler can choose them, and a failed nested call passes on its
     /// service's answer); anything else is 500 with "ExceptionType: message".
@@ -362,37 +322,12 @@ impl Handler {
     }
 }
 
-/// How often a thread waiting for an async handler looks whether its request was cancelled.
-const CANCEL_POLL: Duration = Duration::from_millis(10);
-
 fn cancelled() -> RemoteError {
     RemoteError::new(microcs::proto::status::CANCELLED, "the caller cancelled the request")
 }
 
-/// The outcome of a coroutine run on the server's loop, for the thread that waits for it.
-#[derive(Default)]
-struct Settled {
-    result: Mutex<Option<PyResult<Py<PyAny>>>>,
-    cv: Condvar,
-}
-
-/// The done callback of a coroutine run on the server's loop (`concurrent.futures.Future`).
-#[pyclass(module = "microcs", frozen)]
-struct Settle {
-    settled: Arc<Settled>,
-}
-
-#[pymethods]
-impl Settle {
-    fn __call__(&self, fut: &Bound<'_, PyAny>) {
-        let r = fut.call_method0("result").map(Bound::unbind);
-        *lock(&self.settled.result) = Some(r);
-        self.settled.cv.notify_all();
-    }
-}
-
-/// The items of a generator (or async generator) handler, pulled by the server's stream loop
-/// one `next()` at a time, each with the GIL; dropping it (the caller cancelled or left)
+/// The items of a generator handler, pulled by the server's stream loop (or tokio's blocking
+/// pool) one `next()` at a time, each with the GIL; dropping it (the caller cancelled or left)
 /// closes the generator, which raises `GeneratorExit` at its `yield`.
 struct PyItems {
     handler: Arc<Handler>,
@@ -407,31 +342,10 @@ impl Iterator for PyItems {
     fn next(&mut self) -> Option<Result<Vec<u8>, RemoteError>> {
         let generator = self.generator.as_ref()?;
         let h = &self.handler;
-        let next = Handler::attached(&self.req, |py| {
-            let generator = generator.bind(py);
-            let got = if h.style == Style::AsyncGenerator {
-                let step =
-                    py.import("microcs._handlers").and_then(|m| m.call_method1("anext_item", (generator,)));
-                match step {
-                    Ok(step) => match h.on_loop(py, step, &self.req) {
-                        Some(r) => r,
-                        None => return None,
-                    },
-                    Err(e) => Err(e),
-                }
-            } else {
-                generator.call_method0("__next__")
-            };
-            match got {
-                Ok(item) => Some(h.reply(py, &item)),
-                Err(e)
-                    if e.is_instance_of::<PyStopIteration>(py)
-                        || e.is_instance_of::<PyStopAsyncIteration>(py) =>
-                {
-                    None
-                }
-                Err(e) => Some(Err(h.remote_from(py, e))),
-            }
+        let next = h.attached(&self.req, |py| match generator.bind(py).call_method0("__next__") {
+            Ok(item) => Some(h.reply(py, &item)),
+            Err(e) if e.is_instance_of::<PyStopIteration>(py) => None,
+            Err(e) => Some(Err(h.remote_from(py, e))),
         });
         if !matches!(next, Some(Ok(_))) {
             // Finished, failed or cancelled: nothing to close any more.
@@ -445,18 +359,8 @@ impl Drop for PyItems {
     fn drop(&mut self) {
         let Some(generator) = self.generator.take() else { return };
         let h = &self.handler;
-        Handler::attached(&self.req, |py| {
-            let generator = generator.bind(py);
-            let closed = match (&h.event_loop, h.style) {
-                // `aclose()` on the loop; not waited for (the stream is over for the caller).
-                (Some(event_loop), Style::AsyncGenerator) => py.import("microcs._handlers").and_then(|m| {
-                    let close = m.call_method1("aclose", (generator,))?;
-                    py.import("asyncio")?
-                        .call_method1("run_coroutine_threadsafe", (close, event_loop.bind(py)))
-                }),
-                _ => generator.call_method0("close"),
-            };
-            if let Err(e) = closed {
+        h.attached(&self.req, |py| {
+            if let Err(e) = generator.bind(py).call_method0("close") {
                 log_failure(py, &format!("closing the stream of {} raised", h.label), Some(e));
             }
         });
@@ -565,10 +469,58 @@ enum State {
         default: Option<Handler>,
         methods: Vec<(String, Handler)>,
     },
-    Running(ServerHandle),
+    Running(Running),
     /// Someone is shutting it down.
     Stopping,
     Stopped,
+}
+
+/// A serving server: the Rust blocking server (plain handlers only) or the tokio one (any async
+/// handler), which runs on the process's async runtime.
+enum Running {
+    Threads(microcs::ServerHandle),
+    Tasks(microcs::tokio::ServerHandle),
+}
+
+impl Running {
+    /// Refuses new requests and frees the name, without waiting for the drain.
+    fn trigger(&self) {
+        match self {
+            Running::Threads(h) => h.shutdown_trigger().shutdown(),
+            Running::Tasks(h) => h.shutdown_trigger().shutdown(),
+        }
+    }
+
+    /// Stops serving: running handlers finish (within the grace period), the name is freed.
+    /// Not on a thread of the async runtime (nor one of its blocking pool).
+    fn shutdown(self) {
+        match self {
+            Running::Threads(h) => h.shutdown(),
+            Running::Tasks(h) => match crate::aio::runtime() {
+                Ok(rt) => rt.block_on(h.shutdown()),
+                Err(_) => drop(h),
+            },
+        }
+    }
+
+    /// Why the server stopped by itself, if it did (see `ServerHandle::wait`).
+    fn lost(&self) -> Option<microcs::Error> {
+        match self {
+            Running::Threads(h) => h.wait_timeout(Duration::ZERO).and_then(Result::err),
+            Running::Tasks(h) => {
+                let rt = crate::aio::runtime().ok()?;
+                rt.block_on(async { tokio::time::timeout(Duration::ZERO, h.wait()).await.ok() })
+                    .and_then(Result::err)
+            }
+        }
+    }
+
+    fn stats(&self) -> microcs::micro::StatsResponse {
+        match self {
+            Running::Threads(h) => h.stats(),
+            Running::Tasks(h) => h.stats(),
+        }
+    }
 }
 
 /// The server's state, shared with the thread that may shut it down and with the `atexit` hook.
@@ -593,7 +545,7 @@ impl Shared {
     /// Why the running server stopped by itself, if it did (see `ServerHandle::wait`).
     fn lost(&self) -> Option<microcs::Error> {
         match &*lock(&self.state) {
-            State::Running(handle) => handle.wait_timeout(Duration::ZERO).and_then(Result::err),
+            State::Running(running) => running.lost(),
             _ => None,
         }
     }
@@ -628,7 +580,7 @@ impl Shared {
             }
             Some(State::Running(handle)) if !wait => {
                 // Refuse new requests and free the name now; drain on a helper thread.
-                handle.shutdown_trigger().shutdown();
+                handle.trigger();
                 let me = self.clone();
                 let drain = move || {
                     handle.shutdown();
@@ -657,6 +609,8 @@ impl Shared {
 /// on: a thread of its own, started with the server and stopped after it drained.
 struct HandlerLoop {
     event_loop: Py<PyAny>,
+    /// What the server's tokio tasks ask the loop to run ([`tasks`]).
+    jobs: Arc<tasks::Jobs>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -665,23 +619,34 @@ impl HandlerLoop {
         let asyncio = py.import("asyncio")?;
         let event_loop = asyncio.call_method0("new_event_loop")?.unbind();
         let theirs = event_loop.clone_ref(py);
+        let jobs = Arc::new(tasks::Jobs::new().map_err(|e| {
+            PyRuntimeError::new_err(format!("cannot create the event loop's wake-up socket: {e}"))
+        })?);
+        let our_jobs = jobs.clone();
         let label = format!("service '{service}'");
         let run = move || {
             // Code on this loop runs as handlers do: `stop()` from it must not wait for itself.
             IN_HANDLER.set(true);
             Python::attach(|py| {
                 let l = theirs.bind(py);
-                let ran = py.import("microcs._handlers").and_then(|m| m.call_method1("run_loop", (l,)));
+                let reader = tasks::RunJobs { jobs: our_jobs.clone(), event_loop: theirs.clone_ref(py) };
+                let ran = l
+                    .call_method1("add_reader", (our_jobs.fd(), reader))
+                    .and_then(|_| py.import("microcs._handlers"))
+                    .and_then(|m| m.call_method1("run_loop", (l,)));
                 if let Err(e) = ran {
                     log_failure(py, &format!("the event loop of {label} failed"), Some(e));
                 }
+                // Nobody runs jobs any more: what is still queued is dropped, which tells each
+                // waiting request so (instead of leaving it waiting), and later pushes fail.
+                drop(our_jobs.close());
             });
         };
         let thread = std::thread::Builder::new()
             .name("microcs-asyncio".into())
             .spawn(run)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the event loop's thread: {e}")))?;
-        Ok(HandlerLoop { event_loop, thread })
+        Ok(HandlerLoop { event_loop, jobs, thread })
     }
 
     /// Stops the loop (its tasks still running are cancelled) and waits for its thread, unless
@@ -721,6 +686,72 @@ pub(crate) fn _stop_all(py: Python<'_>) {
     });
 }
 
+/// Requests of one connection that run at once on a server with async handlers, unless
+/// `max_in_flight` says otherwise: a waiting coroutine costs a task, not a thread, so the limit
+/// is higher than the blocking server's 128 (one thread each).
+const ASYNC_MAX_IN_FLIGHT: usize = 1024;
+
+/// Serves plain (and generator) handlers on the Rust blocking server.
+fn serve_threads(
+    mut server: microcs::Server,
+    default: Option<Handler>,
+    methods: Vec<(String, Handler)>,
+    no_default: impl Fn() -> RemoteError + Send + Sync + 'static,
+) -> microcs::Result<microcs::ServerHandle> {
+    for (name, h) in methods {
+        let h = Arc::new(h);
+        server = if h.style.streams() {
+            server.stream_method(&name, move |req: Request| h.open(req))
+        } else {
+            server.method(&name, move |req: Request| h.call(req))
+        };
+    }
+    match default.map(Arc::new) {
+        Some(h) if h.style.streams() => server.spawn_stream(move |req: Request| h.open(req)),
+        Some(h) => server.spawn(move |req: Request| h.call(req)),
+        None => server.spawn(move |_req: Request| Err::<Vec<u8>, _>(no_default())),
+    }
+}
+
+/// Serves on the Rust tokio server, which takes the claimed name over: async handlers as tasks
+/// on the server's event loop ([`tasks`]), plain ones on tokio's blocking pool. Called inside
+/// the async runtime.
+fn serve_tasks(
+    server: microcs::Server,
+    default: Option<Handler>,
+    methods: Vec<(String, Handler)>,
+    max_in_flight: Option<usize>,
+    no_default: impl Fn() -> RemoteError + Send + Sync + 'static,
+) -> microcs::Result<microcs::tokio::ServerHandle> {
+    use microcs::tokio::{Items, blocking, blocking_stream};
+    let mut server = microcs::tokio::Server::from_blocking(server)?;
+    if let Some(n) = max_in_flight {
+        server = server.max_in_flight(n);
+    }
+    for (name, h) in methods {
+        let h = Arc::new(h);
+        server = match h.style {
+            Style::Unary => server.method(&name, blocking(move |req: Request| h.call(req))),
+            Style::Generator => server.stream_method(&name, blocking_stream(move |req: Request| h.open(req))),
+            Style::Coroutine => server.method(&name, move |req: Request| h.clone().run_coroutine(req)),
+            Style::AsyncGenerator => server.stream_method(&name, move |req: Request, items: Items| {
+                h.clone().run_async_generator(req, items)
+            }),
+        };
+    }
+    let Some(h) = default.map(Arc::new) else {
+        return server.spawn(move |_req: Request| std::future::ready(Err::<Vec<u8>, _>(no_default())));
+    };
+    match h.style {
+        Style::Unary => server.spawn(blocking(move |req: Request| h.call(req))),
+        Style::Generator => server.spawn_stream(blocking_stream(move |req: Request| h.open(req))),
+        Style::Coroutine => server.spawn(move |req: Request| h.clone().run_coroutine(req)),
+        Style::AsyncGenerator => {
+            server.spawn_stream(move |req: Request, items: Items| h.clone().run_async_generator(req, items))
+        }
+    }
+}
+
 /// Serves a name with a Python handler.
 #[pyclass(module = "microcs", frozen)]
 pub struct Server {
@@ -728,6 +759,9 @@ pub struct Server {
     text: bool,
     /// Serves on NATS too (or only): method names must also be NATS endpoint names.
     on_nats: bool,
+    /// `max_in_flight` was given (else a server with async handlers admits
+    /// [`ASYNC_MAX_IN_FLIGHT`]).
+    in_flight_given: bool,
     shared: Arc<Shared>,
 }
 
@@ -770,49 +804,42 @@ impl Server {
             State::Stopping | State::Stopped => return Err(self.closed(py)),
             State::Bound { .. } => {}
         }
-        let State::Bound { server, default, methods } = std::mem::replace(&mut *st, State::Stopping) else {
+        let State::Bound { server, mut default, mut methods } = std::mem::replace(&mut *st, State::Stopping)
+        else {
             unreachable!("checked above")
         };
-        let mut server = *server;
+        let service = self.name.clone();
         let names: Vec<String> = methods.iter().map(|(m, _)| m.clone()).collect();
-        let mut default = default;
-        let mut methods = methods;
+        let no_default = move || {
+            RemoteError::new(
+                microcs::proto::status::NO_METHOD,
+                format!("service '{service}' has no default handler; call one of its methods: {names:?}"),
+            )
+        };
         let any_async = default.iter().chain(methods.iter().map(|(_, h)| h)).any(|h| h.style.is_async());
-        if any_async {
-            let started = match HandlerLoop::start(py, &self.name) {
-                Ok(l) => l,
+        let spawned = if any_async {
+            let started = crate::aio::runtime().and_then(|rt| Ok((rt, HandlerLoop::start(py, &self.name)?)));
+            let (rt, event_loop) = match started {
+                Ok(s) => s,
                 Err(e) => {
-                    *st = State::Bound { server: Box::new(server), default, methods };
+                    *st = State::Bound { server, default, methods };
                     return Err(e);
                 }
             };
             for h in default.iter_mut().chain(methods.iter_mut().map(|(_, h)| h)) {
-                h.event_loop = Some(started.event_loop.clone_ref(py));
+                h.jobs = Some(event_loop.jobs.clone());
+                h.keep_state = false;
             }
-            *lock(&self.shared.event_loop) = Some(started);
-        }
-        for (name, h) in methods {
-            let h = Arc::new(h);
-            server = if h.style.streams() {
-                server.stream_method(&name, move |req: Request| h.open(req))
-            } else {
-                server.method(&name, move |req: Request| h.call(req))
-            };
-        }
-        let service = self.name.clone();
-        let spawned = match default.map(Arc::new) {
-            Some(h) if h.style.streams() => server.spawn_stream(move |req: Request| h.open(req)),
-            Some(h) => server.spawn(move |req: Request| h.call(req)),
-            None => server.spawn(move |_req: Request| -> Result<Vec<u8>, RemoteError> {
-                Err(RemoteError::new(
-                    microcs::proto::status::NO_METHOD,
-                    format!("service '{service}' has no default handler; call one of its methods: {names:?}"),
-                ))
-            }),
+            *lock(&self.shared.event_loop) = Some(event_loop);
+            let _in_runtime = rt.enter();
+            let in_flight = (!self.in_flight_given).then_some(ASYNC_MAX_IN_FLIGHT);
+            serve_tasks(*server, default, methods, in_flight, no_default).map(Running::Tasks)
+        } else {
+            serve_threads(*server, default, methods, no_default).map(Running::Threads)
         };
         match spawned {
-            Ok(handle) => {
-                *st = State::Running(handle);
+            Ok(running) => {
+                *st = State::Running(running);
                 drop(st);
                 let mut running = lock(&RUNNING);
                 running.retain(|w| w.strong_count() > 0);
@@ -939,6 +966,7 @@ impl Server {
             name: name.to_owned(),
             text,
             on_nats: nats_url.is_some() && transport != Some(Transport::Local),
+            in_flight_given: max_in_flight.is_some(),
             shared: Arc::new(Shared {
                 state: Mutex::new(State::Bound { server: Box::new(server), default, methods: Vec::new() }),
                 stopped: Condvar::new(),
