@@ -340,3 +340,44 @@ fn a_server_that_does_not_announce_streams_is_refused_before_anything_is_sent() 
     let theirs = server.join().unwrap();
     assert_eq!(unread_bytes(&theirs), 0, "nothing was sent");
 }
+
+#[test]
+fn a_stream_that_owns_its_client_gives_it_back() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("ownedstream");
+    let name = unique("OWNED");
+    let peer = PeerProcess::serve_mode(dir.path(), "serve", &name, &[]);
+    let c = dir.client(&name).timeout(Duration::from_secs(10)).connect().unwrap();
+    // A stream that takes the client along, read part-way, then ended: the client comes back,
+    // on the same connection, and the server was told to stop (the next request is answered).
+    let mut s = c.into_stream("count", b"1000000", None).map_err(|(e, _)| e).unwrap();
+    let first: Vec<String> = s.by_ref().take(3).map(|i| text(i.unwrap())).collect();
+    assert_eq!(first, count(3));
+    let mut c = s.into_client().expect("an owned stream gives its client back");
+    assert_eq!(c.request(b"after").unwrap(), b"after");
+    let pid = c.server_pid();
+    // A whole stream read to its end, then the client back.
+    let mut s = c.into_stream("count", b"5", None).map_err(|(e, _)| e).unwrap();
+    assert_eq!(s.by_ref().map(|i| text(i.unwrap())).collect::<Vec<_>>(), count(5));
+    let mut c = s.into_client().unwrap();
+    assert_eq!(c.server_pid(), pid, "the same connection");
+    // A stream the server refuses ends with its error as the first item; the client comes back.
+    let mut s = c.into_stream("no-such-method", b"", None).map_err(|(e, _)| e).unwrap();
+    let e = s.next().unwrap().unwrap_err();
+    assert_eq!(e.remote().map(|r| r.code()), Some(404), "{e}");
+    assert!(s.next().is_none(), "the stream ended with its error");
+    let mut c = s.into_client().unwrap();
+    assert_eq!(c.request(b"still").unwrap(), b"still");
+    // A borrowed stream has no client to give back.
+    assert!(c.stream("count", b"2").unwrap().into_client().is_none());
+    assert_eq!(c.request(b"again").unwrap(), b"again");
+    // A stream that cannot be opened (nobody serves the name any more) returns the client with
+    // the error.
+    peer.stop();
+    let (e, c) = match c.into_stream("count", b"3", None) {
+        Err(failed) => failed,
+        Ok(_) => panic!("a stream opened on a stopped server"),
+    };
+    assert!(matches!(e.kind(), ErrorKind::NoService | ErrorKind::Closed), "{e}");
+    assert_eq!(c.server_pid(), None, "{e}");
+}
