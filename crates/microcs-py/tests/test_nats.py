@@ -403,6 +403,24 @@ def test_in_process_nats_only_servers(
         assert {c.request(b"") for _ in range(100)} == {b"a", b"b"}
 
 
+def test_async_handlers_on_nats_and_locally(nats_url: str, name: str, runtime_dir: Path, other_dir: Path) -> None:
+    # A server with an async handler is the tokio server: on the local socket and on NATS.
+    async def upper(data: bytes, req: microcs.Request) -> bytes:
+        await asyncio.sleep(0.01)
+        return data.upper() + b" via " + req.via.encode()
+
+    def plain(data: bytes) -> bytes:
+        return b"plain " + data
+
+    with microcs.Server(plain, name, nats=nats_url, methods={"upper": upper}):
+        with microcs.Client(name, timeout=10, runtime_dir=other_dir, nats=nats_url) as c:
+            assert c.call("upper", b"abc") == b"ABC via nats"
+            assert c.request(b"x") == b"plain x"
+        with microcs.Client(name, timeout=10) as c:
+            assert c.call("upper", b"abc") == b"ABC via local"
+            assert c.request(b"y") == b"plain y"
+
+
 def test_argument_errors(nats_url: str, name: str) -> None:
     with pytest.raises(microcs.InvalidConfig, match="'auto', 'local' or 'nats'"):
         microcs.Client(name, transport="tcp")  # type: ignore[arg-type]
