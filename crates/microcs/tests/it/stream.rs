@@ -359,7 +359,7 @@ fn a_stream_that_owns_its_client_gives_it_back() {
     // A whole stream read to its end, then the client back.
     let mut s = c.into_stream("count", b"5", None).map_err(|(e, _)| e).unwrap();
     assert_eq!(s.by_ref().map(|i| text(i.unwrap())).collect::<Vec<_>>(), count(5));
-    let mut c = s.into_client().unwrap();
+    let c = s.into_client().unwrap();
     assert_eq!(c.server_pid(), pid, "the same connection");
     // A stream the server refuses ends with its error as the first item; the client comes back.
     let mut s = c.into_stream("no-such-method", b"", None).map_err(|(e, _)| e).unwrap();
