@@ -80,8 +80,8 @@ pub(crate) mod async_handlers {
             SyncHandler::Stream(f) => {
                 let f = f.clone();
                 AsyncHandler::Stream(Box::new(move |req, items| {
-                    let (f, rt) = (f.clone(), ::tokio::runtime::Handle::current());
-                    Box::pin(pooled(move || pump(f(req)?, &items, &rt)))
+                    let f = f.clone();
+                    Box::pin(pump(move || f(req), items))
                 }))
             }
         }
@@ -91,9 +91,10 @@ pub(crate) mod async_handlers {
     /// holds up the runtime's workers. A panic in it is resumed in the waiting task (the
     /// request's, which answers it with 500 as for any handler). Work still running when the
     /// waiting task is dropped (deadline, cancel) runs to its end, as on the blocking server.
-    pub(crate) async fn pooled<W>(work: W) -> Result<Vec<u8>, RemoteError>
+    pub(crate) async fn pooled<T, W>(work: W) -> Result<T, RemoteError>
     where
-        W: FnOnce() -> Result<Vec<u8>, RemoteError> + Send + 'static,
+        T: Send + 'static,
+        W: FnOnce() -> Result<T, RemoteError> + Send + 'static,
     {
         match ::tokio::task::spawn_blocking(work).await {
             Ok(r) => r,
@@ -104,17 +105,45 @@ pub(crate) mod async_handlers {
         }
     }
 
-    /// Sends a blocking stream's items from a blocking-pool thread, each once the caller has
-    /// room (its `Err` ends the stream); stops when the caller cancels or leaves.
-    pub(crate) fn pump(
-        all: impl IntoIterator<Item = Result<Vec<u8>, RemoteError>>,
-        items: &Items,
-        rt: &::tokio::runtime::Handle,
-    ) -> Result<Vec<u8>, RemoteError> {
-        for item in all {
-            rt.block_on(items.send(item?))?;
+    /// Serves a blocking stream: `open` (the handler) and each `next()` of the iterator it
+    /// returns run on the blocking pool, one at a time — a pool thread is held only while an
+    /// item is being made, never while the caller has no room (that wait is the task's, on the
+    /// runtime), so a thousand slow consumers hold no thread. When the stream ends early
+    /// (cancel, deadline, shutdown: the task is dropped), the iterator is dropped on the pool
+    /// too, where dropping it may block (a Python generator's `close()` takes the GIL).
+    pub(crate) async fn pump<I, O>(open: O, items: Items) -> Result<Vec<u8>, RemoteError>
+    where
+        I: Iterator<Item = Result<Vec<u8>, RemoteError>> + Send + 'static,
+        O: FnOnce() -> Result<I, RemoteError> + Send + 'static,
+    {
+        let mut held = DropOnPool(Some(pooled(open).await?));
+        while let Some(mut all) = held.0.take() {
+            let (all, next) = pooled(move || {
+                let next = all.next();
+                Ok((all, next))
+            })
+            .await?;
+            held.0 = Some(all);
+            match next {
+                Some(item) => items.send(item?).await?,
+                None => break,
+            }
         }
         Ok(Vec::new())
+    }
+
+    /// Drops what it holds on tokio's blocking pool (see [`pump`]).
+    struct DropOnPool<T: Send + 'static>(Option<T>);
+
+    impl<T: Send + 'static> Drop for DropOnPool<T> {
+        fn drop(&mut self) {
+            if let Some(it) = self.0.take() {
+                match ::tokio::runtime::Handle::try_current() {
+                    Ok(rt) => drop(rt.spawn_blocking(move || drop(it))),
+                    Err(_) => drop(it),
+                }
+            }
+        }
     }
 
     /// Where a stream's item goes: the connection's writer. `Err`: the stream must end with

@@ -169,3 +169,82 @@ fn a_name_claimed_by_the_blocking_server_is_served_by_the_async_one() {
     // The name is free again.
     drop(dir.server(&name).bind().unwrap());
 }
+
+/// Counts the items made by a blocking stream and sees its iterator dropped.
+struct Ticks {
+    made: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+}
+
+impl Iterator for Ticks {
+    type Item = Result<Vec<u8>, RemoteError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.made.fetch_add(1, Ordering::SeqCst);
+        Some(Ok(b"tick".to_vec()))
+    }
+}
+
+impl Drop for Ticks {
+    fn drop(&mut self) {
+        self.dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn threads_of_this_process() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn a_blocking_stream_holds_no_thread_while_its_caller_has_no_room_and_stops_at_its_deadline() {
+    let _w = watchdog(Duration::from_secs(120));
+    let dir = TempDir::new("poolstream");
+    let name = unique("POOLSTREAM");
+    let (made, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (m, d) = (made.clone(), dropped.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let handle = rt.block_on(async {
+        microcs::tokio::Server::builder(&name)
+            .runtime_dir(dir.path())
+            .stream_method(
+                "ticks",
+                microcs::tokio::blocking_stream(move |_req: Request| {
+                    Ok::<_, RemoteError>(Ticks { made: m.clone(), dropped: d.clone() })
+                }),
+            )
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|req: Request| async move { Ok::<_, RemoteError>(req.into_payload()) })
+            .unwrap()
+    });
+    let before = threads_of_this_process();
+    // 300 streams, each read for one item, then left unread: the server waits for room on the
+    // runtime, not on a pool thread (which would be 300 threads).
+    let mut streams = Vec::new();
+    for _ in 0..300 {
+        let c =
+            dir.client(&name).stream_window(1, 1 << 20).timeout(Duration::from_secs(10)).connect().unwrap();
+        let mut s = c.into_stream("ticks", b"", None).map_err(|(e, _)| e).unwrap();
+        assert_eq!(s.next().unwrap().unwrap(), b"tick");
+        streams.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let during = threads_of_this_process();
+    assert!(during < before + 64, "{before} threads before, {during} with 300 streams waiting for room");
+    // Every stream still goes on when read again (no pool starvation).
+    for s in streams.iter_mut().take(10) {
+        assert_eq!(s.next().unwrap().unwrap(), b"tick");
+    }
+    drop(streams);
+    eventually(Duration::from_secs(10), || (dropped.load(Ordering::SeqCst) == 300).then_some(()))
+        .unwrap_or_else(|| panic!("{} of 300 iterators dropped", dropped.load(Ordering::SeqCst)));
+    // A whole-stream limit: the stream ends with TimedOut, and its iterator is dropped.
+    let mut c = dir.client(&name).timeout(Duration::from_secs(10)).connect().unwrap();
+    let got: Vec<_> = c.stream_until("ticks", b"", Duration::from_millis(200)).unwrap().collect();
+    let last = got.last().unwrap().as_ref().unwrap_err();
+    assert_eq!(last.kind(), ErrorKind::TimedOut, "{last}");
+    eventually(Duration::from_secs(5), || (dropped.load(Ordering::SeqCst) == 301).then_some(()))
+        .expect("the timed-out stream's iterator was dropped");
+    assert!(made.load(Ordering::SeqCst) >= 300);
+    rt.block_on(handle.shutdown());
+}

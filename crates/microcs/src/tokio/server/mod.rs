@@ -106,10 +106,11 @@ where
 }
 
 /// A blocking streaming handler for an async server (see [`blocking`]): it returns an iterator
-/// of items, pulled on tokio's blocking pool, each sent once the caller has room for it (as
-/// [`Items::send`] does). Use it with [`ServerBuilder::stream_method`] or
-/// [`Server::spawn_stream`]. The iterator is dropped, and so stops, once the caller cancels or
-/// leaves.
+/// of items, each made on tokio's blocking pool and sent once the caller has room for it (as
+/// [`Items::send`] does). A pool thread is held only while the handler or `next()` runs, never
+/// while the stream waits for the caller, so many slow consumers hold no threads. Use it with
+/// [`ServerBuilder::stream_method`] or [`Server::spawn_stream`]. The iterator is dropped (on the
+/// pool), and so stops, once the caller cancels or leaves, or the stream's deadline passes.
 ///
 /// # Examples
 ///
@@ -144,13 +145,12 @@ where
 {
     let handler = Arc::new(handler);
     move |req, items| {
-        let (h, rt) = (handler.clone(), ::tokio::runtime::Handle::current());
-        let work = pooled(move || {
+        let h = handler.clone();
+        let open = move || {
             let all = h(req).map_err(|e| to_remote(e.into()))?;
-            let all =
-                all.into_iter().map(|r| r.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into())));
-            pump(all, &items, &rt)
-        });
+            Ok(all.into_iter().map(|r| r.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))))
+        };
+        let work = pump(open, items);
         Box::pin(async move { work.await.map(drop) })
     }
 }
