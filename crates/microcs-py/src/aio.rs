@@ -527,8 +527,16 @@ impl Drop for AsyncClient {
                 return;
             }
             Python::attach(|py| {
+                // Dropped while an exception propagates (`async with` whose `__aenter__` failed
+                // drops the client mid-raise): calling Python would clear that exception, and the
+                // interpreter would then find none ("returned NULL without setting an
+                // exception"). Keep it aside and put it back.
+                let pending = PyErr::take(py);
                 let fd = b.bridge.fd();
                 let _ = b.event_loop.bind(py).call_method1("remove_reader", (fd,));
+                if let Some(e) = pending {
+                    e.restore(py);
+                }
             });
         }
     }

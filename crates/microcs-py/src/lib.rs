@@ -167,6 +167,7 @@ fn runtime_dir() -> String {
 
 #[pymodule]
 fn _microcs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    server::note_process();
     m.add_class::<server::Server>()?;
     m.add_class::<server::PyRequest>()?;
     m.add_class::<server::MethodDecorator>()?;

@@ -15,7 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -234,12 +234,15 @@ impl Handler {
         if self.keep_state && !over_nats(req) {
             keep_thread_state();
         }
-        Python::attach(|py| {
+        RUNNING_HANDLERS.fetch_add(1, Ordering::SeqCst);
+        let result = Python::attach(|py| {
             let was = IN_HANDLER.replace(true);
             let result = f(py);
             IN_HANDLER.set(was);
             result
-        })
+        });
+        RUNNING_HANDLERS.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     /// Runs a plain handler for one request.
@@ -369,6 +372,21 @@ impl Drop for PyItems {
 
 /// Python thread states kept alive by server threads (see [`keep_thread_state`]).
 static KEPT: AtomicUsize = AtomicUsize::new(0);
+/// Plain handlers (and generator steps) running now, on any server thread or pool thread: the
+/// interpreter's exit waits for them (`_stop_all`), since a thread that comes back to Python
+/// while it finalises is ended by the interpreter, which aborts a Rust thread. A pool thread keeps
+/// no thread state, so [`KEPT`] does not count it. (A panic in a handler unwinds through
+/// `Python::attach` and leaves this count one high: the exit then waits its full two seconds.)
+static RUNNING_HANDLERS: AtomicUsize = AtomicUsize::new(0);
+/// The process whose threads [`KEPT`] and [`RUNNING_HANDLERS`] count: the one that imported the
+/// module. A `fork()`ed child inherits the counts but not the threads, so it does not wait for
+/// them at exit (nor, a known limit, for handlers of servers it started itself).
+static COUNTED_IN: AtomicU32 = AtomicU32::new(0);
+
+/// Called when the module is imported.
+pub(crate) fn note_process() {
+    COUNTED_IN.store(std::process::id(), Ordering::SeqCst);
+}
 /// Set once the interpreter is about to finalise: from then on, kept thread states are left to
 /// the process's exit rather than deleted.
 static FINALIZING: AtomicBool = AtomicBool::new(false);
@@ -530,6 +548,9 @@ struct Shared {
     stopped: Condvar,
     /// The event loop of the async handlers, when there are any (from start to stop).
     event_loop: Mutex<Option<HandlerLoop>>,
+    /// The process that made the server: a `fork()`ed child has its memory but not its threads,
+    /// runtime or event loop, and must leave the parent's server alone.
+    owner: u32,
 }
 
 impl Shared {
@@ -563,6 +584,16 @@ impl Shared {
     /// Stops serving and frees the name. Called without the GIL (running handlers need it to
     /// finish). With `wait` false the drain happens on a helper thread.
     fn shutdown(self: &Arc<Self>, wait: bool) {
+        if self.owner != std::process::id() {
+            // A forked child: the threads, tasks and loop of this server are the parent's (not
+            // here to stop or join), and its socket and lock files are the parent's too (dropping
+            // the claim would remove them). Let go of it all, untouched.
+            let mut st = lock(&self.state);
+            std::mem::forget(std::mem::replace(&mut *st, State::Stopped));
+            std::mem::forget(lock(&self.event_loop).take());
+            self.stopped.notify_all();
+            return;
+        }
         let taken = {
             let mut st = lock(&self.state);
             match &*st {
@@ -679,7 +710,10 @@ pub(crate) fn _stop_all(py: Python<'_>) {
         // Let the servers' threads delete their Python thread states while that is still
         // allowed; a thread still running after this leaves its state to the process's exit.
         let give_up = Instant::now() + Duration::from_secs(2);
-        while KEPT.load(Ordering::SeqCst) > 0 && Instant::now() < give_up {
+        let ours = COUNTED_IN.load(Ordering::SeqCst) == std::process::id();
+        let busy =
+            || ours && (KEPT.load(Ordering::SeqCst) > 0 || RUNNING_HANDLERS.load(Ordering::SeqCst) > 0);
+        while busy() && Instant::now() < give_up {
             std::thread::sleep(Duration::from_millis(1));
         }
         FINALIZING.store(true, Ordering::SeqCst);
@@ -971,6 +1005,7 @@ impl Server {
                 state: Mutex::new(State::Bound { server: Box::new(server), default, methods: Vec::new() }),
                 stopped: Condvar::new(),
                 event_loop: Mutex::new(None),
+                owner: std::process::id(),
             }),
         };
         if let Some(methods) = methods.filter(|m| !m.is_none()) {

@@ -190,7 +190,9 @@ fn start(py: Python<'_>, event_loop: &Bound<'_, PyAny>, call: Arc<Call>, tx: one
         agen.and_then(|g| py.import("microcs._handlers")?.call_method1("anext_item", (g,)))
     } else {
         match h.invoke(py, &call.req) {
-            Ok(coroutine) => coroutine,
+            Ok(coroutine) => {
+                coroutine.and_then(|c| py.import("microcs._handlers")?.call_method1("run_step", (c,)))
+            }
             Err(refused) => return drop(tx.send(Err(refused))),
         }
     };
@@ -208,6 +210,14 @@ fn start(py: Python<'_>, event_loop: &Bound<'_, PyAny>, call: Arc<Call>, tx: one
             let _ = tx.send(Err(h.remote_from(py, e)));
         }
     }
+}
+
+/// Whether `value` is a `microcs._handlers.Raised` (a base exception the step raised).
+fn is_raised(py: Python<'_>, value: &Bound<'_, PyAny>) -> bool {
+    py.import("microcs._handlers")
+        .and_then(|m| m.getattr("Raised"))
+        .and_then(|cls| value.is_instance(&cls))
+        .unwrap_or(false)
 }
 
 /// Closes `call`'s async generator on the loop (`aclose()`, not waited for).
@@ -239,6 +249,13 @@ impl Finish {
             Err(cancelled())
         } else {
             match task.call_method0("result") {
+                // SystemExit, KeyboardInterrupt, ...: carried as a value (see `_handlers.run_step`),
+                // answered as any exception is.
+                Ok(value) if is_raised(py, &value) => {
+                    lock(&call.agen).take();
+                    let exc = value.getattr("exc").unwrap_or(value);
+                    Err(h.remote_from(py, PyErr::from_value(exc)))
+                }
                 Ok(value) => h.reply(py, &value).map(Some),
                 Err(e) if e.is_instance_of::<PyStopAsyncIteration>(py) => {
                     lock(&call.agen).take();
