@@ -1,6 +1,7 @@
 //! End-to-end benchmark: client and server in separate processes, pinned to CPUs, each microcs
-//! figure next to the socket floor measured in the same run (a plain std `UnixStream` ping-pong
-//! with a u32 length prefix, one thread per connection).
+//! figure next to the socket floor measured in the same run (a plain std `UnixStream` echo with
+//! a u32 length prefix, buffered reads and one vectored write per frame, one thread per
+//! connection: see `floor/mod.rs`).
 //!
 //! ```text
 //! cargo bench -p microcs --features tokio --bench e2e -- [--quick] [--placement split|same|both]
@@ -28,8 +29,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System as SysAlloc};
 use std::cell::Cell;
-use std::io::{BufRead, BufReader, IoSlice, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +37,10 @@ use std::time::{Duration, Instant};
 
 use microcs::{Client, RemoteError, Request, Server};
 use serde_json::{Value, json};
+
+#[path = "floor/mod.rs"]
+mod floor;
+use floor::FloorConn;
 
 /// Largest payload used, with room for the frame header.
 const MAX_FRAME: u32 = 2 << 20;
@@ -399,24 +403,7 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
         ServerKind::Floor => {
             // A previous floor server of this directory left its socket behind.
             let _ = std::fs::remove_file(dir.join("floor.sock"));
-            let l = UnixListener::bind(dir.join("floor.sock")).unwrap();
-            std::thread::spawn(move || {
-                for s in l.incoming() {
-                    let mut s = s.unwrap();
-                    std::thread::spawn(move || {
-                        // One read of the prefix, one of the body, one write back: the least a
-                        // length-prefixed echo can do.
-                        let mut buf = vec![0u8; 4];
-                        while s.read_exact(&mut buf[..4]).is_ok() {
-                            let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
-                            buf.resize(4 + len, 0);
-                            if s.read_exact(&mut buf[4..]).is_err() || s.write_all(&buf).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-            });
+            floor::serve(&dir.join("floor.sock"));
             ready_then_wait_for_stdin();
         }
         ServerKind::Blocking => {
@@ -480,7 +467,7 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
 
 /// One connection of one client kind, to the server of a system.
 enum Caller {
-    Floor(UnixStream, Vec<u8>),
+    Floor(FloorConn),
     Blocking(Box<Client>),
     #[cfg(feature = "tokio")]
     Tokio(tokio::runtime::Runtime, microcs::tokio::Client),
@@ -498,30 +485,11 @@ fn service_name(system: System) -> &'static str {
     }
 }
 
-fn floor_call(s: &mut UnixStream, buf: &mut Vec<u8>, payload: &[u8]) -> usize {
-    // Prefix and payload in one vectored write (no copy of the payload), then two reads.
-    let prefix = (payload.len() as u32).to_be_bytes();
-    let mut parts = [IoSlice::new(&prefix), IoSlice::new(payload)];
-    let mut parts = &mut parts[..];
-    while !parts.is_empty() {
-        let n = s.write_vectored(parts).unwrap();
-        IoSlice::advance_slices(&mut parts, n);
-    }
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let len = u32::from_be_bytes(len) as usize;
-    buf.resize(len, 0);
-    s.read_exact(buf).unwrap();
-    len
-}
-
 impl Caller {
     fn connect(system: System, dir: &Path) -> Caller {
         let send_buffer = if system.kernel_buffers { 0 } else { 1 << 20 };
         match (system.client, system.server) {
-            (ServerKind::Floor, _) => {
-                Caller::Floor(UnixStream::connect(dir.join("floor.sock")).unwrap(), Vec::new())
-            }
+            (ServerKind::Floor, _) => Caller::Floor(FloorConn::connect(&dir.join("floor.sock"))),
             (ServerKind::Blocking, _) => Caller::Blocking(Box::new(
                 Client::builder(service_name(system))
                     .runtime_dir(dir)
@@ -556,10 +524,10 @@ impl Caller {
             }
         };
         match self {
-            Caller::Floor(s, buf) => {
+            Caller::Floor(c) => {
                 for _ in 0..n {
                     let t0 = Instant::now();
-                    assert_eq!(floor_call(s, buf, payload), payload.len());
+                    assert_eq!(c.call(payload), payload.len());
                     record(t0);
                 }
             }
@@ -585,9 +553,9 @@ impl Caller {
     fn until(&mut self, payload: &[u8], stop: &AtomicBool) -> u64 {
         let mut n = 0;
         match self {
-            Caller::Floor(s, buf) => {
+            Caller::Floor(c) => {
                 while !stop.load(Ordering::Relaxed) {
-                    floor_call(s, buf, payload);
+                    c.call(payload);
                     n += 1;
                 }
             }
