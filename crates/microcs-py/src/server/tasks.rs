@@ -239,7 +239,7 @@ impl Finish {
             Err(cancelled())
         } else {
             match task.call_method0("result") {
-                Ok(value) => h.reply(py, &value).map(Some),
+                Ok(value) => h.reply(py, &value, None).map(Some),
                 Err(e) if e.is_instance_of::<PyStopAsyncIteration>(py) => {
                     lock(&call.agen).take();
                     Ok(None)
