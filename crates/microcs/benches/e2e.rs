@@ -692,13 +692,26 @@ fn stream_run(system: System, dir: &Path, n: u64) -> f64 {
 }
 
 /// MB/s of payload (one way) echoing `n` 1 MiB payloads back to back.
-fn bulk_run(system: System, dir: &Path, n: usize) -> f64 {
+/// Also counts the page faults per echo of this process (the client) and of the server process
+/// `server` (`/proc`'s minor faults): a fresh allocation of a megabyte costs 256 of them.
+fn bulk_run(system: System, dir: &Path, n: usize, server: u32) -> (f64, f64, f64) {
     let mut c = Caller::connect(system, dir);
     let payload = vec![3u8; 1 << 20];
     c.repeat(&payload, 2, None);
+    let (c0, s0) = (minor_faults("self"), minor_faults(&server.to_string()));
     let t0 = Instant::now();
     c.repeat(&payload, n, None);
-    n as f64 * (1 << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6
+    let mbps = n as f64 * (1 << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6;
+    let (c1, s1) = (minor_faults("self"), minor_faults(&server.to_string()));
+    (mbps, (c1 - c0) as f64 / n as f64, (s1 - s0) as f64 / n as f64)
+}
+
+/// Minor page faults of process `pid` (or `self`) so far: `/proc/PID/stat`'s 10th field.
+fn minor_faults(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (in parentheses, which may hold spaces): state, ppid, pgrp,
+    // session, tty, tpgid, flags, minflt.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(7)?.parse().ok()).unwrap_or(0)
 }
 
 /// Start-to-exit times (ms) of `n` runs of `cmd`.
@@ -770,7 +783,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     let (n_lat, n_big, dur, n_spawn) = if opts.quick {
         (200, 3, Duration::from_millis(100), 3)
     } else {
-        (20_000, 300, Duration::from_secs(2), 100)
+        (20_000, 1000, Duration::from_secs(2), 100)
     };
     let runs = opts.runs;
     println!(
@@ -889,13 +902,26 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
         // Also with the system's default send buffers: what the 1 MiB `send_buffer` default adds.
         let mut systems = System::with_mixed();
         systems.extend(System::main().into_iter().skip(1).map(System::kbuf));
-        let t = Series::measure(systems, runs, |s| bulk_run(s, &dir, n_big));
-        println!("\n| 1 MiB echo | MB/s (payload, one way) | / floor |");
-        println!("|---|---|---|");
+        let pid = |k: ServerKind| servers.iter().find(|(kind, _)| *kind == k).map_or(0, |(_, p)| p.pid());
+        let mut faults: Vec<(String, f64, f64)> = Vec::new();
+        let t = Series::measure(systems, runs, |s| {
+            let (mbps, client, server) = bulk_run(s, &dir, n_big, pid(s.server));
+            faults.push((s.label(), client, server));
+            mbps
+        });
+        let faults_of = |label: &str, side: fn(&(String, f64, f64)) -> f64| {
+            median(&faults.iter().filter(|f| f.0 == label).map(side).collect::<Vec<_>>())
+        };
+        println!(
+            "\n| 1 MiB echo | MB/s (payload, one way) | / floor | page faults per echo, client / server |"
+        );
+        println!("|---|---|---|---|");
         for (i, s) in t.systems.iter().enumerate() {
             let r = t.ratio(i, |k| t.runs[k][0]);
-            println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
-            let mut row = json!({"scenario": "echo_1mib", "system": s.label(), "mbps": t.median(i)});
+            let (fc, fs) = (faults_of(&s.label(), |f| f.1), faults_of(&s.label(), |f| f.2));
+            println!("| {} | {:.0} | {:.2}× | {fc:.1} / {fs:.1} |", s.label(), t.median(i), r.0);
+            let mut row = json!({"scenario": "echo_1mib", "system": s.label(), "mbps": t.median(i),
+                "faults_client": fc, "faults_server": fs});
             merge(&mut row, ratio_json(r));
             json.push(row);
         }
