@@ -19,7 +19,8 @@ const KEEP_CAPACITY: usize = 256 * 1024;
 /// becomes the request's (or reply's) payload without being copied.
 pub(crate) const LARGE_PAYLOAD: usize = 64 * 1024;
 
-/// Largest vector kept for reuse by a large payload ([`ReadBuf::recycle`], [`Spare`]).
+/// Largest vector kept for reuse by a large payload ([`ReadBuf::recycle`], and the blocking
+/// server's one spare vector).
 pub(crate) const SPARE_MAX: usize = 16 * 1024 * 1024;
 
 /// Bytes received but not yet decoded. The valid bytes are `buf[start..end]`; a frame with a
@@ -131,9 +132,14 @@ impl ReadBuf {
         // Memory already ours and touched, if it is big enough: a fresh allocation of this size
         // comes from the system (`mmap`, or a heap top the allocator trims again), and every page
         // of it then costs a page fault, ~2 µs each on a VM: 0.5 ms per MiB.
+        // Not one more than twice the size: the vector becomes the handler's (or caller's), which
+        // may keep it, and should not keep much more memory than its payload needs.
         let spare = std::mem::take(&mut self.spare);
-        let mut payload =
-            if spare.capacity() >= payload_len { spare } else { Vec::with_capacity(payload_len) };
+        let mut payload = if (payload_len..=payload_len.saturating_mul(2)).contains(&spare.capacity()) {
+            spare
+        } else {
+            Vec::with_capacity(payload_len)
+        };
         payload.extend_from_slice(&held[body..]);
         let method = held[proto::FRAME_OVERHEAD..body].to_vec();
         self.large =
@@ -416,7 +422,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let mut wire = Vec::new();
-        for id in 1..=3 {
+        for id in 1..=4 {
             proto::encode(&mut wire, &Header::request(id, 0), b"m", &big);
         }
         let writer = std::thread::spawn(move || (&a).write_all(&wire).unwrap());
@@ -433,7 +439,17 @@ mod tests {
         rb.recycle(vec![0; 100]);
         assert_eq!(rb.spare.capacity(), 0);
         let (id, third) = next_frame(&mut rb, &b);
-        assert_eq!((id, third), (3, big));
+        assert_eq!((id, &third), (3, &big));
+        // More than twice the payload: not used (the handler or caller owning the payload would
+        // hold all of it), dropped.
+        let huge = Vec::with_capacity(1 << 20);
+        let at = huge.as_ptr();
+        rb.recycle(huge);
+        let (id, fourth) = next_frame(&mut rb, &b);
+        assert_eq!((id, &fourth), (4, &big));
+        assert_ne!(fourth.as_ptr(), at);
+        assert!(fourth.capacity() < 2 * big.len());
+        assert_eq!(rb.spare.capacity(), 0);
         writer.join().unwrap();
     }
 

@@ -361,7 +361,8 @@ impl Client {
     /// of its pages then costs a page fault on first touch — more than the copy itself.
     ///
     /// The client keeps one such vector (the largest given back, up to 16 MiB) while it is
-    /// connected; vectors under 64 KiB are just dropped.
+    /// connected; vectors under 64 KiB are just dropped. A reply gets it only if it is at most
+    /// twice the reply's size, so a small reply never holds a big vector.
     ///
     /// ```no_run
     /// # fn main() -> microcs::Result<()> {
