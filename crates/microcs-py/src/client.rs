@@ -22,7 +22,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::errors::IntoPyResult;
-use crate::payload::{extract_payload, stream_args};
+use crate::payload::{LARGE, extract_payload, new_bytes, stream_args};
 use crate::{duration, json_to_py};
 
 /// How often a call waiting for its answer lets Python run its signal handlers.
@@ -176,6 +176,22 @@ impl Client {
         }
     }
 
+    /// A reply as `bytes`. A large reply's vector goes back to the connection, which reads the
+    /// next large reply into it: memory already resident, where a fresh megabyte would cost
+    /// 256 page faults. (`try_lock`: never waits, so it may run with the GIL; a client busy
+    /// in another thread's call just lets the vector go.)
+    fn reply_to_bytes<'py>(&self, py: Python<'py>, reply: Vec<u8>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = new_bytes(py, &reply)?;
+        if reply.len() >= LARGE {
+            if let Ok(mut slot) = self.inner.try_lock() {
+                if let Slot::Ready(c) = &mut *slot {
+                    c.recycle(reply);
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
     /// This client's identity for [`IN_CALL`].
     fn id(&self) -> usize {
         self as *const Client as usize
@@ -246,7 +262,7 @@ impl Client {
     fn request<'py>(&self, py: Python<'py>, payload: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let payload = extract_payload(payload)?;
         let reply = self.with(py, |c| c.request(&payload))?;
-        Ok(PyBytes::new(py, &reply))
+        self.reply_to_bytes(py, reply)
     }
 
     /// Calls the method `method` with `payload`; returns the reply.
@@ -262,7 +278,7 @@ impl Client {
             None => None,
         };
         let reply = self.with(py, |c| c.call(method, payload.as_deref().unwrap_or_default()))?;
-        Ok(PyBytes::new(py, &reply))
+        self.reply_to_bytes(py, reply)
     }
 
     /// Calls `method` (`""`: the default handler) with `payload`; returns an iterator of the

@@ -26,11 +26,45 @@ pub(crate) fn extract_payload(obj: &Bound<'_, PyAny>) -> PyResult<PyBackedBytes>
     Err(PyTypeError::new_err(format!("payload must be bytes, not {what}")))
 }
 
+/// Payloads at least this large are copied without the GIL (other Python threads run
+/// meanwhile), and their vectors are reused: see [`reply_bytes`] and [`new_bytes`].
+pub(crate) const LARGE: usize = 64 * 1024;
+
+/// `bytes` holding `data`; a large one is filled without the GIL.
+pub(crate) fn new_bytes<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    if data.len() < LARGE {
+        return Ok(PyBytes::new(py, data));
+    }
+    // The new object is ours alone until returned, and `buf` is plain memory: nothing here needs
+    // the GIL while the bytes are copied.
+    PyBytes::new_with(py, data.len(), |buf| {
+        py.detach(|| buf.copy_from_slice(data));
+        Ok(())
+    })
+}
+
+/// Copies `data` into `into` (a vector whose memory is reused when it is big enough: the
+/// request's own, for a reply), without the GIL when it is large.
+fn copy_into(py: Python<'_>, data: &[u8], into: Option<Vec<u8>>) -> Vec<u8> {
+    match into {
+        Some(mut v) if data.len() >= LARGE && v.capacity() >= data.len() => {
+            v.clear();
+            py.detach(|| v.extend_from_slice(data));
+            v
+        }
+        _ if data.len() >= LARGE => py.detach(|| data.to_vec()),
+        _ => data.to_vec(),
+    }
+}
+
 /// What a handler returned, as reply bytes: `bytes`, `str` (sent as UTF-8), `bytearray` or
-/// `memoryview`. `Err` carries a message for the caller.
-pub(crate) fn reply_bytes(obj: &Bound<'_, PyAny>) -> Result<Vec<u8>, String> {
+/// `memoryview`. `reuse`: a vector the reply may be copied into instead of a fresh one (a
+/// large reply's fresh allocation costs a page fault per page; the request's vector, still
+/// resident, does not). `Err` carries a message for the caller.
+pub(crate) fn reply_bytes(obj: &Bound<'_, PyAny>, reuse: Option<Vec<u8>>) -> Result<Vec<u8>, String> {
+    let py = obj.py();
     if let Ok(b) = obj.cast::<PyBytes>() {
-        return Ok(b.as_bytes().to_vec());
+        return Ok(copy_into(py, b.as_bytes(), reuse));
     }
     if let Ok(s) = obj.cast::<PyString>() {
         return s
@@ -44,7 +78,7 @@ pub(crate) fn reply_bytes(obj: &Bound<'_, PyAny>) -> Result<Vec<u8>, String> {
     if obj.is_instance_of::<PyMemoryView>() {
         if let Ok(b) = obj.call_method0("tobytes") {
             if let Ok(b) = b.cast::<PyBytes>() {
-                return Ok(b.as_bytes().to_vec());
+                return Ok(copy_into(py, b.as_bytes(), reuse));
             }
         }
     }

@@ -85,3 +85,20 @@ def test_payloads_are_never_unpickled(server: ServerFactory, name: str) -> None:
     assert proc.wait(timeout=30) == 0
     assert proc.stdout is not None
     assert proc.stdout.read() == b"stopped cleanly\n"  # and not "unpickled!"
+
+
+def test_large_payloads_of_changing_sizes_reuse_no_stale_bytes(server: ServerFactory, name: str) -> None:
+    # The client reads a large reply into the vector of the one before when it is big enough,
+    # and the server copies a large reply into the request's vector and reads the next large
+    # request into the last reply's: every size order, and replies whose content differs from
+    # the request, must come back exact.
+    server("bytes")
+    with microcs.Client(name, timeout=60) as c:
+        for size in (1 << 20, 2 << 20, 100_000, 70_000, 1 << 20, 65_536, 3_000_000):
+            payload = bytes((i * 7 + size) % 251 for i in range(251)) * (size // 251) + b"t" * (size % 251)
+            assert len(payload) == size
+            assert c.request(payload) == payload
+            assert c.call("upper", payload) == payload.upper()
+            assert c.call("big", str(size // 2).encode()) == b"x" * (size // 2)
+            # A small answer between large ones.
+            assert c.request(b"small") == b"small"

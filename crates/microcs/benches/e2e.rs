@@ -1,6 +1,7 @@
 //! End-to-end benchmark: client and server in separate processes, pinned to CPUs, each microcs
-//! figure next to the socket floor measured in the same run (a plain std `UnixStream` ping-pong
-//! with a u32 length prefix, one thread per connection).
+//! figure next to the socket floor measured in the same run (a plain std `UnixStream` echo with
+//! a u32 length prefix, buffered reads and one vectored write per frame, one thread per
+//! connection: see `floor/mod.rs`).
 //!
 //! ```text
 //! cargo bench -p microcs --features tokio --bench e2e -- [--quick] [--placement split|same|both]
@@ -28,8 +29,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System as SysAlloc};
 use std::cell::Cell;
-use std::io::{BufRead, BufReader, IoSlice, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +37,10 @@ use std::time::{Duration, Instant};
 
 use microcs::{Client, RemoteError, Request, Server};
 use serde_json::{Value, json};
+
+#[path = "floor/mod.rs"]
+mod floor;
+use floor::FloorConn;
 
 /// Largest payload used, with room for the frame header.
 const MAX_FRAME: u32 = 2 << 20;
@@ -399,24 +403,7 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
         ServerKind::Floor => {
             // A previous floor server of this directory left its socket behind.
             let _ = std::fs::remove_file(dir.join("floor.sock"));
-            let l = UnixListener::bind(dir.join("floor.sock")).unwrap();
-            std::thread::spawn(move || {
-                for s in l.incoming() {
-                    let mut s = s.unwrap();
-                    std::thread::spawn(move || {
-                        // One read of the prefix, one of the body, one write back: the least a
-                        // length-prefixed echo can do.
-                        let mut buf = vec![0u8; 4];
-                        while s.read_exact(&mut buf[..4]).is_ok() {
-                            let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
-                            buf.resize(4 + len, 0);
-                            if s.read_exact(&mut buf[4..]).is_err() || s.write_all(&buf).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-            });
+            floor::serve(&dir.join("floor.sock"));
             ready_then_wait_for_stdin();
         }
         ServerKind::Blocking => {
@@ -480,7 +467,7 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
 
 /// One connection of one client kind, to the server of a system.
 enum Caller {
-    Floor(UnixStream, Vec<u8>),
+    Floor(FloorConn),
     Blocking(Box<Client>),
     #[cfg(feature = "tokio")]
     Tokio(tokio::runtime::Runtime, microcs::tokio::Client),
@@ -498,30 +485,11 @@ fn service_name(system: System) -> &'static str {
     }
 }
 
-fn floor_call(s: &mut UnixStream, buf: &mut Vec<u8>, payload: &[u8]) -> usize {
-    // Prefix and payload in one vectored write (no copy of the payload), then two reads.
-    let prefix = (payload.len() as u32).to_be_bytes();
-    let mut parts = [IoSlice::new(&prefix), IoSlice::new(payload)];
-    let mut parts = &mut parts[..];
-    while !parts.is_empty() {
-        let n = s.write_vectored(parts).unwrap();
-        IoSlice::advance_slices(&mut parts, n);
-    }
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let len = u32::from_be_bytes(len) as usize;
-    buf.resize(len, 0);
-    s.read_exact(buf).unwrap();
-    len
-}
-
 impl Caller {
     fn connect(system: System, dir: &Path) -> Caller {
         let send_buffer = if system.kernel_buffers { 0 } else { 1 << 20 };
         match (system.client, system.server) {
-            (ServerKind::Floor, _) => {
-                Caller::Floor(UnixStream::connect(dir.join("floor.sock")).unwrap(), Vec::new())
-            }
+            (ServerKind::Floor, _) => Caller::Floor(FloorConn::connect(&dir.join("floor.sock"))),
             (ServerKind::Blocking, _) => Caller::Blocking(Box::new(
                 Client::builder(service_name(system))
                     .runtime_dir(dir)
@@ -556,10 +524,10 @@ impl Caller {
             }
         };
         match self {
-            Caller::Floor(s, buf) => {
+            Caller::Floor(c) => {
                 for _ in 0..n {
                     let t0 = Instant::now();
-                    assert_eq!(floor_call(s, buf, payload), payload.len());
+                    assert_eq!(c.call(payload), payload.len());
                     record(t0);
                 }
             }
@@ -585,9 +553,9 @@ impl Caller {
     fn until(&mut self, payload: &[u8], stop: &AtomicBool) -> u64 {
         let mut n = 0;
         match self {
-            Caller::Floor(s, buf) => {
+            Caller::Floor(c) => {
                 while !stop.load(Ordering::Relaxed) {
-                    floor_call(s, buf, payload);
+                    c.call(payload);
                     n += 1;
                 }
             }
@@ -724,13 +692,26 @@ fn stream_run(system: System, dir: &Path, n: u64) -> f64 {
 }
 
 /// MB/s of payload (one way) echoing `n` 1 MiB payloads back to back.
-fn bulk_run(system: System, dir: &Path, n: usize) -> f64 {
+/// Also counts the page faults per echo of this process (the client) and of the server process
+/// `server` (`/proc`'s minor faults): a fresh allocation of a megabyte costs 256 of them.
+fn bulk_run(system: System, dir: &Path, n: usize, server: u32) -> (f64, f64, f64) {
     let mut c = Caller::connect(system, dir);
     let payload = vec![3u8; 1 << 20];
     c.repeat(&payload, 2, None);
+    let (c0, s0) = (minor_faults("self"), minor_faults(&server.to_string()));
     let t0 = Instant::now();
     c.repeat(&payload, n, None);
-    n as f64 * (1 << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6
+    let mbps = n as f64 * (1 << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6;
+    let (c1, s1) = (minor_faults("self"), minor_faults(&server.to_string()));
+    (mbps, (c1 - c0) as f64 / n as f64, (s1 - s0) as f64 / n as f64)
+}
+
+/// Minor page faults of process `pid` (or `self`) so far: `/proc/PID/stat`'s 10th field.
+fn minor_faults(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (in parentheses, which may hold spaces): state, ppid, pgrp,
+    // session, tty, tpgid, flags, minflt.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(7)?.parse().ok()).unwrap_or(0)
 }
 
 /// Start-to-exit times (ms) of `n` runs of `cmd`.
@@ -802,7 +783,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     let (n_lat, n_big, dur, n_spawn) = if opts.quick {
         (200, 3, Duration::from_millis(100), 3)
     } else {
-        (20_000, 300, Duration::from_secs(2), 100)
+        (20_000, 1000, Duration::from_secs(2), 100)
     };
     let runs = opts.runs;
     println!(
@@ -921,13 +902,26 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
         // Also with the system's default send buffers: what the 1 MiB `send_buffer` default adds.
         let mut systems = System::with_mixed();
         systems.extend(System::main().into_iter().skip(1).map(System::kbuf));
-        let t = Series::measure(systems, runs, |s| bulk_run(s, &dir, n_big));
-        println!("\n| 1 MiB echo | MB/s (payload, one way) | / floor |");
-        println!("|---|---|---|");
+        let pid = |k: ServerKind| servers.iter().find(|(kind, _)| *kind == k).map_or(0, |(_, p)| p.pid());
+        let mut faults: Vec<(String, f64, f64)> = Vec::new();
+        let t = Series::measure(systems, runs, |s| {
+            let (mbps, client, server) = bulk_run(s, &dir, n_big, pid(s.server));
+            faults.push((s.label(), client, server));
+            mbps
+        });
+        let faults_of = |label: &str, side: fn(&(String, f64, f64)) -> f64| {
+            median(&faults.iter().filter(|f| f.0 == label).map(side).collect::<Vec<_>>())
+        };
+        println!(
+            "\n| 1 MiB echo | MB/s (payload, one way) | / floor | page faults per echo, client / server |"
+        );
+        println!("|---|---|---|---|");
         for (i, s) in t.systems.iter().enumerate() {
             let r = t.ratio(i, |k| t.runs[k][0]);
-            println!("| {} | {:.0} | {:.2}× |", s.label(), t.median(i), r.0);
-            let mut row = json!({"scenario": "echo_1mib", "system": s.label(), "mbps": t.median(i)});
+            let (fc, fs) = (faults_of(&s.label(), |f| f.1), faults_of(&s.label(), |f| f.2));
+            println!("| {} | {:.0} | {:.2}× | {fc:.1} / {fs:.1} |", s.label(), t.median(i), r.0);
+            let mut row = json!({"scenario": "echo_1mib", "system": s.label(), "mbps": t.median(i),
+                "faults_client": fc, "faults_server": fs});
             merge(&mut row, ratio_json(r));
             json.push(row);
         }

@@ -1,6 +1,6 @@
 //! Round trips in one process: microcs's blocking and tokio clients and servers against the
-//! socket floor (a plain std `UnixStream` ping-pong with a u32 length prefix, one thread per
-//! connection), same run, 32 B, 64 KiB and 1 MiB payloads.
+//! socket floor (`floor/mod.rs`: a plain std `UnixStream` echo with a u32 length prefix,
+//! buffered reads and one vectored write per frame, one thread per connection), same run, 32 B, 64 KiB and 1 MiB payloads.
 //!
 //! ```text
 //! cargo bench -p microcs --features tokio --bench roundtrip              # full
@@ -12,48 +12,18 @@
 //! end-to-end harness (`benches/e2e.rs`) pins separate processes and is the one to quote. See
 //! docs/BENCHMARKS.md for how to read the numbers on a 2-vCPU VM.
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+#[cfg(feature = "tokio")]
 use std::path::Path;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use microcs::{Client, RemoteError, Request, Server};
 
+#[path = "floor/mod.rs"]
+mod floor;
+
 /// Largest payload benched, with room for the frame header.
 const MAX_FRAME: u32 = 2 << 20;
-
-fn floor_server(path: &Path) {
-    let l = UnixListener::bind(path).unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let mut s = s.unwrap();
-            std::thread::spawn(move || {
-                // One read of the prefix, one of the body, one write back: the least a
-                // length-prefixed echo can do.
-                let mut buf = vec![0u8; 4];
-                while s.read_exact(&mut buf[..4]).is_ok() {
-                    let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
-                    buf.resize(4 + len, 0);
-                    if s.read_exact(&mut buf[4..]).is_err() || s.write_all(&buf).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
-
-fn floor_call(s: &mut UnixStream, payload: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
-    s.write_all(out).unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    out.resize(u32::from_be_bytes(len) as usize, 0);
-    s.read_exact(out).unwrap();
-}
 
 /// A tokio echo server on a current-thread runtime of its own thread (as a service process
 /// would run it), stopped when the returned sender is dropped.
@@ -88,7 +58,7 @@ fn bench(c: &mut Criterion) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let floor_path = dir.join("floor.sock");
-    floor_server(&floor_path);
+    floor::serve(&floor_path);
     let handle = Server::builder("BENCH")
         .runtime_dir(&dir)
         .max_frame(MAX_FRAME)
@@ -97,7 +67,7 @@ fn bench(c: &mut Criterion) {
         .spawn(|r: Request| Ok::<_, RemoteError>(r.into_payload()))
         .unwrap();
     let mut client = Client::builder("BENCH").runtime_dir(&dir).max_frame(MAX_FRAME).connect().unwrap();
-    let mut raw = UnixStream::connect(&floor_path).unwrap();
+    let mut raw = floor::FloorConn::connect(&floor_path);
 
     #[cfg(feature = "tokio")]
     let stop_tokio = tokio_server(&dir);
@@ -114,10 +84,7 @@ fn bench(c: &mut Criterion) {
     for size in [32usize, 64 * 1024, 1024 * 1024] {
         let payload = vec![0xa5u8; size];
         g.throughput(Throughput::Bytes(size as u64));
-        let mut out = Vec::new();
-        g.bench_with_input(BenchmarkId::new("floor", size), &payload, |b, p| {
-            b.iter(|| floor_call(&mut raw, p, &mut out))
-        });
+        g.bench_with_input(BenchmarkId::new("floor", size), &payload, |b, p| b.iter(|| raw.call(p)));
         g.bench_with_input(BenchmarkId::new("blocking", size), &payload, |b, p| {
             b.iter(|| client.request(p).unwrap())
         });

@@ -30,7 +30,7 @@ use pyo3::types::{PyBytes, PyDict, PyString, PyTuple, PyType};
 mod tasks;
 
 use crate::errors::{IntoPyResult, remote_error_class, to_py};
-use crate::payload::{reply_bytes, type_name};
+use crate::payload::{new_bytes, reply_bytes, type_name};
 use crate::{duration, json_to_py};
 
 /// How often a thread waiting in `start_listening()` lets Python handle signals (Ctrl-C).
@@ -227,11 +227,16 @@ impl Handler {
 
     /// Runs `f` with the GIL, as a handler of `req`: the only way the server takes the GIL.
     fn attached<T>(&self, req: &Request, f: impl FnOnce(Python<'_>) -> T) -> T {
+        self.attached_as(over_nats(req), f)
+    }
+
+    /// [`attached`](Self::attached), told whether the request came over NATS.
+    fn attached_as<T>(&self, nats: bool, f: impl FnOnce(Python<'_>) -> T) -> T {
         // Requests over NATS run on the library's blocking pool, whose threads idle for a
         // while before they exit: a kept thread state there would hold up the interpreter's
         // exit (`_stop_all` waits for kept states). NATS round trips are long enough that
         // creating the state per call does not show.
-        if self.keep_state && !over_nats(req) {
+        if self.keep_state && !nats {
             keep_thread_state();
         }
         RUNNING_HANDLERS.fetch_add(1, Ordering::SeqCst);
@@ -247,9 +252,12 @@ impl Handler {
 
     /// Runs a plain handler for one request.
     fn call(&self, req: Request) -> Result<Vec<u8>, RemoteError> {
+        let nats = over_nats(&req);
         let req = Arc::new(req);
-        self.attached(&req, |py| match self.invoke(py, &req)? {
-            Ok(obj) => self.reply(py, &obj),
+        self.attached_as(nats, |py| match self.invoke(py, &req)? {
+            // The request's vector, for a large reply to be copied into (when nothing else
+            // holds the request: a `Request` object the handler kept does).
+            Ok(obj) => self.reply(py, &obj, Arc::try_unwrap(req).ok().map(Request::into_payload)),
             Err(err) => Err(self.remote_from(py, err)),
         })
     }
@@ -275,7 +283,7 @@ impl Handler {
         let payload = if self.text {
             PyString::new(py, req.text()?).into_any()
         } else {
-            PyBytes::new(py, req.payload()).into_any()
+            new_bytes(py, req.payload()).map_err(|e| self.remote_from(py, e))?.into_any()
         };
         let func = self.func.bind(py);
         Ok(if self.with_request {
@@ -286,8 +294,13 @@ impl Handler {
     }
 
     /// What the handler returned (or yielded), as reply bytes.
-    fn reply(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> Result<Vec<u8>, RemoteError> {
-        reply_bytes(obj).map_err(|m| {
+    fn reply(
+        &self,
+        py: Python<'_>,
+        obj: &Bound<'_, PyAny>,
+        reuse: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, RemoteError> {
+        reply_bytes(obj, reuse).map_err(|m| {
             let what =
                 if self.style.streams() { "yielded an unusable item" } else { "returned an unusable reply" };
             log_failure(py, &format!("the handler for {} {what}: {m}", self.label), None);
@@ -346,7 +359,7 @@ impl Iterator for PyItems {
         let generator = self.generator.as_ref()?;
         let h = &self.handler;
         let next = h.attached(&self.req, |py| match generator.bind(py).call_method0("__next__") {
-            Ok(item) => Some(h.reply(py, &item)),
+            Ok(item) => Some(h.reply(py, &item, None)),
             Err(e) if e.is_instance_of::<PyStopIteration>(py) => None,
             Err(e) => Some(Err(h.remote_from(py, e))),
         });

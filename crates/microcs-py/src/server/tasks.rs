@@ -256,7 +256,7 @@ impl Finish {
                     let exc = value.getattr("exc").unwrap_or(value);
                     Err(h.remote_from(py, PyErr::from_value(exc)))
                 }
-                Ok(value) => h.reply(py, &value).map(Some),
+                Ok(value) => h.reply(py, &value, None).map(Some),
                 Err(e) if e.is_instance_of::<PyStopAsyncIteration>(py) => {
                     lock(&call.agen).take();
                     Ok(None)

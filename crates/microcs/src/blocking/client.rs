@@ -355,6 +355,32 @@ impl Client {
         self.conn.as_ref().map(|c| c.server.max_payload)
     }
 
+    /// Gives a reply's vector back, for the next large reply (64 KiB or more) to be read into
+    /// instead of a fresh allocation. For a caller that copies each reply out and drops it (a
+    /// language binding does): a fresh allocation of a megabyte comes from the system, and each
+    /// of its pages then costs a page fault on first touch — more than the copy itself.
+    ///
+    /// The client keeps one such vector (the largest given back, up to 16 MiB) while it is
+    /// connected; vectors under 64 KiB are just dropped. A reply gets it only if it is at most
+    /// twice the reply's size, so a small reply never holds a big vector.
+    ///
+    /// ```no_run
+    /// # fn main() -> microcs::Result<()> {
+    /// let mut client = microcs::Client::connect("BIG_ECHO")?;
+    /// for _ in 0..100 {
+    ///     let reply = client.request(&[0u8; 1 << 20])?;
+    ///     // ... use the reply ...
+    ///     client.recycle(reply);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn recycle(&mut self, reply: Vec<u8>) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.rbuf.recycle(reply);
+        }
+    }
+
     fn exchange(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         self.leave_inherited();
         #[cfg(feature = "nats")]

@@ -692,3 +692,30 @@ fn an_interrupt_check_ends_a_waiting_call_and_the_connection_stays_usable() {
     stop.store(false, Ordering::SeqCst);
     assert_eq!(client.request(b"again").unwrap(), b"again", "the same connection goes on");
 }
+
+/// Large payloads reuse memory on both sides: the client reads a large reply into a recycled
+/// vector, the server reads a large request into the vector of the last large reply it sent.
+/// Sizes that grow and shrink, replies of other sizes than their requests, and small frames in
+/// between must all arrive exact.
+#[test]
+fn large_payloads_through_recycled_vectors_arrive_exact() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("recycle");
+    let name = unique("RECYCLE");
+    let server = PeerProcess::serve(dir.path(), &name);
+    let mut c = dir.client(&name).max_frame(8 << 20).connect().unwrap();
+    for (k, size) in
+        [1usize << 20, 2 << 20, 100_000, 70_000, 1 << 20, 65_536, 3_000_000].into_iter().enumerate()
+    {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 7 + k) as u8).collect();
+        let reply = c.request(&payload).unwrap();
+        assert_eq!(reply, payload, "echo of {size} bytes");
+        c.recycle(reply);
+        let big = c.call("big", (size / 2).to_string().as_bytes()).unwrap();
+        assert_eq!(big.len(), size / 2);
+        assert!(big.iter().all(|&b| b == b'x'), "a reply read into a recycled vector has no stale bytes");
+        c.recycle(big);
+        assert_eq!(c.request(b"small").unwrap(), b"small");
+    }
+    assert!(server.stop().success());
+}

@@ -16,7 +16,7 @@ use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::Result;
-use crate::io::{Filled, ReadBuf, is_timeout, log_write_failed};
+use crate::io::{Filled, LARGE_PAYLOAD, ReadBuf, SPARE_MAX, is_timeout, log_write_failed};
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, refuse_connection};
 use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::Claim;
@@ -54,6 +54,10 @@ pub(super) struct Shared {
     pub(super) sentinel: Mutex<Option<thread::Thread>>,
     pub(super) sentinel_parked: AtomicBool,
     pub(super) sentinel_stop: AtomicBool,
+    /// One large payload's vector, given back after its reply went out, for the next large
+    /// request (of any connection) to be read into: pages already resident instead of fresh
+    /// ones, each a page fault. One per server, so idle connections keep nothing.
+    pub(super) spare: Mutex<Vec<u8>>,
 }
 
 impl Shared {
@@ -144,9 +148,16 @@ impl Conn {
         } else {
             self.flush_locked(&mut out).and_then(|()| send_frame(&self.stream, &header, b"", &payload))
         };
-        if let Err(e) = result {
-            drop(out);
-            self.write_failed(e.error);
+        drop(out);
+        match result {
+            Err(e) => self.write_failed(e.error),
+            Ok(()) if payload.capacity() >= LARGE_PAYLOAD => {
+                let mut spare = lock(&shared.spare);
+                if payload.capacity() > spare.capacity() && payload.capacity() <= SPARE_MAX {
+                    *spare = payload;
+                }
+            }
+            Ok(()) => {}
         }
     }
 
@@ -482,6 +493,10 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
         // Nothing whole is buffered: send batched replies before waiting for the client.
         if conn.out_since.load(Ordering::Relaxed) != 0 {
             conn.flush();
+        }
+        if rs.rbuf.wants_spare() {
+            let spare = std::mem::take(&mut *lock(&shared.spare));
+            rs.rbuf.recycle(spare);
         }
         let partial = !rs.rbuf.is_empty();
         if partial != rs.partial_timeout {

@@ -425,6 +425,7 @@ impl Server {
             sentinel: Mutex::new(None),
             sentinel_parked: AtomicBool::new(false),
             sentinel_stop: AtomicBool::new(false),
+            spare: Mutex::new(Vec::new()),
         });
         let spawn_err = |e| Error::io("cannot start server thread", e);
         let s = shared.clone();
