@@ -202,6 +202,40 @@ impl Error {
         e
     }
 
+    /// An exclusive server wants `name`, which shared instances serve (their pids).
+    pub(crate) fn served_by_instances(name: &str, pids: &[u32], dir: &std::path::Path) -> Error {
+        let list = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        let mut e = Error::new(
+            ErrorKind::NameTaken,
+            format!(
+                "the name '{name}' is served by {} shared instance{} (pid {list}, in {}); to add a \
+                 server to them, make it a shared instance too (ServerBuilder::shared, `microcs \
+                 serve --shared`, Python shared=True), or pick another name",
+                pids.len(),
+                if pids.len() == 1 { "" } else { "s" },
+                dir.display()
+            ),
+        );
+        e.inner.owner_pid = pids.first().copied();
+        e
+    }
+
+    /// A shared instance wants `name`, which an exclusive server owns.
+    pub(crate) fn owned_exclusively(name: &str, pid: Option<u32>, dir: &std::path::Path) -> Error {
+        let mut e = Error::new(
+            ErrorKind::NameTaken,
+            format!(
+                "the name '{name}' is owned by {} as an exclusive server (in {}), so no instance can \
+                 join it; stop that server and serve the name as shared instances only, or pick \
+                 another name",
+                owner(pid),
+                dir.display()
+            ),
+        );
+        e.inner.owner_pid = pid;
+        e
+    }
+
     /// A running server gives up `name` in `dir`: its runtime files were removed or replaced,
     /// and `cause` is why it could not take them back. Of the same kind as `cause`.
     pub(crate) fn name_lost(name: &str, dir: &std::path::Path, cause: Error) -> Error {

@@ -7,6 +7,20 @@
 //! busy to accept, is never displaced. The lock file's first line holds the owner's metadata as
 //! JSON (pid, start time, methods, ...), which [`list`] reads without connecting.
 //!
+//! # Instances
+//!
+//! A name may instead be served by several *instances* (servers built with `.shared()`), up to
+//! [`MAX_INSTANCES`]. Each instance owns a slot `<dir>/<name>@<k>.sock` by holding an exclusive
+//! `flock` on `<dir>/<name>@<k>.lock`, exactly as an exclusive server owns its name, so a
+//! crashed instance's slot is reclaimed the same way. All instances also hold a *shared* `flock`
+//! on `<dir>/<name>.lock`: shared locks coexist, and conflict with the exclusive lock an
+//! exclusive server takes there, so a name is served either by one exclusive server or by
+//! instances, never both (each side gets a `NameTaken` error that says which). `@` cannot
+//! appear in a name, so slot files never collide with another name's files. Each slot file
+//! carries, besides the metadata line, the instance's open connections at a fixed offset
+//! ([`LOAD_OFFSET`]), rewritten on every accept and close: the load signal clients read to pick
+//! the least-loaded instance (one `pread` per instance, no connection).
+//!
 //! The runtime directory is `$MICROCS_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/microcs`, else
 //! `/tmp/microcs-<uid>`. It is created with mode 0700 and refused, with its path, owner and
 //! mode in the message, when it is a symlink, owned by another user, or open to group or others.
@@ -120,7 +134,10 @@ fn check_dir(dir: &Path, own: bool) -> Result<()> {
 
 /// `<dir>/<name>.sock`, checked to fit a Unix socket address.
 pub(crate) fn socket_path(dir: &Path, name: &Name) -> Result<PathBuf> {
-    let path = dir.join(format!("{name}.sock"));
+    checked_socket_path(dir.join(format!("{name}.sock")))
+}
+
+fn checked_socket_path(path: PathBuf) -> Result<PathBuf> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(Error::new(
@@ -137,6 +154,31 @@ pub(crate) fn socket_path(dir: &Path, name: &Name) -> Result<PathBuf> {
 
 fn lock_path(dir: &Path, name: &Name) -> PathBuf {
     dir.join(format!("{name}.lock"))
+}
+
+/// Most instances one name can have (slots `0..MAX_INSTANCES`).
+pub const MAX_INSTANCES: u32 = 256;
+
+/// Where an instance's slot file keeps its load record (the number of open connections, as
+/// 20 ASCII digits and a newline): past the metadata line, which is read up to 64 KiB.
+pub const LOAD_OFFSET: u64 = 64 * 1024;
+const LOAD_LEN: usize = 21;
+
+fn slot_lock_path(dir: &Path, name: &Name, slot: u32) -> PathBuf {
+    dir.join(format!("{name}@{slot}.lock"))
+}
+
+/// `<dir>/<name>@<slot>.sock`, checked to fit a Unix socket address.
+fn slot_socket_path(dir: &Path, name: &Name, slot: u32) -> Result<PathBuf> {
+    checked_socket_path(dir.join(format!("{name}@{slot}.sock")))
+}
+
+/// The slot number of a file named `<name>@<k>.lock`, if `file_name` is one.
+fn parse_slot(file_name: &str) -> Option<(&str, u32)> {
+    let (name, k) = file_name.strip_suffix(".lock")?.rsplit_once('@')?;
+    let k: u32 = k.parse().ok().filter(|&k| k < MAX_INSTANCES)?;
+    // `k.to_string() == k`: "007" is not slot 7 (no two files for one slot).
+    (k.to_string().len() == file_name.len() - name.len() - 6).then_some((name, k))
 }
 
 /// What a server writes on the first line of its lock file.
@@ -181,12 +223,19 @@ pub struct ServiceInfo {
     pub methods: Vec<String>,
     /// The Unix socket the service listens on.
     pub socket: PathBuf,
+    /// The slot, when the server is one of several instances of the name (`None`: the name's
+    /// exclusive owner).
+    pub instance: Option<u32>,
+    /// Open connections, as the instance last recorded them (instances only).
+    pub connections: Option<u64>,
 }
 
-/// Lists the services running in this process's [`runtime_dir`], sorted by name.
+/// Lists the services running in this process's [`runtime_dir`], sorted by name (and the
+/// instances of one name by slot).
 ///
-/// A service is listed only while its owner holds the name's lock, so a crashed server is never
-/// listed; its leftover files are removed on the way.
+/// A name served by several instances gives one entry per instance. A service is listed only
+/// while its owner holds the lock, so a crashed server is never listed; its leftover files are
+/// removed on the way.
 ///
 /// # Errors
 ///
@@ -219,21 +268,40 @@ pub fn list_in(dir: &Path) -> Result<Vec<ServiceInfo>> {
     let mut out = Vec::new();
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(stem) = file_name.to_str().and_then(|f| f.strip_suffix(".lock")) else { continue };
-        let Ok(name) = Name::new(stem) else { continue };
-        match probe(dir, &name) {
+        let Some(file_name) = file_name.to_str() else { continue };
+        let found = if let Some((stem, slot)) = parse_slot(file_name) {
+            let Ok(name) = Name::new(stem) else { continue };
+            probe_slot(dir, &name, slot)
+        } else {
+            let Some(stem) = file_name.strip_suffix(".lock") else { continue };
+            let Ok(name) = Name::new(stem) else { continue };
+            probe(dir, &name)
+        };
+        match found {
             Ok(Some(info)) => out.push(info),
             Ok(None) => {}
-            Err(e) => tracing::debug!(name = %name, error = %e, "skipping unreadable registry entry"),
+            Err(e) => tracing::debug!(file = file_name, error = %e, "skipping unreadable registry entry"),
         }
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.sort_by(|a, b| (&a.name, a.instance).cmp(&(&b.name, b.instance)));
     Ok(out)
 }
 
 /// Looks at one name: its info if a live server owns it; `None` (after reclaiming leftovers) if not.
 fn probe(dir: &Path, name: &Name) -> Result<Option<ServiceInfo>> {
-    let lock_path = lock_path(dir, name);
+    probe_entry(dir, name, None)
+}
+
+/// Looks at one instance slot, as [`probe`] at a name.
+fn probe_slot(dir: &Path, name: &Name, slot: u32) -> Result<Option<ServiceInfo>> {
+    probe_entry(dir, name, Some(slot))
+}
+
+fn probe_entry(dir: &Path, name: &Name, slot: Option<u32>) -> Result<Option<ServiceInfo>> {
+    let (lock_path, sock_path) = match slot {
+        None => (lock_path(dir, name), socket_path(dir, name)?),
+        Some(k) => (slot_lock_path(dir, name, k), slot_socket_path(dir, name, k)?),
+    };
     let file = match open_lock(&lock_path, false) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -244,32 +312,156 @@ fn probe(dir: &Path, name: &Name) -> Result<Option<ServiceInfo>> {
             // Nobody holds it: the owner is gone. Reclaim, unless a new server re-created the
             // file between our open and our lock (then the path no longer names our inode).
             if same_file(&file, &lock_path) {
-                remove_if_socket(&socket_path(dir, name)?);
+                remove_if_socket(&sock_path);
                 let _ = fs::remove_file(&lock_path);
-                tracing::debug!(name = %name, "reclaimed stale registry entry");
+                tracing::debug!(name = %name, slot, "reclaimed stale registry entry");
             }
             Ok(None)
         }
+        // Locked, but (a name's lock) maybe by instances, which write no metadata there, or by
+        // an owner still starting up (not serving yet): listed only with its metadata, ready.
         Err(rustix::io::Errno::WOULDBLOCK) => {
-            let Some(meta) = read_meta(&file).filter(|m| m.ready) else {
-                // Locked, but the owner is still starting up (not serving yet).
-                return Ok(None);
-            };
-            let uid = file.metadata().map(|m| m.uid()).unwrap_or(meta.uid);
-            Ok(Some(ServiceInfo {
-                name: name.clone(),
-                pid: meta.pid,
-                uid,
-                started: UNIX_EPOCH + Duration::from_millis(meta.started_ms),
-                protocol_version: meta.protocol,
-                version: meta.version,
-                id: meta.id,
-                methods: meta.methods,
-                socket: socket_path(dir, name)?,
-            }))
+            let info = listed(&file, name, sock_path, slot);
+            Ok(info.map(|i| ServiceInfo { connections: slot.map(|_| read_load(&file)), ..i }))
         }
         Err(e) => Err(Error::io(format_args!("cannot lock {}", lock_path.display()), e.into())),
     }
+}
+
+/// The entry of a held lock file, when its owner is serving.
+fn listed(file: &File, name: &Name, socket: PathBuf, instance: Option<u32>) -> Option<ServiceInfo> {
+    let meta = read_meta(file).filter(|m| m.ready)?;
+    let uid = file.metadata().map(|m| m.uid()).unwrap_or(meta.uid);
+    Some(ServiceInfo {
+        name: name.clone(),
+        pid: meta.pid,
+        uid,
+        started: UNIX_EPOCH + Duration::from_millis(meta.started_ms),
+        protocol_version: meta.protocol,
+        version: meta.version,
+        id: meta.id,
+        methods: meta.methods,
+        socket,
+        instance,
+        connections: None,
+    })
+}
+
+/// The load record of a slot file (0 when not written yet or unreadable).
+fn read_load(file: &File) -> u64 {
+    let mut buf = [0u8; LOAD_LEN];
+    match rustix::io::pread(file, &mut buf, LOAD_OFFSET) {
+        Ok(n) if n == LOAD_LEN => {
+            std::str::from_utf8(&buf[..LOAD_LEN - 1]).ok().and_then(|t| t.parse().ok()).unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
+/// A live instance of a name, as a client sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Instance {
+    pub slot: u32,
+    pub socket: PathBuf,
+    /// Open connections (its load record).
+    pub connections: u64,
+    /// The instance serves (its metadata says so); a live slot that is not ready is still
+    /// starting up.
+    pub ready: bool,
+    pub pid: Option<u32>,
+}
+
+/// The live instances of `name` in `dir`, in slot order. Read-only (nothing is reclaimed): a
+/// readdir, and per slot file an `open`, a non-blocking shared `flock` (which conflicts only
+/// with the owner's exclusive one) and two `pread`s.
+pub(crate) fn instances(dir: &Path, name: &Name) -> Vec<Instance> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let prefix = format!("{name}@");
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(f) = file_name.to_str().filter(|f| f.starts_with(&prefix)) else { continue };
+        let Some((stem, slot)) = parse_slot(f).filter(|(stem, _)| *stem == name.as_str()) else {
+            continue;
+        };
+        let _ = stem;
+        let Ok(socket) = slot_socket_path(dir, name, slot) else { continue };
+        let file = match open_lock(&slot_lock_path(dir, name, slot), false) {
+            Ok(file) => file,
+            // Another user's instances (a runtime directory the application named, of a service
+            // that allows this user): their lock files are private, so there is no load to read
+            // and no lock to test; the socket is the evidence, and connecting tells the rest.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+                    out.push(Instance { slot, socket, connections: 0, ready: true, pid: None });
+                }
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if !matches!(
+            rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared),
+            Err(rustix::io::Errno::WOULDBLOCK)
+        ) {
+            continue; // nobody holds it: a crashed instance's leftover (our lock goes with `file`)
+        }
+        let meta = read_meta(&file);
+        out.push(Instance {
+            slot,
+            socket,
+            connections: read_load(&file),
+            ready: meta.as_ref().is_some_and(|m| m.ready),
+            pid: meta.map(|m| m.pid),
+        });
+    }
+    out.sort_by_key(|i| i.slot);
+    out
+}
+
+/// Where a client should connect for `name` in `dir`, best first: the exclusive socket when
+/// there is one (nothing else is looked at, so an exclusive name costs one `lstat` more per
+/// connect than before instances existed); else the ready instances, least-loaded first, ties in
+/// random order (so that callers connecting at the same moment spread instead of all picking
+/// the first slot). Empty when neither exists.
+pub(crate) fn targets(dir: &Path, name: &Name) -> Result<Vec<Target>> {
+    let sock = socket_path(dir, name)?;
+    if fs::symlink_metadata(&sock).is_ok() {
+        return Ok(vec![Target { path: sock, slot: None }]);
+    }
+    let mut found: Vec<(u64, u64, Instance)> = instances(dir, name)
+        .into_iter()
+        .filter(|i| i.ready)
+        .map(|i| (i.connections, random_u64(), i))
+        .collect();
+    found.sort_by_key(|(load, tie, _)| (*load, *tie));
+    Ok(found.into_iter().map(|(_, _, i)| Target { path: i.socket, slot: Some(i.slot) }).collect())
+}
+
+/// One place to connect to (see [`targets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub path: PathBuf,
+    /// The instance slot; `None` for an exclusive server.
+    pub slot: Option<u32>,
+}
+
+/// When a client connected to instance `slot` should move, and where: when another ready
+/// instance has at least two connections fewer than this one (which counts this client's), so
+/// moving evens the load instead of swapping it.
+pub(crate) fn better_instance(dir: &Path, name: &Name, slot: u32) -> Option<Target> {
+    let all = instances(dir, name);
+    let mine = all.iter().find(|i| i.slot == slot)?.connections;
+    let best =
+        all.iter().filter(|i| i.ready && i.slot != slot).min_by_key(|i| (i.connections, random_u64()))?;
+    (best.connections + 2 <= mine).then(|| Target { path: best.socket.clone(), slot: Some(best.slot) })
+}
+
+/// A random number, from the process's hash keys and the clock (no dependency, not for secrets).
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish()
 }
 
 fn open_lock(path: &Path, create: bool) -> io::Result<File> {
@@ -352,7 +544,15 @@ fn take_lock(dir: &Path, name: &Name, lock_path: &Path) -> Result<File> {
             }
             Err(rustix::io::Errno::WOULDBLOCK) => {
                 let pid = read_meta(&file).map(|m| m.pid).filter(|&p| pid_alive(p));
-                if pid.is_some() || Instant::now() >= give_up {
+                if pid.is_some() {
+                    return Err(Error::name_taken(name.as_str(), pid, dir));
+                }
+                // Held without metadata: instances (shared locks) or an owner starting up.
+                let pids: Vec<u32> = instances(dir, name).iter().filter_map(|i| i.pid).collect();
+                if !pids.is_empty() {
+                    return Err(Error::served_by_instances(name.as_str(), &pids, dir));
+                }
+                if Instant::now() >= give_up {
                     return Err(Error::name_taken(name.as_str(), pid, dir));
                 }
                 std::thread::sleep(Duration::from_millis(2));
@@ -361,6 +561,87 @@ fn take_lock(dir: &Path, name: &Name, lock_path: &Path) -> Result<File> {
                 return Err(Error::io(format_args!("cannot lock {}", lock_path.display()), e.into()));
             }
         }
+    }
+}
+
+/// Takes `<name>.lock` shared, for an instance: it keeps exclusive servers out while letting
+/// other instances in. Waits briefly while the lock is held exclusively by a process that has
+/// written no metadata (someone reclaiming a stale entry, or listing), as [`take_lock`] does.
+fn take_mode_shared(dir: &Path, name: &Name, mode_path: &Path) -> Result<File> {
+    let give_up = Instant::now() + Duration::from_millis(500);
+    loop {
+        let file = open_lock(mode_path, true)
+            .map_err(|e| Error::io(format_args!("cannot open lock file {}", mode_path.display()), e))?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared) {
+            Ok(()) if !same_file(&file, mode_path) => continue, // unlinked meanwhile; retry
+            Ok(()) => {
+                // No exclusive server can be alive now: an exclusive socket left by a crashed
+                // one would shadow the instances from clients; it goes.
+                if let Ok(sock) = socket_path(dir, name) {
+                    remove_if_socket(&sock);
+                }
+                return Ok(file);
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let pid = read_meta(&file).map(|m| m.pid).filter(|&p| pid_alive(p));
+                if pid.is_some() || Instant::now() >= give_up {
+                    return Err(Error::owned_exclusively(name.as_str(), pid, dir));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => {
+                return Err(Error::io(format_args!("cannot lock {}", mode_path.display()), e.into()));
+            }
+        }
+    }
+}
+
+/// Takes the lowest free instance slot of `name`: its lock file, locked exclusively.
+fn take_slot(dir: &Path, name: &Name) -> Result<(u32, File, PathBuf)> {
+    for slot in 0..MAX_INSTANCES {
+        let path = slot_lock_path(dir, name, slot);
+        loop {
+            let file = open_lock(&path, true)
+                .map_err(|e| Error::io(format_args!("cannot open lock file {}", path.display()), e))?;
+            match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) if same_file(&file, &path) => return Ok((slot, file, path)),
+                Ok(()) => continue, // unlinked by its previous owner meanwhile; retry this slot
+                Err(rustix::io::Errno::WOULDBLOCK) => break,
+                Err(e) => return Err(Error::io(format_args!("cannot lock {}", path.display()), e.into())),
+            }
+        }
+    }
+    Err(Error::new(
+        ErrorKind::NameTaken,
+        format!(
+            "the name '{name}' has all its {MAX_INSTANCES} instance slots taken (in {}); stop some \
+             instances",
+            dir.display()
+        ),
+    ))
+}
+
+/// What an instance holds besides its slot.
+#[derive(Debug)]
+struct Membership {
+    /// `<name>.lock`, locked shared.
+    mode: File,
+    mode_path: PathBuf,
+    slot: u32,
+    /// The last load recorded, written again after the metadata (which truncates the file).
+    connections: std::sync::atomic::AtomicU64,
+}
+
+/// Removes `<name>.lock` (and a stale `<name>.sock`) when nobody holds the lock any more:
+/// what the last instance to leave does, and what [`list`] does for a crashed owner.
+fn reclaim_name_if_free(dir: &Path, name: &Name) {
+    let path = lock_path(dir, name);
+    let Ok(file) = open_lock(&path, false) else { return };
+    if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() && same_file(&file, &path) {
+        if let Ok(sock) = socket_path(dir, name) {
+            remove_if_socket(&sock);
+        }
+        let _ = fs::remove_file(&path);
     }
 }
 
@@ -376,6 +657,9 @@ pub(crate) struct Claim {
     /// Inode of the socket we bound, so that Drop removes our socket and nothing else, and
     /// [`Claim::intact`] sees when the path names another file.
     sock_ino: Option<(u64, u64)>,
+    /// For an instance: the name's lock, held shared, and the slot (then `lock`, `lock_path`
+    /// and `sock_path` are the slot's files).
+    member: Option<Membership>,
 }
 
 impl Claim {
@@ -384,7 +668,59 @@ impl Claim {
         let lock_path = lock_path(dir, name);
         let sock_path = socket_path(dir, name)?;
         let lock = take_lock(dir, name, &lock_path)?;
-        Ok(Claim { name: name.clone(), dir: dir.to_owned(), lock, lock_path, sock_path, sock_ino: None })
+        Ok(Claim {
+            name: name.clone(),
+            dir: dir.to_owned(),
+            lock,
+            lock_path,
+            sock_path,
+            sock_ino: None,
+            member: None,
+        })
+    }
+
+    /// Joins the name in `dir` (which must exist and be safe) as one of its instances: takes
+    /// the name's lock shared and the lowest free slot.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::NameTaken`] when an exclusive server owns the name or all slots are taken;
+    /// [`ErrorKind::InvalidName`] when the slot's socket path would be too long.
+    pub(crate) fn take_instance(dir: &Path, name: &Name) -> Result<Claim> {
+        slot_socket_path(dir, name, MAX_INSTANCES - 1)?;
+        let mode_path = lock_path(dir, name);
+        let mode = take_mode_shared(dir, name, &mode_path)?;
+        let (slot, lock, lock_path) = take_slot(dir, name)?;
+        Ok(Claim {
+            name: name.clone(),
+            dir: dir.to_owned(),
+            lock,
+            lock_path,
+            sock_path: slot_socket_path(dir, name, slot)?,
+            sock_ino: None,
+            member: Some(Membership { mode, mode_path, slot, connections: Default::default() }),
+        })
+    }
+
+    /// The instance slot, when this claim is one of several instances.
+    pub(crate) fn slot(&self) -> Option<u32> {
+        self.member.as_ref().map(|m| m.slot)
+    }
+
+    /// Records how many connections this instance has open (its load record; see
+    /// [`LOAD_OFFSET`]): one `pwrite`. Nothing for an exclusive claim.
+    pub(crate) fn set_connections(&self, n: usize) {
+        if let Some(m) = &self.member {
+            m.connections.store(n as u64, std::sync::atomic::Ordering::Relaxed);
+            self.write_load(n as u64);
+        }
+    }
+
+    fn write_load(&self, n: u64) {
+        let record = format!("{n:020}\n");
+        if let Err(e) = rustix::io::pwrite(&self.lock, record.as_bytes(), LOAD_OFFSET) {
+            tracing::debug!(error = %e, path = %self.lock_path.display(), "cannot record the load");
+        }
     }
 
     /// Binds the name's socket (removing a stale one first; see
@@ -411,7 +747,9 @@ impl Claim {
             (Some((dev, ino)), Ok(md)) => md.file_type().is_socket() && md.dev() == dev && md.ino() == ino,
             (Some(_), Err(_)) => false,
         };
-        socket_ours && same_file(&self.lock, &self.lock_path)
+        socket_ours
+            && same_file(&self.lock, &self.lock_path)
+            && self.member.as_ref().is_none_or(|m| same_file(&m.mode, &m.mode_path))
     }
 
     /// Takes the name again after its files were removed or replaced (see
@@ -426,11 +764,30 @@ impl Claim {
     /// then touches none of its files, now or when dropped); [`ErrorKind::PermissionDenied`]
     /// for an unsafe runtime directory or something other than a socket at the socket path;
     /// [`ErrorKind::Io`].
+    /// An instance takes the name's lock (shared) back first, then a slot: its old one when
+    /// free, else the lowest free one (its socket path then changes).
     pub(crate) fn restore(&mut self) -> Result<Option<UnixListener>> {
+        if let Some(m) = self.member.as_mut().filter(|m| !same_file(&m.mode, &m.mode_path)) {
+            ensure_dir(&self.dir)?;
+            m.mode = take_mode_shared(&self.dir, &self.name, &m.mode_path)?;
+        }
         if !same_file(&self.lock, &self.lock_path) {
             let meta = read_meta(&self.lock);
             ensure_dir(&self.dir)?;
-            self.lock = take_lock(&self.dir, &self.name, &self.lock_path)?;
+            if self.member.is_some() {
+                let (slot, lock, lock_path) = take_slot(&self.dir, &self.name)?;
+                let sock_path = slot_socket_path(&self.dir, &self.name, slot)?;
+                if sock_path != self.sock_path {
+                    self.remove_socket();
+                    self.sock_path = sock_path;
+                }
+                if let Some(m) = self.member.as_mut() {
+                    m.slot = slot;
+                }
+                (self.lock, self.lock_path) = (lock, lock_path);
+            } else {
+                self.lock = take_lock(&self.dir, &self.name, &self.lock_path)?;
+            }
             if let Some(meta) = meta {
                 self.write_meta(&meta)?;
             }
@@ -460,7 +817,11 @@ impl Claim {
         f.seek(SeekFrom::Start(0))
             .and_then(|_| f.write_all(&line))
             .and_then(|()| self.lock.set_len(line.len() as u64))
-            .map_err(|e| Error::io(format_args!("cannot write {}", self.lock_path.display()), e))
+            .map_err(|e| Error::io(format_args!("cannot write {}", self.lock_path.display()), e))?;
+        if let Some(m) = &self.member {
+            self.write_load(m.connections.load(std::sync::atomic::Ordering::Relaxed));
+        }
+        Ok(())
     }
 
     /// Clears the way for binding: removes a stale socket, refuses anything else at the path.
@@ -529,6 +890,12 @@ impl Drop for Claim {
         // the meantime notices the unlinked inode and retries (see `take`).
         if same_file(&self.lock, &self.lock_path) {
             let _ = fs::remove_file(&self.lock_path);
+        }
+        if let Some(m) = self.member.take() {
+            // Let go of the name's shared lock, then remove its file if no other instance (and
+            // no exclusive server) holds it now.
+            drop(m.mode);
+            reclaim_name_if_free(&self.dir, &self.name);
         }
     }
 }
@@ -637,6 +1004,38 @@ mod tests {
         assert_eq!(holder(&d, &name), Some(1));
         drop(other);
         assert_eq!(holder(&d, &name), None);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn slot_files_are_told_from_names() {
+        assert_eq!(parse_slot("LIFE@0.lock"), Some(("LIFE", 0)));
+        assert_eq!(parse_slot("a.b@255.lock"), Some(("a.b", 255)));
+        for not_a_slot in ["LIFE.lock", "LIFE@007.lock", "LIFE@256.lock", "LIFE@x.lock", "LIFE@1.sock", "@1"]
+        {
+            assert_eq!(parse_slot(not_a_slot), None, "{not_a_slot}");
+        }
+    }
+
+    #[test]
+    fn an_instance_slot_is_exclusive_and_keeps_exclusive_servers_out() {
+        let d = tempdir("slot");
+        ensure_dir(&d).unwrap();
+        let name = Name::new("S").unwrap();
+        let a = Claim::take_instance(&d, &name).unwrap();
+        let b = Claim::take_instance(&d, &name).unwrap();
+        assert_eq!((a.slot(), b.slot()), (Some(0), Some(1)));
+        a.write_meta(&meta_of(std::process::id())).unwrap();
+        b.set_connections(7);
+        let found = instances(&d, &name);
+        assert_eq!(found.iter().map(|i| (i.slot, i.connections)).collect::<Vec<_>>(), [(0, 0), (1, 7)]);
+        assert_eq!(Claim::take(&d, &name).unwrap_err().kind(), ErrorKind::NameTaken);
+        drop(a);
+        let c = Claim::take_instance(&d, &name).unwrap();
+        assert_eq!(c.slot(), Some(0), "the lowest free slot");
+        drop((b, c));
+        assert!(fs::read_dir(&d).unwrap().next().is_none(), "no file left");
+        drop(Claim::take(&d, &name).unwrap());
         fs::remove_dir_all(&d).unwrap();
     }
 

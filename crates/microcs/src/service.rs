@@ -295,6 +295,8 @@ pub(crate) struct Config {
     pub allow_any_user: bool,
     /// Kernel send buffer asked for on each accepted connection (0: the system's default).
     pub send_buffer: usize,
+    /// Join the name as one of several instances instead of owning it exclusively.
+    pub shared: bool,
 }
 
 impl Default for Config {
@@ -311,6 +313,7 @@ impl Default for Config {
             allowed_uids: Vec::new(),
             allow_any_user: false,
             send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
+            shared: false,
         }
     }
 }
@@ -389,18 +392,33 @@ pub(crate) struct Bound {
 ///
 /// [`ErrorKind::InvalidName`], [`ErrorKind::NameTaken`], [`ErrorKind::PermissionDenied`],
 /// [`ErrorKind::Io`].
-pub(crate) fn claim_and_bind(name: String, dir: Option<PathBuf>, identity: &Identity) -> Result<Bound> {
+pub(crate) fn claim_and_bind(
+    name: String,
+    dir: Option<PathBuf>,
+    identity: &Identity,
+    shared: bool,
+) -> Result<Bound> {
     let name = Name::new(name)?;
     let dir = dir.unwrap_or_else(registry::runtime_dir);
     registry::socket_path(&dir, &name)?;
     registry::ensure_dir(&dir)?;
-    let mut claim = Claim::take(&dir, &name)?;
+    let mut claim = if shared { Claim::take_instance(&dir, &name)? } else { Claim::take(&dir, &name)? };
     let started_ms = registry::now_ms();
     let listener = claim.bind()?;
     // Owner's pid for competitors' `NameTaken`; not ready (not listed) until the server serves.
     claim.write_meta(&meta(started_ms, identity, "", &[]))?;
-    tracing::debug!(service = %name, path = %claim.socket_path().display(), "bound");
+    tracing::debug!(service = %name, path = %claim.socket_path().display(), slot = ?claim.slot(), "bound");
     Ok(Bound { name, dir, claim, listener, started_ms })
+}
+
+/// Records an instance's open connections in its slot file (the load signal clients balance
+/// on; see `registry`), from the connection table's size. Both flavours call it with the table
+/// still locked, so that the records of two changes cannot land out of order. Nothing for an
+/// exclusive server.
+pub(crate) fn record_connections(claim: &Mutex<Option<Claim>>, n: usize) {
+    if let Some(c) = claim.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        c.set_connections(n);
+    }
 }
 
 /// How often a server's accept loop checks that its name's files are still its own (see
@@ -544,6 +562,48 @@ macro_rules! common_server_options {
         /// Uses this runtime directory instead of the default one.
         pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
             self.dir = Some(dir.into());
+            self
+        }
+
+        /// Joins the name as one of several *instances* instead of owning it alone: each
+        /// instance owns a slot of the name (up to
+        /// [`MAX_INSTANCES`](crate::registry::MAX_INSTANCES)), clients connect to the
+        /// least-loaded live one, and a crashed instance's slot is reclaimed like a crashed
+        /// server's name. Use it for worker processes behind one name (a CPU-bound handler,
+        /// Python handlers bound to one core each).
+        ///
+        /// By default a server owns its name exclusively, and a second server gets
+        /// [`ErrorKind::NameTaken`](crate::ErrorKind::NameTaken). Exclusive servers and
+        /// instances never mix: an instance cannot join a name an exclusive server owns, nor
+        /// an exclusive server take a name instances serve (both get `NameTaken`, saying
+        /// which). `$info` and `$stats` answer for the instance a connection reached.
+        ///
+        /// # Examples
+        ///
+        /// ```
+        /// # let dir = std::env::temp_dir().join(format!("microcs-doc-shared-{}", std::process::id()));
+        /// use microcs::{Client, Request, Server};
+        /// let workers: Vec<_> = (0..2)
+        ///     .map(|_| {
+        ///         Server::builder("WORKERS_DOC")
+        ///             # .runtime_dir(&dir)
+        ///             .shared()
+        ///             .bind()?
+        ///             .spawn(|req: Request| Ok::<_, microcs::RemoteError>(req.into_payload()))
+        ///     })
+        ///     .collect::<microcs::Result<_>>()?;
+        /// let mut client = Client::builder("WORKERS_DOC")
+        ///     # .runtime_dir(&dir)
+        ///     .connect()?;
+        /// assert_eq!(client.request(b"hi")?, b"hi");
+        /// assert_eq!(microcs::registry::list_in(&dir)?.len(), 2);
+        /// for w in workers {
+        ///     w.shutdown();
+        /// }
+        /// # Ok::<(), microcs::Error>(())
+        /// ```
+        pub fn shared(mut self) -> Self {
+            self.config.shared = true;
             self
         }
     };

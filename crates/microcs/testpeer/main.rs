@@ -130,6 +130,9 @@ fn build(name: &str) -> microcs::Result<Server> {
     };
     let pending = std::env::var("PEER_MAX_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
     let mut builder = Server::builder(name);
+    if shared() {
+        builder = builder.shared();
+    }
     if let Some(bytes) = send_buffer() {
         builder = builder.send_buffer(bytes);
     }
@@ -219,6 +222,11 @@ fn build(name: &str) -> microcs::Result<Server> {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>("done")
         })
         .bind()
+}
+
+/// `PEER_SHARED`: join the name as one of its instances.
+fn shared() -> bool {
+    std::env::var_os("PEER_SHARED").is_some()
 }
 
 /// `send_buffer` for the server, if PEER_SEND_BUFFER says (else the library's default).
@@ -352,6 +360,9 @@ mod async_peer {
         };
         let pending = std::env::var("PEER_MAX_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
         let mut builder = microcs::tokio::Server::builder(name);
+        if shared() {
+            builder = builder.shared();
+        }
         if let Some(bytes) = send_buffer() {
             builder = builder.send_buffer(bytes);
         }

@@ -24,7 +24,13 @@ pub use stream::ItemStream;
 /// A blocking connection to a named service.
 ///
 /// One request at a time (`&mut self`); for many requests in flight over one connection, use the
-/// async client. A `Client` is `Send`, so it can move to another thread. It owns no thread and no
+/// async client.
+///
+/// When the name is served by several [instances](crate::ServerBuilder::shared), the client
+/// connects to the least-loaded live one (fewest open connections), skips instances that are
+/// gone, and about once a second (checked when a request starts, never in between) moves to
+/// another instance when that one has at least two connections fewer — so instances started
+/// later get a share of the work without callers reconnecting by hand. A `Client` is `Send`, so it can move to another thread. It owns no thread and no
 /// runtime: every call is plain syscalls on the caller's thread.
 ///
 /// After the server restarts, the next request reconnects by itself. A request is sent again only
@@ -85,6 +91,18 @@ struct Connection {
     rcv_timeout: Option<Duration>,
     /// The process that opened it ([`fork::current`]): no other may use it.
     owner: u32,
+    /// The instance slot it reached (`None`: the name's exclusive server).
+    slot: Option<u32>,
+    /// When to look again whether another instance is less loaded (instances only).
+    recheck: Instant,
+}
+
+/// How often, about, a client of an instance looks at the other instances' load; each
+/// client's period is jittered by ±50 % so that clients do not move all at once.
+const RECHECK: Duration = Duration::from_secs(1);
+
+fn next_recheck(now: Instant) -> Instant {
+    now + RECHECK / 2 + Duration::from_millis(registry::random_u64() % RECHECK.as_millis() as u64)
 }
 
 /// Options for a [`Client`]; from [`Client::builder`].
@@ -438,6 +456,7 @@ impl Client {
         let deadline = start + self.timeout;
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;
+        self.rebalance(start, deadline);
         loop {
             // The time left, for the request's header: the whole timeout unless connecting (or a
             // first try) took some of it — one clock read fewer on the common path.
@@ -517,8 +536,28 @@ impl Client {
         registry::holder(&self.dir, &self.name)
     }
 
-    /// Opens a connection and shakes hands.
-    fn open(&self, deadline: Instant) -> Result<Connection> {
+    /// Connected to an instance, and its time to look at the others has come: moves to a
+    /// less-loaded one, if there is one and it answers (else stays).
+    fn rebalance(&mut self, now: Instant, deadline: Instant) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        let Some(slot) = conn.slot.filter(|_| now >= conn.recheck) else { return };
+        conn.recheck = next_recheck(now);
+        let Some(target) = registry::better_instance(&self.dir, &self.name, slot) else { return };
+        match self.open_at(&target, deadline) {
+            Ok(new) => {
+                tracing::debug!(service = %self.name, from = slot, to = ?target.slot, "moved to a less-loaded instance");
+                self.path = target.path;
+                self.conn = Some(new);
+            }
+            Err(e) => {
+                tracing::debug!(service = %self.name, error = %e, "a less-loaded instance did not answer")
+            }
+        }
+    }
+
+    /// Opens a connection to the service (its exclusive server, or the least-loaded instance
+    /// that answers) and shakes hands.
+    fn open(&mut self, deadline: Instant) -> Result<Connection> {
         let name = &self.name;
         let exists = if self.explicit_dir {
             registry::check_foreign_dir_exists(&self.dir)?
@@ -528,9 +567,28 @@ impl Client {
         if !exists {
             return Err(client_conn::no_service(name, &self.dir, ""));
         }
+        let mut last = None;
+        for target in registry::targets(&self.dir, name)? {
+            match self.open_at(&target, deadline) {
+                Ok(conn) => {
+                    self.path = target.path;
+                    return Ok(conn);
+                }
+                // An instance that is gone (killed since we looked): the next one.
+                Err(e) if e.kind() == ErrorKind::NoService && target.slot.is_some() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| client_conn::no_service(name, &self.dir, "")))
+    }
+
+    /// Opens a connection to one socket of the service and shakes hands.
+    fn open_at(&self, target: &registry::Target, deadline: Instant) -> Result<Connection> {
+        let name = &self.name;
+        let path = &target.path;
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let stream = connect_with_timeout(&self.path, remaining).map_err(|e| {
-            client_conn::connect_failed(name, &self.dir, &self.path, self.timeout, || self.holder(), e)
+        let stream = connect_with_timeout(path, remaining).map_err(|e| {
+            client_conn::connect_failed(name, &self.dir, path, self.timeout, || self.holder(), e)
         })?;
         set_send_buffer(&stream, self.send_buffer);
         let mut conn = Connection {
@@ -540,21 +598,22 @@ impl Client {
             max_payload: client_conn::decode_limit(self.max_payload),
             rcv_timeout: Some(remaining),
             owner: fork::current(),
+            slot: target.slot,
+            recheck: next_recheck(Instant::now()),
         };
         let sent = send_bytes(&conn.stream, &client_conn::hello(self.max_payload));
         // A server that refuses us (busy, another user) writes why and closes without reading:
         // our hello may then fail with EPIPE, but its answer is still there to read.
-        let got = conn.read_raw(deadline, self.interrupt.as_ref(), |f| {
-            client_conn::handshake_answer(name, &self.path, f)
-        });
+        let got = conn
+            .read_raw(deadline, self.interrupt.as_ref(), |f| client_conn::handshake_answer(name, path, f));
         conn.server = match (sent, got) {
             (_, Ok((answer, _, _))) => answer?,
             (Err(e), Err(_)) => {
-                return Err(Loss::from_io(e.error).handshake_error(name, &self.path));
+                return Err(Loss::from_io(e.error).handshake_error(name, path));
             }
-            (Ok(()), Err(Wait::Lost(loss))) => return Err(loss.handshake_error(name, &self.path)),
+            (Ok(()), Err(Wait::Lost(loss))) => return Err(loss.handshake_error(name, path)),
             (Ok(()), Err(Wait::TimedOut | Wait::Interrupted)) => {
-                return Err(client_conn::handshake_timed_out(name, &self.path, self.timeout, self.holder()));
+                return Err(client_conn::handshake_timed_out(name, path, self.timeout, self.holder()));
             }
         };
         tracing::debug!(service = %name, pid = conn.server.pid, "connected");

@@ -10,6 +10,8 @@ mod blocking;
 mod convert;
 mod faults;
 mod fork;
+#[cfg(feature = "tokio")]
+mod instances;
 #[cfg(feature = "nats")]
 mod nats;
 mod ownership;

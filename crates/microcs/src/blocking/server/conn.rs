@@ -21,7 +21,7 @@ use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_tim
 use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::Claim;
 use crate::request::{CancelState, Peer, Room, panic_message};
-use crate::service::{Config, Service, WATCH_PERIOD, Watch, watch_name};
+use crate::service::{Config, Service, WATCH_PERIOD, Watch, record_connections, watch_name};
 use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
@@ -314,6 +314,7 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         read_shut: AtomicBool::new(false),
     });
     conns.insert(conn.id, conn.clone());
+    record_connections(&shared.claim, conns.len());
     shared.handshaking.fetch_add(1, Ordering::SeqCst);
     drop(conns);
     let s = shared.clone();
@@ -355,6 +356,7 @@ pub(super) fn leave(shared: &Shared, conn: &Conn) {
     if conn.threads.fetch_sub(1, Ordering::SeqCst) == 1 {
         conn.cancel_all();
         conns.remove(&conn.id);
+        record_connections(&shared.claim, conns.len());
         shared.drained.notify_all();
     }
 }

@@ -26,6 +26,8 @@ pub(super) struct Conn {
     /// Wakes the deadline task: a request's deadline is earlier than the one it sleeps until,
     /// or the connection ended.
     pub(super) deadlines: Notify,
+    /// The instance slot it reached (`None`: the name's exclusive server).
+    pub(super) slot: Option<u32>,
 }
 
 /// Per-connection state kept under the outbox lock.
@@ -94,6 +96,11 @@ impl Conn {
     }
 
     /// Usable for new requests.
+    /// Requests (and streams) waiting for their answer.
+    pub(super) fn in_flight(&self) -> usize {
+        self.book().extra.pending.len()
+    }
+
     pub(super) fn is_usable(&self) -> bool {
         let st = self.book();
         !st.is_closed() && !st.extra.retired

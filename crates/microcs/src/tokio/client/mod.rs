@@ -14,6 +14,15 @@
 //! settles every pending request: a request none of whose bytes were written is reported as
 //! "not run", and the caller sends it once more on a new connection; any other gets an error
 //! that says whether it may have run.
+//!
+//! # Instances
+//!
+//! A name served by several [instances](crate::tokio::ServerBuilder::shared) gets one
+//! connection per live instance (up to [`MAX_POOL`]): the first request connects to the
+//! least-loaded instance, and from then on, about once a second, a background task connects to
+//! instances it has no connection to yet (new ones too) and drops dead ones. Each request goes
+//! over the connection with the fewest requests in flight, which this client knows without
+//! asking anyone.
 
 mod conn;
 mod stream;
@@ -92,8 +101,9 @@ struct Shared {
     send_buffer: usize,
     /// The room each stream grants its server ([`ClientBuilder::stream_window`]).
     window: proto::Credit,
-    /// The connection new requests use; replaced when it dies or is retired.
-    conn: Mutex<Option<Arc<Conn>>>,
+    /// The connections new requests use (one, or one per instance); a connection leaves when
+    /// it dies or is retired.
+    pool: Mutex<Pool>,
     /// Serialises reconnecting, so a crowd of callers after a restart opens one connection.
     connecting: ::tokio::sync::Mutex<()>,
     /// Request ids, never reused (across reconnects too), so a late reply can never be taken
@@ -108,7 +118,7 @@ struct Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        let conn = std::mem::take(&mut self.pool.get_mut().unwrap_or_else(|p| p.into_inner()).conns);
         if !fork::is_current(self.owner) {
             // Dropped in a child after fork(): the connection (and NATS link) are the parent's,
             // and so are the runtime their tasks run on. Closing would shut the parent's stream
@@ -118,8 +128,8 @@ impl Drop for Shared {
             std::mem::forget(self.nats.take());
             return;
         }
-        // The last clone is gone: nobody can wait on this connection any more.
-        if let Some(c) = conn {
+        // The last clone is gone: nobody can wait on these connections any more.
+        for c in conn {
             c.close(Loss::Dropped);
         }
     }
@@ -169,7 +179,7 @@ impl ClientBuilder {
                 max_payload: self.max_payload,
                 send_buffer: self.send_buffer,
                 window: self.window,
-                conn: Mutex::new(None),
+                pool: Mutex::new(Pool::default()),
                 connecting: ::tokio::sync::Mutex::new(()),
                 next_id: Ids::new(),
                 #[cfg(feature = "nats")]
@@ -407,7 +417,7 @@ impl Client {
     /// Whether a local connection is open.
     #[cfg(feature = "nats")]
     fn has_local(&self) -> bool {
-        self.shared.slot().is_some()
+        !self.shared.pool().conns.is_empty()
     }
 
     /// Where the last request went ([`Transport::Local`](crate::nats::Transport::Local) or
@@ -429,7 +439,9 @@ impl Client {
 
     /// One request to the local instance (reconnecting when needed).
     async fn exchange_local(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
-        let deadline = Instant::now() + self.timeout;
+        let now = Instant::now();
+        let deadline = now + self.timeout;
+        self.refresh_if_due(now);
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;
         loop {
@@ -536,14 +548,56 @@ impl Client {
             return Ok(c);
         }
         let conn = self.open(deadline).await?;
-        let old = self.shared.slot().replace(conn.clone());
-        if let Some(old) = old {
+        let old = {
+            let mut pool = self.shared.pool();
+            // An instance: look for the others at the next request.
+            pool.refresh = conn.slot.map(|_| Instant::now());
+            std::mem::replace(&mut pool.conns, vec![conn.clone()])
+        };
+        for old in old {
             old.retire();
         }
         Ok(conn)
     }
 
-    /// Opens a connection, shakes hands and starts its reader and writer tasks.
+    /// Connected to instances and their time has come: a background task connects to the
+    /// instances this client has no connection to yet.
+    fn refresh_if_due(&self, now: Instant) {
+        {
+            let mut pool = self.shared.pool();
+            match pool.refresh {
+                Some(t) if now >= t => pool.refresh = Some(now + REFRESH),
+                _ => return,
+            }
+        }
+        let client = self.clone();
+        ::tokio::spawn(async move { client.refresh().await });
+    }
+
+    async fn refresh(&self) {
+        let s = &self.shared;
+        let Ok(_one_at_a_time) = s.connecting.try_lock() else { return };
+        let Ok(targets) = registry::targets(&s.dir, &s.name) else { return };
+        let have: Vec<Option<u32>> = {
+            let mut pool = s.pool();
+            pool.conns.retain(|c| c.is_usable());
+            pool.conns.iter().map(|c| c.slot).collect()
+        };
+        let deadline = Instant::now() + self.timeout;
+        let new = targets.into_iter().filter(|t| t.slot.is_some() && !have.contains(&t.slot));
+        for target in new.take(MAX_POOL.saturating_sub(have.len())) {
+            match self.open_at(&target, deadline).await {
+                Ok(conn) => {
+                    tracing::debug!(service = %s.name, slot = ?target.slot, "connected to another instance");
+                    s.pool().conns.push(conn);
+                }
+                Err(e) => tracing::debug!(service = %s.name, error = %e, "an instance did not answer"),
+            }
+        }
+    }
+
+    /// Opens a connection to the service (its exclusive server, or the least-loaded instance
+    /// that answers).
     async fn open(&self, deadline: Instant) -> Result<Arc<Conn>> {
         let s = &self.shared;
         let name = &s.name;
@@ -555,19 +609,37 @@ impl Client {
         if !exists {
             return Err(client_conn::no_service(name, &s.dir, ""));
         }
+        let mut last = None;
+        for target in registry::targets(&s.dir, name)? {
+            match self.open_at(&target, deadline).await {
+                Ok(conn) => return Ok(conn),
+                // An instance that is gone (killed since we looked): the next one.
+                Err(e) if e.kind() == ErrorKind::NoService && target.slot.is_some() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| client_conn::no_service(name, &s.dir, "")))
+    }
+
+    /// Opens a connection to one socket of the service, shakes hands and starts its reader and
+    /// writer tasks.
+    async fn open_at(&self, target: &registry::Target, deadline: Instant) -> Result<Arc<Conn>> {
+        let s = &self.shared;
+        let name = &s.name;
+        let path = &target.path;
         // For the message of a server that does not answer; only after a timeout (a `stat`, an
         // `open` and a `flock` that never block).
         let holder = || registry::holder(&s.dir, name);
-        let stream = match timeout_at(deadline, connect(&s.path)).await {
+        let stream = match timeout_at(deadline, connect(path)).await {
             Err(_) => return Err(client_conn::connect_timed_out(name, self.timeout, holder())),
             Ok(Ok(stream)) => {
                 crate::transport::unix::set_send_buffer(&stream, s.send_buffer);
                 stream.into_std().and_then(Stream::new).map_err(|e| {
-                    Error::io(format_args!("cannot watch the connection to {}", s.path.display()), e)
+                    Error::io(format_args!("cannot watch the connection to {}", path.display()), e)
                 })?
             }
             Ok(Err(e)) => {
-                return Err(client_conn::connect_failed(name, &s.dir, &s.path, self.timeout, holder, e));
+                return Err(client_conn::connect_failed(name, &s.dir, path, self.timeout, holder, e));
             }
         };
         let mut rbuf = ReadBuf::default();
@@ -577,21 +649,26 @@ impl Client {
             // A server that refuses us (busy, another user) writes why and closes without
             // reading: our hello may then fail with EPIPE, but its answer is still there to read.
             let got = read_frame(&stream, &mut rbuf, decode_limit, |f| {
-                client_conn::handshake_answer(name, &s.path, f)
+                client_conn::handshake_answer(name, path, f)
             })
             .await;
             match (sent, got) {
                 (_, Ok(answer)) => answer,
-                (Err(e), Err(_)) => Err(Loss::from_io(e).handshake_error(name, &s.path)),
-                (Ok(()), Err(loss)) => Err(loss.handshake_error(name, &s.path)),
+                (Err(e), Err(_)) => Err(Loss::from_io(e).handshake_error(name, path)),
+                (Ok(()), Err(loss)) => Err(loss.handshake_error(name, path)),
             }
         };
         let server = timeout_at(deadline, handshake)
             .await
-            .map_err(|_| client_conn::handshake_timed_out(name, &s.path, self.timeout, holder()))??;
+            .map_err(|_| client_conn::handshake_timed_out(name, path, self.timeout, holder()))??;
         tracing::debug!(service = %name, pid = server.pid, "connected");
-        let conn =
-            Arc::new(Conn { stream, server, outbox: Outbox::new(Book::default()), deadlines: Notify::new() });
+        let conn = Arc::new(Conn {
+            stream,
+            server,
+            outbox: Outbox::new(Book::default()),
+            deadlines: Notify::new(),
+            slot: target.slot,
+        });
         ::tokio::spawn(writer_task(conn.clone()));
         ::tokio::spawn(reader_task(conn.clone(), rbuf, decode_limit));
         ::tokio::spawn(deadline_task(conn.clone()));
@@ -599,24 +676,41 @@ impl Client {
     }
 }
 
+/// Most connections a client keeps to the instances of one name.
+pub const MAX_POOL: usize = 32;
+
+/// How often a client of instances looks for instances it is not connected to.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// The connections of a client.
+#[derive(Default)]
+struct Pool {
+    conns: Vec<Arc<Conn>>,
+    /// When to look for more instances (`None`: the name has an exclusive server, or no
+    /// connection is open).
+    refresh: Option<Instant>,
+}
+
 impl Shared {
-    fn slot(&self) -> MutexGuard<'_, Option<Arc<Conn>>> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The connection new requests should use, if there is a usable one.
+    /// The connection the next request should use, if there is a usable one: the only one, or
+    /// (instances) the one with the fewest requests in flight.
     fn current(&self) -> Option<Arc<Conn>> {
-        self.slot().as_ref().filter(|c| c.is_usable()).cloned()
+        let pool = self.pool();
+        match pool.conns.as_slice() {
+            [] => None,
+            [one] => Some(one).filter(|c| c.is_usable()).cloned(),
+            many => many.iter().filter(|c| c.is_usable()).min_by_key(|c| c.in_flight()).cloned(),
+        }
     }
 
-    /// Stops sending new requests over `conn` (it failed one of them); the next request opens
-    /// a new connection.
+    /// Stops sending new requests over `conn` (it failed one of them); the next request uses
+    /// another connection or opens a new one.
     fn retire(&self, conn: &Arc<Conn>) {
-        let mut slot = self.slot();
-        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            *slot = None;
-        }
-        drop(slot);
+        self.pool().conns.retain(|c| !Arc::ptr_eq(c, conn));
         conn.retire();
     }
 }

@@ -24,7 +24,7 @@ use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_tim
 use crate::proto::{DecodeError, Decoded, Header};
 use crate::registry::Claim;
 use crate::request::{CancelState, Peer, Room, panic_message};
-use crate::service::{Config, Service, WATCH_PERIOD, Watch, watch_name};
+use crate::service::{Config, Service, WATCH_PERIOD, Watch, record_connections, watch_name};
 use crate::transport::unix::set_send_buffer;
 use crate::transport::{Link, Shut, Transport, send_frame_now};
 
@@ -94,7 +94,10 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.conn.outbox.close();
         shutdown(&self.conn.stream);
-        self.shared.conns().remove(&self.conn.id);
+        let mut conns = self.shared.conns();
+        conns.remove(&self.conn.id);
+        record_connections(&self.shared.claim, conns.len());
+        drop(conns);
         self.shared.drained.notify_waiters();
     }
 }
@@ -234,6 +237,7 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     let entry =
         ConnEntry { accepted: Instant::now(), handshaken: false, dropped: false, abort: task.abort_handle() };
     conns.insert(id, entry);
+    record_connections(&shared.claim, conns.len());
 }
 
 /// One accepted connection, shared by its reader (the connection task), its writer task and the
