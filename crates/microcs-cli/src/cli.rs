@@ -77,6 +77,7 @@ pub enum Command {
     #[command(after_help = concat!("Examples:\n  microcs serve UPPER -- tr a-z A-Z\n  microcs serve ECHO --echo\n  \
                             microcs serve TOOLS --method wc='wc -c' --method date=date\n  \
                             microcs serve LIFE_GEN --life\n  \
+                            microcs serve LIFE_GEN --life --instances 2\n  \
                             microcs serve UPPER --nats nats://broker:4222 -- tr a-z A-Z\n  \
                             microcs serve UPPER --nats nats://broker:4222 --transport nats -- tr a-z A-Z\n\n\
                             Over NATS, MICROCS_PEER_PID is 0 and MICROCS_PEER_UID 4294967295: no kernel \
@@ -179,6 +180,18 @@ pub struct ServeArgs {
     /// Description reported by `microcs info`.
     #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
+
+    /// Join NAME as one of several instances (callers are spread over them) instead of owning
+    /// it alone. Instances and an exclusive server never serve one name together.
+    #[arg(long, help_heading = "Instances")]
+    pub shared: bool,
+
+    /// Start and supervise N worker processes, each serving NAME as a shared instance (a
+    /// worker that exits or is killed is restarted, with backoff); Ctrl-C or SIGTERM stops
+    /// them all, and the name is free once they have drained.
+    #[arg(long, value_name = "N", help_heading = "Instances", conflicts_with = "shared",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub instances: Option<u32>,
 
     /// Largest request or reply a command may take or give, in bytes (suffixes K, M accepted).
     #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
@@ -318,6 +331,10 @@ pub struct PingArgs {
 pub struct TargetArgs {
     /// Service to ask.
     pub name: String,
+
+    /// Ask this instance (its slot, as `microcs ls` shows it) of a name served by several.
+    #[arg(long, value_name = "SLOT")]
+    pub instance: Option<u32>,
 
     /// Give up after this long.
     #[arg(long, short = 't', value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]

@@ -831,3 +831,90 @@ fn serve_lines_streams_each_output_line_and_kills_the_command_when_the_caller_le
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `microcs ls --json`'s services named `name`: (instance slot, pid).
+fn instances(env: &Env, name: &str) -> Vec<(u64, u64)> {
+    let j = env.run(&["ls", "--json"]).ok().json();
+    let services = j["services"].as_array().unwrap().iter();
+    services
+        .filter(|s| s["name"] == name)
+        .map(|s| (s["instance"].as_u64().expect("an instance"), s["pid"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn serve_instances_supervises_workers_restarts_a_killed_one_and_frees_the_name_on_sigterm() {
+    use rustix::process::Signal;
+    let env = Env::new("inst");
+    let name = env.name("INST");
+    let srv = env.serve(&[&name, "--echo", "--instances", "3"]);
+    let workers: Vec<u64> =
+        srv.ready["workers"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
+    assert_eq!(workers.len(), 3, "{}", srv.ready);
+    let listed = instances(&env, &name);
+    assert_eq!(listed.iter().map(|l| l.0).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(
+        listed.iter().map(|l| l.1).collect::<std::collections::BTreeSet<_>>(),
+        workers.iter().copied().collect()
+    );
+    let table = env.run(&["ls"]).ok().text();
+    assert!(table.starts_with("NAME") && table.contains("INSTANCE") && table.contains("#2 of 3"), "{table}");
+    // Each instance answers for itself.
+    let info = env.run(&["--json", "info", &name, "--instance", "1"]).ok().json();
+    let on_1 = listed.iter().find(|l| l.0 == 1).unwrap().1;
+    assert_eq!(info["metadata"]["pid"], on_1.to_string(), "{info}");
+
+    // A worker killed with SIGKILL is restarted (and says so); calls keep being answered.
+    let victim = workers[1];
+    rustix::process::kill_process(rustix::process::Pid::from_raw(victim as i32).unwrap(), Signal::KILL)
+        .unwrap();
+    let restarted: Value = serde_json::from_str(&srv.lines.recv_timeout(WATCHDOG).unwrap()).unwrap();
+    assert_eq!(
+        (restarted["event"].as_str(), restarted["old_pid"].as_u64()),
+        (Some("restarted"), Some(victim))
+    );
+    assert_eq!(restarted["status"], "signal 9");
+    let new_pid = restarted["pid"].as_u64().unwrap();
+    assert!(eventually(Duration::from_secs(20), || instances(&env, &name).iter().any(|l| l.1 == new_pid)));
+    assert_eq!(instances(&env, &name).len(), 3);
+    for i in 0..10 {
+        assert_eq!(env.run(&["call", &name, &format!("m{i}")]).ok().text(), format!("m{i}"));
+    }
+
+    // SIGTERM drains all of them; nothing is left behind.
+    srv.signal(Signal::TERM);
+    let (status, lines, err) = srv.wait();
+    assert_eq!(status.code(), Some(0), "{err}");
+    let stopped: Value = serde_json::from_str(lines.last().expect("stopped event")).unwrap();
+    assert_eq!(stopped["event"], "stopped");
+    assert!(err.contains("restarting it in") && err.contains("the name is free"), "{err}");
+    assert!(instances(&env, &name).is_empty());
+    let left: Vec<_> = std::fs::read_dir(&env.dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
+    for w in workers.iter().chain([&new_pid]) {
+        assert!(!Path::new(&format!("/proc/{w}")).exists(), "worker {w} is gone");
+    }
+}
+
+#[test]
+fn serve_instances_refuses_a_name_served_exclusively_and_shared_cannot_join_it() {
+    let env = Env::new("instx");
+    let name = env.name("INSTX");
+    let _owner = env.serve(&[&name, "--echo"]);
+    let out = env.run(&["serve", &name, "--echo", "--instances", "2"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("exclusive server") && out.stderr.contains("could not start"),
+        "{}",
+        out.stderr
+    );
+    let out = env.run(&["serve", &name, "--echo", "--shared"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("exclusive server"), "{}", out.stderr);
+    // And the other way round.
+    let other = env.name("INSTY");
+    let _a = env.serve(&[&other, "--echo", "--shared"]);
+    let out = env.run(&["serve", &other, "--echo"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("1 shared instance") && out.stderr.contains("--shared"), "{}", out.stderr);
+}

@@ -423,7 +423,15 @@ pub(crate) fn instances(dir: &Path, name: &Name) -> Vec<Instance> {
 /// connect than before instances existed); else the ready instances, least-loaded first, ties in
 /// random order (so that callers connecting at the same moment spread instead of all picking
 /// the first slot). Empty when neither exists.
-pub(crate) fn targets(dir: &Path, name: &Name) -> Result<Vec<Target>> {
+///
+/// With `only`, just that instance slot, when its socket exists (for tools that ask each
+/// instance in turn).
+pub(crate) fn targets(dir: &Path, name: &Name, only: Option<u32>) -> Result<Vec<Target>> {
+    if let Some(slot) = only {
+        let path = slot_socket_path(dir, name, slot)?;
+        let there = fs::symlink_metadata(&path).is_ok();
+        return Ok(there.then_some(Target { path, slot: Some(slot) }).into_iter().collect());
+    }
     let sock = socket_path(dir, name)?;
     if fs::symlink_metadata(&sock).is_ok() {
         return Ok(vec![Target { path: sock, slot: None }]);

@@ -611,8 +611,8 @@ macro_rules! common_server_options {
 pub(crate) use common_server_options;
 
 /// The builder options both client flavours share, expanded inside each flavour's
-/// `impl ClientBuilder` (both have the fields `timeout`, `max_payload`, `send_buffer` and
-/// `dir`): one definition, code and documentation, for both APIs.
+/// `impl ClientBuilder` (both have the fields `timeout`, `max_payload`, `send_buffer`,
+/// `window`, `instance` and `dir`): one definition, code and documentation, for both APIs.
 macro_rules! common_client_options {
     () => {
         /// Time each request may take, from the call to the reply (default 30 s). The server
@@ -649,6 +649,16 @@ macro_rules! common_client_options {
         /// window. Zero counts as one.
         pub fn stream_window(mut self, items: u32, bytes: u32) -> Self {
             self.window = crate::proto::Credit { items: items.max(1), bytes: bytes.max(1) };
+            self
+        }
+
+        /// Connects to this instance of the name only (its slot, as
+        /// [`ServiceInfo::instance`](crate::registry::ServiceInfo::instance) lists it), never
+        /// to another: for tools that ask each instance in turn (`microcs ls`, `stats
+        /// --instance`). [`ErrorKind::NoService`](crate::ErrorKind::NoService) when that slot
+        /// has no socket.
+        pub fn instance(mut self, slot: u32) -> Self {
+            self.instance = Some(slot);
             self
         }
 

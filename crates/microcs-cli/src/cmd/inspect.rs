@@ -13,7 +13,7 @@ use crate::output::{Ctx, count, latency, print, print_json, table};
 /// Runs `microcs info`: the service's `$info` answer (JSON as the service sent it with `--json`).
 pub fn info(ctx: &Ctx, args: TargetArgs) -> CliResult {
     let net = Net::from_args(&args.net)?;
-    let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
+    let mut client = instance_client(ctx, &args, &net)?;
     let info = client.info()?;
     let on_nats = client.via() == Transport::Nats;
     if ctx.json {
@@ -70,7 +70,7 @@ pub fn info(ctx: &Ctx, args: TargetArgs) -> CliResult {
 /// Runs `microcs stats`: request and error counts and handler times per endpoint.
 pub fn stats(ctx: &Ctx, args: TargetArgs) -> CliResult {
     let net = Net::from_args(&args.net)?;
-    let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
+    let mut client = instance_client(ctx, &args, &net)?;
     let stats = client.stats()?;
     if ctx.json {
         return print_json(&stats);
@@ -123,4 +123,14 @@ fn one_line(text: &str, max: usize) -> String {
         let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
         format!("{cut}…")
     }
+}
+
+/// The client for `info` / `stats`: to the instance asked for, if any.
+fn instance_client(ctx: &Ctx, args: &TargetArgs, net: &Net) -> CliResult<microcs::Client> {
+    let builder = ctx.client(&args.name, args.timeout, net);
+    let builder = match args.instance {
+        Some(slot) => builder.instance(slot),
+        None => builder,
+    };
+    Ok(builder.connect()?)
 }

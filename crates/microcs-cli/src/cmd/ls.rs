@@ -53,6 +53,12 @@ pub struct Row {
     pub errors: Option<u64>,
     /// Its `$SRV.INFO` answer as received, for an instance found on NATS (null otherwise).
     pub info: Option<InfoResponse>,
+    /// Its slot, for a local instance of a name served by several (null otherwise).
+    pub instance: Option<u32>,
+    /// How many local instances serve the name (null for an exclusive server).
+    pub instances: Option<usize>,
+    /// Open connections, as a local instance records them (null otherwise).
+    pub connections: Option<u64>,
 }
 
 /// `microcs ls --json`.
@@ -76,10 +82,20 @@ struct LsJson<'a> {
 pub fn collect(ctx: &Ctx, timeout: Duration) -> CliResult<Vec<Row>> {
     let now = SystemTime::now();
     let mut rows = Vec::new();
-    for svc in microcs::list_in(&ctx.dir)? {
+    let services = microcs::list_in(&ctx.dir)?;
+    let mut per_name = BTreeMap::<&str, usize>::new();
+    for svc in services.iter().filter(|s| s.instance.is_some()) {
+        *per_name.entry(svc.name.as_str()).or_default() += 1;
+    }
+    for svc in &services {
         // A service that is busy, or exits between list and connect, is still listed, with `-`.
-        let stats =
-            ctx.client(svc.name.as_str(), timeout, &Net::local()).connect().and_then(|mut c| c.stats()).ok();
+        // Each instance is asked itself.
+        let client = ctx.client(svc.name.as_str(), timeout, &Net::local());
+        let client = match svc.instance {
+            Some(slot) => client.instance(slot),
+            None => client,
+        };
+        let stats = client.connect().and_then(|mut c| c.stats()).ok();
         let (requests, errors) = totals(stats.as_ref());
         rows.push(Row {
             name: svc.name.to_string(),
@@ -97,6 +113,9 @@ pub fn collect(ctx: &Ctx, timeout: Duration) -> CliResult<Vec<Row>> {
             requests,
             errors,
             info: None,
+            instance: svc.instance,
+            instances: svc.instance.and(per_name.get(svc.name.as_str()).copied()),
+            connections: svc.connections,
         });
     }
     Ok(rows)
@@ -171,6 +190,9 @@ fn nats_row(info: Option<InfoResponse>, stats: Option<StatsResponse>, now: Syste
         requests,
         errors,
         info,
+        instance: None,
+        instances: None,
+        connections: None,
     }
 }
 
@@ -201,19 +223,35 @@ pub fn merge(mut local: Vec<Row>, nats: Vec<Row>) -> Vec<Row> {
             None => local.push(n),
         }
     }
-    // By name; local instances first, then by id.
-    local.sort_by(|a, b| (&a.name, a.found[0] != LOCAL, &a.id).cmp(&(&b.name, b.found[0] != LOCAL, &b.id)));
+    // By name; local instances first (by slot), then by id.
+    local.sort_by(|a, b| {
+        (&a.name, a.found[0] != LOCAL, a.instance, &a.id).cmp(&(
+            &b.name,
+            b.found[0] != LOCAL,
+            b.instance,
+            &b.id,
+        ))
+    });
     local
 }
 
 /// The human table of `microcs ls`; with `wide`, also where each service was found and its host
-/// (when NATS was listed).
+/// (when NATS was listed). When some name is served by several instances, the columns INSTANCE
+/// (slot, and how many there are: `#1 of 3`) and CONNS (open connections) are shown too.
 pub fn render(rows: &[Row], wide: bool) -> String {
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), count);
+    let pooled = rows.iter().any(|r| r.instance.is_some());
     let body: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             let mut cells = vec![r.name.clone()];
+            if pooled {
+                cells.push(match (r.instance, r.instances) {
+                    (Some(k), Some(n)) => format!("#{k} of {n}"),
+                    _ => "-".into(),
+                });
+                cells.push(opt(r.connections));
+            }
             if wide {
                 cells.push(r.found.join("+"));
                 cells.push(r.host.clone().unwrap_or_else(|| "-".into()));
@@ -228,12 +266,15 @@ pub fn render(rows: &[Row], wide: bool) -> String {
             cells
         })
         .collect();
-    let header: &[&str] = if wide {
-        &["NAME", "WHERE", "HOST", "PID", "UPTIME", "REQUESTS", "ERRORS", "METHODS"]
-    } else {
-        &["NAME", "PID", "UPTIME", "REQUESTS", "ERRORS", "METHODS"]
-    };
-    table(header, &body)
+    let mut header = vec!["NAME"];
+    if pooled {
+        header.extend(["INSTANCE", "CONNS"]);
+    }
+    if wide {
+        header.extend(["WHERE", "HOST"]);
+    }
+    header.extend(["PID", "UPTIME", "REQUESTS", "ERRORS", "METHODS"]);
+    table(&header, &body)
 }
 
 /// Runs `microcs ls`.
@@ -305,6 +346,9 @@ mod tests {
             requests: (found == NATS).then_some(7),
             errors: (found == NATS).then_some(1),
             info: None,
+            instance: None,
+            instances: None,
+            connections: None,
         }
     }
 

@@ -8,3 +8,4 @@ pub mod inspect;
 pub mod ls;
 pub mod ping;
 pub mod serve;
+pub mod supervise;

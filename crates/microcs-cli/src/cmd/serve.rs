@@ -54,6 +54,16 @@ struct Stopped<'a> {
 
 /// Runs `microcs serve`.
 pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
+    check_what(&args)?;
+    if let Some(n) = args.instances {
+        check_nats(&args)?;
+        return crate::cmd::supervise::run(ctx, &args, n);
+    }
+    serve(ctx, args)
+}
+
+/// Checks there is something to serve, and that its program exists.
+fn check_what(args: &ServeArgs) -> CliResult {
     let name = args.name.as_str();
     if args.command.is_empty() && !args.echo && !args.life && args.methods.is_empty() {
         return Err(CliError::local(format!(
@@ -69,6 +79,12 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
             )));
         }
     }
+    Ok(())
+}
+
+/// Serves the name in this process.
+fn serve(ctx: &Ctx, args: ServeArgs) -> CliResult {
+    let name = args.name.as_str();
     let nats_url = check_nats(&args)?;
     let max_frame = u32::try_from(args.max_size)
         .ok()
@@ -115,6 +131,9 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
         .transport(args.transport.transport());
     if let Some(url) = &nats_url {
         builder = builder.nats(url);
+    }
+    if args.shared {
+        builder = builder.shared();
     }
     let handler_desc;
     let default: Handler = if args.echo {
@@ -167,6 +186,9 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
             t.shutdown(); // a signal came while binding: serve() returns at once, cleanly
         }
         s.trigger = Some(t);
+    }
+    if args.shared {
+        watch_supervisor(server.shutdown_trigger());
     }
     let on_nats = args.transport == Way::Nats;
     let socket = (!on_nats).then(|| server.socket_path().display().to_string());
@@ -226,6 +248,23 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     }
     let _ = std::io::stderr().flush();
     Ok(())
+}
+
+/// A worker of `serve --instances` (its supervisor's pid in the environment) stops when its
+/// parent is no longer that supervisor (it died, even by SIGKILL): no orphan serves on.
+fn watch_supervisor(trigger: ShutdownTrigger) {
+    let Some(supervisor) =
+        std::env::var(crate::cmd::supervise::ENV_SUPERVISOR).ok().and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    std::thread::spawn(move || {
+        while rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) == Some(supervisor) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        note!("microcs: the supervisor (pid {supervisor}) is gone; stopping");
+        trigger.shutdown();
+    });
 }
 
 /// Checks `--nats` and `--transport`; returns the URL to serve on NATS with, if any.

@@ -69,6 +69,8 @@ pub struct Client {
     interrupt: Option<InterruptCheck>,
     /// The room each stream grants its server ([`ClientBuilder::stream_window`]).
     window: proto::Credit,
+    /// The one instance to use ([`ClientBuilder::instance`]).
+    instance: Option<u32>,
     conn: Option<Connection>,
     /// Request ids are never reused on a connection, so a late reply to a request that timed out
     /// can never be taken for the answer to a later one.
@@ -116,6 +118,7 @@ pub struct ClientBuilder {
     send_buffer: usize,
     interrupt: Option<InterruptCheck>,
     window: proto::Credit,
+    instance: Option<u32>,
     #[cfg(feature = "nats")]
     nats: crate::nats::ClientConfig,
 }
@@ -198,6 +201,7 @@ impl ClientBuilder {
             send_buffer: self.send_buffer,
             interrupt: self.interrupt,
             window: self.window,
+            instance: self.instance,
             conn: None,
             next_id: Ids::new(),
             #[cfg(feature = "nats")]
@@ -256,6 +260,7 @@ impl Client {
             send_buffer: DEFAULT_SEND_BUFFER,
             interrupt: None,
             window: proto::Credit { items: proto::DEFAULT_WINDOW_ITEMS, bytes: proto::DEFAULT_WINDOW_BYTES },
+            instance: None,
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -540,7 +545,7 @@ impl Client {
     /// less-loaded one, if there is one and it answers (else stays).
     fn rebalance(&mut self, now: Instant, deadline: Instant) {
         let Some(conn) = self.conn.as_mut() else { return };
-        let Some(slot) = conn.slot.filter(|_| now >= conn.recheck) else { return };
+        let Some(slot) = conn.slot.filter(|_| now >= conn.recheck && self.instance.is_none()) else { return };
         conn.recheck = next_recheck(now);
         let Some(target) = registry::better_instance(&self.dir, &self.name, slot) else { return };
         match self.open_at(&target, deadline) {
@@ -568,7 +573,7 @@ impl Client {
             return Err(client_conn::no_service(name, &self.dir, ""));
         }
         let mut last = None;
-        for target in registry::targets(&self.dir, name)? {
+        for target in registry::targets(&self.dir, name, self.instance)? {
             match self.open_at(&target, deadline) {
                 Ok(conn) => {
                     self.path = target.path;

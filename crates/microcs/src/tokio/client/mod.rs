@@ -101,6 +101,8 @@ struct Shared {
     send_buffer: usize,
     /// The room each stream grants its server ([`ClientBuilder::stream_window`]).
     window: proto::Credit,
+    /// The one instance to use ([`ClientBuilder::instance`]).
+    instance: Option<u32>,
     /// The connections new requests use (one, or one per instance); a connection leaves when
     /// it dies or is retired.
     pool: Mutex<Pool>,
@@ -145,6 +147,7 @@ pub struct ClientBuilder {
     max_payload: u32,
     send_buffer: usize,
     window: proto::Credit,
+    instance: Option<u32>,
     #[cfg(feature = "nats")]
     nats: crate::nats::ClientConfig,
 }
@@ -179,6 +182,7 @@ impl ClientBuilder {
                 max_payload: self.max_payload,
                 send_buffer: self.send_buffer,
                 window: self.window,
+                instance: self.instance,
                 pool: Mutex::new(Pool::default()),
                 connecting: ::tokio::sync::Mutex::new(()),
                 next_id: Ids::new(),
@@ -246,6 +250,7 @@ impl Client {
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
             window: proto::Credit { items: proto::DEFAULT_WINDOW_ITEMS, bytes: proto::DEFAULT_WINDOW_BYTES },
+            instance: None,
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -551,7 +556,7 @@ impl Client {
         let old = {
             let mut pool = self.shared.pool();
             // An instance: look for the others at the next request.
-            pool.refresh = conn.slot.map(|_| Instant::now());
+            pool.refresh = conn.slot.filter(|_| self.shared.instance.is_none()).map(|_| Instant::now());
             std::mem::replace(&mut pool.conns, vec![conn.clone()])
         };
         for old in old {
@@ -577,7 +582,7 @@ impl Client {
     async fn refresh(&self) {
         let s = &self.shared;
         let Ok(_one_at_a_time) = s.connecting.try_lock() else { return };
-        let Ok(targets) = registry::targets(&s.dir, &s.name) else { return };
+        let Ok(targets) = registry::targets(&s.dir, &s.name, s.instance) else { return };
         let have: Vec<Option<u32>> = {
             let mut pool = s.pool();
             pool.conns.retain(|c| c.is_usable());
@@ -610,7 +615,7 @@ impl Client {
             return Err(client_conn::no_service(name, &s.dir, ""));
         }
         let mut last = None;
-        for target in registry::targets(&s.dir, name)? {
+        for target in registry::targets(&s.dir, name, s.instance)? {
             match self.open_at(&target, deadline).await {
                 Ok(conn) => return Ok(conn),
                 // An instance that is gone (killed since we looked): the next one.
