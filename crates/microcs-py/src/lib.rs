@@ -86,6 +86,13 @@ pub struct ServiceInfo {
     /// The Unix socket the service listens on (None for a service found on NATS only).
     #[pyo3(get)]
     socket: Option<String>,
+    /// The slot of a local instance of a name served by several (`shared=True`); None for an
+    /// exclusive server.
+    #[pyo3(get)]
+    instance: Option<u32>,
+    /// A local instance's open connections, as it records them (None otherwise).
+    #[pyo3(get)]
+    connections: Option<u64>,
 }
 
 impl From<nats::Found> for ServiceInfo {
@@ -102,6 +109,8 @@ impl From<nats::Found> for ServiceInfo {
             id: f.id,
             methods: f.methods,
             socket: f.socket,
+            instance: f.instance,
+            connections: f.connections,
         }
     }
 }

@@ -87,6 +87,8 @@ pub(crate) struct Found {
     pub id: String,
     pub methods: Vec<String>,
     pub socket: Option<String>,
+    pub instance: Option<u32>,
+    pub connections: Option<u64>,
 }
 
 impl From<microcs::ServiceInfo> for Found {
@@ -103,6 +105,8 @@ impl From<microcs::ServiceInfo> for Found {
             id: s.id,
             methods: s.methods,
             socket: Some(s.socket.display().to_string()),
+            instance: s.instance,
+            connections: s.connections,
         }
     }
 }
@@ -162,11 +166,13 @@ fn found_on_nats(info: Option<InfoResponse>, stats: Option<StatsResponse>) -> Op
         id: id.clone(),
         methods: endpoints.into_iter().filter(|e| *e != DEFAULT_ENDPOINT).cloned().collect(),
         socket: None,
+        instance: None,
+        connections: None,
     })
 }
 
-/// Local instances and NATS instances as one list, sorted by name (local instances first, then
-/// by id): an instance found both ways (a local server also serving on NATS: the same id) is one
+/// Local instances and NATS instances as one list, sorted by name (local instances first, by
+/// slot, then by id): an instance found both ways (a local server also serving on NATS: the same id) is one
 /// entry, found in both places.
 pub(crate) fn merge(mut local: Vec<Found>, nats: Vec<Found>) -> Vec<Found> {
     for n in nats {
@@ -179,7 +185,12 @@ pub(crate) fn merge(mut local: Vec<Found>, nats: Vec<Found>) -> Vec<Found> {
         }
     }
     local.sort_by(|a, b| {
-        (&a.name, a.found[0] != "local", &a.id).cmp(&(&b.name, b.found[0] != "local", &b.id))
+        (&a.name, a.found[0] != "local", a.instance, &a.id).cmp(&(
+            &b.name,
+            b.found[0] != "local",
+            b.instance,
+            &b.id,
+        ))
     });
     local
 }

@@ -106,6 +106,11 @@ class Server(Generic[_P]):
     SemVer. Credentials come from ``MICROCS_NATS_USER``/``MICROCS_NATS_PASSWORD``,
     ``MICROCS_NATS_TOKEN`` or ``MICROCS_NATS_CREDS``, a private CA from ``MICROCS_NATS_CA``;
     a server never takes its URL from ``MICROCS_NATS_URL``.
+
+    With ``shared=True`` the server joins ``name`` as one of several *instances* (each a process
+    of its own, e.g. from ``multiprocessing``): clients connect to the least-loaded live one and
+    skip dead ones, so a CPU-bound handler scales past the GIL. By default a server owns its
+    name alone (a second one raises ``NameTaken``); exclusive servers and instances never mix.
     """
 
     @overload
@@ -126,6 +131,7 @@ class Server(Generic[_P]):
         metadata: Mapping[str, str] | None = None,
         nats: str | None = None,
         transport: _Transport | None = None,
+        shared: bool = False,
     ) -> None: ...
     @overload
     def __init__(
@@ -145,6 +151,7 @@ class Server(Generic[_P]):
         metadata: Mapping[str, str] | None = None,
         nats: str | None = None,
         transport: _Transport | None = None,
+        shared: bool = False,
     ) -> None: ...
     @property
     def name(self) -> str:
@@ -404,6 +411,13 @@ class ServiceInfo:
     @property
     def socket(self) -> str | None:
         """The Unix socket (None for a service found on NATS only)."""
+    @property
+    def instance(self) -> int | None:
+        """The slot of a local instance of a name served by several (``shared=True``); None
+        for an exclusive server."""
+    @property
+    def connections(self) -> int | None:
+        """A local instance's open connections, as it records them (None otherwise)."""
 
 def list_services(
     runtime_dir: _PathLike | None = None, *, nats: str | None = None, timeout: float = 1.0

@@ -943,6 +943,9 @@ fn invalid_name(py: Python<'_>, message: String) -> PyErr {
 impl Server {
     /// Claims `name` (raises NameTaken if a live server has it) and prepares to serve it.
     ///
+    /// With `shared=True` it joins `name` as one of several instances instead (callers are
+    /// spread over the live ones; NameTaken only if an exclusive server owns the name).
+    ///
     /// With `nats`, it also serves as a NATS micro service on that broker (connected here, so a
     /// wrong URL or refused credentials fail now); `transport="nats"` serves on NATS only and
     /// claims no local name, `"local"` ignores `nats`.
@@ -950,7 +953,7 @@ impl Server {
     #[pyo3(signature = (
         handler, name, *, text = false, methods = None, runtime_dir = None, max_frame = None,
         max_connections = None, max_in_flight = None, grace_period = None, version = None,
-        description = None, metadata = None, nats = None, transport = None
+        description = None, metadata = None, nats = None, transport = None, shared = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -969,6 +972,7 @@ impl Server {
         metadata: Option<std::collections::BTreeMap<String, String>>,
         nats: Option<&str>,
         transport: Option<&str>,
+        shared: bool,
     ) -> PyResult<Server> {
         let (nats_url, transport) = crate::nats::server(nats, transport).py_err(py)?;
         let default = match handler {
@@ -1005,6 +1009,9 @@ impl Server {
         }
         if let Some(t) = transport {
             b = b.transport(t);
+        }
+        if shared {
+            b = b.shared();
         }
         // Binding may wait briefly for a server that is just exiting, and connects to the NATS
         // broker when one is given.

@@ -579,8 +579,9 @@ impl Client {
                     self.path = target.path;
                     return Ok(conn);
                 }
-                // An instance that is gone (killed since we looked): the next one.
-                Err(e) if e.kind() == ErrorKind::NoService && target.slot.is_some() => last = Some(e),
+                // An instance that is gone (killed since we looked, or dying during the
+                // handshake, before any request was sent): the next one.
+                Err(e) if client_conn::instance_gone(&e) && target.slot.is_some() => last = Some(e),
                 Err(e) => return Err(e),
             }
         }

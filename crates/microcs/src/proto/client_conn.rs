@@ -454,6 +454,13 @@ pub(crate) fn no_service(name: &Name, dir: &Path, detail: &str) -> Error {
     )
 }
 
+/// Whether a failure to open a connection to one instance of a name means that instance is
+/// gone (its socket refuses, or it closed the connection during the handshake): nothing was
+/// sent, so the client may try another instance.
+pub(crate) fn instance_gone(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::NoService | ErrorKind::Closed)
+}
+
 /// What a failed `connect()` to the service's socket means; `holder` is asked (as for
 /// [`handshake_timed_out`]) only when it timed out.
 pub(crate) fn connect_failed(

@@ -618,8 +618,9 @@ impl Client {
         for target in registry::targets(&s.dir, name, s.instance)? {
             match self.open_at(&target, deadline).await {
                 Ok(conn) => return Ok(conn),
-                // An instance that is gone (killed since we looked): the next one.
-                Err(e) if e.kind() == ErrorKind::NoService && target.slot.is_some() => last = Some(e),
+                // An instance that is gone (killed since we looked, or dying during the
+                // handshake, before any request was sent): the next one.
+                Err(e) if client_conn::instance_gone(&e) && target.slot.is_some() => last = Some(e),
                 Err(e) => return Err(e),
             }
         }
