@@ -58,6 +58,7 @@ __all__ = [
     "InvalidConfig",
     "NameTaken",
     "NoService",
+    "StartFailed",
     "PermissionDenied",
     "ProtocolError",
     "RemoteError",
@@ -139,6 +140,12 @@ class InvalidConfig(Error, ValueError):
 
 class NoService(Error, ConnectionError):
     """No service of that name is running."""
+
+
+class StartFailed(NoService):
+    """Starting the service from its definition failed (the compiled package starts services on
+    demand; this module never does, so it never raises this: it is here so that both offer the
+    same exceptions)."""
 
 
 class NameTaken(Error):

@@ -129,6 +129,19 @@ pub enum Command {
     /// few seconds.
     Demo(DemoArgs),
 
+    /// Start a service from its definition (as its first call would), and wait until it serves.
+    ///
+    /// Definitions are TOML files NAME.toml in $MICROCS_SERVICES_DIR, else
+    /// $XDG_CONFIG_HOME/microcs/services (~/.config/microcs/services); see docs/CLI.md.
+    Start(ServiceArgs),
+
+    /// Stop a running service: SIGTERM to each of its servers (instances), then wait until the
+    /// name is free.
+    Stop(ServiceArgs),
+
+    /// Show a service's definition, whether it runs (each instance's pid), and its log.
+    Status(ServiceArgs),
+
     /// Print a shell completion script (bash, zsh or fish) on stdout.
     #[command(
         after_help = "Examples:\n  microcs completions bash > ~/.local/share/bash-completion/completions/microcs\n  \
@@ -192,6 +205,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", help_heading = "Instances", conflicts_with = "shared",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub instances: Option<u32>,
+
+    /// Stop (as on SIGTERM, exit 0) after this long without requests [default: none, or
+    /// $MICROCS_IDLE_TIMEOUT seconds, which a service started from its definition gets].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
 
     /// Largest request or reply a command may take or give, in bytes (suffixes K, M accepted).
     #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
@@ -343,6 +361,17 @@ pub struct TargetArgs {
     /// NATS: `--nats URL`, `--transport`.
     #[command(flatten)]
     pub net: NatsArgs,
+}
+
+/// Arguments of `microcs start`, `stop` and `status`.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// Service name.
+    pub name: String,
+
+    /// How long `stop` waits for the servers to exit before it fails.
+    #[arg(long, short = 't', value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Arguments of `microcs bench`.

@@ -36,6 +36,7 @@ pub fn exit_code_for(kind: ErrorKind) -> u8 {
     match kind {
         // The request (or the service it needs) failed: the caller may retry or look at the service.
         ErrorKind::NoService
+        | ErrorKind::StartFailed
         | ErrorKind::TimedOut
         | ErrorKind::Remote
         | ErrorKind::Closed

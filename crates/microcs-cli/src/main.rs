@@ -90,6 +90,9 @@ fn run(ctx: &Ctx, command: Command) -> CliResult {
         Command::Stats(a) => cmd::inspect::stats(ctx, a),
         Command::Bench(a) => cmd::bench::run(ctx, a),
         Command::Demo(a) => cmd::demo::run(ctx, a),
+        Command::Start(a) => cmd::service::start(ctx, a),
+        Command::Stop(a) => cmd::service::stop(ctx, a),
+        Command::Status(a) => cmd::service::status(ctx, a),
         Command::Completions(a) => cmd::completions::run(a),
     }
 }

@@ -918,3 +918,190 @@ fn serve_instances_refuses_a_name_served_exclusively_and_shared_cannot_join_it()
     assert_eq!(out.code(), 2, "{}", out.stderr);
     assert!(out.stderr.contains("1 shared instance") && out.stderr.contains("--shared"), "{}", out.stderr);
 }
+
+/// A private directory of service definitions for the activation tests.
+struct Defs {
+    dir: PathBuf,
+}
+
+impl Defs {
+    fn new(env: &Env) -> Defs {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = env.dir.with_extension("defs");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        Defs { dir }
+    }
+
+    fn write(&self, name: &str, toml: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    /// A definition that serves NAME with `--echo` (and whatever `extra` adds), appending a line
+    /// to `count` each time it starts.
+    fn echo(&self, name: &str, count: &Path, extra: &str) -> PathBuf {
+        self.write(
+            name,
+            &format!(
+                "command = [\"sh\", \"-c\", \"echo started >> {}; exec {EXE} serve {name} --echo\"]\n{extra}",
+                count.display()
+            ),
+        )
+    }
+
+    fn cmd(&self, env: &Env, args: &[&str]) -> Command {
+        let mut c = env.cmd(args);
+        c.env("MICROCS_SERVICES_DIR", &self.dir).env_remove("MICROCS_NO_ACTIVATION");
+        c
+    }
+
+    fn run(&self, env: &Env, args: &[&str]) -> Out {
+        let child = self.cmd(env, args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        wait_output(child, args)
+    }
+}
+
+impl Drop for Defs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn starts(count: &Path) -> usize {
+    std::fs::read_to_string(count).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+#[test]
+fn a_call_starts_a_defined_service_exactly_once_under_50_racing_callers() {
+    let env = Env::new("act");
+    let defs = Defs::new(&env);
+    let name = env.name("ACT");
+    let count = defs.dir.join("count");
+    defs.echo(&name, &count, "start_timeout = 20.0\n");
+    let callers: Vec<_> = (0..50)
+        .map(|i| {
+            let args = ["call", name.as_str(), &format!("hi {i}")].map(str::to_owned);
+            defs.cmd(&env, &args.each_ref().map(String::as_str))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in callers.into_iter().enumerate() {
+        let out = wait_output(c, &["call"]);
+        assert_eq!(out.code(), 0, "caller {i}: {}", out.stderr);
+        assert_eq!(out.text(), format!("hi {i}"));
+    }
+    assert_eq!(starts(&count), 1, "started once");
+    let log = std::fs::read_to_string(env.dir.join(format!("{name}.log"))).unwrap();
+    assert!(log.contains("serving"), "its stderr goes to the log: {log}");
+    // status / stop, for people.
+    let st = defs.run(&env, &["--json", "status", &name]).ok().json();
+    assert_eq!(st["running"], true, "{st}");
+    assert!(st["definition"].as_str().unwrap().ends_with(&format!("{name}.toml")));
+    defs.run(&env, &["stop", &name]).ok();
+    assert!(listed(&env, &name).is_empty());
+    let st = defs.run(&env, &["--json", "status", &name]).ok().json();
+    assert_eq!(st["running"], false, "{st}");
+    // start: without a call; twice is fine.
+    defs.run(&env, &["start", &name]).ok();
+    assert_eq!(listed(&env, &name).len(), 1);
+    let again = defs.run(&env, &["start", &name]).ok();
+    assert!(again.stderr.contains("already running"), "{}", again.stderr);
+    assert_eq!(starts(&count), 2);
+    defs.run(&env, &["stop", &name]).ok();
+}
+
+#[test]
+fn a_service_that_fails_to_start_is_a_typed_error_with_its_command_status_and_log() {
+    let env = Env::new("actfail");
+    let defs = Defs::new(&env);
+    let name = env.name("ACTFAIL");
+    defs.write(&name, "command = [\"sh\", \"-c\", \"echo cannot open the board file >&2; exit 3\"]\n");
+    let out = defs.run(&env, &["call", &name, "x"]);
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    for part in ["could not be started", "exit status: 3", "cannot open the board file", "sh -c"] {
+        assert!(out.stderr.contains(part), "{part:?} in {}", out.stderr);
+    }
+    // A command that never registers: killed at the start timeout, the error says so.
+    let slow = env.name("ACTSLOW");
+    defs.write(&slow, "command = [\"sleep\", \"30\"]\nstart_timeout = 0.5\n");
+    let t0 = Instant::now();
+    let out = defs.run(&env, &["call", &slow, "x"]);
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("did not register within the start timeout"), "{}", out.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(15), "bounded by the start timeout: {:?}", t0.elapsed());
+}
+
+#[test]
+fn no_definition_or_activation_off_is_an_instant_no_service() {
+    let env = Env::new("actoff");
+    let defs = Defs::new(&env);
+    let name = env.name("ACTOFF");
+    let out = defs.run(&env, &["call", &name, "x"]);
+    assert_eq!(out.code(), 1);
+    assert!(out.stderr.contains("no service named"), "{}", out.stderr);
+    let count = defs.dir.join("count");
+    defs.echo(&name, &count, "");
+    let out = defs.cmd(&env, &["call", &name, "x"]).env("MICROCS_NO_ACTIVATION", "1").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service named"));
+    assert_eq!(starts(&count), 0, "not started");
+}
+
+#[test]
+fn malformed_foreign_or_writable_definitions_are_refused_with_what_to_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("actbad");
+    let defs = Defs::new(&env);
+    let name = env.name("ACTBAD");
+    let path = defs.write(&name, "command = \"not a list\"\n");
+    let out = defs.run(&env, &["call", &name, "x"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&path.display().to_string()) && out.stderr.contains("command"),
+        "{}",
+        out.stderr
+    );
+    defs.write(&name, "command = [\"true\"]\nstart_timout = 3\n");
+    let out = defs.run(&env, &["call", &name, "x"]);
+    assert!(out.code() == 2 && out.stderr.contains("start_timout"), "a typo is an error: {}", out.stderr);
+    defs.write(&name, "command = [\"true\"]\n");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o622)).unwrap();
+    let out = defs.run(&env, &["call", &name, "x"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("refusing the service definition") && out.stderr.contains("0622"),
+        "{}",
+        out.stderr
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if rustix::process::geteuid().as_raw() == 0 {
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let out = defs.run(&env, &["call", &name, "x"]);
+        assert_eq!(out.code(), 2, "{}", out.stderr);
+        assert!(out.stderr.contains("owned by another user"), "{}", out.stderr);
+    }
+}
+
+#[test]
+fn an_idle_service_exits_and_the_next_call_starts_it_again() {
+    let env = Env::new("actidle");
+    let defs = Defs::new(&env);
+    let name = env.name("ACTIDLE");
+    let count = defs.dir.join("count");
+    defs.echo(&name, &count, "idle_timeout = 1.0\n");
+    assert_eq!(defs.run(&env, &["call", &name, "one"]).ok().text(), "one");
+    assert_eq!(listed(&env, &name).len(), 1);
+    assert!(eventually(Duration::from_secs(15), || listed(&env, &name).is_empty()), "idle exit");
+    let log = std::fs::read_to_string(env.dir.join(format!("{name}.log"))).unwrap();
+    assert!(log.contains("the name is free"), "a clean exit: {log}");
+    assert_eq!(defs.run(&env, &["call", &name, "two"]).ok().text(), "two");
+    assert_eq!(starts(&count), 2, "started again");
+    defs.run(&env, &["stop", &name]).ok();
+}

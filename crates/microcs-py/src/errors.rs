@@ -12,7 +12,7 @@ use pyo3::types::PyType;
 /// The Python classes, in the order of [`class_index`].
 static CLASSES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
 
-const CLASS_NAMES: [&str; 11] = [
+const CLASS_NAMES: [&str; 12] = [
     "Error",
     "InvalidName",
     "NoService",
@@ -24,6 +24,7 @@ const CLASS_NAMES: [&str; 11] = [
     "PermissionDenied",
     "Closed",
     "InvalidConfig",
+    "StartFailed",
 ];
 
 fn class_index(kind: ErrorKind) -> usize {
@@ -38,6 +39,7 @@ fn class_index(kind: ErrorKind) -> usize {
         ErrorKind::PermissionDenied => 8,
         ErrorKind::Closed => 9,
         ErrorKind::InvalidConfig => 10,
+        ErrorKind::StartFailed => 11,
         // `Io` and kinds added later: the base class, with the Rust message.
         _ => 0,
     }

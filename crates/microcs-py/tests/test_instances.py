@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import microcs
-from conftest import run_python, stop_process
+from conftest import run_python, rust_binary, stop_process
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -104,3 +104,29 @@ def test_workers_example_serves_from_processes_restarts_a_killed_one_and_stops_c
             microcs.Client(name, timeout=2)
     finally:
         stop_process(proc)
+
+
+def test_a_call_starts_a_service_from_its_definition(
+    runtime_dir: Path, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    microcs_bin = rust_binary("microcs")
+    defs = tmp_path / "services"
+    defs.mkdir(mode=0o700)
+    (defs / f"{name}.toml").write_text(f'command = ["{microcs_bin}", "serve", "{name}", "--echo"]\n')
+    (defs / f"{name}.toml").chmod(0o600)
+    monkeypatch.setenv("MICROCS_SERVICES_DIR", str(defs))
+    monkeypatch.delenv("MICROCS_NO_ACTIVATION", raising=False)
+    try:
+        assert microcs.Client(name, timeout=10).request(b"hi") == b"hi"
+        (started,) = _instances(name, runtime_dir)
+        assert started.pid not in (None, os.getpid())
+        # A definition whose command fails: StartFailed (a NoService) with its exit status.
+        (defs / "BROKEN_X.toml").write_text('command = ["sh", "-c", "echo nope >&2; exit 4"]\n')
+        (defs / "BROKEN_X.toml").chmod(0o600)
+        with pytest.raises(microcs.StartFailed, match="exit status: 4") as e:
+            microcs.Client("BROKEN_X", timeout=10)
+        assert isinstance(e.value, microcs.NoService) and "nope" in str(e.value)
+    finally:
+        for s in microcs.list_services(runtime_dir):
+            if s.pid is not None:
+                os.kill(s.pid, signal.SIGTERM)

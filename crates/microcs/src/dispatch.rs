@@ -133,6 +133,7 @@ pub(crate) fn begin_at<'a, H: Streams>(
         deadline: call.deadline,
         cancel: call.cancel.clone(),
     };
+    service.activity.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let run = Run {
         service,
         endpoint,
@@ -142,6 +143,14 @@ pub(crate) fn begin_at<'a, H: Streams>(
         stream: call.stream,
     };
     Begin::Run(run, req)
+}
+
+/// However a run ends (finished, or dropped with its task), it counts as ended for the idle
+/// timeout.
+impl<H> Drop for Run<'_, H> {
+    fn drop(&mut self) {
+        self.service.activity.ended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour

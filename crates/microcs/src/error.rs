@@ -42,6 +42,10 @@ pub enum ErrorKind {
     Closed,
     /// Any other I/O failure; the `io::Error` is the source.
     Io,
+    /// Nobody served the name, and starting it from its service definition failed: the
+    /// command could not run, exited before it registered, or did not register in time (see
+    /// `activation`). The message has the command, its exit status and the end of its log.
+    StartFailed,
 }
 
 impl ErrorKind {
@@ -59,6 +63,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission denied",
             ErrorKind::Closed => "closed",
             ErrorKind::Io => "i/o error",
+            ErrorKind::StartFailed => "start failed",
         }
     }
 }
@@ -362,7 +367,7 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match e.kind() {
             ErrorKind::InvalidName | ErrorKind::InvalidConfig => io::ErrorKind::InvalidInput,
-            ErrorKind::NoService => io::ErrorKind::NotFound,
+            ErrorKind::NoService | ErrorKind::StartFailed => io::ErrorKind::NotFound,
             ErrorKind::NameTaken => io::ErrorKind::AddrInUse,
             ErrorKind::TimedOut => io::ErrorKind::TimedOut,
             ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,

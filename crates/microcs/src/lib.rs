@@ -34,7 +34,9 @@
 //! - `io` and `transport`: plumbing both flavours share — the read buffer and the transport
 //!   seam that moves frames (`transport::unix` today).
 //! - [`Name`]: validated service names.
-//! - [`registry`]: runtime directory, name ownership, [`list`] of running services.
+//! - [`registry`]: runtime directory, name ownership, instance slots, [`list`] of running
+//!   services.
+//! - [`activation`]: service definitions, and starting a service when it is first called.
 //! - [`Error`], [`ErrorKind`], [`RemoteError`]: what can go wrong.
 //! - [`Request`], [`Peer`], [`IntoPayload`]: what a handler sees and returns.
 //! - [`micro`]: the JSON of the built-in `$ping`, `$info` and `$stats` methods.
@@ -54,6 +56,7 @@
 
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod blocking;
 mod dispatch;
 pub mod error;

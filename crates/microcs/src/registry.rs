@@ -445,6 +445,25 @@ pub(crate) fn targets(dir: &Path, name: &Name, only: Option<u32>) -> Result<Vec<
     Ok(found.into_iter().map(|(_, _, i)| Target { path: i.socket, slot: Some(i.slot) }).collect())
 }
 
+/// Whether `name` is served in `dir` now: its exclusive owner's metadata says it serves, or one
+/// of its instances' does. Read-only (nothing is reclaimed); what activation waits for.
+pub(crate) fn served(dir: &Path, name: &Name) -> bool {
+    let exclusive = open_lock(&lock_path(dir, name), false).ok().is_some_and(|file| {
+        matches!(
+            rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared),
+            Err(rustix::io::Errno::WOULDBLOCK)
+        ) && read_meta(&file).is_some_and(|m| m.ready)
+    });
+    exclusive || instances(dir, name).iter().any(|i| i.ready)
+}
+
+/// `<dir>/<name>.start`, the lock a client starting the service holds (see `activation`),
+/// opened (created 0600).
+pub(crate) fn start_lock(dir: &Path, name: &Name) -> Result<File> {
+    let path = dir.join(format!("{name}.start"));
+    open_lock(&path, true).map_err(|e| Error::io(format_args!("cannot open {}", path.display()), e))
+}
+
 /// One place to connect to (see [`targets`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {

@@ -88,6 +88,52 @@ pub(crate) struct Service<H> {
     pub default: Endpoint<H>,
     /// Named methods, sorted by name for binary search.
     pub methods: Vec<Endpoint<H>>,
+    /// Handlers started and ended, for the idle timeout.
+    pub activity: Activity,
+}
+
+/// Handlers started and ended (two relaxed atomic increments per request): the server is idle
+/// while both are equal and unchanged.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    pub started: AtomicU64,
+    pub ended: AtomicU64,
+}
+
+/// The idle timeout of a server: checked by its accept loop every [`WATCH_PERIOD`].
+#[derive(Debug)]
+pub(crate) struct IdleWatch {
+    timeout: Duration,
+    seen: u64,
+    since: std::time::Instant,
+}
+
+impl IdleWatch {
+    pub(crate) fn new(timeout: Option<Duration>) -> Option<IdleWatch> {
+        timeout.map(|timeout| IdleWatch { timeout, seen: u64::MAX, since: std::time::Instant::now() })
+    }
+
+    /// True once no handler has started or run for the whole timeout.
+    pub(crate) fn expired(&mut self, activity: &Activity) -> bool {
+        let started = activity.started.load(Ordering::Relaxed);
+        let ended = activity.ended.load(Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        if started != self.seen || started != ended {
+            (self.seen, self.since) = (started, now);
+            return false;
+        }
+        now.duration_since(self.since) >= self.timeout
+    }
+}
+
+/// Checks the idle timeout, if any; logs and returns true when it has passed.
+pub(crate) fn idle_expired<H>(idle: &mut Option<IdleWatch>, service: &Service<H>) -> bool {
+    let Some(w) = idle.as_mut() else { return false };
+    let expired = w.expired(&service.activity);
+    if expired {
+        tracing::info!(service = %service.name, idle = ?w.timeout, "no requests for the idle timeout; stopping");
+    }
+    expired
 }
 
 impl<H> Service<H> {
@@ -119,6 +165,7 @@ impl<H> Service<H> {
             identity,
             started: SystemTime::now(),
             methods,
+            activity: Activity::default(),
         }
     }
 
@@ -297,6 +344,8 @@ pub(crate) struct Config {
     pub send_buffer: usize,
     /// Join the name as one of several instances instead of owning it exclusively.
     pub shared: bool,
+    /// Stop after this long without requests.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -314,8 +363,15 @@ impl Default for Config {
             allow_any_user: false,
             send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
             shared: false,
+            idle_timeout: idle_timeout_from_env(),
         }
     }
+}
+
+/// `MICROCS_IDLE_TIMEOUT` (seconds), which activation gives a server it starts.
+fn idle_timeout_from_env() -> Option<Duration> {
+    let v: f64 = std::env::var(crate::activation::ENV_IDLE_TIMEOUT).ok()?.trim().parse().ok()?;
+    (v.is_finite() && v > 0.0 && v < 1e9).then(|| Duration::from_secs_f64(v))
 }
 
 impl Config {
@@ -606,6 +662,16 @@ macro_rules! common_server_options {
             self.config.shared = true;
             self
         }
+
+        /// Stops serving (as a shutdown does: running requests finish, the name is freed)
+        /// after `timeout` without requests; `serve` / `wait` then return `Ok`. Checked every
+        /// second. By default a server started by [activation](crate::activation) gets its
+        /// definition's idle timeout (from `MICROCS_IDLE_TIMEOUT`), so that the next call
+        /// starts it again; any other server runs until it is stopped. `None` turns it off.
+        pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+            self.config.idle_timeout = timeout;
+            self
+        }
     };
 }
 pub(crate) use common_server_options;
@@ -659,6 +725,17 @@ macro_rules! common_client_options {
         /// has no socket.
         pub fn instance(mut self, slot: u32) -> Self {
             self.instance = Some(slot);
+            self
+        }
+
+        /// Whether a call to a name nobody serves starts the service from its definition
+        /// (see [`activation`](crate::activation); default on, unless `MICROCS_NO_ACTIVATION`
+        /// is set). Off, such a call fails with
+        /// [`ErrorKind::NoService`](crate::ErrorKind::NoService) at once, as it does when no
+        /// definition exists. Only in a runtime directory of this user: never in another
+        /// user's (named with [`runtime_dir`](Self::runtime_dir)).
+        pub fn activate(mut self, on: bool) -> Self {
+            self.activate = on;
             self
         }
 

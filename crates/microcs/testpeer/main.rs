@@ -55,25 +55,39 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "tokio")]
+        "call-tokio" => {
+            let msg = args.get(2).cloned().unwrap_or_default();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let builder = microcs::tokio::Client::builder(name)
+                .activate(std::env::var_os("PEER_NO_ACTIVATE").is_none());
+            print_reply(rt.block_on(async { builder.connect().await?.send_message(&msg).await }))
+        }
         "call" | "call-dir" => {
-            let mut builder = microcs::Client::builder(name);
+            let mut builder =
+                microcs::Client::builder(name).activate(std::env::var_os("PEER_NO_ACTIVATE").is_none());
             let mut msg = args.get(2).map(String::as_str).unwrap_or("");
             if cmd == "call-dir" {
                 builder = builder.runtime_dir(msg);
                 msg = args.get(3).map(String::as_str).unwrap_or("");
             }
-            match builder.connect().and_then(|mut c| c.send_message(msg)) {
-                Ok(reply) => {
-                    println!("{reply}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{:?}: {e}", e.kind());
-                    ExitCode::from(1)
-                }
-            }
+            print_reply(builder.connect().and_then(|mut c| c.send_message(msg)))
         }
         _ => ExitCode::from(2),
+    }
+}
+
+/// A client's outcome: the reply on stdout (exit 0), or `Kind: message` on stderr (exit 1).
+fn print_reply(r: microcs::Result<String>) -> ExitCode {
+    match r {
+        Ok(reply) => {
+            println!("{reply}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{:?}: {e}", e.kind());
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -92,12 +106,15 @@ fn serve(name: &str, race: bool) -> ExitCode {
     let handle = server.spawn(|req: Request| Ok::<_, RemoteError>(req.into_payload())).expect("spawn");
     println!("{} {}", if race { "WON" } else { "READY" }, std::process::id());
     std::io::stdout().flush().unwrap();
-    // Serve until the test closes our stdin (or kills us), or the server stops by itself.
+    // Serve until the test closes our stdin (or kills us), or the server stops by itself;
+    // with PEER_FOREVER (started by activation, stdin is /dev/null), until killed.
     let trigger = handle.shutdown_trigger();
-    std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        trigger.shutdown();
-    });
+    if std::env::var_os("PEER_FOREVER").is_none() {
+        std::thread::spawn(move || {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            trigger.shutdown();
+        });
+    }
     let served = handle.wait();
     handle.shutdown();
     stopped(served)

@@ -8,4 +8,5 @@ pub mod inspect;
 pub mod ls;
 pub mod ping;
 pub mod serve;
+pub mod service;
 pub mod supervise;

@@ -135,6 +135,9 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> CliResult {
     if args.shared {
         builder = builder.shared();
     }
+    if let Some(t) = args.idle_timeout {
+        builder = builder.idle_timeout(Some(t));
+    }
     let handler_desc;
     let default: Handler = if args.echo {
         handler_desc = "echo".to_owned();

@@ -14,6 +14,7 @@ __all__ = [
     "InvalidName",
     "InvalidConfig",
     "NoService",
+    "StartFailed",
     "NameTaken",
     "TimedOut",
     "RemoteError",
@@ -48,6 +49,12 @@ class InvalidConfig(Error, ValueError):
 
 class NoService(Error, ConnectionError):
     """No service of that name is running."""
+
+
+class StartFailed(NoService):
+    """Nobody served the name, and starting it from its service definition failed: the command
+    could not run, exited before it registered, or did not register within the start timeout.
+    The message has the command, its exit status and the end of its log."""
 
 
 class NameTaken(Error):

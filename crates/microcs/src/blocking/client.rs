@@ -71,6 +71,8 @@ pub struct Client {
     window: proto::Credit,
     /// The one instance to use ([`ClientBuilder::instance`]).
     instance: Option<u32>,
+    /// Start the service from its definition when nobody serves it ([`ClientBuilder::activate`]).
+    activate: bool,
     conn: Option<Connection>,
     /// Request ids are never reused on a connection, so a late reply to a request that timed out
     /// can never be taken for the answer to a later one.
@@ -119,6 +121,7 @@ pub struct ClientBuilder {
     interrupt: Option<InterruptCheck>,
     window: proto::Credit,
     instance: Option<u32>,
+    activate: bool,
     #[cfg(feature = "nats")]
     nats: crate::nats::ClientConfig,
 }
@@ -202,6 +205,7 @@ impl ClientBuilder {
             interrupt: self.interrupt,
             window: self.window,
             instance: self.instance,
+            activate: self.activate,
             conn: None,
             next_id: Ids::new(),
             #[cfg(feature = "nats")]
@@ -261,6 +265,7 @@ impl Client {
             interrupt: None,
             window: proto::Credit { items: proto::DEFAULT_WINDOW_ITEMS, bytes: proto::DEFAULT_WINDOW_BYTES },
             instance: None,
+            activate: crate::activation::enabled_by_env(),
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -561,8 +566,26 @@ impl Client {
     }
 
     /// Opens a connection to the service (its exclusive server, or the least-loaded instance
-    /// that answers) and shakes hands.
+    /// that answers) and shakes hands; when nobody serves it, starts it from its definition
+    /// first (see [`activation`](crate::activation)).
     fn open(&mut self, deadline: Instant) -> Result<Connection> {
+        match self.open_served(deadline) {
+            Err(e) if e.kind() == ErrorKind::NoService && self.may_activate() => {
+                crate::activation::activate(&self.dir, &self.name, e)?;
+                // Starting took its own time (the definition's start timeout): the call gets
+                // its full timeout from here.
+                self.open_served(Instant::now() + self.timeout)
+            }
+            r => r,
+        }
+    }
+
+    /// Activation is on, and the runtime directory is this user's (or does not exist yet).
+    fn may_activate(&self) -> bool {
+        self.activate && registry::check_dir_exists(&self.dir).is_ok() && self.instance.is_none()
+    }
+
+    fn open_served(&mut self, deadline: Instant) -> Result<Connection> {
         let name = &self.name;
         let exists = if self.explicit_dir {
             registry::check_foreign_dir_exists(&self.dir)?

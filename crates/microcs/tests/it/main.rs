@@ -5,6 +5,8 @@
 
 mod common;
 
+#[cfg(feature = "tokio")]
+mod activation;
 mod blocking;
 #[cfg(feature = "tokio")]
 mod convert;

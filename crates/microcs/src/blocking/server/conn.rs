@@ -21,7 +21,9 @@ use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_tim
 use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::Claim;
 use crate::request::{CancelState, Peer, Room, panic_message};
-use crate::service::{Config, Service, WATCH_PERIOD, Watch, record_connections, watch_name};
+use crate::service::{
+    Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
+};
 use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
@@ -199,6 +201,7 @@ impl Conn {
 pub(super) fn accept_loop(shared: &Arc<Shared>, mut listener: UnixListener) {
     let mut backoff = Duration::from_millis(5);
     let mut next_watch = Instant::now() + WATCH_PERIOD;
+    let mut idle = IdleWatch::new(shared.config.idle_timeout);
     loop {
         let mut fds =
             [PollFd::new(&listener, PollFlags::IN), PollFd::new(&shared.trigger.wake_r, PollFlags::IN)];
@@ -216,6 +219,10 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, mut listener: UnixListener) {
         }
         if Instant::now() >= next_watch {
             next_watch = Instant::now() + WATCH_PERIOD;
+            if idle_expired(&mut idle, &shared.service) {
+                shared.trigger.fire();
+                return;
+            }
             let watched = lock(&shared.claim).as_mut().map_or(Watch::Keep, watch_name);
             match watched {
                 Watch::Keep => {}

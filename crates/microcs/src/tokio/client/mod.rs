@@ -103,6 +103,8 @@ struct Shared {
     window: proto::Credit,
     /// The one instance to use ([`ClientBuilder::instance`]).
     instance: Option<u32>,
+    /// Start the service from its definition when nobody serves it ([`ClientBuilder::activate`]).
+    activate: bool,
     /// The connections new requests use (one, or one per instance); a connection leaves when
     /// it dies or is retired.
     pool: Mutex<Pool>,
@@ -148,6 +150,7 @@ pub struct ClientBuilder {
     send_buffer: usize,
     window: proto::Credit,
     instance: Option<u32>,
+    activate: bool,
     #[cfg(feature = "nats")]
     nats: crate::nats::ClientConfig,
 }
@@ -183,6 +186,7 @@ impl ClientBuilder {
                 send_buffer: self.send_buffer,
                 window: self.window,
                 instance: self.instance,
+                activate: self.activate,
                 pool: Mutex::new(Pool::default()),
                 connecting: ::tokio::sync::Mutex::new(()),
                 next_id: Ids::new(),
@@ -251,6 +255,7 @@ impl Client {
             send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
             window: proto::Credit { items: proto::DEFAULT_WINDOW_ITEMS, bytes: proto::DEFAULT_WINDOW_BYTES },
             instance: None,
+            activate: crate::activation::enabled_by_env(),
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -602,8 +607,30 @@ impl Client {
     }
 
     /// Opens a connection to the service (its exclusive server, or the least-loaded instance
-    /// that answers).
+    /// that answers); when nobody serves it, starts it from its definition first (see
+    /// [`activation`](crate::activation)), off the runtime's threads.
     async fn open(&self, deadline: Instant) -> Result<Arc<Conn>> {
+        let s = &self.shared;
+        match self.open_served(deadline).await {
+            Err(e)
+                if e.kind() == ErrorKind::NoService
+                    && s.activate
+                    && s.instance.is_none()
+                    && registry::check_dir_exists(&s.dir).is_ok() =>
+            {
+                let (dir, name) = (s.dir.clone(), s.name.clone());
+                ::tokio::task::spawn_blocking(move || crate::activation::activate(&dir, &name, e))
+                    .await
+                    .map_err(|e| Error::io("cannot start the service", std::io::Error::other(e.to_string())))??;
+                // Starting took its own time (the definition's start timeout): the call gets
+                // its full timeout from here.
+                self.open_served(Instant::now() + self.timeout).await
+            }
+            r => r,
+        }
+    }
+
+    async fn open_served(&self, deadline: Instant) -> Result<Arc<Conn>> {
         let s = &self.shared;
         let name = &s.name;
         let exists = if s.explicit_dir {

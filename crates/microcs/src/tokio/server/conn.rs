@@ -24,7 +24,9 @@ use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_tim
 use crate::proto::{DecodeError, Decoded, Header};
 use crate::registry::Claim;
 use crate::request::{CancelState, Peer, Room, panic_message};
-use crate::service::{Config, Service, WATCH_PERIOD, Watch, record_connections, watch_name};
+use crate::service::{
+    Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
+};
 use crate::transport::unix::set_send_buffer;
 use crate::transport::{Link, Shut, Transport, send_frame_now};
 
@@ -107,6 +109,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, mut listener: UnixListener)
     let mut backoff = Duration::from_millis(5);
     let mut checks = interval_at(Instant::now() + WATCH_PERIOD, WATCH_PERIOD);
     checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut idle = IdleWatch::new(shared.config.idle_timeout);
     loop {
         let (failed, check) = ::tokio::select! {
             biased;
@@ -125,6 +128,10 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, mut listener: UnixListener)
                 }
             }
         };
+        if check && idle_expired(&mut idle, &shared.service) {
+            shared.stop.send_replace(true);
+            break;
+        }
         if check {
             match watch_files(&shared).await {
                 Watch::Keep => {}

@@ -1,0 +1,172 @@
+//! Start on demand from the library's clients (blocking and async, in `microcs-peer`
+//! processes, which get the directory of definitions through the environment): the first call
+//! starts the service from its definition, later ones find it running; instances; the opt-out.
+//! The CLI's tests cover the race of fifty callers, start failures, idle exit and refused
+//! definitions.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::{PEER, TempDir, eventually, unique, watchdog};
+
+struct Defs(PathBuf);
+
+impl Defs {
+    fn new(dir: &TempDir) -> Defs {
+        let d = dir.path().with_extension("defs");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::DirBuilder::new().mode(0o700).create(&d).unwrap();
+        Defs(d)
+    }
+
+    fn write(&self, name: &str, body: &str) {
+        let path = self.0.join(format!("{name}.toml"));
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+}
+
+impl Drop for Defs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `microcs-peer MODE NAME MSG` as a client: (exit code, stdout, stderr).
+fn call(dir: &Path, defs: &Defs, mode: &str, name: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(PEER);
+    cmd.args([mode, name, "hello"]).env("MICROCS_RUNTIME_DIR", dir).env("MICROCS_SERVICES_DIR", &defs.0);
+    cmd.env_remove("MICROCS_NO_ACTIVATION");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+fn served_by(dir: &TempDir, name: &str) -> Vec<u32> {
+    microcs::list_in(dir.path())
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.name.as_str() == name)
+        .map(|s| s.pid)
+        .collect()
+}
+
+fn kill_all(pids: &[u32]) {
+    for &p in pids {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(p as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+    }
+}
+
+#[test]
+fn the_first_call_starts_a_defined_service_from_either_client_and_later_calls_find_it() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("act");
+    let defs = Defs::new(&dir);
+    let name = unique("ACT");
+    defs.write(
+        &name,
+        &format!("command = [\"{PEER}\", \"serve\", \"{name}\"]\nenv = {{ PEER_FOREVER = \"1\" }}\n"),
+    );
+
+    // Off: no start, NoService at once.
+    let (code, _, err) = call(dir.path(), &defs, "call", &name, &[("PEER_NO_ACTIVATE", "1")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("NoService"), "{err}");
+    let (code, _, err) = call(dir.path(), &defs, "call-tokio", &name, &[("PEER_NO_ACTIVATE", "1")]);
+    assert!(code == 1 && err.starts_with("NoService"), "{err}");
+    assert!(served_by(&dir, &name).is_empty());
+
+    let (code, out, err) = call(dir.path(), &defs, "call", &name, &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
+    let pids = served_by(&dir, &name);
+    assert_eq!(pids.len(), 1);
+    // The async client finds it running: no second start.
+    let (code, out, err) = call(dir.path(), &defs, "call-tokio", &name, &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
+    assert_eq!(served_by(&dir, &name), pids);
+    kill_all(&pids);
+    assert!(
+        eventually(Duration::from_secs(10), || served_by(&dir, &name).is_empty().then_some(())).is_some()
+    );
+    // Killed, it is started again by the next call (the async client this time).
+    let (code, out, err) = call(dir.path(), &defs, "call-tokio", &name, &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
+    let again = served_by(&dir, &name);
+    assert!(again.len() == 1 && again != pids);
+    kill_all(&again);
+}
+
+#[test]
+fn a_definition_with_instances_starts_them_all() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actn");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTN");
+    defs.write(
+        &name,
+        &format!(
+            "command = [\"{PEER}\", \"serve\", \"{name}\"]\ninstances = 3\nenv = {{ PEER_FOREVER = \"1\", PEER_SHARED = \"1\" }}\n"
+        ),
+    );
+    let (code, out, err) = call(dir.path(), &defs, "call", &name, &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
+    let all = eventually(Duration::from_secs(10), || {
+        let pids = served_by(&dir, &name);
+        (pids.len() == 3).then_some(pids)
+    });
+    let pids = all.expect("three instances");
+    kill_all(&pids);
+}
+
+#[test]
+fn an_idle_timeout_stops_a_server_cleanly_only_after_no_requests_for_that_long() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("idle");
+    let name = unique("IDLE");
+    let echo = |r: microcs::Request| Ok::<_, microcs::RemoteError>(r.into_payload());
+    let h = dir
+        .server(&name)
+        .idle_timeout(Some(Duration::from_millis(1500)))
+        .bind()
+        .unwrap()
+        .spawn(echo)
+        .unwrap();
+    let mut c = dir.client(&name).connect().unwrap();
+    // Requests every 400 ms for 3 s: never idle for 1.5 s.
+    for _ in 0..8 {
+        assert_eq!(c.request(b"x").unwrap(), b"x");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(h.wait_timeout(Duration::ZERO).is_none(), "still serving");
+    let stopped = h.wait_timeout(Duration::from_secs(10));
+    assert!(matches!(stopped, Some(Ok(()))), "{stopped:?}");
+    h.shutdown();
+    assert!(served_by(&dir, &name).is_empty(), "the name is free");
+
+    // The async server too.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let h = microcs::tokio::Server::builder(&name)
+            .runtime_dir(dir.path())
+            .idle_timeout(Some(Duration::from_millis(1000)))
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: microcs::Request| async move { Ok::<_, microcs::RemoteError>(r.into_payload()) })
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let done = tokio::time::timeout(Duration::from_secs(10), h.wait()).await;
+        assert!(matches!(done, Ok(Ok(()))), "{done:?}");
+        assert!(t0.elapsed() >= Duration::from_millis(900), "not before the timeout: {:?}", t0.elapsed());
+        h.shutdown().await;
+    });
+    assert!(served_by(&dir, &name).is_empty());
+}
