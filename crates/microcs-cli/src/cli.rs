@@ -200,8 +200,9 @@ pub struct ServeArgs {
     pub shared: bool,
 
     /// Start and supervise N worker processes, each serving NAME as a shared instance (a
-    /// worker that exits or is killed is restarted, with backoff); Ctrl-C or SIGTERM stops
-    /// them all, and the name is free once they have drained.
+    /// worker that fails or is killed is restarted, with backoff; one that exits 0, idle or
+    /// stopped, is not); Ctrl-C or SIGTERM stops them all, and the name is free once they have
+    /// drained.
     #[arg(long, value_name = "N", help_heading = "Instances", conflicts_with = "shared",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub instances: Option<u32>,

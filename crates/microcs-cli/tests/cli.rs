@@ -1105,3 +1105,18 @@ fn an_idle_service_exits_and_the_next_call_starts_it_again() {
     assert_eq!(starts(&count), 2, "started again");
     defs.run(&env, &["stop", &name]).ok();
 }
+
+#[test]
+fn microcs_stop_ends_a_supervised_service_and_its_supervisor() {
+    let env = Env::new("inststop");
+    let name = env.name("INSTSTOP");
+    let srv = env.serve(&[&name, "--echo", "--instances", "2"]);
+    assert_eq!(instances(&env, &name).len(), 2);
+    env.run(&["stop", &name]).ok();
+    // The workers stopped cleanly (exit 0): not restarted, and the supervisor ends too.
+    let (status, lines, err) = srv.wait();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(!lines.iter().any(|l| l.contains("restarted")), "{lines:?}");
+    assert!(err.contains("stopped cleanly; not restarting"), "{err}");
+    assert!(instances(&env, &name).is_empty());
+}

@@ -1,6 +1,10 @@
 //! `microcs serve NAME --instances N ...`: N worker processes, each `microcs serve NAME --shared
 //! ...`, started, watched and restarted by this one.
 //!
+//! A worker that exits with status 0 stopped on purpose (its idle timeout, or `microcs stop`,
+//! which sends SIGTERM to each instance) and is not restarted; when all have, the supervisor
+//! exits 0 too. Any other exit, or a signal, is a failure: restarted, with backoff.
+//!
 //! The supervisor serves nothing itself and holds no lock: each worker owns its own instance
 //! slot, so a worker that dies, however it dies, loses only its slot (reclaimed by the next
 //! one). Workers run in process groups of their own, so a Ctrl-C at the terminal reaches the
@@ -44,6 +48,8 @@ struct Worker {
     restart_at: Option<Instant>,
     /// Who it was and how it ended, for the restart event.
     last_exit: Option<(u32, String)>,
+    /// It exited with status 0 (idle, or stopped on purpose): not restarted.
+    finished: bool,
 }
 
 /// `{"event":"ready",...}` with `--json`, once every worker serves.
@@ -162,10 +168,11 @@ pub fn run(ctx: &Ctx, args: &ServeArgs, n: u32) -> CliResult {
             backoff: FIRST_BACKOFF,
             restart_at: None,
             last_exit: None,
+            finished: false,
         });
     }
     let mut ready = false;
-    while caught.load(Ordering::SeqCst) == 0 {
+    while caught.load(Ordering::SeqCst) == 0 && !workers.iter().all(|w| w.finished) {
         std::thread::sleep(TICK);
         for (i, w) in workers.iter_mut().enumerate() {
             if let Some(child) = w.child.as_mut() {
@@ -184,6 +191,15 @@ pub fn run(ctx: &Ctx, args: &ServeArgs, n: u32) -> CliResult {
                         "a worker of '{name}' could not start ({}); see its message above",
                         describe(status)
                     )));
+                }
+                if status.success() {
+                    // It stopped cleanly (its idle timeout, or `microcs stop` sent it SIGTERM):
+                    // not a failure, not restarted. The supervisor ends with the last one.
+                    note!(
+                        "microcs: instance worker {i} of '{name}' (pid {old}) stopped cleanly; not restarting it"
+                    );
+                    w.finished = true;
+                    continue;
                 }
                 if w.started.elapsed() >= STABLE {
                     w.backoff = FIRST_BACKOFF;
