@@ -155,6 +155,8 @@ struct Shared {
     transport: Option<Transport>,
     /// `stream_window=(items, bytes)`, when given.
     window: Option<(u32, u32)>,
+    /// `activate=`, when given (else the library's default).
+    activate: Option<bool>,
     /// The connection, once made, with the process that made it; clones share it.
     client: Mutex<Option<(u32, microcs::tokio::Client)>>,
     /// Serialises connecting, so that a crowd of first calls opens one connection.
@@ -199,6 +201,9 @@ impl Shared {
         }
         if let Some((items, bytes)) = self.window {
             b = b.stream_window(items, bytes);
+        }
+        if let Some(on) = self.activate {
+            b = b.activate(on);
         }
         let c = b.connect().await?;
         if self.closed.load(Ordering::SeqCst) {
@@ -359,11 +364,12 @@ impl AsyncClient {
     /// A client of the service `name`; connects on first use (or `await client.connect()`).
     ///
     /// With `nats` (or `MICROCS_NATS_URL`), a local instance is used when one is running and
-    /// the NATS broker otherwise; `transport` forces `"local"` or `"nats"`.
+    /// the NATS broker otherwise; `transport` forces `"local"` or `"nats"`. `activate=False`:
+    /// never start the service from its definition.
     #[new]
     #[pyo3(signature = (
         name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None,
-        stream_window = None
+        stream_window = None, activate = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -375,6 +381,7 @@ impl AsyncClient {
         nats: Option<&str>,
         transport: Option<&str>,
         stream_window: Option<(u32, u32)>,
+        activate: Option<bool>,
     ) -> PyResult<AsyncClient> {
         // Checked now rather than on first use, so a typo fails where it is written.
         microcs::Name::new(name).map_err(|e| to_py(py, e))?;
@@ -388,6 +395,7 @@ impl AsyncClient {
                 nats,
                 transport,
                 window: stream_window,
+                activate,
                 client: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 closed: AtomicBool::new(false),

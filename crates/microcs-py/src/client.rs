@@ -203,11 +203,13 @@ impl Client {
     /// Connects to the service `name`; `timeout` (seconds) bounds connecting and each request.
     ///
     /// With `nats` (or `MICROCS_NATS_URL`), a local instance is used when one is running and
-    /// the NATS broker otherwise; `transport` forces `"local"` or `"nats"`.
+    /// the NATS broker otherwise; `transport` forces `"local"` or `"nats"`. `activate=False`:
+    /// never start the service from its definition; `instance`: connect to that instance slot
+    /// only.
     #[new]
     #[pyo3(signature = (
         name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None,
-        stream_window = None
+        stream_window = None, activate = None, instance = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -219,6 +221,8 @@ impl Client {
         nats: Option<&str>,
         transport: Option<&str>,
         stream_window: Option<(u32, u32)>,
+        activate: Option<bool>,
+        instance: Option<u32>,
     ) -> PyResult<Client> {
         let interrupted = Arc::new(Mutex::new(None));
         let slot = interrupted.clone();
@@ -236,6 +240,12 @@ impl Client {
         }
         if let Some((items, bytes)) = stream_window {
             b = b.stream_window(items, bytes);
+        }
+        if let Some(on) = activate {
+            b = b.activate(on);
+        }
+        if let Some(slot) = instance {
+            b = b.instance(slot);
         }
         // Without `nats=`, the library reads MICROCS_NATS_URL (and MICROCS_TRANSPORT) itself.
         let (url, transport) = crate::nats::client(nats, transport).py_err(py)?;

@@ -39,6 +39,10 @@ def test_shared_servers_share_a_name_and_never_mix_with_an_exclusive_one(runtime
         answers = {c.request(b"x") for c in clients}
         assert answers == {b"a:x", b"b:x"}
         assert sorted(s.connections or 0 for s in _instances(name, runtime_dir)) == [2, 2]
+        # One instance, asked by its slot.
+        assert microcs.Client(name, timeout=5, instance=1).request(b"y") == b"b:y"
+        with pytest.raises(microcs.NoService):
+            microcs.Client(name, timeout=5, instance=7)
         for c in clients:
             c.close()
         with pytest.raises(microcs.NameTaken, match="2 shared instances") as e:
@@ -117,6 +121,9 @@ def test_a_call_starts_a_service_from_its_definition(
     monkeypatch.setenv("MICROCS_SERVICES_DIR", str(defs))
     monkeypatch.delenv("MICROCS_NO_ACTIVATION", raising=False)
     try:
+        with pytest.raises(microcs.NoService):
+            microcs.Client(name, timeout=10, activate=False)
+        assert _instances(name, runtime_dir) == [], "not started"
         assert microcs.Client(name, timeout=10).request(b"hi") == b"hi"
         (started,) = _instances(name, runtime_dir)
         assert started.pid not in (None, os.getpid())

@@ -194,7 +194,10 @@ class Server(Generic[_P]):
 class Client:
     """A connection to a named service; every wait releases the GIL.
 
-    Connects at once (``NoService`` if nobody serves the name). One request at a time goes over
+    Connects at once (``NoService`` if nobody serves the name; when a service definition for it
+    exists, the service is started first, unless ``activate=False`` or ``MICROCS_NO_ACTIVATION``
+    is set: ``StartFailed`` if that fails). Of a name served by several instances it connects to
+    the least-loaded one, or to slot ``instance`` only. One request at a time goes over
     the connection; threads sharing a ``Client`` take turns. While a call waits for its answer,
     signal handlers run (every 0.1 s, on the main thread): Ctrl-C raises ``KeyboardInterrupt``,
     the request is cancelled on the server, and the client stays usable. A handler may
@@ -223,6 +226,8 @@ class Client:
         nats: str | None = None,
         transport: _Transport | None = None,
         stream_window: tuple[int, int] | None = None,
+        activate: bool | None = None,
+        instance: int | None = None,
     ) -> None: ...
     def request(self, payload: Payload) -> bytes:
         """Sends ``payload`` to the default handler; returns the reply."""
@@ -299,6 +304,7 @@ class AsyncClient:
         nats: str | None = None,
         transport: _Transport | None = None,
         stream_window: tuple[int, int] | None = None,
+        activate: bool | None = None,
     ) -> None: ...
     def connect(self) -> Future[AsyncClient]:
         """Connects now (``NoService`` if nobody serves the name); resolves to the client."""
