@@ -271,16 +271,15 @@ fn killing_one_of_three_instances_under_load_fails_only_its_calls_in_flight() {
     let stop = Arc::new(AtomicBool::new(false));
     let killed_at = Arc::new(AtomicU64::new(0)); // calls started after this count
     let t0 = Instant::now();
-    let callers: Vec<_> = (0..6)
-        .map(|_| {
-            let (dir, name, stop, killed_at) =
-                (dir.path().to_owned(), name.clone(), stop.clone(), killed_at.clone());
+    // Connected one after the other, so that each instance has two of the six (least
+    // connections first).
+    let clients: Vec<_> =
+        (0..6).map(|_| dir.client(&name).timeout(Duration::from_secs(10)).connect().unwrap()).collect();
+    let callers: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let (stop, killed_at) = (stop.clone(), killed_at.clone());
             std::thread::spawn(move || {
-                let mut client = microcs::Client::builder(&name)
-                    .runtime_dir(&dir)
-                    .timeout(Duration::from_secs(10))
-                    .connect()
-                    .unwrap();
                 let (mut ok, mut failed_in_flight, mut failed_later) = (0u32, 0u32, Vec::new());
                 while !stop.load(Ordering::Relaxed) {
                     let started = t0.elapsed().as_micros() as u64;
@@ -388,4 +387,36 @@ fn instances_of_different_users_never_mix() {
     assert_eq!(slots(&dir, &name).len(), 2, "nobody joined");
     drop(mine);
     allowing.shutdown();
+}
+
+/// A request that provably did not run (its connection's instance died while the client was
+/// idle) is sent again, once, to another instance: the caller sees no error, and it ran once.
+#[test]
+fn an_idle_client_of_a_killed_instance_is_answered_by_another_without_an_error() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("resend");
+    let name = unique("RESEND");
+    let log = dir.path().join("ran.log");
+    let env = [("PEER_SHARED", "1"), ("PEER_LOG", log.to_str().unwrap())];
+    let a = PeerProcess::serve_mode(dir.path(), "serve", &name, &env);
+    let b = PeerProcess::serve_mode(dir.path(), "serve-tokio", &name, &env);
+    let mut clients: Vec<_> = (0..4).map(|_| dir.client(&name).connect().unwrap()).collect();
+    let on: Vec<u32> = clients.iter_mut().map(|c| pid_of(c).unwrap()).collect();
+    assert!(on.contains(&a.pid) && on.contains(&b.pid), "{on:?}");
+    a.kill9();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let what = format!("call {i}");
+        assert_eq!(
+            c.call("record", what.as_bytes()).unwrap(),
+            what.as_bytes(),
+            "client {i} (was on {})",
+            on[i]
+        );
+        assert_eq!(pid_of(c).unwrap(), b.pid);
+    }
+    let ran = std::fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<&str> = ran.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["call 0", "call 1", "call 2", "call 3"], "each ran exactly once");
+    drop(b);
 }
