@@ -270,15 +270,13 @@ pub fn start(dir: &Path, def: &Definition) -> Result<()> {
     for k in 0..def.instances {
         let out = log.try_clone().map_err(|e| Error::io("cannot share the log file", e))?;
         let err = log.try_clone().map_err(|e| Error::io("cannot share the log file", e))?;
-        let mut cmd = Command::new(&def.command[0]);
-        cmd.args(&def.command[1..])
-            .envs(&def.env)
+        let mut cmd = detached(def);
+        cmd.envs(&def.env)
             .env("MICROCS_RUNTIME_DIR", dir)
             .env("MICROCS_INSTANCE", k.to_string())
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .process_group(0);
+            .stderr(err);
         match def.idle_timeout {
             Some(t) => cmd.env(ENV_IDLE_TIMEOUT, t.as_secs_f64().to_string()),
             None => cmd.env_remove(ENV_IDLE_TIMEOUT),
@@ -328,6 +326,32 @@ pub fn start(dir: &Path, def: &Definition) -> Result<()> {
     }
 }
 
+/// Where util-linux's `setsid(1)` may be (Debian installs it in every system: util-linux is
+/// essential).
+const SETSID: [&str; 2] = ["/usr/bin/setsid", "/bin/setsid"];
+
+/// The command of `def`, to be started detached: in a session of its own, with no controlling
+/// terminal, through util-linux `setsid(1)` when it is installed — the child is not a
+/// process-group leader (it starts in ours), so `setsid` calls `setsid(2)` and execs the command
+/// in the same process: the pid we wait for is the service's, and its process group (the
+/// session's) is its pid. Without `setsid(1)`, a process group of its own (std's safe
+/// `process_group(0)`), which keeps the terminal's Ctrl-C and hang-up away too. Calling
+/// `setsid(2)` in the child ourselves would need `pre_exec`, which is `unsafe`.
+fn detached(def: &Definition) -> Command {
+    match SETSID.iter().find(|p| Path::new(p).is_file()) {
+        Some(setsid) => {
+            let mut cmd = Command::new(setsid);
+            cmd.args(&def.command);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(&def.command[0]);
+            cmd.args(&def.command[1..]).process_group(0);
+            cmd
+        }
+    }
+}
+
 /// Waits for a started process in a thread of its own, so that it leaves no zombie.
 fn reap(mut child: Child) {
     let spawned = std::thread::Builder::new().name("microcs-reaper".into()).spawn(move || {
@@ -341,8 +365,11 @@ fn reap(mut child: Child) {
 fn kill_all(children: &mut Vec<Child>) {
     for c in children.iter_mut() {
         if let Some(pg) = i32::try_from(c.id()).ok().and_then(rustix::process::Pid::from_raw) {
+            // Its session's (or its own) process group, whose id is its pid; and the process
+            // itself, in case `setsid(1)` has not made the group yet.
             let _ = rustix::process::kill_process_group(pg, rustix::process::Signal::KILL);
         }
+        let _ = c.kill();
         let _ = c.wait();
     }
     children.clear();

@@ -88,6 +88,14 @@ fn the_first_call_starts_a_defined_service_from_either_client_and_later_calls_fi
     assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
     let pids = served_by(&dir, &name);
     assert_eq!(pids.len(), 1);
+    // Detached: a session of its own (util-linux setsid is on every Debian), not the caller's.
+    if std::path::Path::new("/usr/bin/setsid").is_file() {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pids[0])).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // After the comm field: state, ppid, pgrp, session.
+        assert_eq!(fields[3], pids[0].to_string(), "session of the started service: {stat}");
+        assert_eq!(fields[2], pids[0].to_string(), "its process group: {stat}");
+    }
     // The async client finds it running: no second start.
     let (code, out, err) = call(dir.path(), &defs, "call-tokio", &name, &[]);
     assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
