@@ -48,14 +48,17 @@ pub fn check_decode(data: &[u8]) {
                     "a larger limit changed it"
                 );
                 if let Some(hello) = Hello::parse(f.payload) {
-                    assert_eq!(hello.to_bytes(), f.payload[..Hello::LEN]);
+                    // Optional fields are written only when non-zero; the rest is ignored.
+                    let bytes = hello.to_bytes();
+                    assert!(bytes.len() >= Hello::LEN);
+                    assert_eq!(bytes, f.payload[..bytes.len()]);
                 }
                 if let Some(ack) = HelloAck::parse(f.payload) {
-                    // The fixed part and the name re-encode; the features word follows when it is
-                    // all there (an older server sends none: 0); bytes after it are ignored
-                    // (room for later fields).
+                    // The fixed part and the name re-encode; the features word (and, with
+                    // FEATURE_SHM, the ring capacity) follows when it is all there (an older
+                    // server sends none: 0); bytes after it are ignored (room for later fields).
                     let bytes = ack.to_bytes();
-                    let name_end = bytes.len() - 4;
+                    let name_end = HelloAck::FIXED_LEN + ack.name.len();
                     assert_eq!(bytes[..name_end], f.payload[..name_end]);
                     if f.payload.len() >= bytes.len() {
                         assert_eq!(bytes, f.payload[..bytes.len()]);
@@ -178,7 +181,7 @@ pub fn check_server_stream(data: &[u8]) {
     let (first, rest) = data.split_first().map_or((0, data), |(f, r)| (*f, r));
     if first & 1 == 1 {
         let mut hello = Vec::new();
-        let h = microcs::proto::Hello { max_payload: 1 << 20 };
+        let h = microcs::proto::Hello { max_payload: 1 << 20, features: 0 };
         microcs::proto::encode(&mut hello, &microcs::proto::Header::new(microcs::proto::Kind::Hello, 0), b"", &h.to_bytes());
         let _ = s.write_all(&hello);
     }

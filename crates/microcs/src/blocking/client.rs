@@ -630,7 +630,7 @@ impl Client {
             slot: target.slot,
             recheck: next_recheck(Instant::now()),
         };
-        let sent = send_bytes(&conn.stream, &client_conn::hello(self.max_payload));
+        let sent = send_bytes(&conn.stream, &client_conn::hello(self.max_payload, 0));
         // A server that refuses us (busy, another user) writes why and closes without reading:
         // our hello may then fail with EPIPE, but its answer is still there to read.
         let got = conn
@@ -725,5 +725,5 @@ impl Connection {
 }
 
 fn placeholder_ack() -> HelloAck {
-    HelloAck { max_payload: 0, max_in_flight: 0, pid: 0, name: String::new(), features: 0 }
+    HelloAck::default()
 }

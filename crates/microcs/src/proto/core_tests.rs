@@ -50,7 +50,7 @@ fn life_gen() -> Service<Handler> {
 /// A server connection after the golden handshake.
 fn open() -> ServerConn {
     let conn = ServerConn::new(DEFAULT_MAX_PAYLOAD, 128);
-    let ack = conn.on_hello(&frame(&golden("hello")), 4242, "LIFE_GEN").expect("hello accepted");
+    let ack = conn.on_hello(&frame(&golden("hello")), 4242, "LIFE_GEN").expect("hello accepted").answer(None);
     assert_eq!(wire(&ack), golden("hello-ack"), "the HelloAck of the specification");
     conn
 }
@@ -221,8 +221,8 @@ fn deadlines_decide_whether_and_how_a_request_is_answered() {
 fn nothing_goes_out_over_the_clients_limit() {
     let conn = ServerConn::new(DEFAULT_MAX_PAYLOAD, 128);
     let mut hello = Vec::new();
-    encode(&mut hello, &Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 8 }.to_bytes());
-    let ack = conn.on_hello(&frame(&hello), 1, "A_LONGER_NAME_THAN_8").unwrap();
+    encode(&mut hello, &Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 8, features: 0 }.to_bytes());
+    let ack = conn.on_hello(&frame(&hello), 1, "A_LONGER_NAME_THAN_8").unwrap().answer(None);
     assert_eq!(conn.fit(ack.clone()), ack, "the HelloAck always fits");
     let cut = conn.fit(Out::error(3, 418, 0, "héllo wörld"));
     assert_eq!(cut.payload, "héllo w".as_bytes(), "cut on a character boundary");
@@ -253,7 +253,7 @@ fn nothing_goes_out_over_the_clients_limit() {
 fn the_golden_conversation_on_the_client_side() {
     let name = Name::new("LIFE_GEN").unwrap();
     let path = std::path::Path::new("/run/user/1000/microcs/LIFE_GEN.sock");
-    assert_eq!(client_conn::hello(DEFAULT_MAX_PAYLOAD), golden("hello"));
+    assert_eq!(client_conn::hello(DEFAULT_MAX_PAYLOAD, 0), golden("hello"));
     let ack = client_conn::handshake_answer(&name, path, &frame(&golden("hello-ack"))).unwrap();
     assert_eq!((ack.pid, ack.name.as_str(), ack.max_in_flight), (4242, "LIFE_GEN", 128));
     let refused =

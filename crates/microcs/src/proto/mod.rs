@@ -79,6 +79,9 @@ pub const KNOWN_FLAGS: u16 = FLAG_NOT_RUN | FLAG_SYSTEM | FLAG_STREAM;
 
 /// `HelloAck` feature bit: this server takes stream requests (docs/PROTOCOL.md § 17).
 pub const FEATURE_STREAMS: u32 = 0x1;
+/// `Hello`/`HelloAck` feature bit: frames move over shared memory after the handshake (asked by
+/// the client, chosen by the server per connection; docs/PROTOCOL.md § 18).
+pub const FEATURE_SHM: u32 = 0x2;
 /// Items a stream's caller lets the server send ahead by default (the window's count).
 pub const DEFAULT_WINDOW_ITEMS: u32 = 64;
 /// Bytes a stream's caller lets the server send ahead by default (the window's size).

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{
-    Credit, DecodeError, FEATURE_STREAMS, FLAG_NOT_RUN, FLAG_STREAM, FLAG_SYSTEM, Frame, HANDSHAKE_PAYLOAD,
-    Header, Hello, HelloAck, Kind, deadline_at, status,
+    Credit, DecodeError, FEATURE_SHM, FEATURE_STREAMS, FLAG_NOT_RUN, FLAG_STREAM, FLAG_SYSTEM, Frame,
+    HANDSHAKE_PAYLOAD, Header, Hello, HelloAck, Kind, deadline_at, status,
 };
 use crate::dispatch::Answer;
 use crate::io::IdHasher;
@@ -52,6 +52,30 @@ impl Out {
     /// A refusal: the library's error, and the request did not run.
     fn refusal(id: u64, code: u16, message: impl Into<String>) -> Out {
         Out::error(id, code, FLAG_SYSTEM | FLAG_NOT_RUN, message)
+    }
+}
+
+/// A `Hello` accepted: what the client offered, and the `HelloAck` to build from it.
+#[derive(Debug)]
+pub(crate) struct Handshake {
+    ack: HelloAck,
+    offered: u32,
+}
+
+impl Handshake {
+    /// The client asked for shared memory (PROTOCOL.md § 17.1).
+    pub(crate) fn wants_shm(&self) -> bool {
+        self.offered & FEATURE_SHM != 0
+    }
+
+    /// The `HelloAck`: with the shared-memory offer when the server created rings of
+    /// `ring_capacity` bytes for a client that asked, else a plain one.
+    pub(crate) fn answer(mut self, ring_capacity: Option<u32>) -> Out {
+        if let Some(cap) = ring_capacity.filter(|_| self.wants_shm()) {
+            self.ack.features |= FEATURE_SHM;
+            self.ack.ring_capacity = cap;
+        }
+        Out { header: Header::new(Kind::HelloAck, 0), payload: self.ack.to_bytes() }
     }
 }
 
@@ -113,9 +137,10 @@ impl ServerConn {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The first frame of the connection. `Ok`: the `HelloAck` to send, and from now on answers
-    /// respect the client's limit. `Err`: the refusal to send before closing.
-    pub(crate) fn on_hello(&self, frame: &Frame<'_>, pid: u32, name: &str) -> Result<Out, Out> {
+    /// The first frame of the connection. `Ok`: the handshake to answer (see [`Handshake`]),
+    /// and from now on answers respect the client's limit. `Err`: the refusal to send before
+    /// closing.
+    pub(crate) fn on_hello(&self, frame: &Frame<'_>, pid: u32, name: &str) -> Result<Handshake, Out> {
         let hello = (frame.header.kind() == Some(Kind::Hello)).then(|| Hello::parse(frame.payload)).flatten();
         let Some(hello) = hello else {
             return Err(Out::refusal(0, status::BAD_REQUEST, "expected a Hello frame first"));
@@ -126,10 +151,10 @@ impl ServerConn {
             pid,
             name: name.to_owned(),
             features: FEATURE_STREAMS,
+            ring_capacity: 0,
         };
-        let out = Out { header: Header::new(Kind::HelloAck, 0), payload: ack.to_bytes() };
         self.max_reply.store(hello.max_payload, Ordering::Relaxed);
-        Ok(out)
+        Ok(Handshake { ack, offered: hello.features })
     }
 
     /// What a frame after the handshake asks for. `stopping`: the server is shutting down.

@@ -150,15 +150,29 @@ fn golden_expectations() -> Vec<(&'static str, Header, &'static [u8], Vec<u8>)> 
         pid: 4242,
         name: "LIFE_GEN".into(),
         features: FEATURE_STREAMS,
+        ring_capacity: 0,
     };
     vec![
         (
             "hello",
             Header::new(Kind::Hello, 0),
             b"",
-            Hello { max_payload: DEFAULT_MAX_PAYLOAD }.to_bytes().to_vec(),
+            Hello { max_payload: DEFAULT_MAX_PAYLOAD, features: 0 }.to_bytes().to_vec(),
         ),
         ("hello-ack", Header::new(Kind::HelloAck, 0), b"", ack.to_bytes()),
+        (
+            "hello-shm",
+            Header::new(Kind::Hello, 0),
+            b"",
+            Hello { max_payload: DEFAULT_MAX_PAYLOAD, features: FEATURE_SHM }.to_bytes(),
+        ),
+        (
+            "hello-ack-shm",
+            Header::new(Kind::HelloAck, 0),
+            b"",
+            HelloAck { features: FEATURE_STREAMS | FEATURE_SHM, ring_capacity: 256 * 1024, ..ack.clone() }
+                .to_bytes(),
+        ),
         ("request-method", Header::request(7, 250), b"step", b"hello".to_vec()),
         ("request-default", Header::request(1, 30_000), b"", b"Give me some data back!!".to_vec()),
         ("request-builtin", Header::request(2, 30_000), b"$ping", Vec::new()),
@@ -527,10 +541,10 @@ fn decode_errors_map_to_status_codes_and_say_what_happened() {
 
 #[test]
 fn hello_body_ignores_extra_bytes_and_refuses_short_ones() {
-    assert_eq!(Hello::parse(&[0, 0, 1, 0]), Some(Hello { max_payload: 256 }));
+    assert_eq!(Hello::parse(&[0, 0, 1, 0]), Some(Hello { max_payload: 256, features: 0 }));
     assert_eq!(
         Hello::parse(&[0, 0, 1, 0, 9, 9, 9]),
-        Some(Hello { max_payload: 256 }),
+        Some(Hello { max_payload: 256, features: 0 }),
         "room for later fields"
     );
     assert_eq!(Hello::parse(&[0, 0, 1]), None);
@@ -539,7 +553,7 @@ fn hello_body_ignores_extra_bytes_and_refuses_short_ones() {
 
 #[test]
 fn hello_ack_body_layout() {
-    let ack = HelloAck { max_payload: 1, max_in_flight: 2, pid: 3, name: "a.b".into(), features: 0 };
+    let ack = HelloAck { max_payload: 1, max_in_flight: 2, pid: 3, name: "a.b".into(), ..Default::default() };
     assert_eq!(ack.to_bytes(), [0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 3, b'a', b'.', b'b', 0, 0, 0, 0]);
     assert_eq!(HelloAck::parse(&ack.to_bytes()), Some(ack.clone()));
     // An older server's answer ends after the name: no optional features.
@@ -557,6 +571,35 @@ fn hello_ack_body_layout() {
     let mut bad = vec![0; 12];
     bad.extend_from_slice(&[0, 2, 0xff, 0xfe]);
     assert_eq!(HelloAck::parse(&bad), None, "a non-UTF-8 name is refused");
+}
+
+#[test]
+fn hello_features_are_optional_and_the_shm_offer_needs_its_capacity() {
+    let plain = Hello { max_payload: 9, features: 0 };
+    assert_eq!(plain.to_bytes().len(), Hello::LEN, "no feature: the version-1 bytes");
+    let shm = Hello { max_payload: 9, features: FEATURE_SHM };
+    assert_eq!(Hello::parse(&shm.to_bytes()), Some(shm));
+    let ack = HelloAck { name: "A".into(), features: FEATURE_SHM, ring_capacity: 4096, ..Default::default() };
+    let bytes = ack.to_bytes();
+    assert_eq!(bytes.len(), HelloAck::FIXED_LEN + 1 + 8);
+    assert_eq!(HelloAck::parse(&bytes), Some(ack));
+    assert_eq!(HelloAck::parse(&bytes[..bytes.len() - 1]), None, "FEATURE_SHM without its capacity");
+    let streams = HelloAck { features: FEATURE_STREAMS, ..Default::default() };
+    assert_eq!(streams.to_bytes().len(), HelloAck::FIXED_LEN + 4, "no capacity without FEATURE_SHM");
+    assert_eq!(HelloAck::parse(&streams.to_bytes()), Some(streams));
+}
+
+#[test]
+fn features_table_matches_the_constants() {
+    let rows = doc_table("features");
+    let bits: Vec<(String, String)> = rows.iter().map(|r| (r[0].clone(), r[1].clone())).collect();
+    assert_eq!(
+        bits,
+        [
+            (format!("{FEATURE_STREAMS:#x}"), "FEATURE_STREAMS".to_owned()),
+            (format!("{FEATURE_SHM:#x}"), "FEATURE_SHM".to_owned()),
+        ]
+    );
 }
 
 #[test]

@@ -104,7 +104,12 @@ fn a_client_that_never_reads_is_disconnected(mode: &str) {
     let rss0 = rss_kib(server.pid);
     let mut s = UnixStream::connect(sock(&dir, &name)).unwrap();
     let mut b = Vec::new();
-    proto::encode(&mut b, &Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 24 }.to_bytes());
+    proto::encode(
+        &mut b,
+        &Header::new(Kind::Hello, 0),
+        b"",
+        &Hello { max_payload: 1 << 24, features: 0 }.to_bytes(),
+    );
     s.write_all(&b).unwrap();
     let payload = vec![7u8; 256 * 1024];
     s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -367,7 +372,7 @@ fn fake_server(
             max_in_flight: 8,
             pid: 1,
             name: "FAKE".into(),
-            features: 0,
+            ..Default::default()
         };
         let mut b = Vec::new();
         proto::encode(&mut b, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
@@ -455,7 +460,12 @@ fn declared_giant_frames_cost_only_what_was_received(mode: &str) {
     for _ in 0..50 {
         let mut s = UnixStream::connect(sock(&dir, &name)).unwrap();
         let mut b = Vec::new();
-        proto::encode(&mut b, &Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 24 }.to_bytes());
+        proto::encode(
+            &mut b,
+            &Header::new(Kind::Hello, 0),
+            b"",
+            &Hello { max_payload: 1 << 24, features: 0 }.to_bytes(),
+        );
         b.extend_from_slice(&Header::request(1, 0).to_bytes(0, proto::DEFAULT_MAX_PAYLOAD as usize));
         b.extend_from_slice(&[9u8; 100]);
         s.write_all(&b).unwrap();

@@ -266,7 +266,13 @@ fn a_server_that_answers_with_garbage_mid_session_is_a_protocol_error() {
         let mut buf = [0u8; 256];
         let _ = s.read(&mut buf);
         let mut b = Vec::new();
-        let ack = HelloAck { max_payload: 1024, max_in_flight: 1, pid: 1, name: "LIAR".into(), features: 0 };
+        let ack = HelloAck {
+            max_payload: 1024,
+            max_in_flight: 1,
+            pid: 1,
+            name: "LIAR".into(),
+            ..Default::default()
+        };
         proto::encode(&mut b, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
         s.write_all(&b).unwrap();
         let _ = s.read(&mut buf);

@@ -375,7 +375,10 @@ pub(super) fn handshake(shared: &Shared, conn: &Conn) -> bool {
         let needed = match rs.rbuf.decode(max) {
             Ok(Decoded::Frame(f)) => {
                 let len = f.len;
-                let answer = conn.core.on_hello(&f, std::process::id(), shared.service.name.as_str());
+                let answer = conn
+                    .core
+                    .on_hello(&f, std::process::id(), shared.service.name.as_str())
+                    .map(|h| h.answer(None));
                 rs.rbuf.consume(len);
                 let ok = answer.is_ok();
                 conn.send(shared, answer.unwrap_or_else(|refusal| refusal), false);

@@ -678,7 +678,7 @@ impl Client {
         let mut rbuf = ReadBuf::default();
         let decode_limit = client_conn::decode_limit(s.max_payload);
         let handshake = async {
-            let sent = write_all(&stream, &client_conn::hello(s.max_payload), None, &mut 0).await;
+            let sent = write_all(&stream, &client_conn::hello(s.max_payload, 0), None, &mut 0).await;
             // A server that refuses us (busy, another user) writes why and closes without
             // reading: our hello may then fail with EPIPE, but its answer is still there to read.
             let got = read_frame(&stream, &mut rbuf, decode_limit, |f| {

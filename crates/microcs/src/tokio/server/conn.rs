@@ -362,7 +362,7 @@ pub(super) async fn handshake(shared: &Shared, conn: &Conn, rbuf: &mut ReadBuf) 
                 let answer = conn.core.on_hello(&f, std::process::id(), shared.service.name.as_str());
                 rbuf.consume(len);
                 return match answer {
-                    Ok(ack) => conn.send(ack),
+                    Ok(handshake) => conn.send(handshake.answer(None)),
                     Err(refusal) => {
                         conn.send(refusal);
                         false

@@ -285,7 +285,7 @@ impl Raw {
     /// Connects and shakes hands (checking the answer is a `HelloAck`).
     pub fn hello(dir: &TempDir, name: &str) -> Raw {
         let mut r = Raw::connect(dir, name);
-        r.send(&Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 20 }.to_bytes());
+        r.send(&Header::new(Kind::Hello, 0), b"", &Hello { max_payload: 1 << 20, features: 0 }.to_bytes());
         let (h, _, body) = r.read().expect("hello ack");
         assert_eq!(h.kind(), Some(Kind::HelloAck));
         assert!(HelloAck::parse(&body).is_some(), "a well-formed HelloAck");
@@ -411,7 +411,7 @@ pub fn deaf_server(dir: &TempDir, name: &str) -> std::thread::JoinHandle<UnixStr
             max_in_flight: 128,
             pid: std::process::id(),
             name,
-            features: 0,
+            ..Default::default()
         };
         raw.send(&Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
         raw.s
