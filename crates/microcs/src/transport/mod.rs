@@ -14,6 +14,7 @@ use std::os::fd::AsFd;
 
 use crate::proto::Header;
 
+pub(crate) mod shm;
 pub(crate) mod unix;
 
 /// The connection type both flavours hold.
