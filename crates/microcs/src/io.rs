@@ -226,7 +226,6 @@ impl ReadBuf {
 
     /// [`fill`](ReadBuf::fill) from any [`Source`] (the async flavour passes a non-blocking
     /// reader, so both flavours share one buffering policy).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
     pub(crate) fn fill_from(&mut self, needed: usize, src: &mut impl Source) -> io::Result<Filled> {
         self.fill_inner(needed, src, true)
     }

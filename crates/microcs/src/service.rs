@@ -17,7 +17,6 @@ use crate::proto::server_conn::{self, Out};
 use crate::proto::{self, status};
 use crate::registry::{self, Claim, Meta};
 use crate::request::Peer;
-use crate::transport::Link;
 use crate::transport::unix::peer_credentials;
 
 /// Service identity and description, set on the server builder.
@@ -346,6 +345,10 @@ pub(crate) struct Config {
     pub shared: bool,
     /// Stop after this long without requests.
     pub idle_timeout: Option<Duration>,
+    /// Offer shared memory to clients that ask (PROTOCOL.md § 17).
+    pub shared_memory: bool,
+    /// Bytes of each shared-memory ring (a power of two, 4 KiB-64 MiB).
+    pub ring_capacity: u32,
 }
 
 impl Default for Config {
@@ -364,6 +367,8 @@ impl Default for Config {
             send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
             shared: false,
             idle_timeout: idle_timeout_from_env(),
+            shared_memory: crate::transport::shm::DEFAULT_SHM,
+            ring_capacity: crate::transport::shm::DEFAULT_RING_CAPACITY,
         }
     }
 }
@@ -382,7 +387,11 @@ impl Config {
 
     /// The peer of a connection just accepted, as the kernel reports it, if it may use the
     /// service. `Err`: drop the connection, after sending the refusal when there is one.
-    pub(crate) fn check_peer(&self, service: &Name, link: &Link) -> std::result::Result<Peer, Option<Out>> {
+    pub(crate) fn check_peer(
+        &self,
+        service: &Name,
+        link: impl std::os::fd::AsFd,
+    ) -> std::result::Result<Peer, Option<Out>> {
         let peer = peer_credentials(link).map_err(|e| {
             tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
             None
@@ -597,6 +606,18 @@ macro_rules! common_server_options {
             self
         }
 
+        /// Offers shared memory to clients that ask for it (default: off; PROTOCOL.md § 17).
+        ///
+        /// A connection that uses it moves its frames through two rings in a sealed memfd
+        /// instead of the socket (same frames, same rules); its threads spin for a few
+        /// microseconds while waiting for the next frame, then sleep, so an idle connection
+        /// costs no CPU. Clients that do not ask, and older ones, use the socket as before.
+        /// Each such connection maps `4 KiB + 2 x 256 KiB`.
+        pub fn shared_memory(mut self, on: bool) -> Self {
+            self.config.shared_memory = on;
+            self
+        }
+
         /// The service version reported by `$info` (SemVer; default `0.1.0`).
         pub fn version(mut self, version: &str) -> Self {
             self.identity.version = version.to_owned();
@@ -736,6 +757,18 @@ macro_rules! common_client_options {
         /// user's (named with [`runtime_dir`](Self::runtime_dir)).
         pub fn activate(mut self, on: bool) -> Self {
             self.activate = on;
+            self
+        }
+
+        /// Asks the server for shared memory (PROTOCOL.md § 18): when it offers it, frames move
+        /// through two rings in a memfd instead of the socket, at memory speed while requests
+        /// flow, and the wait for an answer sleeps after a few microseconds of spinning (no CPU
+        /// while idle). A server that does not offer it is used over the socket, silently.
+        ///
+        /// Default: the environment variable `MICROCS_SHM` (`1` on, `0` off), else off. Only
+        /// the blocking client uses it so far; the async client stays on the socket.
+        pub fn shared_memory(mut self, on: bool) -> Self {
+            self.shared_memory = Some(on);
             self
         }
 

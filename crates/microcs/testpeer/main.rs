@@ -15,7 +15,7 @@
 //! microcs-peer fork-tokio NAME N   the same with the async client
 //! ```
 //! Server options from the environment: PEER_GRACE_MS, PEER_WRITE_TIMEOUT_MS, PEER_MAX_PENDING,
-//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_LOG (file for the `record` method), PEER_NATS (also
+//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_SHM (1: offer shared memory), PEER_LOG (file for the `record` method), PEER_NATS (also
 //! serve on this NATS server; feature `nats`).
 //! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
 
@@ -158,6 +158,7 @@ fn build(name: &str) -> microcs::Result<Server> {
         builder = builder.nats(&url);
     }
     builder
+        .shared_memory(shm())
         .grace_period(env_ms("PEER_GRACE_MS", 10_000))
         .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
         .max_pending_handshakes(pending)
@@ -255,6 +256,11 @@ fn send_buffer() -> Option<usize> {
 #[cfg(feature = "nats")]
 fn nats_url() -> Option<String> {
     std::env::var("PEER_NATS").ok().filter(|u| !u.is_empty())
+}
+
+/// `PEER_SHM=1`: offer shared memory to clients that ask.
+fn shm() -> bool {
+    std::env::var("PEER_SHM").is_ok_and(|v| v == "1")
 }
 
 fn max_in_flight() -> usize {
@@ -388,6 +394,7 @@ mod async_peer {
             builder = builder.nats(&url);
         }
         builder
+            .shared_memory(super::shm())
             .grace_period(env_ms("PEER_GRACE_MS", 10_000))
             .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
             .max_pending_handshakes(pending)

@@ -1,6 +1,8 @@
 //! The blocking client.
 
 use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,9 +14,10 @@ use crate::micro::{InfoResponse, PingResponse, StatsResponse};
 use crate::name::Name;
 pub use crate::proto::client_conn::DEFAULT_TIMEOUT;
 use crate::proto::client_conn::{self, Attempt, Ids, Incoming, Loss, Outcome, Written};
-use crate::proto::{self, Decoded, Frame, Header, HelloAck, Kind};
+use crate::proto::{self, Decoded, FEATURE_SHM, Frame, Header, HelloAck, Kind};
 use crate::registry;
-use crate::transport::unix::{DEFAULT_SEND_BUFFER, connect_with_timeout, set_recv_timeout, set_send_buffer};
+use crate::transport::shm::ShmLink;
+use crate::transport::unix::{DEFAULT_SEND_BUFFER, connect_with_timeout, recv_with_fds, set_send_buffer};
 use crate::transport::{Link, send_bytes, send_frame};
 
 #[path = "stream.rs"]
@@ -66,6 +69,8 @@ pub struct Client {
     timeout: Duration,
     max_payload: u32,
     send_buffer: usize,
+    /// Ask servers for shared memory (PROTOCOL.md § 17).
+    shm: bool,
     interrupt: Option<InterruptCheck>,
     /// The room each stream grants its server ([`ClientBuilder::stream_window`]).
     window: proto::Credit,
@@ -118,6 +123,7 @@ pub struct ClientBuilder {
     timeout: Duration,
     max_payload: u32,
     send_buffer: usize,
+    shared_memory: Option<bool>,
     interrupt: Option<InterruptCheck>,
     window: proto::Credit,
     instance: Option<u32>,
@@ -202,6 +208,7 @@ impl ClientBuilder {
             timeout: self.timeout,
             max_payload: self.max_payload,
             send_buffer: self.send_buffer,
+            shm: crate::transport::shm::client_wants(self.shared_memory),
             interrupt: self.interrupt,
             window: self.window,
             instance: self.instance,
@@ -262,6 +269,7 @@ impl Client {
             timeout: DEFAULT_TIMEOUT,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             send_buffer: DEFAULT_SEND_BUFFER,
+            shared_memory: None,
             interrupt: None,
             window: proto::Credit { items: proto::DEFAULT_WINDOW_ITEMS, bytes: proto::DEFAULT_WINDOW_BYTES },
             instance: None,
@@ -502,6 +510,7 @@ impl Client {
         client_conn::check_payload(name, payload.len(), &conn.server).map_err(Attempt::Failed)?;
         let id = self.next_id.next();
         let header = client_conn::request_header(id, remaining);
+        let mark = conn.stream.shm().map(|s| s.mark());
         if let Err(e) = send_frame(&conn.stream, &header, method.as_bytes(), payload) {
             self.conn = None;
             if is_timeout(&e.error) {
@@ -517,7 +526,13 @@ impl Client {
                 Ok(f) => f,
                 Err(Wait::TimedOut) => break Outcome::TimedOut,
                 Err(Wait::Interrupted) => break Outcome::Interrupted,
-                Err(Wait::Lost(loss)) => break Outcome::Lost { loss, written: Written::All },
+                Err(Wait::Lost(loss)) => {
+                    // On shared memory a dead server's ring still takes the request; it ran
+                    // only if the server read a byte of it.
+                    let unread = mark.zip(conn.stream.shm()).is_some_and(|(m, s)| s.untouched_since(m));
+                    let written = if unread { Written::None } else { Written::All };
+                    break Outcome::Lost { loss, written };
+                }
             };
             match frame {
                 Incoming::Reply(i) if i == id => break Outcome::Reply(payload),
@@ -613,6 +628,11 @@ impl Client {
 
     /// Opens a connection to one socket of the service and shakes hands.
     fn open_at(&self, target: &registry::Target, deadline: Instant) -> Result<Connection> {
+        self.open_at_with(target, deadline, self.shm)
+    }
+
+    /// [`open_at`](Self::open_at), asking for shared memory if `shm`.
+    fn open_at_with(&self, target: &registry::Target, deadline: Instant, shm: bool) -> Result<Connection> {
         let name = &self.name;
         let path = &target.path;
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
@@ -621,7 +641,7 @@ impl Client {
         })?;
         set_send_buffer(&stream, self.send_buffer);
         let mut conn = Connection {
-            stream,
+            stream: stream.into(),
             rbuf: ReadBuf::default(),
             server: placeholder_ack(),
             max_payload: client_conn::decode_limit(self.max_payload),
@@ -630,11 +650,15 @@ impl Client {
             slot: target.slot,
             recheck: next_recheck(Instant::now()),
         };
-        let sent = send_bytes(&conn.stream, &client_conn::hello(self.max_payload, 0));
+        let features = if shm { FEATURE_SHM } else { 0 };
+        let sent = send_bytes(&conn.stream, &client_conn::hello(self.max_payload, features));
         // A server that refuses us (busy, another user) writes why and closes without reading:
-        // our hello may then fail with EPIPE, but its answer is still there to read.
-        let got = conn
-            .read_raw(deadline, self.interrupt.as_ref(), |f| client_conn::handshake_answer(name, path, f));
+        // our hello may then fail with EPIPE, but its answer is still there to read. The
+        // shared-memory offer's descriptors come with the HelloAck's bytes.
+        let mut fds = Vec::new();
+        let got = conn.read_raw(deadline, self.interrupt.as_ref(), shm.then_some(&mut fds), |f| {
+            client_conn::handshake_answer(name, path, f)
+        });
         conn.server = match (sent, got) {
             (_, Ok((answer, _, _))) => answer?,
             (Err(e), Err(_)) => {
@@ -645,8 +669,30 @@ impl Client {
                 return Err(client_conn::handshake_timed_out(name, path, self.timeout, self.holder()));
             }
         };
-        tracing::debug!(service = %name, pid = conn.server.pid, "connected");
+        if conn.server.features & FEATURE_SHM != 0 {
+            let accepted = if shm && conn.rbuf.is_empty() {
+                ShmLink::accept(fds, conn.server.ring_capacity)
+            } else {
+                Err(io::Error::new(io::ErrorKind::InvalidData, "an offer this client did not ask for"))
+            };
+            match accepted {
+                Ok(link) => conn.stream.upgrade(link),
+                Err(e) => {
+                    // Nothing was sent yet: connect again, on the socket (PROTOCOL.md § 18.1).
+                    tracing::warn!(service = %name, error = %e, "cannot use the shared memory offered; using the socket");
+                    drop(conn);
+                    return self.open_at_with(target, deadline, false);
+                }
+            }
+        }
+        tracing::debug!(service = %name, pid = conn.server.pid, transport = conn.stream.transport_name(), "connected");
         Ok(conn)
+    }
+
+    /// What carries this client's frames to the local service: `"shm"` (shared memory),
+    /// `"unix"` (the socket), or `None` while not connected.
+    pub fn transport(&self) -> Option<&'static str> {
+        self.conn.as_ref().map(|c| c.stream.transport_name())
     }
 }
 
@@ -666,16 +712,17 @@ impl Connection {
         deadline: Instant,
         interrupt: Option<&InterruptCheck>,
     ) -> Result<(Incoming, Vec<u8>), Wait> {
-        self.read_raw(deadline, interrupt, |_| ()).map(|((), incoming, payload)| (incoming, payload))
+        self.read_raw(deadline, interrupt, None, |_| ()).map(|((), incoming, payload)| (incoming, payload))
     }
 
     /// Reads one whole frame; `look` sees it before it is consumed. Waits until `deadline` at
     /// most (and asks `interrupt`, if any, whether to stop, every time its period passes
-    /// without a frame).
+    /// without a frame). `fds`: keep descriptors passed with the bytes (the handshake's).
     fn read_raw<T>(
         &mut self,
         deadline: Instant,
         interrupt: Option<&InterruptCheck>,
+        mut fds: Option<&mut Vec<OwnedFd>>,
         look: impl FnOnce(&Frame<'_>) -> T,
     ) -> Result<(T, Incoming, Vec<u8>), Wait> {
         loop {
@@ -700,11 +747,16 @@ impl Connection {
             // while a short value left by an earlier, nearer deadline never turns a later wait
             // into a loop of early wake-ups.
             if self.rcv_timeout.is_none_or(|t| t.abs_diff(wait) > Duration::from_millis(1)) {
-                set_recv_timeout(&self.stream, Some(wait.max(Duration::from_micros(100))))
+                self.stream
+                    .set_recv_timeout(Some(wait.max(Duration::from_micros(100))))
                     .map_err(|e| Wait::Lost(Loss::from_io(e)))?;
                 self.rcv_timeout = Some(wait);
             }
-            match self.rbuf.fill_or_interrupted(&self.stream, needed) {
+            let filled = match fds.as_deref_mut() {
+                Some(fds) => self.rbuf.fill_from(needed, &mut WithFds { socket: self.stream.socket(), fds }),
+                None => self.rbuf.fill_or_interrupted(&self.stream, needed),
+            };
+            match filled {
                 Ok(Filled::Data) => {}
                 Ok(Filled::Eof) => return Err(Wait::Lost(Loss::Closed(None))),
                 // A timed-out read, or one a signal handler interrupted (which would otherwise
@@ -721,6 +773,18 @@ impl Connection {
                 Err(e) => return Err(Wait::Lost(Loss::from_io(e))),
             }
         }
+    }
+}
+
+/// Reads the socket keeping the descriptors that come with the bytes (the handshake's).
+struct WithFds<'a> {
+    socket: &'a UnixStream,
+    fds: &'a mut Vec<OwnedFd>,
+}
+
+impl crate::io::Source for WithFds<'_> {
+    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        recv_with_fds(self.socket, buf, self.fds)
     }
 }
 

@@ -5,20 +5,127 @@
 //! shutdown). The protocol on top — framing, ids, deadlines, cancellation, limits, statistics —
 //! lives in [`crate::proto`] and [`crate::dispatch`] and does not change with the transport.
 //!
-//! Today's transport is the connected Unix stream socket ([`unix`]). [`Link`] names the type the
-//! flavours hold; a second transport (shared memory, negotiated over the socket) is added by
-//! implementing [`Transport`] in a module of its own and making `Link` an enum of the two.
+//! Every connection starts on the connected Unix stream socket ([`unix`]); after the handshake
+//! it may move to shared memory ([`shm`], PROTOCOL.md § 17). [`Link`] is the type the flavours
+//! hold: the socket, and the shared-memory side once negotiated.
 
 use std::io::{self, IoSlice};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::proto::Header;
 
 pub(crate) mod shm;
 pub(crate) mod unix;
 
-/// The connection type both flavours hold.
-pub(crate) type Link = std::os::unix::net::UnixStream;
+/// One connection, as both flavours hold it: the socket, and the shared-memory rings once the
+/// handshake moved the connection to them (set once, before any frame but the handshake's).
+///
+/// Its descriptor ([`AsFd`]) is always the socket's: peer credentials, and the hang-up that
+/// tells one side the other is gone.
+#[derive(Debug)]
+pub(crate) struct Link {
+    socket: UnixStream,
+    shm: OnceLock<shm::ShmLink>,
+    /// The receive timeout in nanoseconds ([`NO_TIMEOUT`] = none), for the shared-memory wait;
+    /// the socket's own is `SO_RCVTIMEO`.
+    recv_timeout: AtomicU64,
+}
+
+const NO_TIMEOUT: u64 = u64::MAX;
+
+impl From<UnixStream> for Link {
+    fn from(socket: UnixStream) -> Link {
+        let t =
+            rustix::net::sockopt::socket_timeout(&socket, rustix::net::sockopt::Timeout::Recv).ok().flatten();
+        Link { socket, shm: OnceLock::new(), recv_timeout: AtomicU64::new(timeout_ns(t)) }
+    }
+}
+
+fn timeout_ns(t: Option<Duration>) -> u64 {
+    t.map_or(NO_TIMEOUT, |t| u64::try_from(t.as_nanos()).unwrap_or(NO_TIMEOUT - 1))
+}
+
+impl Link {
+    /// The socket (the handshake moves over it, and its options are set on it).
+    pub(crate) fn socket(&self) -> &UnixStream {
+        &self.socket
+    }
+
+    /// Moves the connection to shared memory; from now on frames go through the rings.
+    pub(crate) fn upgrade(&self, shm: shm::ShmLink) {
+        let _ = self.shm.set(shm);
+    }
+
+    /// The shared-memory side, if the connection uses it.
+    pub(crate) fn shm(&self) -> Option<&shm::ShmLink> {
+        self.shm.get()
+    }
+
+    /// What carries this connection's frames: `"shm"` or `"unix"`.
+    pub(crate) fn transport_name(&self) -> &'static str {
+        if self.shm.get().is_some() { "shm" } else { "unix" }
+    }
+
+    /// Sets (or clears, `None`) how long a blocking read waits (`SO_RCVTIMEO` on the socket,
+    /// and the same bound for the shared-memory wait).
+    pub(crate) fn set_recv_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.recv_timeout.store(timeout_ns(timeout), Ordering::Relaxed);
+        unix::set_recv_timeout(&self.socket, timeout)
+    }
+
+    fn recv_timeout(&self) -> Option<Duration> {
+        match self.recv_timeout.load(Ordering::Relaxed) {
+            NO_TIMEOUT => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+}
+
+impl AsFd for Link {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl AsRawFd for Link {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl Transport for Link {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.shm.get() {
+            Some(shm) => shm.recv(&self.socket, self.recv_timeout(), buf),
+            None => self.socket.recv(buf),
+        }
+    }
+
+    fn recv_spare(&self, v: &mut Vec<u8>) -> io::Result<usize> {
+        match self.shm.get() {
+            Some(shm) => shm.recv_spare(&self.socket, self.recv_timeout(), v),
+            None => self.socket.recv_spare(v),
+        }
+    }
+
+    fn send(&self, parts: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
+        match self.shm.get() {
+            Some(shm) => shm.send(&self.socket, parts, wait),
+            None => self.socket.send(parts, wait),
+        }
+    }
+
+    fn shut(&self, how: Shut) {
+        if let Some(shm) = self.shm.get() {
+            shm.shut_read();
+        }
+        self.socket.shut(how);
+    }
+}
 
 /// Which direction(s) [`Transport::shut`] ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,14 +1,18 @@
 //! The Unix stream socket transport: the connection every client and server starts with, and
 //! the socket options and kernel facts (peer credentials) that only a socket has.
 
-use std::io::{self, IoSlice, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 use rustix::net::sockopt::{self, Timeout};
-use rustix::net::{AddressFamily, SendAncillaryBuffer, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
 
 use super::{Shut, Transport};
 use crate::request::Peer;
@@ -95,4 +99,34 @@ pub(crate) fn connect_with_timeout(path: &Path, timeout: Duration) -> io::Result
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Sends `bytes` with `fds` attached (`SCM_RIGHTS`, on the first byte). Blocking; the rest of
+/// `bytes`, if the socket took only part, goes without descriptors.
+pub(crate) fn send_with_fds(socket: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(super::shm::FDS))];
+    let mut anc = SendAncillaryBuffer::new(&mut space);
+    if !anc.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("too many descriptors for one message"));
+    }
+    let n = rustix::net::sendmsg(socket, &[IoSlice::new(bytes)], &mut anc, SendFlags::NOSIGNAL)?;
+    super::send_bytes(socket, &bytes[n..]).map_err(|e| e.error)
+}
+
+/// Reads into `buf` like `recv`, keeping any descriptors that came with the bytes (close-on-exec)
+/// in `fds`.
+pub(crate) fn recv_with_fds(
+    socket: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(super::shm::FDS))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let r = rustix::net::recvmsg(socket, &mut [IoSliceMut::new(buf)], &mut anc, RecvFlags::CMSG_CLOEXEC)?;
+    for msg in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(got) = msg {
+            fds.extend(got);
+        }
+    }
+    Ok(r.bytes)
 }

@@ -18,6 +18,7 @@ mod instances;
 mod nats;
 mod ownership;
 mod protocol;
+mod shm;
 #[cfg(feature = "tokio")]
 mod stream;
 #[cfg(feature = "tokio")]

@@ -24,7 +24,8 @@ use crate::request::{CancelState, Peer, Room, panic_message};
 use crate::service::{
     Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
-use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
+use crate::transport::shm::ShmLink;
+use crate::transport::unix::{send_with_fds, set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
 use super::Trigger;
@@ -304,7 +305,7 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     set_send_buffer(&stream, shared.config.send_buffer);
     let conn = Arc::new(Conn {
         id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
-        stream,
+        stream: stream.into(),
         peer,
         accepted: Instant::now(),
         core: ServerConn::new(shared.config.max_payload, shared.config.max_in_flight),
@@ -375,16 +376,33 @@ pub(super) fn handshake(shared: &Shared, conn: &Conn) -> bool {
         let needed = match rs.rbuf.decode(max) {
             Ok(Decoded::Frame(f)) => {
                 let len = f.len;
-                let answer = conn
-                    .core
-                    .on_hello(&f, std::process::id(), shared.service.name.as_str())
-                    .map(|h| h.answer(None));
+                let answer = conn.core.on_hello(&f, std::process::id(), shared.service.name.as_str());
                 rs.rbuf.consume(len);
-                let ok = answer.is_ok();
-                conn.send(shared, answer.unwrap_or_else(|refusal| refusal), false);
-                return ok
-                    && set_recv_timeout(&conn.stream, None).is_ok()
-                    && !conn.closed.load(Ordering::SeqCst);
+                let handshake = match answer {
+                    Ok(h) => h,
+                    Err(refusal) => {
+                        conn.send(shared, refusal, false);
+                        return false;
+                    }
+                };
+                let offer = (handshake.wants_shm() && shared.config.shared_memory)
+                    .then(|| offer_shm(shared, conn))
+                    .flatten();
+                match offer {
+                    Some((link, memfd)) if rs.rbuf.is_empty() => {
+                        let ack = handshake.answer(Some(shared.config.ring_capacity));
+                        let mut bytes = Vec::new();
+                        proto::encode(&mut bytes, &ack.header, b"", &ack.payload);
+                        if let Err(e) = send_with_fds(conn.stream.socket(), &bytes, &link.fds_to_send(&memfd))
+                        {
+                            tracing::debug!(conn = conn.id, error = %e, "cannot send the handshake answer");
+                            return false;
+                        }
+                        conn.stream.upgrade(link);
+                    }
+                    _ => conn.send(shared, handshake.answer(None), false),
+                }
+                return conn.stream.set_recv_timeout(None).is_ok() && !conn.closed.load(Ordering::SeqCst);
             }
             Ok(Decoded::Incomplete { needed }) => needed,
             Err(e) => {
@@ -513,7 +531,7 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
         let partial = !rs.rbuf.is_empty();
         if partial != rs.partial_timeout {
             let t = partial.then_some(shared.config.frame_timeout);
-            if set_recv_timeout(&conn.stream, t).is_err() {
+            if conn.stream.set_recv_timeout(t).is_err() {
                 return None;
             }
             rs.partial_timeout = partial;
@@ -531,6 +549,16 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
             return None;
         }
     }
+}
+
+/// The shared-memory side for a connection whose client asked (PROTOCOL.md § 17.1); `None`
+/// (the socket it is) when it cannot be created.
+fn offer_shm(shared: &Shared, conn: &Conn) -> Option<(ShmLink, std::os::fd::OwnedFd)> {
+    ShmLink::offer(shared.config.ring_capacity)
+        .map_err(
+            |e| tracing::warn!(conn = conn.id, error = %e, "cannot create shared memory; using the socket"),
+        )
+        .ok()
 }
 
 pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool) {
@@ -673,7 +701,8 @@ pub(super) fn sentinel(shared: Arc<Shared>) {
             let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
             drop(fds);
             for (c, readable) in followers.drain(..).zip(ready) {
-                if readable || c.pending_buffered.load(Ordering::SeqCst) {
+                let ring = c.stream.shm().is_some_and(|s| s.has_input());
+                if readable || ring || c.pending_buffered.load(Ordering::SeqCst) {
                     start_follower(&shared, c);
                 }
             }

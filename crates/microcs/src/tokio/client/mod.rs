@@ -151,6 +151,9 @@ pub struct ClientBuilder {
     window: proto::Credit,
     instance: Option<u32>,
     activate: bool,
+    /// Read by the blocking client only: the async client stays on the socket for now.
+    #[allow(dead_code)]
+    shared_memory: Option<bool>,
     #[cfg(feature = "nats")]
     nats: crate::nats::ClientConfig,
 }
@@ -256,6 +259,7 @@ impl Client {
             window: proto::Credit { items: proto::DEFAULT_WINDOW_ITEMS, bytes: proto::DEFAULT_WINDOW_BYTES },
             instance: None,
             activate: crate::activation::enabled_by_env(),
+            shared_memory: None,
             #[cfg(feature = "nats")]
             nats: Default::default(),
         }
@@ -667,7 +671,7 @@ impl Client {
             Err(_) => return Err(client_conn::connect_timed_out(name, self.timeout, holder())),
             Ok(Ok(stream)) => {
                 crate::transport::unix::set_send_buffer(&stream, s.send_buffer);
-                stream.into_std().and_then(Stream::new).map_err(|e| {
+                stream.into_std().and_then(|s| Stream::new(s.into())).map_err(|e| {
                     Error::io(format_args!("cannot watch the connection to {}", path.display()), e)
                 })?
             }

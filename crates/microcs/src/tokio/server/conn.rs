@@ -182,7 +182,7 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
     let name = &shared.service.name;
     // Still non-blocking, as tokio documents for `into_std`; registered again below.
     let stream: Link = match stream.into_std() {
-        Ok(s) => s,
+        Ok(s) => s.into(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot take over a new connection; dropping it");
             return;

@@ -1,7 +1,369 @@
-//! The shared-memory transport (PROTOCOL.md § 17).
+//! The shared-memory transport (PROTOCOL.md § 17): two SPSC byte rings in a sealed memfd, an
+//! eventfd for each waiting role, and the connection's socket, which stays open to tell each
+//! side that the other is gone.
+//!
+//! The rings carry exactly the bytes the socket would, so everything above [`Transport`]
+//! (read buffer, codec, protocol core, dispatch) is unchanged. This module decides only how to
+//! move and wait: spin a short, adaptive time while the peer is likely to answer soon, then
+//! announce "parked" in the region and sleep in `poll` on the eventfd and the socket; a writer
+//! signals an eventfd only when the other side announced it sleeps.
+//!
+//! [`Transport`]: super::Transport
 
-// Wired into `Link` by the next commits.
-#![allow(dead_code)]
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::net::sockopt::{self, Timeout};
 
 pub(crate) mod map;
 pub(crate) mod ring;
+
+use map::Mapping;
+use ring::{Dir, Reader, Writer};
+
+/// Whether servers offer, and clients ask for, shared memory by default.
+pub(crate) const DEFAULT_SHM: bool = false;
+
+/// A client's choice: the builder's, else `MICROCS_SHM` (`1`/`0`), else [`DEFAULT_SHM`].
+pub(crate) fn client_wants(option: Option<bool>) -> bool {
+    option.unwrap_or_else(|| match std::env::var("MICROCS_SHM").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => DEFAULT_SHM,
+    })
+}
+
+/// Bytes of each ring unless configured otherwise.
+pub(crate) const DEFAULT_RING_CAPACITY: u32 = 256 * 1024;
+/// Descriptors sent with the `HelloAck`: the memfd, then `A.data`, `A.space`, `B.data`,
+/// `B.space`.
+pub(crate) const FDS: usize = 5;
+
+/// Longest spin before parking, and the spin a connection starts with.
+const MAX_SPIN: Duration = Duration::from_micros(50);
+const FIRST_SPIN: Duration = Duration::from_micros(20);
+const MIN_SPIN_NS: u32 = 1_000;
+
+/// One connection's shared-memory side (the socket is the caller's: [`super::Link`]).
+#[derive(Debug)]
+pub(crate) struct ShmLink {
+    map: Mapping,
+    tx: Writer,
+    rx: Reader,
+    /// Wakes the peer's reader of the ring we write.
+    tx_data: OwnedFd,
+    /// We sleep on it when the ring we write is full.
+    tx_space: OwnedFd,
+    /// We sleep on it when the ring we read is empty.
+    rx_data: OwnedFd,
+    /// Wakes the peer's writer of the ring we read.
+    rx_space: OwnedFd,
+    /// Current spin budget, in nanoseconds (§ 17.5).
+    spin_ns: AtomicU32,
+    /// More than one CPU: spinning can ever pay.
+    multi_cpu: bool,
+    read_shut: AtomicBool,
+}
+
+/// How a wait ended.
+enum Woke {
+    Ready,
+    TimedOut,
+    /// The socket is readable or hung up: the peer is gone (or broke the protocol).
+    PeerGone,
+}
+
+impl ShmLink {
+    /// The server's side of a new region with rings of `capacity` bytes, and the memfd to send
+    /// (with [`fds_to_send`](Self::fds_to_send)).
+    pub(crate) fn offer(capacity: u32) -> io::Result<(ShmLink, OwnedFd)> {
+        debug_assert!(ring::valid_capacity(capacity));
+        let (memfd, map) = Mapping::create(ring::region_len(capacity))?;
+        ring::init_header(&map, capacity);
+        let efd = || rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK);
+        let (a_data, a_space, b_data, b_space) = (efd()?, efd()?, efd()?, efd()?);
+        let link = ShmLink::new(map, capacity, Dir::B, [a_data, a_space, b_data, b_space]);
+        Ok((link, memfd))
+    }
+
+    /// The descriptors to pass with the `HelloAck`, in the order of PROTOCOL.md § 17.1.
+    pub(crate) fn fds_to_send<'a>(&'a self, memfd: &'a OwnedFd) -> [BorrowedFd<'a>; FDS] {
+        // Server: we read A and write B.
+        [
+            memfd.as_fd(),
+            self.rx_data.as_fd(),
+            self.rx_space.as_fd(),
+            self.tx_data.as_fd(),
+            self.tx_space.as_fd(),
+        ]
+    }
+
+    /// The client's side, from the descriptors that came with the `HelloAck` announcing rings
+    /// of `capacity` bytes; every check of PROTOCOL.md § 17.1 step 3.
+    pub(crate) fn accept(fds: Vec<OwnedFd>, capacity: u32) -> io::Result<ShmLink> {
+        let Ok([memfd, a_data, a_space, b_data, b_space]) = <[OwnedFd; FDS]>::try_from(fds) else {
+            return Err(ring::corrupt("the handshake did not carry exactly five descriptors".into()));
+        };
+        if !ring::valid_capacity(capacity) {
+            return Err(ring::corrupt(format!(
+                "ring capacity {capacity} is not a power of two in 4 KiB-64 MiB"
+            )));
+        }
+        let map = Mapping::attach(&memfd, ring::region_len(capacity))?;
+        ring::check_header(&map, capacity)?;
+        for fd in [&a_data, &a_space, &b_data, &b_space] {
+            rustix::io::ioctl_fionbio(fd, true)?;
+        }
+        Ok(ShmLink::new(map, capacity, Dir::A, [a_data, a_space, b_data, b_space]))
+    }
+
+    /// `writes`: the ring this side writes (A for the client, B for the server).
+    fn new(
+        map: Mapping,
+        capacity: u32,
+        writes: Dir,
+        [a_data, a_space, b_data, b_space]: [OwnedFd; 4],
+    ) -> ShmLink {
+        let reads = if writes == Dir::A { Dir::B } else { Dir::A };
+        let (tx_data, tx_space, rx_data, rx_space) = match writes {
+            Dir::A => (a_data, a_space, b_data, b_space),
+            Dir::B => (b_data, b_space, a_data, a_space),
+        };
+        ShmLink {
+            map,
+            tx: Writer::new(writes, capacity),
+            rx: Reader::new(reads, capacity),
+            tx_data,
+            tx_space,
+            rx_data,
+            rx_space,
+            spin_ns: AtomicU32::new(FIRST_SPIN.as_nanos() as u32),
+            multi_cpu: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            read_shut: AtomicBool::new(false),
+        }
+    }
+
+    /// Reads what is available, waiting (up to `timeout`, `None` = forever) if nothing is.
+    pub(crate) fn recv(
+        &self,
+        socket: &UnixStream,
+        timeout: Option<Duration>,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        self.recv_with(socket, timeout, buf.is_empty(), |m, rx| rx.read(m, buf))
+    }
+
+    /// Reads into `v`'s spare capacity (at least one byte's room), extending its length.
+    pub(crate) fn recv_spare(
+        &self,
+        socket: &UnixStream,
+        timeout: Option<Duration>,
+        v: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        let room = (v.capacity() - v.len()).max(1);
+        self.recv_with(socket, timeout, false, |m, rx| rx.read_spare(m, v, room))
+    }
+
+    fn recv_with(
+        &self,
+        socket: &UnixStream,
+        timeout: Option<Duration>,
+        empty: bool,
+        mut read: impl FnMut(&Mapping, &Reader) -> io::Result<ring::Read>,
+    ) -> io::Result<usize> {
+        loop {
+            let r = read(&self.map, &self.rx)?;
+            if r.wake {
+                signal(&self.rx_space);
+            }
+            if r.n > 0 || empty || self.read_shut.load(Ordering::Relaxed) {
+                return Ok(r.n);
+            }
+            let woke = self.wait(
+                socket,
+                &self.rx_data,
+                timeout,
+                || Ok(self.rx.available(&self.map)? > 0),
+                |p| self.rx.set_parked(&self.map, p),
+            )?;
+            match woke {
+                Woke::Ready => {}
+                Woke::TimedOut => return Err(io::ErrorKind::WouldBlock.into()),
+                Woke::PeerGone => {
+                    if self.rx.available(&self.map)? == 0 {
+                        return socket_end(socket);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes as much of `parts` as fits, waiting for room (bounded by the socket's send
+    /// timeout) when `wait` and none is free.
+    pub(crate) fn send(&self, socket: &UnixStream, parts: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
+        if parts.iter().all(|p| p.is_empty()) {
+            return Ok(0);
+        }
+        loop {
+            if self.tx.reader_closed(&self.map) {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            let w = self.tx.write(&self.map, parts)?;
+            if w.wake {
+                signal(&self.tx_data);
+            }
+            if w.n > 0 {
+                return Ok(w.n);
+            }
+            if !wait {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let timeout = sockopt::socket_timeout(socket, Timeout::Send)?;
+            let woke = self.wait(
+                socket,
+                &self.tx_space,
+                timeout,
+                || Ok(self.tx.room(&self.map)? > 0 || self.tx.reader_closed(&self.map)),
+                |p| self.tx.set_parked(&self.map, p),
+            )?;
+            match woke {
+                Woke::Ready => {}
+                Woke::TimedOut => return Err(io::ErrorKind::WouldBlock.into()),
+                Woke::PeerGone => return Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        }
+    }
+
+    /// Stops reading: the peer's further writes fail, what it wrote is still read.
+    pub(crate) fn shut_read(&self) {
+        self.rx.close(&self.map);
+        self.read_shut.store(true, Ordering::Relaxed);
+        signal(&self.rx_space);
+    }
+
+    /// Bytes in the ring we read (for a server deciding whether a reader is needed).
+    pub(crate) fn has_input(&self) -> bool {
+        self.rx.available(&self.map).map_or(true, |n| n > 0)
+    }
+
+    /// Position of the next byte we write, to ask later whether the peer read past it.
+    pub(crate) fn mark(&self) -> u64 {
+        self.tx.position()
+    }
+
+    /// The peer has not consumed a byte written after `mark`: it never saw them.
+    pub(crate) fn untouched_since(&self, mark: u64) -> bool {
+        self.tx.consumed(&self.map).is_ok_and(|head| head == mark)
+    }
+
+    /// Spins (if it may pay), then parks on `efd` and the socket until `ready`, the timeout,
+    /// or the peer's end. `park(true)` announces parking with a `SeqCst` fence; `ready` is
+    /// checked again after it, which is what makes the wake-up impossible to lose (§ 17.3).
+    fn wait(
+        &self,
+        socket: &UnixStream,
+        efd: &OwnedFd,
+        timeout: Option<Duration>,
+        ready: impl Fn() -> io::Result<bool>,
+        park: impl Fn(bool),
+    ) -> io::Result<Woke> {
+        let start = Instant::now();
+        let budget = Duration::from_nanos(u64::from(self.spin_ns.load(Ordering::Relaxed)));
+        if self.spin_pays() {
+            let mut i = 0u32;
+            loop {
+                if ready()? {
+                    self.adapt(true);
+                    return Ok(Woke::Ready);
+                }
+                i = i.wrapping_add(1);
+                if i % 16 == 0 && start.elapsed() >= budget {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        park(true);
+        if ready()? {
+            park(false);
+            return Ok(Woke::Ready);
+        }
+        let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
+        let ts = left.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: i64::from(d.subsec_nanos()) });
+        let mut fds =
+            [PollFd::new(efd, PollFlags::IN), PollFd::new(socket, PollFlags::IN | PollFlags::RDHUP)];
+        let polled = rustix::event::poll(&mut fds, ts.as_ref());
+        park(false);
+        let (efd_ready, socket_ready) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if efd_ready {
+            drain(efd);
+        }
+        match polled {
+            Err(rustix::io::Errno::INTR) => return Err(io::ErrorKind::Interrupted.into()),
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        // Would a longer spin have caught it? Then spin longer next time, else shorter.
+        self.adapt(start.elapsed() < MAX_SPIN);
+        if ready()? {
+            return Ok(Woke::Ready);
+        }
+        Ok(if socket_ready {
+            Woke::PeerGone
+        } else if efd_ready {
+            Woke::Ready
+        } else {
+            Woke::TimedOut
+        })
+    }
+
+    /// Spinning only helps when the peer can run meanwhile: another CPU, and not the one we
+    /// are on (§ 17.5). Publishes our CPU for the peer's same check.
+    fn spin_pays(&self) -> bool {
+        if !self.multi_cpu {
+            return false;
+        }
+        let me = rustix::thread::sched_getcpu() as u32 + 1;
+        self.rx.publish_cpu(&self.map, me);
+        self.tx.peer_cpu(&self.map) != me && self.spin_ns.load(Ordering::Relaxed) > 0
+    }
+
+    fn adapt(&self, longer: bool) {
+        let now = self.spin_ns.load(Ordering::Relaxed);
+        let next = if longer {
+            now.saturating_mul(2).clamp(MIN_SPIN_NS, MAX_SPIN.as_nanos() as u32)
+        } else {
+            now / 2
+        };
+        if next != now {
+            self.spin_ns.store(if next < MIN_SPIN_NS && !longer { 0 } else { next }, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Rings the eventfd; a full counter (a peer never draining it) is already rung.
+fn signal(efd: &OwnedFd) {
+    let _ = rustix::io::write(efd, &1u64.to_ne_bytes());
+}
+
+fn drain(efd: &OwnedFd) {
+    let _ = rustix::io::read(efd, &mut [0u8; 8]);
+}
+
+/// The socket woke us after the handshake: its end (the peer closed or died), or bytes that
+/// have no business being there.
+fn socket_end(socket: &UnixStream) -> io::Result<usize> {
+    match rustix::io::read(socket, &mut [0u8; 1]) {
+        Ok(0) => Ok(0),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bytes on the socket of a shared-memory connection after the handshake",
+        )),
+        Err(rustix::io::Errno::AGAIN) => Err(io::ErrorKind::WouldBlock.into()),
+        Err(e) => Err(e.into()),
+    }
+}
