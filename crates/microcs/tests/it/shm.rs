@@ -1,9 +1,12 @@
 //! The shared-memory transport (PROTOCOL.md § 17) across real processes: negotiation and
 //! fallback, peers dying, hostile rings, fork, many requests in flight.
 
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use microcs::ErrorKind;
+use microcs::proto::{self, FEATURE_SHM, Header, Hello, HelloAck, Kind};
 
 use crate::common::*;
 
@@ -129,4 +132,210 @@ fn a_client_killed_mid_request_leaks_nothing_in_the_server() {
     // And the server still serves.
     let mut c = dir.client(&name).shared_memory(true).connect().unwrap();
     assert_eq!(c.request(b"still").unwrap(), b"still");
+}
+
+#[test]
+fn deadline_and_cancel_over_shared_memory_reach_the_handler() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("shm-cancel");
+    let name = unique("SHM_CANCEL");
+    let _server = PeerProcess::serve_with(dir.path(), &name, SHM);
+    let mut c = dir.client(&name).shared_memory(true).timeout(Duration::from_millis(300)).connect().unwrap();
+    assert_eq!(c.transport(), Some("shm"));
+    let ms: u64 = String::from_utf8(c.call("deadline_ms", b"").unwrap()).unwrap().parse().unwrap();
+    assert!(ms > 0 && ms <= 300, "the handler sees the deadline: {ms}");
+    let marker = dir.path().join("cancel.marker");
+    let e = c.call("wait_cancel", marker.to_str().unwrap().as_bytes()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    let got = eventually(Duration::from_secs(10), || std::fs::read_to_string(&marker).ok());
+    assert!(got.is_some_and(|s| s.starts_with("cancelled")), "the Cancel reached the handler");
+    c.set_timeout(Duration::from_secs(5));
+    assert_eq!(c.request(b"after").unwrap(), b"after", "the connection survives; the late reply is dropped");
+}
+
+#[test]
+fn a_client_forked_after_connecting_never_uses_its_parents_rings() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("shm-fork");
+    let name = unique("SHM_FORK");
+    let _server = PeerProcess::serve_with(dir.path(), &name, SHM);
+    let out = std::process::Command::new(PEER)
+        .args(["fork-call", &name, "300"])
+        .env("MICROCS_RUNTIME_DIR", dir.path())
+        .env("MICROCS_SHM", "1")
+        .env_remove("MICROCS_NATS_URL")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("parent ok") && text.contains("child ok"), "{text}");
+}
+
+/// A fake server at `NAME.sock`: answers the `Hello` with a shared-memory offer of 4 KiB rings
+/// (`sealed` or not), then lets `act` do what it wants with the region and eventfds.
+fn hostile_server(
+    dir: &TempDir,
+    name: &str,
+    sealed: bool,
+    act: impl FnOnce(&mut [u8], &[std::os::fd::OwnedFd], UnixStream) + Send + 'static,
+) -> std::thread::JoinHandle<std::os::unix::net::UnixListener> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join(format!("{name}.sock"))).unwrap();
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut raw = Raw::from_stream(s);
+        let (h, _, _) = raw.read().expect("a hello");
+        assert_eq!(h.kind(), Some(Kind::Hello));
+        const CAP: usize = 4096;
+        let len = 4096 + 2 * CAP;
+        let memfd =
+            rustix::fs::memfd_create("microcs-shm", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&memfd, len as u64).unwrap();
+        if sealed {
+            rustix::fs::fcntl_add_seals(&memfd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+                .unwrap();
+        }
+        // SAFETY (test): a fresh shared mapping of the memfd, used only through the slice below
+        // while both live; the fake server is the hostile side, so it writes what it likes.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &memfd,
+                0,
+            )
+        }
+        .unwrap();
+        // SAFETY (test): the mapping above, `len` bytes, alive until the munmap below.
+        let region = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
+        region[0..4].copy_from_slice(&0x6873_636du32.to_ne_bytes());
+        region[4..8].copy_from_slice(&1u32.to_ne_bytes());
+        region[8..12].copy_from_slice(&(CAP as u32).to_ne_bytes());
+        let efds: Vec<_> = (0..4)
+            .map(|_| rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap())
+            .collect();
+        let ack = HelloAck {
+            max_payload: 16 << 20,
+            max_in_flight: 128,
+            pid: std::process::id(),
+            name,
+            features: FEATURE_SHM,
+            ring_capacity: CAP as u32,
+        };
+        let mut bytes = Vec::new();
+        proto::encode(&mut bytes, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
+        let fds: Vec<_> = std::iter::once(&memfd).chain(&efds).map(|f| f.as_fd()).collect();
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(5))];
+        let mut anc = rustix::net::SendAncillaryBuffer::new(&mut space);
+        assert!(anc.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(
+            &raw.s,
+            &[std::io::IoSlice::new(&bytes)],
+            &mut anc,
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        act(region, &efds, raw.s);
+        // SAFETY (test): the mapping made above, no longer used.
+        let _ = unsafe { rustix::mm::munmap(ptr, len) };
+        listener
+    })
+}
+
+/// Ring B's control block and data in the fake server's region (PROTOCOL.md § 17.2).
+const B_TAIL: usize = 2048;
+const B_DATA: usize = 4096 + 4096;
+
+#[test]
+fn garbage_in_the_answer_ring_is_a_protocol_error_not_a_hang() {
+    let _w = watchdog(Duration::from_secs(30));
+    for case in ["garbage bytes", "index out of range"] {
+        let dir = TempDir::new("shm-hostile");
+        let name = unique("SHM_HOSTILE");
+        let fake = hostile_server(&dir, &name, true, move |region, efds, socket| {
+            std::thread::sleep(Duration::from_millis(200)); // the client's request is in ring A
+            let tail: u64 = if case == "garbage bytes" {
+                region[B_DATA..B_DATA + 64].fill(0xff); // a length prefix of 4 GiB
+                64
+            } else {
+                1 << 40
+            };
+            region[B_TAIL..B_TAIL + 8].copy_from_slice(&tail.to_ne_bytes());
+            let _ = rustix::io::write(&efds[2], &1u64.to_ne_bytes()); // B.data
+            std::thread::sleep(Duration::from_millis(500));
+            drop(socket);
+        });
+        let mut c = dir.client(&name).shared_memory(true).timeout(Duration::from_secs(10)).connect().unwrap();
+        assert_eq!(c.transport(), Some("shm"), "{case}");
+        let t0 = Instant::now();
+        let e = c.request(b"hello").unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(5), "{case}: not the deadline ({:?})", t0.elapsed());
+        assert!(
+            matches!(e.kind(), ErrorKind::Protocol | ErrorKind::Closed | ErrorKind::FrameTooLarge),
+            "{case}: {e}"
+        );
+        fake.join().unwrap();
+    }
+}
+
+#[test]
+fn a_ring_never_consumed_holds_the_callers_deadline() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("shm-stall");
+    let name = unique("SHM_STALL");
+    let fake = hostile_server(&dir, &name, true, |_region, _efds, socket| {
+        std::thread::sleep(Duration::from_secs(3));
+        drop(socket);
+    });
+    let mut c = dir.client(&name).shared_memory(true).timeout(Duration::from_millis(400)).connect().unwrap();
+    assert_eq!(c.transport(), Some("shm"));
+    let t0 = Instant::now();
+    // Ten times the ring: the writer waits for room that never comes.
+    let e = c.request(&vec![1u8; 40 * 1024]).unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    assert!(took >= Duration::from_millis(350) && took < Duration::from_secs(2), "{took:?}");
+    fake.join().unwrap();
+}
+
+#[test]
+fn an_unsealed_region_is_refused_and_the_client_reconnects_on_the_socket() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("shm-unsealed");
+    let name = unique("SHM_UNSEALED");
+    let fake = hostile_server(&dir, &name, false, move |region, _efds, socket| {
+        // The client closes this connection without using the region...
+        let mut one = [0u8; 1];
+        assert_eq!(
+            rustix::io::read(&socket, &mut one).unwrap_or(0),
+            0,
+            "nothing sent over an unsealed region"
+        );
+        assert!(region[4096..].iter().all(|&b| b == 0), "the client wrote nothing into it");
+    });
+    let second = std::thread::spawn(move || {
+        // ...and connects again without asking; it gets a plain server here.
+        let listener = fake.join().unwrap();
+        let (s, _) = listener.accept().unwrap();
+        let mut raw = Raw::from_stream(s);
+        let (_, _, body) = raw.read().expect("a hello");
+        assert_eq!(Hello::parse(&body).map(|h| h.features), Some(0), "the second hello does not ask");
+        let ack = HelloAck {
+            max_payload: 1 << 20,
+            max_in_flight: 8,
+            pid: 1,
+            name: "X".into(),
+            ..Default::default()
+        };
+        raw.send(&Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
+        let (h, _, p) = raw.read().expect("a request");
+        raw.send(&Header::new(Kind::Reply, h.id), b"", &p);
+    });
+    let mut c = dir.client(&name).shared_memory(true).timeout(Duration::from_secs(10)).connect().unwrap();
+    assert_eq!(c.transport(), Some("unix"));
+    assert_eq!(c.request(b"on the socket").unwrap(), b"on the socket");
+    second.join().unwrap();
 }
