@@ -528,8 +528,10 @@ impl Client {
                 Err(Wait::Interrupted) => break Outcome::Interrupted,
                 Err(Wait::Lost(loss)) => {
                     // On shared memory a dead server's ring still takes the request; it ran
-                    // only if the server read a byte of it.
-                    let unread = mark.zip(conn.stream.shm()).is_some_and(|(m, s)| s.untouched_since(m));
+                    // only if the server read a byte of it. (A server that sent garbage is
+                    // not asked again.)
+                    let unread = matches!(loss, Loss::Closed(_))
+                        && mark.zip(conn.stream.shm()).is_some_and(|(m, s)| s.untouched_since(m));
                     let written = if unread { Written::None } else { Written::All };
                     break Outcome::Lost { loss, written };
                 }

@@ -55,7 +55,7 @@ enum AnyClient {
 
 impl AnyClient {
     fn connect(flavour: Flavour, dir: &TempDir, name: &str, timeout: Duration) -> microcs::Result<AnyClient> {
-        AnyClient::connect_with(flavour, dir, name, timeout, microcs::proto::DEFAULT_MAX_PAYLOAD)
+        AnyClient::connect_with(flavour, dir, name, timeout, microcs::proto::DEFAULT_MAX_PAYLOAD, false)
     }
 
     fn connect_with(
@@ -64,17 +64,19 @@ impl AnyClient {
         name: &str,
         timeout: Duration,
         max_frame: u32,
+        shm: bool,
     ) -> microcs::Result<AnyClient> {
         Ok(match flavour {
             Flavour::Blocking => AnyClient::Blocking(Box::new(
-                dir.client(name).timeout(timeout).max_frame(max_frame).connect()?,
+                dir.client(name).timeout(timeout).max_frame(max_frame).shared_memory(shm).connect()?,
             )),
             Flavour::Tokio => {
                 let rt = rt();
                 let b = microcs::tokio::Client::builder(name)
                     .runtime_dir(dir.path())
                     .timeout(timeout)
-                    .max_frame(max_frame);
+                    .max_frame(max_frame)
+                    .shared_memory(shm);
                 let c = rt.block_on(b.connect())?;
                 AnyClient::Tokio(c, rt)
             }
@@ -151,19 +153,42 @@ struct Pair {
     server: Flavour,
     dir: TempDir,
     name: String,
+    /// Both sides configured for shared memory (PROTOCOL.md § 17).
+    shm: bool,
 }
 
 impl Pair {
     fn new(client: Flavour, server: Flavour, tag: &str) -> Pair {
-        Pair { client, server, dir: TempDir::new(tag), name: unique(&tag.to_uppercase()) }
+        Pair { client, server, dir: TempDir::new(tag), name: unique(&tag.to_uppercase()), shm: false }
+    }
+
+    /// The same pair with shared memory on at both ends: the blocking pair uses it, pairs with
+    /// a tokio side fall back to the socket.
+    fn shm(client: Flavour, server: Flavour, tag: &str) -> Pair {
+        Pair { shm: true, ..Pair::new(client, server, &format!("{tag}_shm")) }
     }
 
     fn serve(&self) -> PeerProcess {
-        serve(&self.dir, &self.name, self.server, &[])
+        serve(&self.dir, &self.name, self.server, if self.shm { &[("PEER_SHM", "1")] } else { &[] })
     }
 
     fn connect(&self, timeout: Duration) -> AnyClient {
-        AnyClient::connect(self.client, &self.dir, &self.name, timeout).unwrap()
+        self.connect_with(timeout, microcs::proto::DEFAULT_MAX_PAYLOAD)
+    }
+
+    fn connect_with(&self, timeout: Duration, max_frame: u32) -> AnyClient {
+        let c = AnyClient::connect_with(self.client, &self.dir, &self.name, timeout, max_frame, self.shm)
+            .unwrap();
+        if let AnyClient::Blocking(b) = &c {
+            let uses = self.shm && self.server == Flavour::Blocking;
+            assert_eq!(
+                b.transport(),
+                Some(if uses { "shm" } else { "unix" }),
+                "transport of {:?}",
+                self.name
+            );
+        }
+        c
     }
 
     fn marker(&self, tag: &str) -> std::path::PathBuf {
@@ -200,6 +225,22 @@ macro_rules! conformance {
                 #[test]
                 fn tokio_client_tokio_server() {
                     super::cases::$case(super::Pair::new(Tokio, Tokio, stringify!($case)));
+                }
+                #[test]
+                fn shm_blocking_client_blocking_server() {
+                    super::cases::$case(super::Pair::shm(Blocking, Blocking, stringify!($case)));
+                }
+                #[test]
+                fn shm_blocking_client_tokio_server() {
+                    super::cases::$case(super::Pair::shm(Blocking, Tokio, stringify!($case)));
+                }
+                #[test]
+                fn shm_tokio_client_blocking_server() {
+                    super::cases::$case(super::Pair::shm(Tokio, Blocking, stringify!($case)));
+                }
+                #[test]
+                fn shm_tokio_client_tokio_server() {
+                    super::cases::$case(super::Pair::shm(Tokio, Tokio, stringify!($case)));
                 }
             }
         )*
@@ -340,8 +381,7 @@ mod cases {
     pub fn payload_limits(p: Pair) {
         let _w = watchdog(Duration::from_secs(60));
         let _server = p.serve();
-        let mut c =
-            AnyClient::connect_with(p.client, &p.dir, &p.name, Duration::from_secs(30), 1000).unwrap();
+        let mut c = p.connect_with(Duration::from_secs(30), 1000);
         assert_eq!(c.max_request_payload(), Some(proto::DEFAULT_MAX_PAYLOAD));
         assert_eq!(c.call("big", b"1000").unwrap().len(), 1000);
         let e = c.call("big", b"1001").unwrap_err();
@@ -414,7 +454,7 @@ mod cases {
     pub fn answers_respect_a_small_client_limit(p: Pair) {
         let _w = watchdog(Duration::from_secs(60));
         let _server = p.serve();
-        let mut c = AnyClient::connect_with(p.client, &p.dir, &p.name, Duration::from_secs(10), 8).unwrap();
+        let mut c = p.connect_with(Duration::from_secs(10), 8);
         // Built-in JSON is far over 8 bytes: a clean "too large", not a broken connection.
         let e = c.info().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
