@@ -345,7 +345,7 @@ pub(crate) struct Config {
     pub shared: bool,
     /// Stop after this long without requests.
     pub idle_timeout: Option<Duration>,
-    /// Offer shared memory to clients that ask (PROTOCOL.md § 17).
+    /// Offer shared memory to clients that ask (PROTOCOL.md § 18).
     pub shared_memory: bool,
     /// Bytes of each shared-memory ring (a power of two, 4 KiB-64 MiB).
     pub ring_capacity: u32,
@@ -606,7 +606,7 @@ macro_rules! common_server_options {
             self
         }
 
-        /// Offers shared memory to clients that ask for it (default: off; PROTOCOL.md § 17).
+        /// Offers shared memory to clients that ask for it (default: off; PROTOCOL.md § 18).
         ///
         /// A connection that uses it moves its frames through two rings in a sealed memfd
         /// instead of the socket (same frames, same rules); its threads spin for a few

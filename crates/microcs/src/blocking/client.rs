@@ -69,7 +69,7 @@ pub struct Client {
     timeout: Duration,
     max_payload: u32,
     send_buffer: usize,
-    /// Ask servers for shared memory (PROTOCOL.md § 17).
+    /// Ask servers for shared memory (PROTOCOL.md § 18).
     shm: bool,
     interrupt: Option<InterruptCheck>,
     /// The room each stream grants its server ([`ClientBuilder::stream_window`]).

@@ -36,7 +36,7 @@ use crate::name::Name;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The client's `Hello` frame, announcing the largest reply it accepts and the features it can
-/// use (`FEATURE_SHM`: it asks for shared memory, PROTOCOL.md § 17).
+/// use (`FEATURE_SHM`: it asks for shared memory, PROTOCOL.md § 18).
 pub(crate) fn hello(max_payload: u32, features: u32) -> Vec<u8> {
     let mut b = Vec::new();
     super::encode(&mut b, &Header::new(Kind::Hello, 0), b"", &Hello { max_payload, features }.to_bytes());

@@ -63,7 +63,7 @@ pub(crate) struct Handshake {
 }
 
 impl Handshake {
-    /// The client asked for shared memory (PROTOCOL.md § 17.1).
+    /// The client asked for shared memory (PROTOCOL.md § 18.1).
     pub(crate) fn wants_shm(&self) -> bool {
         self.offered & FEATURE_SHM != 0
     }

@@ -6,7 +6,7 @@
 //! lives in [`crate::proto`] and [`crate::dispatch`] and does not change with the transport.
 //!
 //! Every connection starts on the connected Unix stream socket ([`unix`]); after the handshake
-//! it may move to shared memory ([`shm`], PROTOCOL.md § 17). [`Link`] is the type the flavours
+//! it may move to shared memory ([`shm`], PROTOCOL.md § 18). [`Link`] is the type the flavours
 //! hold: the socket, and the shared-memory side once negotiated.
 
 use std::io::{self, IoSlice};

@@ -1,4 +1,4 @@
-//! The shared-memory transport (PROTOCOL.md § 17) across real processes: negotiation and
+//! The shared-memory transport (PROTOCOL.md § 18) across real processes: negotiation and
 //! fallback, peers dying, hostile rings, fork, many requests in flight.
 
 use std::os::fd::AsFd;
@@ -245,7 +245,7 @@ fn hostile_server(
     })
 }
 
-/// Ring B's control block and data in the fake server's region (PROTOCOL.md § 17.2).
+/// Ring B's control block and data in the fake server's region (PROTOCOL.md § 18.2).
 const B_TAIL: usize = 2048;
 const B_DATA: usize = 4096 + 4096;
 

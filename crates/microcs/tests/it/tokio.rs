@@ -153,7 +153,7 @@ struct Pair {
     server: Flavour,
     dir: TempDir,
     name: String,
-    /// Both sides configured for shared memory (PROTOCOL.md § 17).
+    /// Both sides configured for shared memory (PROTOCOL.md § 18).
     shm: bool,
 }
 

@@ -551,7 +551,7 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
     }
 }
 
-/// The shared-memory side for a connection whose client asked (PROTOCOL.md § 17.1); `None`
+/// The shared-memory side for a connection whose client asked (PROTOCOL.md § 18.1); `None`
 /// (the socket it is) when it cannot be created.
 fn offer_shm(shared: &Shared, conn: &Conn) -> Option<(ShmLink, std::os::fd::OwnedFd)> {
     ShmLink::offer(shared.config.ring_capacity)

@@ -1,6 +1,6 @@
 //! The shared region's memory: creating, sealing, checking and mapping the memfd, and a
 //! bounds-checked view of the mapping. This is the only `unsafe` code of the shared-memory
-//! transport (PROTOCOL.md § 17.2, § 17.4).
+//! transport (PROTOCOL.md § 18.2, § 18.4).
 //!
 //! The peer may write any byte of the region at any time, so nothing here hands out a Rust
 //! reference to plain bytes in it: control words are atomics (any bit pattern is a valid

@@ -1,4 +1,4 @@
-//! The shared-memory transport (PROTOCOL.md § 17): two SPSC byte rings in a sealed memfd, an
+//! The shared-memory transport (PROTOCOL.md § 18): two SPSC byte rings in a sealed memfd, an
 //! eventfd for each waiting role, and the connection's socket, which stays open to tell each
 //! side that the other is gone.
 //!
@@ -62,7 +62,7 @@ pub(crate) struct ShmLink {
     rx_data: OwnedFd,
     /// Wakes the peer's writer of the ring we read.
     rx_space: OwnedFd,
-    /// Current spin budget, in nanoseconds (§ 17.5).
+    /// Current spin budget, in nanoseconds (§ 18.5).
     spin_ns: AtomicU32,
     /// More than one CPU: spinning can ever pay.
     multi_cpu: bool,
@@ -90,7 +90,7 @@ impl ShmLink {
         Ok((link, memfd))
     }
 
-    /// The descriptors to pass with the `HelloAck`, in the order of PROTOCOL.md § 17.1.
+    /// The descriptors to pass with the `HelloAck`, in the order of PROTOCOL.md § 18.1.
     pub(crate) fn fds_to_send<'a>(&'a self, memfd: &'a OwnedFd) -> [BorrowedFd<'a>; FDS] {
         // Server: we read A and write B.
         [
@@ -103,7 +103,7 @@ impl ShmLink {
     }
 
     /// The client's side, from the descriptors that came with the `HelloAck` announcing rings
-    /// of `capacity` bytes; every check of PROTOCOL.md § 17.1 step 3.
+    /// of `capacity` bytes; every check of PROTOCOL.md § 18.1 step 3.
     pub(crate) fn accept(fds: Vec<OwnedFd>, capacity: u32) -> io::Result<ShmLink> {
         let Ok([memfd, a_data, a_space, b_data, b_space]) = <[OwnedFd; FDS]>::try_from(fds) else {
             return Err(ring::corrupt("the handshake did not carry exactly five descriptors".into()));
@@ -262,7 +262,7 @@ impl ShmLink {
 
     /// Spins (if it may pay), then parks on `efd` and the socket until `ready`, the timeout,
     /// or the peer's end. `park(true)` announces parking with a `SeqCst` fence; `ready` is
-    /// checked again after it, which is what makes the wake-up impossible to lose (§ 17.3).
+    /// checked again after it, which is what makes the wake-up impossible to lose (§ 18.3).
     fn wait(
         &self,
         socket: &UnixStream,
@@ -322,7 +322,7 @@ impl ShmLink {
     }
 
     /// Spinning only helps when the peer can run meanwhile: another CPU, and not the one we
-    /// are on (§ 17.5). Publishes our CPU for the peer's same check.
+    /// are on (§ 18.5). Publishes our CPU for the peer's same check.
     fn spin_pays(&self) -> bool {
         if !self.multi_cpu {
             return false;

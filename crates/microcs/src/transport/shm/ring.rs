@@ -1,5 +1,5 @@
 //! One single-producer/single-consumer byte ring in the shared region, and the region's header
-//! (PROTOCOL.md § 17.2–§ 17.4).
+//! (PROTOCOL.md § 18.2–§ 18.4).
 //!
 //! Each side keeps the index it owns (`tail` for the writer, `head` for the reader) privately
 //! and only publishes it; the peer's index is read once per operation and validated, so a peer
@@ -16,7 +16,7 @@ use super::map::Mapping;
 pub(crate) const HEADER_LEN: usize = 4096;
 /// `"mcsh"`, little-endian.
 pub(crate) const MAGIC: u32 = 0x6873_636d;
-/// Layout version of § 17.2.
+/// Layout version of § 18.2.
 pub(crate) const LAYOUT_VERSION: u32 = 1;
 /// Smallest and largest ring capacity a client accepts.
 pub(crate) const MIN_CAPACITY: u32 = 4096;
@@ -174,7 +174,7 @@ impl Writer {
         }
         self.tail.store(tail, Ordering::Relaxed);
         self.at.word64(m, TAIL).store(tail, Ordering::Release);
-        // Pairs with the reader's fence after it announced parking (PROTOCOL.md § 17.3).
+        // Pairs with the reader's fence after it announced parking (PROTOCOL.md § 18.3).
         fence(Ordering::SeqCst);
         Ok(Wrote { n, wake: self.at.word32(m, READER_PARKED).load(Ordering::Relaxed) == 1 })
     }
@@ -270,7 +270,7 @@ impl Reader {
 
     /// Announces (or withdraws) that we sleep until there is data. Announcing is followed by a
     /// `SeqCst` fence; the caller then checks [`available`](Self::available) once more before
-    /// sleeping (PROTOCOL.md § 17.3).
+    /// sleeping (PROTOCOL.md § 18.3).
     pub(crate) fn set_parked(&self, m: &Mapping, parked: bool) {
         self.at.word32(m, READER_PARKED).store(u32::from(parked), Ordering::Relaxed);
         if parked {
