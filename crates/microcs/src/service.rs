@@ -765,8 +765,8 @@ macro_rules! common_client_options {
         /// flow, and the wait for an answer sleeps after a few microseconds of spinning (no CPU
         /// while idle). A server that does not offer it is used over the socket, silently.
         ///
-        /// Default: the environment variable `MICROCS_SHM` (`1` on, `0` off), else off. Only
-        /// the blocking client uses it so far; the async client stays on the socket.
+        /// Default: the environment variable `MICROCS_SHM` (`1` on, `0` off), else off.
+        /// Both flavours of client use it.
         pub fn shared_memory(mut self, on: bool) -> Self {
             self.shared_memory = Some(on);
             self

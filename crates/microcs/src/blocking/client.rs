@@ -2,7 +2,6 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use crate::proto::client_conn::{self, Attempt, Ids, Incoming, Loss, Outcome, Wri
 use crate::proto::{self, Decoded, FEATURE_SHM, Frame, Header, HelloAck, Kind};
 use crate::registry;
 use crate::transport::shm::ShmLink;
-use crate::transport::unix::{DEFAULT_SEND_BUFFER, connect_with_timeout, recv_with_fds, set_send_buffer};
+use crate::transport::unix::{DEFAULT_SEND_BUFFER, WithFds, connect_with_timeout, set_send_buffer};
 use crate::transport::{Link, send_bytes, send_frame};
 
 #[path = "stream.rs"]
@@ -775,18 +774,6 @@ impl Connection {
                 Err(e) => return Err(Wait::Lost(Loss::from_io(e))),
             }
         }
-    }
-}
-
-/// Reads the socket keeping the descriptors that come with the bytes (the handshake's).
-struct WithFds<'a> {
-    socket: &'a UnixStream,
-    fds: &'a mut Vec<OwnedFd>,
-}
-
-impl crate::io::Source for WithFds<'_> {
-    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        recv_with_fds(self.socket, buf, self.fds)
     }
 }
 

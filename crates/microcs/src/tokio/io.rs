@@ -11,7 +11,8 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use ::tokio::io::Interest;
@@ -20,6 +21,7 @@ use ::tokio::sync::Notify;
 
 use crate::io::{Filled, ReadBuf, Source};
 use crate::proto::{self, Header};
+use crate::transport::shm::{MAX_SPIN, Role, ShmLink, socket_end};
 use crate::transport::{Link, Shut, Transport};
 
 /// A connected Unix stream, registered with tokio for *read* readiness only.
@@ -33,6 +35,18 @@ use crate::transport::{Link, Shut, Transport};
 /// waits.
 pub(crate) struct Stream {
     fd: AsyncFd<Link>,
+    /// Once the connection moved to shared memory: the eventfds this side sleeps on,
+    /// registered with tokio (the socket's registration above then only reports the peer's end).
+    shm: OnceLock<ShmWait>,
+}
+
+/// The eventfds a shared-memory connection parks on, each registered for read readiness
+/// (copies of the link's descriptors, so that the registrations own what they watch).
+struct ShmWait {
+    /// Rung by the peer when it wrote into the ring we read (and we said we sleep).
+    data: AsyncFd<OwnedFd>,
+    /// Rung by the peer when it made room in the ring we write (and we said we sleep).
+    space: AsyncFd<OwnedFd>,
 }
 
 impl Stream {
@@ -43,14 +57,27 @@ impl Stream {
         // descriptor stays open and the same for the registration's whole life.
         let fd =
             unsafe { AsyncFd::register_with_interest(std, Interest::READABLE) }.map_err(io::Error::from)?;
-        Ok(Stream { fd })
+        Ok(Stream { fd, shm: OnceLock::new() })
     }
-}
 
-impl Stream {
     /// The transport under the registration.
     pub(crate) fn link(&self) -> &Link {
         self.fd.get_ref()
+    }
+
+    /// Moves the connection to shared memory (after the handshake, before any other frame):
+    /// registers its eventfds with tokio, then switches the link.
+    pub(crate) fn upgrade(&self, shm: ShmLink) -> io::Result<()> {
+        let register = |role: Role| -> io::Result<AsyncFd<OwnedFd>> {
+            let fd = rustix::io::fcntl_dupfd_cloexec(shm.wait_fd(role), 0)?;
+            // SAFETY: `fd` is owned by the `AsyncFd` and never replaced, so the descriptor stays
+            // open and the same for the registration's whole life.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
+        };
+        let wait = ShmWait { data: register(Role::Read)?, space: register(Role::Write)? };
+        let _ = self.shm.set(wait);
+        self.link().upgrade(shm);
+        Ok(())
     }
 }
 
@@ -77,6 +104,21 @@ impl<'a> WriteWaiter<'a> {
     /// time, then after each wait for write readiness. `None`: it would still block (tokio's
     /// readiness is cleared; call again to wait).
     async fn send(&mut self, send: impl FnOnce() -> io::Result<usize>) -> io::Result<Option<usize>> {
+        if let (Some(wait), Some(shm)) = (self.stream.shm.get(), self.stream.link().shm()) {
+            return match send() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let waited = shm_wait(self.stream, wait, shm, Role::Write);
+                    match self.stall {
+                        Some(t) => ::tokio::time::timeout(t, waited)
+                            .await
+                            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
+                        None => waited.await?,
+                    };
+                    Ok(None)
+                }
+                r => r.map(Some),
+            };
+        }
         let Some(fd) = &self.fd else {
             return match send() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -472,11 +514,44 @@ async fn write_all_vectored(
 ///
 /// Cancel safe: bytes are only ever taken from the socket and stored in `rbuf` in one step.
 pub(crate) async fn read_more(stream: &Stream, rbuf: &mut ReadBuf, needed: usize) -> io::Result<Filled> {
+    if let (Some(wait), Some(shm)) = (stream.shm.get(), stream.link().shm()) {
+        loop {
+            match rbuf.fill_from(needed, &mut ShmRead(shm)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+            if shm_wait(stream, wait, shm, Role::Read).await? == ShmWoke::PeerGone {
+                return Ok(Filled::Eof);
+            }
+        }
+    }
     loop {
         let mut guard = stream.fd.readable().await?;
         match rbuf.fill_from(needed, &mut TryRead(&mut guard)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
+        }
+    }
+}
+
+/// [`read_more`] on the socket, keeping the descriptors that come with the bytes in `fds` (the
+/// handshake answer's, before any shared memory is in use).
+pub(crate) async fn read_more_with_fds(
+    stream: &Stream,
+    rbuf: &mut ReadBuf,
+    needed: usize,
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<Filled> {
+    loop {
+        let mut guard = stream.fd.readable().await?;
+        let r = guard.try_io(|link| {
+            let mut src = crate::transport::unix::WithFds { socket: link.get_ref().socket(), fds: &mut *fds };
+            rbuf.fill_from(needed, &mut src)
+        });
+        match r {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Ok(r) => return r,
+            Err(_would_block) => continue,
         }
     }
 }
@@ -519,6 +594,112 @@ impl Source for TryRead<'_, '_> {
     fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
         let room = v.capacity() - v.len();
         self.read_with(|s| Ok((s.recv_spare(v)?, room)))
+    }
+}
+
+/// Reads the ring of a shared-memory connection without waiting (`WouldBlock` when empty).
+struct ShmRead<'a>(&'a ShmLink);
+
+impl Source for ShmRead<'_> {
+    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_recv(buf)
+    }
+
+    fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
+        self.0.try_recv_spare(v)
+    }
+}
+
+/// How a shared-memory wait ended.
+#[derive(Debug, PartialEq, Eq)]
+enum ShmWoke {
+    /// Look at the ring again (ready, or a spurious wake-up).
+    Again,
+    /// The peer closed or died and the ring we read is empty.
+    PeerGone,
+}
+
+/// Waits, without blocking the runtime, until the ring of `role` is ready (data to read,
+/// room to write), or the peer is gone (PROTOCOL.md § 18.3, § 18.5).
+///
+/// First a short spin when it may pay (another CPU, the peer not on ours): checks of the ring
+/// between which the task yields to the runtime, so other tasks run meanwhile; the budget adapts
+/// as in the blocking flavour. Then it announces "parked", checks once more (the re-check after
+/// the fence that keeps the wake-up from being lost), and sleeps on the eventfd's and the
+/// socket's readiness. Cancel safe: dropping it withdraws the announcement.
+async fn shm_wait(stream: &Stream, wait: &ShmWait, shm: &ShmLink, role: Role) -> io::Result<ShmWoke> {
+    let start = std::time::Instant::now();
+    if let Some(budget) = shm.spin_budget() {
+        loop {
+            for _ in 0..SPIN_CHECKS {
+                if shm.ready(role)? {
+                    shm.adapt(true);
+                    return Ok(ShmWoke::Again);
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= budget {
+                break;
+            }
+            ::tokio::task::yield_now().await;
+        }
+    }
+    let parked = Parked { shm, role };
+    shm.set_parked(role, true);
+    if shm.ready(role)? {
+        return Ok(ShmWoke::Again);
+    }
+    let efd = match role {
+        Role::Read => &wait.data,
+        Role::Write => &wait.space,
+    };
+    let woke = std::future::poll_fn(|cx| {
+        if let Poll::Ready(guard) = efd.poll_read_ready(cx) {
+            let mut guard = guard?;
+            // Drain the counter until it says "empty": only that clears tokio's readiness,
+            // so the next park really sleeps (a later ring is a new event).
+            while let Ok(r) = guard.try_io(|fd| Ok(rustix::io::read(fd, &mut [0u8; 8])?)) {
+                if let Err(e) = r {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            return Poll::Ready(Ok(ShmWoke::Again));
+        }
+        loop {
+            let Poll::Ready(guard) = stream.fd.poll_read_ready(cx) else { return Poll::Pending };
+            let mut guard = guard?;
+            // The socket carries nothing after the handshake: readable means the peer's end
+            // (or a protocol violation). Bytes still in the ring are read first.
+            if shm.ready(role)? {
+                return Poll::Ready(Ok(ShmWoke::Again));
+            }
+            match guard.try_io(|link| socket_end(link.get_ref().socket())) {
+                Ok(Ok(_)) if role == Role::Read => return Poll::Ready(Ok(ShmWoke::PeerGone)),
+                Ok(Ok(_)) => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Readiness cleared: poll again, which registers for the next event.
+                Err(_would_block) => {}
+            }
+        }
+    })
+    .await;
+    drop(parked);
+    shm.adapt(start.elapsed() < MAX_SPIN);
+    woke
+}
+
+/// Checks of the ring between two yields of a spinning task.
+const SPIN_CHECKS: u32 = 64;
+
+/// Withdraws a parking announcement however the wait ends (also when its future is dropped).
+struct Parked<'a> {
+    shm: &'a ShmLink,
+    role: Role,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.shm.set_parked(self.role, false);
     }
 }
 

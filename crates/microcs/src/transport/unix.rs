@@ -130,3 +130,16 @@ pub(crate) fn recv_with_fds(
     }
     Ok(r.bytes)
 }
+
+/// A [`Source`](crate::io::Source) reading the socket and keeping the descriptors that come
+/// with the bytes (the handshake answer's) in `fds`.
+pub(crate) struct WithFds<'a> {
+    pub socket: &'a UnixStream,
+    pub fds: &'a mut Vec<OwnedFd>,
+}
+
+impl crate::io::Source for WithFds<'_> {
+    fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        recv_with_fds(self.socket, buf, self.fds)
+    }
+}

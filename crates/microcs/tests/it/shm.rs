@@ -342,3 +342,36 @@ fn an_unsealed_region_is_refused_and_the_client_reconnects_on_the_socket() {
     assert_eq!(c.request(b"on the socket").unwrap(), b"on the socket");
     second.join().unwrap();
 }
+
+#[cfg(feature = "tokio")]
+#[test]
+fn streams_run_over_shared_memory_for_every_pair() {
+    use crate::stream::{Flavour, collect_over, count, serve_mode};
+    let _w = watchdog(Duration::from_secs(120));
+    for server in [Flavour::Blocking, Flavour::Tokio] {
+        let dir = TempDir::new("shm-stream");
+        let name = unique("SHM_STREAM");
+        let peer = PeerProcess::serve_mode(dir.path(), serve_mode(server), &name, SHM);
+        for client in [Flavour::Blocking, Flavour::Tokio] {
+            let ctx = format!("{client:?} client, {server:?} server");
+            // Many windows' worth (Credit frames go through ring A, items through ring B).
+            let (items, err, transport) = collect_over(client, true, &dir, &name, "count", b"5000");
+            assert_eq!(transport, Some("shm"), "{ctx}");
+            assert!(err.is_none(), "{ctx}: {err:?}");
+            assert_eq!(items, count(5000), "{ctx}");
+            let (items, err, _) = collect_over(client, true, &dir, &name, "count", b"3 fail");
+            assert_eq!(items, count(3), "{ctx}");
+            assert_eq!(err.and_then(|e| e.remote().map(|r| r.code())), Some(422), "{ctx}");
+        }
+        // Dropping a stream mid-way cancels it over the rings; the connection goes on.
+        let mut c = dir.client(&name).shared_memory(true).connect().unwrap();
+        let mut s = c.stream("tick", b"").unwrap();
+        for i in 0..3 {
+            assert_eq!(s.next().unwrap().unwrap(), i.to_string().into_bytes());
+        }
+        drop(s);
+        assert_eq!(c.request(b"after the stream").unwrap(), b"after the stream");
+        assert_eq!(c.transport(), Some("shm"));
+        assert!(peer.stop().success(), "{server:?}");
+    }
+}

@@ -12,8 +12,8 @@ use microcs::{Error, ErrorKind, RemoteError, Request};
 
 use crate::common::*;
 
-#[derive(Clone, Copy, Debug)]
-enum Flavour {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flavour {
     Blocking,
     Tokio,
 }
@@ -23,33 +23,53 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// What a whole stream gave: its items as text, and the error that ended it, if any.
-type Got = (Vec<String>, Option<Error>);
+pub(crate) type Got = (Vec<String>, Option<Error>);
 
-fn text(b: Vec<u8>) -> String {
+pub(crate) fn text(b: Vec<u8>) -> String {
     String::from_utf8(b).unwrap()
 }
 
 /// Reads a whole stream of `method` with the given client flavour.
 fn collect(client: Flavour, dir: &TempDir, name: &str, method: &str, payload: &[u8]) -> Got {
+    let (items, err, _) = collect_over(client, false, dir, name, method, payload);
+    (items, err)
+}
+
+/// [`collect`], asking for shared memory when `shm`; also says which transport carried it.
+pub(crate) fn collect_over(
+    client: Flavour,
+    shm: bool,
+    dir: &TempDir,
+    name: &str,
+    method: &str,
+    payload: &[u8],
+) -> (Vec<String>, Option<Error>, Option<&'static str>) {
     match client {
         Flavour::Blocking => {
-            let mut c = dir.client(name).timeout(Duration::from_secs(10)).connect().unwrap();
+            let mut c =
+                dir.client(name).shared_memory(shm).timeout(Duration::from_secs(10)).connect().unwrap();
             let mut items = Vec::new();
-            let stream = match c.stream(method, payload) {
-                Ok(s) => s,
-                Err(e) => return (items, Some(e)),
-            };
-            for item in stream {
-                match item {
-                    Ok(b) => items.push(text(b)),
-                    Err(e) => return (items, Some(e)),
+            let mut err = None;
+            match c.stream(method, payload) {
+                Ok(stream) => {
+                    for item in stream {
+                        match item {
+                            Ok(b) => items.push(text(b)),
+                            Err(e) => {
+                                err = Some(e);
+                                break;
+                            }
+                        }
+                    }
                 }
+                Err(e) => err = Some(e),
             }
-            (items, None)
+            (items, err, c.transport())
         }
         Flavour::Tokio => runtime().block_on(async {
             let c = microcs::tokio::Client::builder(name)
                 .runtime_dir(dir.path())
+                .shared_memory(shm)
                 .timeout(Duration::from_secs(10))
                 .connect()
                 .await
@@ -57,7 +77,7 @@ fn collect(client: Flavour, dir: &TempDir, name: &str, method: &str, payload: &[
             let mut items = Vec::new();
             let mut s = match c.stream(method, payload).await {
                 Ok(s) => s,
-                Err(e) => return (items, Some(e)),
+                Err(e) => return (items, Some(e), c.transport()),
             };
             let mut err = None;
             while let Some(item) = poll_fn(|cx| Pin::new(&mut s).poll_next(cx)).await {
@@ -66,16 +86,16 @@ fn collect(client: Flavour, dir: &TempDir, name: &str, method: &str, payload: &[
                     Err(e) => err = Some(e),
                 }
             }
-            (items, err)
+            (items, err, c.transport())
         }),
     }
 }
 
-fn count(n: u64) -> Vec<String> {
+pub(crate) fn count(n: u64) -> Vec<String> {
     (0..n).map(|i| i.to_string()).collect()
 }
 
-fn serve_mode(server: Flavour) -> &'static str {
+pub(crate) fn serve_mode(server: Flavour) -> &'static str {
     match server {
         Flavour::Blocking => "serve",
         Flavour::Tokio => "serve-tokio",

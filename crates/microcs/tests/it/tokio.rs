@@ -179,15 +179,11 @@ impl Pair {
     fn connect_with(&self, timeout: Duration, max_frame: u32) -> AnyClient {
         let c = AnyClient::connect_with(self.client, &self.dir, &self.name, timeout, max_frame, self.shm)
             .unwrap();
-        if let AnyClient::Blocking(b) = &c {
-            let uses = self.shm && self.server == Flavour::Blocking;
-            assert_eq!(
-                b.transport(),
-                Some(if uses { "shm" } else { "unix" }),
-                "transport of {:?}",
-                self.name
-            );
-        }
+        let transport = match &c {
+            AnyClient::Blocking(b) => b.transport(),
+            AnyClient::Tokio(t, _) => t.transport(),
+        };
+        assert_eq!(transport, Some(if self.shm { "shm" } else { "unix" }), "transport of {:?}", self.name);
         c
     }
 

@@ -24,8 +24,8 @@ use crate::request::{CancelState, Peer, Room, panic_message};
 use crate::service::{
     Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
-use crate::transport::shm::ShmLink;
-use crate::transport::unix::{send_with_fds, set_recv_timeout, set_send_buffer, set_send_timeout};
+use crate::transport::shm::answer_hello;
+use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
 use super::Trigger;
@@ -385,22 +385,22 @@ pub(super) fn handshake(shared: &Shared, conn: &Conn) -> bool {
                         return false;
                     }
                 };
-                let offer = (handshake.wants_shm() && shared.config.shared_memory)
-                    .then(|| offer_shm(shared, conn))
-                    .flatten();
-                match offer {
-                    Some((link, memfd)) if rs.rbuf.is_empty() => {
-                        let ack = handshake.answer(Some(shared.config.ring_capacity));
-                        let mut bytes = Vec::new();
-                        proto::encode(&mut bytes, &ack.header, b"", &ack.payload);
-                        if let Err(e) = send_with_fds(conn.stream.socket(), &bytes, &link.fds_to_send(&memfd))
-                        {
-                            tracing::debug!(conn = conn.id, error = %e, "cannot send the handshake answer");
-                            return false;
-                        }
-                        conn.stream.upgrade(link);
+                let c = &shared.config;
+                let buffered = !rs.rbuf.is_empty();
+                match answer_hello(
+                    handshake,
+                    c.shared_memory,
+                    c.ring_capacity,
+                    buffered,
+                    conn.stream.socket(),
+                    conn.id,
+                ) {
+                    Ok(Ok(link)) => conn.stream.upgrade(link),
+                    Ok(Err(e)) => {
+                        tracing::debug!(conn = conn.id, error = %e, "cannot send the handshake answer");
+                        return false;
                     }
-                    _ => conn.send(shared, handshake.answer(None), false),
+                    Err(ack) => conn.send(shared, ack, false),
                 }
                 return conn.stream.set_recv_timeout(None).is_ok() && !conn.closed.load(Ordering::SeqCst);
             }
@@ -549,16 +549,6 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
             return None;
         }
     }
-}
-
-/// The shared-memory side for a connection whose client asked (PROTOCOL.md § 18.1); `None`
-/// (the socket it is) when it cannot be created.
-fn offer_shm(shared: &Shared, conn: &Conn) -> Option<(ShmLink, std::os::fd::OwnedFd)> {
-    ShmLink::offer(shared.config.ring_capacity)
-        .map_err(
-            |e| tracing::warn!(conn = conn.id, error = %e, "cannot create shared memory; using the socket"),
-        )
-        .ok()
 }
 
 pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool) {

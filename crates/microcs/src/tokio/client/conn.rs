@@ -2,6 +2,7 @@
 //! tasks that serve them (see the parent module).
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use ::tokio::net::UnixStream;
 use ::tokio::sync::{Notify, mpsc, oneshot};
 use ::tokio::time::{Instant, sleep, sleep_until};
 
-use super::super::io::{Outbox, Stream, read_more, shutdown};
+use super::super::io::{Outbox, Stream, read_more, read_more_with_fds, shutdown};
 use crate::io::{Filled, IdMap, ReadBuf};
 use crate::proto::client_conn::{self, Incoming, Loss, Outcome, Written};
 use crate::proto::{Credit, Decoded, Frame, Header, HelloAck, Kind};
@@ -389,10 +390,13 @@ pub(super) async fn connect(path: &Path) -> io::Result<UnixStream> {
 }
 
 /// Reads one whole frame (the handshake answer) and gives it to `look`.
+///
+/// `fds`: keep the descriptors that come with the bytes (the shared-memory offer's).
 pub(super) async fn read_frame<T>(
     stream: &Stream,
     rbuf: &mut ReadBuf,
     max_payload: u32,
+    mut fds: Option<&mut Vec<OwnedFd>>,
     look: impl FnOnce(&Frame<'_>) -> T,
 ) -> Result<T, Loss> {
     loop {
@@ -404,7 +408,11 @@ pub(super) async fn read_frame<T>(
             }
             Decoded::Incomplete { needed } => needed,
         };
-        match read_more(stream, rbuf, needed).await {
+        let read = match fds.as_deref_mut() {
+            Some(fds) => read_more_with_fds(stream, rbuf, needed, fds).await,
+            None => read_more(stream, rbuf, needed).await,
+        };
+        match read {
             Ok(Filled::Data) => {}
             Ok(Filled::Eof) => return Err(Loss::Closed(None)),
             Err(e) => return Err(Loss::from_io(e)),

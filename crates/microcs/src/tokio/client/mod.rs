@@ -29,6 +29,7 @@ mod stream;
 
 pub use stream::ItemStream;
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -45,6 +46,7 @@ use crate::name::Name;
 use crate::proto;
 use crate::proto::client_conn::{self, Attempt, DEFAULT_TIMEOUT, Ids, Loss, Written};
 use crate::registry;
+use crate::transport::shm::ShmLink;
 use conn::{
     Book, CancelOnDrop, Conn, Pending, Waiter, connect, deadline_task, read_frame, reader_task, writer_task,
 };
@@ -105,6 +107,8 @@ struct Shared {
     instance: Option<u32>,
     /// Start the service from its definition when nobody serves it ([`ClientBuilder::activate`]).
     activate: bool,
+    /// Ask servers for shared memory (PROTOCOL.md § 18).
+    shm: bool,
     /// The connections new requests use (one, or one per instance); a connection leaves when
     /// it dies or is retired.
     pool: Mutex<Pool>,
@@ -151,8 +155,6 @@ pub struct ClientBuilder {
     window: proto::Credit,
     instance: Option<u32>,
     activate: bool,
-    /// Read by the blocking client only: the async client stays on the socket for now.
-    #[allow(dead_code)]
     shared_memory: Option<bool>,
     #[cfg(feature = "nats")]
     nats: crate::nats::ClientConfig,
@@ -190,6 +192,7 @@ impl ClientBuilder {
                 window: self.window,
                 instance: self.instance,
                 activate: self.activate,
+                shm: crate::transport::shm::client_wants(self.shared_memory),
                 pool: Mutex::new(Pool::default()),
                 connecting: ::tokio::sync::Mutex::new(()),
                 next_id: Ids::new(),
@@ -396,6 +399,13 @@ impl Client {
     /// The server's process id, from the handshake (`None` while disconnected).
     pub fn server_pid(&self) -> Option<u32> {
         self.shared.current().map(|c| c.server.pid)
+    }
+
+    /// What carries this client's frames to the local service: `"shm"` (shared memory),
+    /// `"unix"` (the socket), or `None` while not connected (with several instances: the
+    /// connection the next request would use).
+    pub fn transport(&self) -> Option<&'static str> {
+        self.shared.current().map(|c| c.stream.link().transport_name())
     }
 
     /// Largest request payload the server accepts (`None` while disconnected).
@@ -658,9 +668,27 @@ impl Client {
         Err(last.unwrap_or_else(|| client_conn::no_service(name, &s.dir, "")))
     }
 
-    /// Opens a connection to one socket of the service, shakes hands and starts its reader and
-    /// writer tasks.
+    /// Opens a connection to one socket of the service, shakes hands (asking for shared memory
+    /// if configured) and starts its reader and writer tasks.
     async fn open_at(&self, target: &registry::Target, deadline: Instant) -> Result<Arc<Conn>> {
+        let mut ask = self.shared.shm;
+        loop {
+            match self.open_at_with(target, deadline, ask).await? {
+                Some(conn) => return Ok(conn),
+                // The offer could not be used; nothing was sent: again, on the socket.
+                None => ask = false,
+            }
+        }
+    }
+
+    /// [`open_at`](Self::open_at), asking for shared memory if `ask`; `None`: the server offered
+    /// it and the offer was refused (PROTOCOL.md § 18.1 step 3).
+    async fn open_at_with(
+        &self,
+        target: &registry::Target,
+        deadline: Instant,
+        ask: bool,
+    ) -> Result<Option<Arc<Conn>>> {
         let s = &self.shared;
         let name = &s.name;
         let path = &target.path;
@@ -681,11 +709,14 @@ impl Client {
         };
         let mut rbuf = ReadBuf::default();
         let decode_limit = client_conn::decode_limit(s.max_payload);
+        // The shared-memory offer's descriptors come with the HelloAck's bytes.
+        let mut fds = Vec::new();
         let handshake = async {
-            let sent = write_all(&stream, &client_conn::hello(s.max_payload, 0), None, &mut 0).await;
+            let features = if ask { proto::FEATURE_SHM } else { 0 };
+            let sent = write_all(&stream, &client_conn::hello(s.max_payload, features), None, &mut 0).await;
             // A server that refuses us (busy, another user) writes why and closes without
             // reading: our hello may then fail with EPIPE, but its answer is still there to read.
-            let got = read_frame(&stream, &mut rbuf, decode_limit, |f| {
+            let got = read_frame(&stream, &mut rbuf, decode_limit, ask.then_some(&mut fds), |f| {
                 client_conn::handshake_answer(name, path, f)
             })
             .await;
@@ -698,7 +729,20 @@ impl Client {
         let server = timeout_at(deadline, handshake)
             .await
             .map_err(|_| client_conn::handshake_timed_out(name, path, self.timeout, holder()))??;
-        tracing::debug!(service = %name, pid = server.pid, "connected");
+        if server.features & proto::FEATURE_SHM != 0 {
+            let accepted = if ask && rbuf.is_empty() {
+                ShmLink::accept(std::mem::take(&mut fds), server.ring_capacity)
+                    .and_then(|l| stream.upgrade(l))
+            } else {
+                Err(io::Error::new(io::ErrorKind::InvalidData, "an offer this client did not ask for"))
+            };
+            if let Err(e) = accepted {
+                tracing::warn!(service = %name, error = %e, "cannot use the shared memory offered; using the socket");
+                return Ok(None);
+            }
+        }
+        let transport = stream.link().transport_name();
+        tracing::debug!(service = %name, pid = server.pid, transport, "connected");
         let conn = Arc::new(Conn {
             stream,
             server,
@@ -709,7 +753,7 @@ impl Client {
         ::tokio::spawn(writer_task(conn.clone()));
         ::tokio::spawn(reader_task(conn.clone(), rbuf, decode_limit));
         ::tokio::spawn(deadline_task(conn.clone()));
-        Ok(conn)
+        Ok(Some(conn))
     }
 }
 

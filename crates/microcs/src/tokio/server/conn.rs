@@ -27,6 +27,7 @@ use crate::request::{CancelState, Peer, Room, panic_message};
 use crate::service::{
     Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
+use crate::transport::shm::answer_hello;
 use crate::transport::unix::set_send_buffer;
 use crate::transport::{Link, Shut, Transport, send_frame_now};
 
@@ -362,7 +363,31 @@ pub(super) async fn handshake(shared: &Shared, conn: &Conn, rbuf: &mut ReadBuf) 
                 let answer = conn.core.on_hello(&f, std::process::id(), shared.service.name.as_str());
                 rbuf.consume(len);
                 return match answer {
-                    Ok(handshake) => conn.send(handshake.answer(None)),
+                    Ok(handshake) => {
+                        let c = &shared.config;
+                        let socket = conn.stream.link().socket();
+                        match answer_hello(
+                            handshake,
+                            c.shared_memory,
+                            c.ring_capacity,
+                            !rbuf.is_empty(),
+                            socket,
+                            conn.id,
+                        ) {
+                            Ok(Ok(link)) => match conn.stream.upgrade(link) {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    tracing::warn!(conn = conn.id, error = %e, "cannot watch the shared memory; dropping connection");
+                                    false
+                                }
+                            },
+                            Ok(Err(e)) => {
+                                tracing::debug!(conn = conn.id, error = %e, "cannot send the handshake answer");
+                                false
+                            }
+                            Err(ack) => conn.send(ack),
+                        }
+                    }
                     Err(refusal) => {
                         conn.send(refusal);
                         false

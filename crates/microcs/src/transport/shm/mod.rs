@@ -22,6 +22,7 @@ use rustix::net::sockopt::{self, Timeout};
 pub(crate) mod map;
 pub(crate) mod ring;
 
+use crate::proto::server_conn::{Handshake, Out};
 use map::Mapping;
 use ring::{Dir, Reader, Writer};
 
@@ -44,7 +45,7 @@ pub(crate) const DEFAULT_RING_CAPACITY: u32 = 256 * 1024;
 pub(crate) const FDS: usize = 5;
 
 /// Longest spin before parking, and the spin a connection starts with.
-const MAX_SPIN: Duration = Duration::from_micros(50);
+pub(crate) const MAX_SPIN: Duration = Duration::from_micros(50);
 const FIRST_SPIN: Duration = Duration::from_micros(20);
 const MIN_SPIN_NS: u32 = 1_000;
 
@@ -67,6 +68,13 @@ pub(crate) struct ShmLink {
     /// More than one CPU: spinning can ever pay.
     multi_cpu: bool,
     read_shut: AtomicBool,
+}
+
+/// Which wait: the reader's for data, or the writer's for room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Read,
+    Write,
 }
 
 /// How a wait ended.
@@ -176,21 +184,11 @@ impl ShmLink {
         mut read: impl FnMut(&Mapping, &Reader) -> io::Result<ring::Read>,
     ) -> io::Result<usize> {
         loop {
-            let r = read(&self.map, &self.rx)?;
-            if r.wake {
-                signal(&self.rx_space);
+            match self.try_with(empty, &mut read) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
             }
-            if r.n > 0 || empty || self.read_shut.load(Ordering::Relaxed) {
-                return Ok(r.n);
-            }
-            let woke = self.wait(
-                socket,
-                &self.rx_data,
-                timeout,
-                || Ok(self.rx.available(&self.map)? > 0),
-                |p| self.rx.set_parked(&self.map, p),
-            )?;
-            match woke {
+            match self.wait(socket, Role::Read, timeout)? {
                 Woke::Ready => {}
                 Woke::TimedOut => return Err(io::ErrorKind::WouldBlock.into()),
                 Woke::PeerGone => {
@@ -199,6 +197,36 @@ impl ShmLink {
                     }
                 }
             }
+        }
+    }
+
+    /// Reads what is available without waiting: `WouldBlock` when the ring is empty, 0 (end of
+    /// stream) once our read side is shut. For a caller that waits by itself (tokio).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
+    pub(crate) fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.try_with(buf.is_empty(), |m, rx| rx.read(m, buf))
+    }
+
+    /// [`try_recv`](Self::try_recv) into `v`'s spare capacity, extending its length.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
+    pub(crate) fn try_recv_spare(&self, v: &mut Vec<u8>) -> io::Result<usize> {
+        let room = (v.capacity() - v.len()).max(1);
+        self.try_with(false, |m, rx| rx.read_spare(m, v, room))
+    }
+
+    fn try_with(
+        &self,
+        empty: bool,
+        mut read: impl FnMut(&Mapping, &Reader) -> io::Result<ring::Read>,
+    ) -> io::Result<usize> {
+        let r = read(&self.map, &self.rx)?;
+        if r.wake {
+            signal(&self.rx_space);
+        }
+        if r.n > 0 || empty || self.read_shut.load(Ordering::Relaxed) {
+            Ok(r.n)
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
         }
     }
 
@@ -223,14 +251,7 @@ impl ShmLink {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let timeout = sockopt::socket_timeout(socket, Timeout::Send)?;
-            let woke = self.wait(
-                socket,
-                &self.tx_space,
-                timeout,
-                || Ok(self.tx.room(&self.map)? > 0 || self.tx.reader_closed(&self.map)),
-                |p| self.tx.set_parked(&self.map, p),
-            )?;
-            match woke {
+            match self.wait(socket, Role::Write, timeout)? {
                 Woke::Ready => {}
                 Woke::TimedOut => return Err(io::ErrorKind::WouldBlock.into()),
                 Woke::PeerGone => return Err(io::ErrorKind::BrokenPipe.into()),
@@ -260,23 +281,47 @@ impl ShmLink {
         self.tx.consumed(&self.map).is_ok_and(|head| head == mark)
     }
 
-    /// Spins (if it may pay), then parks on `efd` and the socket until `ready`, the timeout,
-    /// or the peer's end. `park(true)` announces parking with a `SeqCst` fence; `ready` is
-    /// checked again after it, which is what makes the wake-up impossible to lose (§ 18.3).
-    fn wait(
-        &self,
-        socket: &UnixStream,
-        efd: &OwnedFd,
-        timeout: Option<Duration>,
-        ready: impl Fn() -> io::Result<bool>,
-        park: impl Fn(bool),
-    ) -> io::Result<Woke> {
+    /// Whether the wait of `role` is over: data to read (or the read side shut), or room to
+    /// write (or the reader gone).
+    pub(crate) fn ready(&self, role: Role) -> io::Result<bool> {
+        Ok(match role {
+            Role::Read => self.rx.available(&self.map)? > 0 || self.read_shut.load(Ordering::Relaxed),
+            Role::Write => self.tx.room(&self.map)? > 0 || self.tx.reader_closed(&self.map),
+        })
+    }
+
+    /// Announces (`true`, followed by a `SeqCst` fence) or withdraws that `role` sleeps. After
+    /// announcing, the caller checks [`ready`](Self::ready) once more before sleeping: that
+    /// re-check after the fence is what makes the wake-up impossible to lose (§ 18.3).
+    pub(crate) fn set_parked(&self, role: Role, parked: bool) {
+        match role {
+            Role::Read => self.rx.set_parked(&self.map, parked),
+            Role::Write => self.tx.set_parked(&self.map, parked),
+        }
+    }
+
+    /// The eventfd the peer rings to end a parked wait of `role`.
+    pub(crate) fn wait_fd(&self, role: Role) -> BorrowedFd<'_> {
+        match role {
+            Role::Read => self.rx_data.as_fd(),
+            Role::Write => self.tx_space.as_fd(),
+        }
+    }
+
+    /// How long to spin before parking, `None` when spinning cannot pay now (one CPU, the peer
+    /// on ours, or spins that kept missing).
+    pub(crate) fn spin_budget(&self) -> Option<Duration> {
+        self.spin_pays().then(|| Duration::from_nanos(u64::from(self.spin_ns.load(Ordering::Relaxed))))
+    }
+
+    /// Spins (if it may pay), then parks on the eventfd of `role` and the socket until ready,
+    /// the timeout, or the peer's end.
+    fn wait(&self, socket: &UnixStream, role: Role, timeout: Option<Duration>) -> io::Result<Woke> {
         let start = Instant::now();
-        let budget = Duration::from_nanos(u64::from(self.spin_ns.load(Ordering::Relaxed)));
-        if self.spin_pays() {
+        if let Some(budget) = self.spin_budget() {
             let mut i = 0u32;
             loop {
-                if ready()? {
+                if self.ready(role)? {
                     self.adapt(true);
                     return Ok(Woke::Ready);
                 }
@@ -287,17 +332,18 @@ impl ShmLink {
                 std::hint::spin_loop();
             }
         }
-        park(true);
-        if ready()? {
-            park(false);
+        self.set_parked(role, true);
+        if self.ready(role)? {
+            self.set_parked(role, false);
             return Ok(Woke::Ready);
         }
+        let efd = self.wait_fd(role);
         let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
         let ts = left.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: i64::from(d.subsec_nanos()) });
         let mut fds =
-            [PollFd::new(efd, PollFlags::IN), PollFd::new(socket, PollFlags::IN | PollFlags::RDHUP)];
+            [PollFd::new(&efd, PollFlags::IN), PollFd::new(socket, PollFlags::IN | PollFlags::RDHUP)];
         let polled = rustix::event::poll(&mut fds, ts.as_ref());
-        park(false);
+        self.set_parked(role, false);
         let (efd_ready, socket_ready) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
         if efd_ready {
             drain(efd);
@@ -309,7 +355,7 @@ impl ShmLink {
         }
         // Would a longer spin have caught it? Then spin longer next time, else shorter.
         self.adapt(start.elapsed() < MAX_SPIN);
-        if ready()? {
+        if self.ready(role)? {
             return Ok(Woke::Ready);
         }
         Ok(if socket_ready {
@@ -332,7 +378,8 @@ impl ShmLink {
         self.tx.peer_cpu(&self.map) != me && self.spin_ns.load(Ordering::Relaxed) > 0
     }
 
-    fn adapt(&self, longer: bool) {
+    /// Spin longer next time (`true`: the wait ended within the longest spin), or shorter.
+    pub(crate) fn adapt(&self, longer: bool) {
         let now = self.spin_ns.load(Ordering::Relaxed);
         let next = if longer {
             now.saturating_mul(2).clamp(MIN_SPIN_NS, MAX_SPIN.as_nanos() as u32)
@@ -345,18 +392,50 @@ impl ShmLink {
     }
 }
 
+/// The server's answer to an accepted `Hello` (PROTOCOL.md § 18.1 step 2), for both flavours.
+///
+/// When the client asked, `offers` (the server's option) and the region can be made, the
+/// `HelloAck` with the offer goes out here, over `socket` with the descriptors, and the link to
+/// use from now on is returned (`Ok(Ok)`; `Ok(Err)`: sending failed, close the connection).
+/// Otherwise (`Err`) the plain `HelloAck` to send as usual. `buffered`: the client already sent
+/// bytes after its `Hello`; they were meant for the socket, so it stays on the socket.
+pub(crate) fn answer_hello(
+    handshake: Handshake,
+    offers: bool,
+    capacity: u32,
+    buffered: bool,
+    socket: &UnixStream,
+    conn: u64,
+) -> Result<io::Result<ShmLink>, Out> {
+    if !(handshake.wants_shm() && offers) || buffered {
+        return Err(handshake.answer(None));
+    }
+    let (link, memfd) = match ShmLink::offer(capacity) {
+        Ok(made) => made,
+        Err(e) => {
+            tracing::warn!(conn, error = %e, "cannot create shared memory; using the socket");
+            return Err(handshake.answer(None));
+        }
+    };
+    let ack = handshake.answer(Some(capacity));
+    let mut bytes = Vec::new();
+    crate::proto::encode(&mut bytes, &ack.header, b"", &ack.payload);
+    Ok(super::unix::send_with_fds(socket, &bytes, &link.fds_to_send(&memfd)).map(|()| link))
+}
+
 /// Rings the eventfd; a full counter (a peer never draining it) is already rung.
 fn signal(efd: &OwnedFd) {
     let _ = rustix::io::write(efd, &1u64.to_ne_bytes());
 }
 
-fn drain(efd: &OwnedFd) {
+/// Resets an eventfd's counter (non-blocking; nothing to read is fine).
+pub(crate) fn drain(efd: impl AsFd) {
     let _ = rustix::io::read(efd, &mut [0u8; 8]);
 }
 
 /// The socket woke us after the handshake: its end (the peer closed or died), or bytes that
 /// have no business being there.
-fn socket_end(socket: &UnixStream) -> io::Result<usize> {
+pub(crate) fn socket_end(socket: &UnixStream) -> io::Result<usize> {
     match rustix::io::read(socket, &mut [0u8; 1]) {
         Ok(0) => Ok(0),
         Ok(_) => Err(io::Error::new(
