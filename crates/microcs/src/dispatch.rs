@@ -40,6 +40,9 @@ pub(crate) struct Incoming {
     pub cancel: Arc<CancelState>,
     /// The caller takes a stream (docs/PROTOCOL.md § 17).
     pub stream: bool,
+    /// What carries the caller's connection (`"unix"`, `"shm"`; `None` over NATS), for the
+    /// built-ins' metadata.
+    pub transport: Option<&'static str>,
 }
 
 /// What to send back for one request.
@@ -104,7 +107,7 @@ pub(crate) struct Run<'a, H> {
 pub(crate) fn begin<'a, H: Streams>(service: &'a Service<H>, method: &[u8], call: Incoming) -> Begin<'a, H> {
     match service.route(method) {
         Route::Endpoint(ep) => begin_at(service, ep, call),
-        Route::Builtin(b) => Begin::Answer(Answer::Reply(service.builtin(b))),
+        Route::Builtin(b) => Begin::Answer(Answer::Reply(service.builtin(b, call.transport))),
         Route::Refuse(e) => Begin::Answer(Answer::error(e.code(), FLAG_SYSTEM | FLAG_NOT_RUN, e.message())),
     }
 }

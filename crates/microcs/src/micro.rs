@@ -29,6 +29,13 @@ pub const STATS_TYPE: &str = "io.nats.micro.v1.stats_response";
 pub const QUEUE_GROUP: &str = "q";
 /// Name of the endpoint that serves requests without a method.
 pub const DEFAULT_ENDPOINT: &str = "default";
+/// Metadata key of the built-ins' answers over a local connection: what carries the connection
+/// that asked, `"unix"` (the socket) or `"shm"` (shared memory, docs/PROTOCOL.md § 18).
+pub const META_TRANSPORT: &str = "transport";
+/// `$stats` metadata key: open local connections on the socket (a decimal count).
+pub const META_CONNECTIONS_UNIX: &str = "connections_unix";
+/// `$stats` metadata key: open local connections on shared memory (a decimal count).
+pub const META_CONNECTIONS_SHM: &str = "connections_shm";
 
 /// Answer to `$ping`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +49,8 @@ pub struct PingResponse {
     pub id: String,
     /// Service version (SemVer).
     pub version: String,
-    /// Free-form string metadata; microcs puts `pid`, `uid`, `host` and `protocol` here.
+    /// Free-form string metadata; microcs puts `pid`, `uid`, `host`, `protocol`, `library` and
+    /// (over a local connection) [`transport`](META_TRANSPORT) here.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
 }
@@ -131,6 +139,15 @@ pub struct StatsResponse {
     /// Per-endpoint counters.
     #[serde(default)]
     pub endpoints: Vec<EndpointStats>,
+}
+
+impl StatsResponse {
+    /// Open local connections of the service by transport, `(unix, shm)`, from its metadata
+    /// (`None` from a service that does not report them: older, or not microcs).
+    pub fn connections(&self) -> Option<(u64, u64)> {
+        let get = |k: &str| self.metadata.get(k)?.parse().ok();
+        Some((get(META_CONNECTIONS_UNIX)?, get(META_CONNECTIONS_SHM)?))
+    }
 }
 
 /// Formats a time as RFC 3339 in UTC with nanoseconds, as NATS does (`2026-11-26T14:10:06.123456789Z`).

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use std::os::unix::net::UnixListener;
@@ -89,6 +89,8 @@ pub(crate) struct Service<H> {
     pub methods: Vec<Endpoint<H>>,
     /// Handlers started and ended, for the idle timeout.
     pub activity: Activity,
+    /// Open local connections by transport, for `$stats` (and so `microcs ls` / `stats`).
+    pub tally: Arc<Tally>,
 }
 
 /// Handlers started and ended (two relaxed atomic increments per request): the server is idle
@@ -135,6 +137,39 @@ pub(crate) fn idle_expired<H>(idle: &mut Option<IdleWatch>, service: &Service<H>
     expired
 }
 
+/// Open local connections (past the handshake) by what carries their frames.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    unix: AtomicUsize,
+    shm: AtomicUsize,
+}
+
+impl Tally {
+    /// Counts one connection on `transport` (`"shm"` or `"unix"`) until the guard is dropped.
+    pub(crate) fn open(self: &Arc<Tally>, transport: &'static str) -> Counted {
+        let shm = transport == "shm";
+        self.counter(shm).fetch_add(1, Ordering::Relaxed);
+        Counted { tally: self.clone(), shm }
+    }
+
+    fn counter(&self, shm: bool) -> &AtomicUsize {
+        if shm { &self.shm } else { &self.unix }
+    }
+}
+
+/// One connection counted in a [`Tally`]; uncounted when dropped.
+#[derive(Debug)]
+pub(crate) struct Counted {
+    tally: Arc<Tally>,
+    shm: bool,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.tally.counter(self.shm).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl<H> Service<H> {
     pub(crate) fn new(
         name: Name,
@@ -165,6 +200,7 @@ impl<H> Service<H> {
             started: SystemTime::now(),
             methods,
             activity: Activity::default(),
+            tally: Arc::default(),
         }
     }
 
@@ -202,8 +238,13 @@ impl<H> Service<H> {
         self.methods.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 
-    fn metadata(&self) -> BTreeMap<String, String> {
+    /// The metadata of the built-ins' answers; `transport`: what carries the connection that
+    /// asked (`None` for NATS).
+    fn metadata(&self, transport: Option<&str>) -> BTreeMap<String, String> {
         let mut m = self.identity.metadata.clone();
+        if let Some(t) = transport {
+            m.insert("transport".into(), t.into());
+        }
         m.insert("pid".into(), std::process::id().to_string());
         m.insert("uid".into(), crate::registry::euid().to_string());
         m.insert("host".into(), hostname());
@@ -216,23 +257,23 @@ impl<H> Service<H> {
         std::iter::once(&self.default).chain(&self.methods)
     }
 
-    pub(crate) fn ping(&self) -> PingResponse {
+    pub(crate) fn ping(&self, transport: Option<&str>) -> PingResponse {
         PingResponse {
             kind: micro::PING_TYPE.into(),
             name: self.name.to_string(),
             id: self.id.clone(),
             version: self.identity.version.clone(),
-            metadata: self.metadata(),
+            metadata: self.metadata(transport),
         }
     }
 
-    pub(crate) fn info(&self) -> InfoResponse {
+    pub(crate) fn info(&self, transport: Option<&str>) -> InfoResponse {
         InfoResponse {
             kind: micro::INFO_TYPE.into(),
             name: self.name.to_string(),
             id: self.id.clone(),
             version: self.identity.version.clone(),
-            metadata: self.metadata(),
+            metadata: self.metadata(transport),
             description: self.identity.description.clone(),
             endpoints: self
                 .endpoints()
@@ -246,13 +287,17 @@ impl<H> Service<H> {
         }
     }
 
-    pub(crate) fn stats(&self) -> StatsResponse {
+    pub(crate) fn stats(&self, transport: Option<&str>) -> StatsResponse {
+        let mut metadata = self.metadata(transport);
+        for (key, shm) in [("connections_unix", false), ("connections_shm", true)] {
+            metadata.insert(key.into(), self.tally.counter(shm).load(Ordering::Relaxed).to_string());
+        }
         StatsResponse {
             kind: micro::STATS_TYPE.into(),
             name: self.name.to_string(),
             id: self.id.clone(),
             version: self.identity.version.clone(),
-            metadata: self.metadata(),
+            metadata,
             started: micro::rfc3339(self.started),
             endpoints: self
                 .endpoints()
@@ -276,12 +321,13 @@ impl<H> Service<H> {
         }
     }
 
-    /// The JSON answer of a built-in method.
-    pub(crate) fn builtin(&self, which: Builtin) -> Vec<u8> {
+    /// The JSON answer of a built-in method, asked over a connection on `transport` (`None`:
+    /// over NATS).
+    pub(crate) fn builtin(&self, which: Builtin, transport: Option<&str>) -> Vec<u8> {
         let json = match which {
-            Builtin::Ping => serde_json::to_vec(&self.ping()),
-            Builtin::Info => serde_json::to_vec(&self.info()),
-            Builtin::Stats => serde_json::to_vec(&self.stats()),
+            Builtin::Ping => serde_json::to_vec(&self.ping(transport)),
+            Builtin::Info => serde_json::to_vec(&self.info(transport)),
+            Builtin::Stats => serde_json::to_vec(&self.stats(transport)),
         };
         json.expect("built-in responses serialise")
     }

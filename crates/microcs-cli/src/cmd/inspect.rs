@@ -85,6 +85,11 @@ pub fn stats(ctx: &Ctx, args: TargetArgs) -> CliResult {
         ));
     }
     s.push('\n');
+    if let Some((unix, shm)) = stats.connections() {
+        let this = stats.metadata.get(microcs::micro::META_TRANSPORT);
+        let this = this.map_or_else(String::new, |t| format!(" (this one: {t})"));
+        s.push_str(&format!("  connections: {} unix, {} shm{this}\n", count(unix), count(shm)));
+    }
     let rows: Vec<Vec<String>> = stats
         .endpoints
         .iter()

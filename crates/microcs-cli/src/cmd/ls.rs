@@ -51,6 +51,11 @@ pub struct Row {
     pub requests: Option<u64>,
     /// Requests that failed, all endpoints together (null when its stats did not answer).
     pub errors: Option<u64>,
+    /// Open local connections on the socket, this listing's own included (null when its stats
+    /// did not answer or do not say).
+    pub connections_unix: Option<u64>,
+    /// Open local connections on shared memory (null as `connections_unix`).
+    pub connections_shm: Option<u64>,
     /// Its `$SRV.INFO` answer as received, for an instance found on NATS (null otherwise).
     pub info: Option<InfoResponse>,
     /// Its slot, for a local instance of a name served by several (null otherwise).
@@ -97,6 +102,7 @@ pub fn collect(ctx: &Ctx, timeout: Duration) -> CliResult<Vec<Row>> {
         };
         let stats = client.connect().and_then(|mut c| c.stats()).ok();
         let (requests, errors) = totals(stats.as_ref());
+        let conns = stats.as_ref().and_then(StatsResponse::connections);
         rows.push(Row {
             name: svc.name.to_string(),
             found: vec![LOCAL],
@@ -112,6 +118,8 @@ pub fn collect(ctx: &Ctx, timeout: Duration) -> CliResult<Vec<Row>> {
             socket: Some(svc.socket.display().to_string()),
             requests,
             errors,
+            connections_unix: conns.map(|c| c.0),
+            connections_shm: conns.map(|c| c.1),
             info: None,
             instance: svc.instance,
             instances: svc.instance.and(per_name.get(svc.name.as_str()).copied()),
@@ -189,6 +197,10 @@ fn nats_row(info: Option<InfoResponse>, stats: Option<StatsResponse>, now: Syste
         socket: None,
         requests,
         errors,
+        // A NATS instance's local connections are not this listing's business (its stats say
+        // them only for its own host).
+        connections_unix: None,
+        connections_shm: None,
         info,
         instance: None,
         instances: None,
@@ -261,6 +273,7 @@ pub fn render(rows: &[Row], wide: bool) -> String {
                 r.uptime_s.map_or_else(|| "-".into(), |s| uptime(Duration::from_secs(s))),
                 opt(r.requests),
                 opt(r.errors),
+                connections(r.connections_unix, r.connections_shm),
                 if r.methods.is_empty() { "-".to_owned() } else { r.methods.join(",") },
             ]);
             cells
@@ -273,8 +286,17 @@ pub fn render(rows: &[Row], wide: bool) -> String {
     if wide {
         header.extend(["WHERE", "HOST"]);
     }
-    header.extend(["PID", "UPTIME", "REQUESTS", "ERRORS", "METHODS"]);
+    header.extend(["PID", "UPTIME", "REQUESTS", "ERRORS", "SHM", "METHODS"]);
     table(&header, &body)
+}
+
+/// The SHM cell: how many of the service's open local connections move their frames over
+/// shared memory, of how many (`1/3`); `-` when it does not say.
+pub fn connections(unix: Option<u64>, shm: Option<u64>) -> String {
+    match (unix, shm) {
+        (Some(u), Some(s)) => format!("{}/{}", count(s), count(u + s)),
+        _ => "-".into(),
+    }
 }
 
 /// Runs `microcs ls`.
@@ -345,6 +367,8 @@ mod tests {
             socket: None,
             requests: (found == NATS).then_some(7),
             errors: (found == NATS).then_some(1),
+            connections_unix: None,
+            connections_shm: None,
             info: None,
             instance: None,
             instances: None,

@@ -370,7 +370,7 @@ async fn dispatch<H: Invoke>(shared: &Arc<Shared<H>>, tag: Tag, msg: Message) {
     match tag {
         Tag::Builtin(b) => {
             if let Some(reply) = msg.reply {
-                let body = shared.service.builtin(b);
+                let body = shared.service.builtin(b, None);
                 let _ = shared.client.publish(reply, body.into()).await;
             }
         }
@@ -424,6 +424,7 @@ impl<H: Invoke> Shared<H> {
             deadline,
             cancel,
             stream: false,
+            transport: None,
         };
         if ep.handler.streams() {
             let e = streams_are_local(&ep.name);

@@ -71,6 +71,7 @@ fn serve(conn: &ServerConn, service: &Service<Handler>, bytes: &[u8], arrived: I
         deadline: a.deadline,
         cancel: a.cancel,
         stream: a.stream,
+        transport: None,
     };
     let answer = match dispatch::begin(service, f.method, call) {
         Begin::Answer(answer) => Some(answer),
@@ -166,6 +167,7 @@ fn a_cancelled_request_gets_no_answer() {
         deadline: a.deadline,
         cancel: a.cancel,
         stream: a.stream,
+        transport: None,
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call) else { panic!("runs") };
     assert!(matches!(conn.on_frame(&frame(&golden("cancel")), false, "LIFE_GEN"), Action::None));
@@ -195,6 +197,7 @@ fn deadlines_decide_whether_and_how_a_request_is_answered() {
         deadline: Some(Instant::now() + Duration::from_millis(20)),
         cancel: Default::default(),
         stream: false,
+        transport: None,
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call(22)) else { panic!("runs") };
     std::thread::sleep(Duration::from_millis(40));
@@ -240,6 +243,7 @@ fn nothing_goes_out_over_the_clients_limit() {
         deadline: None,
         cancel: Default::default(),
         stream: false,
+        transport: None,
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call) else { panic!("runs") };
     let end = End::Done((run.handler())(req));

@@ -375,3 +375,30 @@ fn streams_run_over_shared_memory_for_every_pair() {
         assert!(peer.stop().success(), "{server:?}");
     }
 }
+
+#[test]
+fn info_and_stats_say_which_transport_each_connection_uses() {
+    use microcs::micro::META_TRANSPORT;
+    let _w = watchdog(Duration::from_secs(30));
+    for mode in ["serve", "serve-tokio"] {
+        let dir = TempDir::new("shm-visible");
+        let name = unique("SHM_VISIBLE");
+        let _server = PeerProcess::serve_mode(dir.path(), mode, &name, SHM);
+        let mut on_shm = dir.client(&name).shared_memory(true).connect().unwrap();
+        let mut on_socket = dir.client(&name).shared_memory(false).connect().unwrap();
+        let info = on_shm.info().unwrap();
+        assert_eq!(info.metadata.get(META_TRANSPORT).map(String::as_str), Some("shm"), "{info:?}");
+        let ping = on_socket.ping().unwrap();
+        assert_eq!(ping.metadata.get(META_TRANSPORT).map(String::as_str), Some("unix"), "{ping:?}");
+        // Both connections counted, by transport (a connection is counted once its handshake is
+        // done, and uncounted when it ends).
+        let stats = on_socket.stats().unwrap();
+        assert_eq!(stats.connections(), Some((1, 1)), "{:?}", stats.metadata);
+        drop(on_shm);
+        let after = eventually(Duration::from_secs(5), || {
+            let c = on_socket.stats().ok()?.connections()?;
+            (c == (1, 0)).then_some(c)
+        });
+        assert_eq!(after, Some((1, 0)), "{mode}: the closed shm connection is no longer counted");
+    }
+}

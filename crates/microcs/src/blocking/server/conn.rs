@@ -22,7 +22,7 @@ use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::Claim;
 use crate::request::{CancelState, Peer, Room, panic_message};
 use crate::service::{
-    Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
+    Config, Counted, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
 use crate::transport::shm::answer_hello;
 use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
@@ -102,6 +102,8 @@ pub(super) struct Conn {
     /// Threads serving this connection; the last to leave unregisters it.
     threads: AtomicUsize,
     handshaken: AtomicBool,
+    /// Counted in the service's connections by transport from the handshake on.
+    counted: std::sync::OnceLock<Counted>,
     closed: AtomicBool,
     /// We shut the read side ourselves (server shutdown): the EOF that follows is not the peer
     /// hanging up, so running handlers are not cancelled and their replies still go out.
@@ -318,6 +320,7 @@ pub(super) fn on_accept(shared: &Arc<Shared>, stream: UnixStream) {
         running: AtomicUsize::new(0),
         threads: AtomicUsize::new(1),
         handshaken: AtomicBool::new(false),
+        counted: std::sync::OnceLock::new(),
         closed: AtomicBool::new(false),
         read_shut: AtomicBool::new(false),
     });
@@ -402,6 +405,7 @@ pub(super) fn handshake(shared: &Shared, conn: &Conn) -> bool {
                     }
                     Err(ack) => conn.send(shared, ack, false),
                 }
+                let _ = conn.counted.set(shared.service.tally.open(conn.stream.transport_name()));
                 return conn.stream.set_recv_timeout(None).is_ok() && !conn.closed.load(Ordering::SeqCst);
             }
             Ok(Decoded::Incomplete { needed }) => needed,
@@ -560,6 +564,7 @@ pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool)
         deadline: job.deadline,
         cancel: job.cancel,
         stream: job.stream,
+        transport: Some(conn.stream.transport_name()),
     };
     let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
         Begin::Run(run, req) => (run, req),

@@ -323,6 +323,8 @@ pub(super) async fn conn_task(shared: Arc<Shared>, conn: Arc<Conn>, _guard: Conn
     let mut kill = shared.kill.subscribe();
     let mut rbuf = ReadBuf::default();
     if handshake(&shared, &conn, &mut rbuf).await {
+        // Counted by transport (for `$stats`) until its handlers are done.
+        let _counted = shared.service.tally.open(conn.stream.link().transport_name());
         if let Some(e) = shared.conns().get_mut(&conn.id) {
             e.handshaken = true;
         }
@@ -590,6 +592,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
         deadline: job.deadline,
         cancel: job.cancel,
         stream: job.stream,
+        transport: Some(conn.stream.link().transport_name()),
     };
     let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
         Begin::Run(run, req) => (run, req),

@@ -757,7 +757,7 @@ impl ServerHandle {
 
     /// The same counters `$stats` reports, read locally.
     pub fn stats(&self) -> StatsResponse {
-        self.shared.service.stats()
+        self.shared.service.stats(None)
     }
 
     /// Connections open right now.
