@@ -212,6 +212,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
 
+    /// Offer shared memory to clients that ask for it (`--shm` on call/ping/bench, or
+    /// MICROCS_SHM=1): their frames then move through rings in a sealed memfd instead of the
+    /// socket (docs/PROTOCOL.md § 18) [default: off].
+    #[arg(long)]
+    pub shm: bool,
+
     /// Largest request or reply a command may take or give, in bytes (suffixes K, M accepted).
     #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
     pub max_size: u64,
@@ -294,6 +300,11 @@ pub struct CallArgs {
     #[arg(long)]
     pub stream: bool,
 
+    /// Move frames through shared memory when the service offers it (else the socket, silently)
+    /// [default: $MICROCS_SHM, else off].
+    #[arg(long)]
+    pub shm: bool,
+
     /// NATS: `--nats URL`, `--transport`.
     #[command(flatten)]
     pub net: NatsArgs,
@@ -339,6 +350,11 @@ pub struct PingArgs {
     /// Print only the summary.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+
+    /// Move frames through shared memory when the service offers it (else the socket, silently)
+    /// [default: $MICROCS_SHM, else off].
+    #[arg(long)]
+    pub shm: bool,
 
     /// NATS: `--nats URL`, `--transport`.
     #[command(flatten)]
@@ -419,6 +435,11 @@ pub struct BenchArgs {
     /// small VM, same-CPU and cross-CPU round trips differ several times over.
     #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
     pub cpus: Option<CpuList>,
+
+    /// Move frames through shared memory when the service offers it (else the socket, silently)
+    /// [default: $MICROCS_SHM, else off].
+    #[arg(long)]
+    pub shm: bool,
 
     /// NATS: `--nats URL`, `--transport`.
     #[command(flatten)]

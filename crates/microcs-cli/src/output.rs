@@ -26,6 +26,12 @@ impl Ctx {
     }
 }
 
+/// The client asks for shared memory when `--shm` was given (else the library's default:
+/// `$MICROCS_SHM`, else off).
+pub fn shm(builder: microcs::ClientBuilder, on: bool) -> microcs::ClientBuilder {
+    if on { builder.shared_memory(true) } else { builder }
+}
+
 /// `"local"` or `"nats"`: where a client's requests went, for output.
 pub fn via(client: &microcs::Client) -> &'static str {
     client.via().as_str()

@@ -310,6 +310,47 @@ fn serve_echo_then_call_ls_ping_info_stats_bench() {
 }
 
 #[test]
+fn shm_on_serve_call_ping_bench_and_the_transport_in_ls_and_stats() {
+    let env = Env::new("shm");
+    let name = env.name("SHM");
+    let _srv = env.serve(&[&name, "--echo", "--shm"]);
+    let out = env.run(&["call", &name, "over the rings", "--shm"]).ok();
+    assert_eq!(out.stdout, b"over the rings");
+    let out = env.run(&["ping", &name, "--shm", "-c", "2", "-i", "0"]).ok();
+    assert!(out.text().contains("over shared memory"), "{}", out.text());
+    let j = env.run(&["bench", &name, "--shm", "-d", "200ms", "-c", "2", "--json"]).ok().json();
+    assert_eq!(j["transport"], "shm", "{j}");
+    assert!(j["requests"].as_u64().unwrap() > 0 && j["errors"] == 0, "{j}");
+    let j = env.run(&["bench", &name, "-d", "100ms", "--json"]).ok().json();
+    assert_eq!(j["transport"], "unix", "without --shm: the socket: {j}");
+    // A connection on shared memory is counted by ls and stats while it is open.
+    let child =
+        env.cmd(&["ping", &name, "--shm", "-c", "0", "-i", "50ms", "-q"]).stdout(Stdio::null()).spawn();
+    let _child = KillOnDrop(child.unwrap());
+    let listed = eventually(Duration::from_secs(10), || {
+        let j = env.run(&["ls", "--json"]).ok().json();
+        j["services"][0]["connections_shm"] == 1 && j["services"][0]["connections_unix"] == 1
+    });
+    assert!(listed, "ls counts the shm connection and its own");
+    let text = env.run(&["ls"]).ok().text();
+    assert!(text.contains("CONNS") && text.contains("2 (1 shm)"), "{text}");
+    // Other commands ask for shared memory with MICROCS_SHM=1.
+    let out = env.cmd(&["stats", &name]).env("MICROCS_SHM", "1").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("connections: 0 unix, 2 shm (this one: shm)"), "{text}");
+}
+
+/// Kills the child when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
 fn bench_pins_its_clients_with_cpus() {
     let env = Env::new("cpus");
     let name = env.name("CPUS");

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::cli::CallArgs;
 use crate::error::{CliError, CliResult};
 use crate::net::Net;
-use crate::output::{Ctx, base64, print_json, via};
+use crate::output::{Ctx, base64, print_json, shm, via};
 
 /// `--json` output of `microcs call`.
 #[derive(Serialize)]
@@ -113,7 +113,7 @@ pub fn run(ctx: &Ctx, args: CallArgs) -> CliResult {
     };
     let net = Net::from_args(&args.net)?;
     let t0 = Instant::now();
-    let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
+    let mut client = shm(ctx.client(&args.name, args.timeout, &net), args.shm).connect()?;
     if args.stream {
         return stream(ctx, &args, &mut client, &payload, t0);
     }

@@ -195,6 +195,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> CliResult {
         warmup: 50,
         timeout: Duration::from_secs(5),
         cpus: Vec::new(),
+        shm: None,
     };
     let m = bench::execute(&plan, !ctx.json && std::io::stderr().is_terminal())?;
     let report = Report::new(&plan, &m);

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::cli::PingArgs;
 use crate::error::{CliError, CliResult};
 use crate::net::Net;
-use crate::output::{Ctx, print_json};
+use crate::output::{Ctx, print_json, shm};
 use crate::signals;
 
 /// One ping in `microcs ping --json`.
@@ -162,7 +162,7 @@ pub fn run(ctx: &Ctx, args: PingArgs) -> CliResult {
         })?;
     }
     let net = Net::from_args(&args.net)?;
-    let mut client = ctx.client(&args.name, args.timeout, &net).connect()?;
+    let mut client = shm(ctx.client(&args.name, args.timeout, &net), args.shm).connect()?;
     let human = !ctx.json;
     if human && !args.quiet {
         let mut out = std::io::stdout().lock();
@@ -170,7 +170,8 @@ pub fn run(ctx: &Ctx, args: PingArgs) -> CliResult {
             (Transport::Nats, Some(url)) => writeln!(out, "PING {} via NATS at {url}", args.name)?,
             _ => {
                 let pid = client.server_pid().map_or_else(String::new, |p| format!(" (pid {p})"));
-                writeln!(out, "PING {}{pid} at {}", args.name, client.socket_path().display())?;
+                let over = if client.transport() == Some("shm") { " over shared memory" } else { "" };
+                writeln!(out, "PING {}{pid} at {}{over}", args.name, client.socket_path().display())?;
             }
         }
     }

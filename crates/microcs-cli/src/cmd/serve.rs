@@ -128,6 +128,7 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> CliResult {
         .max_frame(max_frame)
         .metadata("served_by", "microcs serve")
         .version(env!("CARGO_PKG_VERSION"))
+        .shared_memory(args.shm)
         .transport(args.transport.transport());
     if let Some(url) = &nats_url {
         builder = builder.nats(url);

@@ -38,6 +38,8 @@ pub struct Plan {
     pub timeout: Duration,
     /// CPUs to pin the clients to, round robin (client i on `cpus[i % len]`); empty: unpinned.
     pub cpus: Vec<usize>,
+    /// Ask for shared memory (`--shm`); `None`: the library's default (`$MICROCS_SHM`).
+    pub shm: Option<bool>,
 }
 
 /// Phases of a run, as [`Progress::phase`] reports them.
@@ -93,6 +95,9 @@ pub struct Measurement {
     pub bytes_received: u64,
     /// Where the requests went: `"local"`, `"nats"`, or `"local+nats"` when clients differed.
     pub via: &'static str,
+    /// What carried the local clients' frames: `"unix"`, `"shm"`, or `"unix+shm"` when they
+    /// differed; `None` when no client was connected locally at the end.
+    pub transport: Option<&'static str>,
 }
 
 /// Runs `plan`, updating `progress` as it goes.
@@ -104,7 +109,10 @@ pub struct Measurement {
 pub fn run(plan: &Plan, progress: &Progress) -> Result<Measurement, microcs::Error> {
     let mut clients = Vec::with_capacity(plan.clients as usize);
     for _ in 0..plan.clients {
-        let builder = Client::builder(&plan.name).runtime_dir(&plan.dir).timeout(plan.timeout);
+        let mut builder = Client::builder(&plan.name).runtime_dir(&plan.dir).timeout(plan.timeout);
+        if let Some(on) = plan.shm {
+            builder = builder.shared_memory(on);
+        }
         clients.push(plan.net.apply(builder).connect()?);
     }
     let gate = Gate::default();
@@ -150,10 +158,16 @@ pub fn run(plan: &Plan, progress: &Progress) -> Result<Measurement, microcs::Err
         bytes_sent: 0,
         bytes_received: 0,
         via: "local",
+        transport: None,
     };
     let (mut local, mut nats) = (false, false);
     for r in results {
         let r = r?;
+        m.transport = match (m.transport, r.transport) {
+            (None, t) | (t, None) => t,
+            (Some(a), Some(b)) if a == b => Some(a),
+            _ => Some("unix+shm"),
+        };
         local |= r.via == Transport::Local;
         nats |= r.via == Transport::Nats;
         m.requests += r.ok;
@@ -237,6 +251,8 @@ struct ClientResult {
     latency: Histogram,
     /// Where the client's last request went.
     via: Transport,
+    /// What carried the frames at the end (`None`: not connected locally).
+    transport: Option<&'static str>,
 }
 
 /// One client: warm up, wait for the start, then requests back to back until the time is up.
@@ -278,6 +294,7 @@ fn client_thread(
         first_error: None,
         latency: Histogram::new(),
         via: client.via(),
+        transport: None,
     };
     let end = Instant::now() + plan.duration;
     loop {
@@ -308,6 +325,7 @@ fn client_thread(
         }
     }
     r.via = client.via();
+    r.transport = client.transport();
     Ok(r)
 }
 

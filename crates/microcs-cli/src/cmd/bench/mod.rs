@@ -68,6 +68,9 @@ pub struct Report {
     /// Where the requests went: `"local"`, `"nats"` (or `"local+nats"` when a local instance
     /// started or stopped during the run).
     pub via: &'static str,
+    /// What carried the local clients' frames: `"unix"` (the socket), `"shm"` (shared memory),
+    /// `"unix+shm"` when clients differed; null when none was connected locally.
+    pub transport: Option<&'static str>,
 }
 
 impl Report {
@@ -99,6 +102,7 @@ impl Report {
             },
             cpus: (!plan.cpus.is_empty()).then(|| plan.cpus.clone()),
             via: m.via,
+            transport: m.transport,
         }
     }
 
@@ -107,13 +111,18 @@ impl Report {
         let l = |us: f64| latency(Duration::from_nanos((us * 1e3) as u64));
         let lat = &self.latency_us;
         let mut s = format!(
-            "{} {}{}: {} client{}, {}-byte payload, {:.2} s\n",
+            "{} {}{}{}: {} client{}, {}-byte payload, {:.2} s\n",
             self.name,
             self.method.as_deref().map_or_else(|| "(default handler)".to_owned(), |m| format!("method {m}")),
             match self.via {
                 "local" => "",
                 "nats" => " via NATS",
                 _ => " via local and NATS",
+            },
+            match self.transport {
+                Some("shm") => " over shared memory",
+                Some("unix+shm") => " over shared memory and the socket",
+                _ => "",
             },
             self.clients,
             if self.clients == 1 { "" } else { "s" },
@@ -168,6 +177,7 @@ fn plan(ctx: &Ctx, args: &BenchArgs) -> CliResult<Plan> {
         warmup: args.warmup,
         timeout: args.timeout,
         cpus: args.cpus.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
+        shm: args.shm.then_some(true),
     })
 }
 
