@@ -204,3 +204,35 @@ pub fn check_server_stream(data: &[u8]) {
         .expect("the server still accepts a well-behaved client");
     assert_eq!(client.request(b"ok").expect("and serves it"), b"ok");
 }
+
+/// Drives the reading side of a shared-memory connection with a hostile peer's script (see
+/// `microcs::__fuzz::run_script` for its operations: honest writes, forged indices, scribbles
+/// anywhere in the region, reads with small or large buffers).
+///
+/// Checked: no panic and no access outside the region (the mapping would fault); with honest
+/// indices, never a corrupt-ring error and never more bytes read than written; a corrupt ring
+/// is reported as the transport's error ("shared memory: ..."), which the clients turn into
+/// `ErrorKind::Protocol`; the read buffer holds memory in proportion to the bytes read, whatever
+/// the bytes declare; every frame decoded took at least a header's worth of bytes.
+#[allow(dead_code)]
+pub fn check_ring(data: &[u8]) {
+    let Ok(run) = microcs::__fuzz::run_script(data) else {
+        return; // no memfd on this system: nothing to drive
+    };
+    if !run.index_forged {
+        assert!(!run.corrupt, "honest indices reported as corrupt: {run:?}");
+        assert!(run.bytes_read <= run.bytes_written, "read more than was written: {run:?}");
+    }
+    if run.corrupt {
+        let msg = run.error.as_deref().unwrap_or("");
+        assert!(msg.starts_with("shared memory: "), "a corrupt ring says so: {msg}");
+    }
+    assert!(
+        run.buffer_high_water as u64 <= 3 * run.bytes_read + 16 * 1024,
+        "memory follows the bytes read: {run:?}"
+    );
+    assert!(
+        run.frames as u64 * microcs::proto::FRAME_OVERHEAD as u64 <= run.bytes_read,
+        "each frame took its bytes: {run:?}"
+    );
+}

@@ -190,6 +190,11 @@ impl ReadBuf {
         }
     }
 
+    /// Bytes of memory the buffer holds now (its buffer, and the large frame's payload so far).
+    pub(crate) fn held(&self) -> usize {
+        self.buf.len() + self.large.as_ref().map_or(0, |l| l.payload.len())
+    }
+
     /// True if no bytes are buffered.
     pub(crate) fn is_empty(&self) -> bool {
         self.start == self.end && self.large.is_none()

@@ -75,6 +75,12 @@ mod service;
 pub mod tokio;
 mod transport;
 
+/// Hooks for the cargo-fuzz targets in `fuzz/` (not part of the API; may change any time).
+#[doc(hidden)]
+pub mod __fuzz {
+    pub use crate::transport::shm::fuzz::{CAPACITY, MAX_PAYLOAD, RingRun, run_script};
+}
+
 pub use blocking::{Client, ClientBuilder, ItemStream, Server, ServerBuilder, ServerHandle, ShutdownTrigger};
 pub use error::{Error, ErrorKind, RemoteError, Result};
 pub use name::Name;

@@ -72,6 +72,30 @@ fn server_stream_corpus_and_crash_inputs_pass_the_fuzz_checks() {
 }
 
 #[test]
+fn ring_corpus_and_crash_inputs_pass_the_fuzz_checks() {
+    replay("ring", check_ring);
+}
+
+#[test]
+fn ring_seeds_reach_frames_decode_errors_and_corrupt_indices() {
+    // A seed set that no longer reaches one of these would make fuzzing runs weaker unseen.
+    let runs: Vec<_> = inputs("corpus", "ring")
+        .iter()
+        .map(|p| microcs::__fuzz::run_script(&std::fs::read(p).unwrap()))
+        .collect();
+    let Some(runs) = runs.into_iter().collect::<Result<Vec<_>, _>>().ok() else {
+        return; // no memfd here
+    };
+    assert!(runs.iter().any(|r| r.frames > 0 && r.error.is_none()), "a seed decodes frames: {runs:?}");
+    assert!(runs.iter().any(|r| r.corrupt), "a seed forges an index out of range");
+    assert!(runs.iter().any(|r| r.error.is_some() && !r.corrupt), "a seed is rejected by the codec");
+    assert!(
+        runs.iter().any(|r| r.frames > 0 && r.bytes_written > u64::from(microcs::__fuzz::CAPACITY)),
+        "a seed wraps the ring"
+    );
+}
+
+#[test]
 fn decode_seeds_cover_every_frame_kind_and_every_decode_error() {
     // The seeds are where the fuzzer starts from; a seed set that lost a whole class of input
     // would make fuzzing runs weaker without anyone noticing.

@@ -210,6 +210,10 @@ pub(crate) enum Loss {
     Io(Arc<io::Error>),
     /// The server sent bytes that are not microcs frames.
     Protocol(DecodeError),
+    /// The server broke the shared-memory transport's rules (a ring index out of range, bytes
+    /// on the socket after the handshake; PROTOCOL.md § 18.4): as untrustworthy as garbage
+    /// frames, so a protocol error too.
+    Corrupt(Arc<io::Error>),
     /// The server sent a connection-level `Error` frame (id 0) and closed.
     Remote { status: u16, flags: u16, message: String },
     /// The client was dropped.
@@ -241,7 +245,15 @@ impl Written {
 impl Loss {
     /// The loss an I/O error means.
     pub(crate) fn from_io(e: io::Error) -> Loss {
-        if is_disconnect(&e) { Loss::Closed(Some(Arc::new(e))) } else { Loss::Io(Arc::new(e)) }
+        if is_disconnect(&e) {
+            Loss::Closed(Some(Arc::new(e)))
+        } else if e.kind() == io::ErrorKind::InvalidData {
+            // Only the shared-memory transport reports it (sockets never do): what the peer
+            // wrote into the region is not what the protocol allows.
+            Loss::Corrupt(Arc::new(e))
+        } else {
+            Loss::Io(Arc::new(e))
+        }
     }
 
     /// The loss an I/O error someone else keeps means.
@@ -265,6 +277,11 @@ impl Loss {
             }
             Loss::Io(e) => Error::new(ErrorKind::Io, format!("connection to service '{name}' failed: {e}{tail}"))
                 .with_source(e.clone()),
+            Loss::Corrupt(e) => Error::new(
+                ErrorKind::Protocol,
+                format!("service '{name}' broke the shared-memory protocol ({e}){tail}"),
+            )
+            .with_source(e.clone()),
             Loss::Protocol(e) => Error::new(
                 ErrorKind::Protocol,
                 format!(
@@ -297,6 +314,11 @@ impl Loss {
             .with_source(e.clone()),
             Loss::Io(e) => Error::new(ErrorKind::Io, format!("handshake with service '{name}' failed: {e}"))
                 .with_source(e.clone()),
+            Loss::Corrupt(e) => Error::new(
+                ErrorKind::Protocol,
+                format!("service '{name}' broke the protocol during the handshake ({e})"),
+            )
+            .with_source(e.clone()),
             Loss::Protocol(e) => {
                 not_microcs(path, &format!("it sent bytes that are not a microcs frame ({e})"))
                     .with_source(e.clone())

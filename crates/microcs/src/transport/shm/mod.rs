@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::net::sockopt::{self, Timeout};
 
+pub mod fuzz;
 pub(crate) mod map;
 pub(crate) mod ring;
 

@@ -219,6 +219,11 @@ impl Reader {
         Reader { at: At::of(dir, capacity), head: AtomicU64::new(0) }
     }
 
+    /// Bytes ever consumed.
+    pub(crate) fn position(&self) -> u64 {
+        self.head.load(Ordering::Relaxed)
+    }
+
     /// Unread bytes now, as the writer says (validated: at most the capacity).
     pub(crate) fn available(&self, m: &Mapping) -> io::Result<usize> {
         let head = self.head.load(Ordering::Relaxed);
