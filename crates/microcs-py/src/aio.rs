@@ -157,6 +157,8 @@ struct Shared {
     window: Option<(u32, u32)>,
     /// `activate=`, when given (else the library's default).
     activate: Option<bool>,
+    /// `shared_memory=`, when given (else the library reads `MICROCS_SHM`).
+    shared_memory: Option<bool>,
     /// The connection, once made, with the process that made it; clones share it.
     client: Mutex<Option<(u32, microcs::tokio::Client)>>,
     /// Serialises connecting, so that a crowd of first calls opens one connection.
@@ -204,6 +206,9 @@ impl Shared {
         }
         if let Some(on) = self.activate {
             b = b.activate(on);
+        }
+        if let Some(on) = self.shared_memory {
+            b = b.shared_memory(on);
         }
         let c = b.connect().await?;
         if self.closed.load(Ordering::SeqCst) {
@@ -369,7 +374,7 @@ impl AsyncClient {
     #[new]
     #[pyo3(signature = (
         name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None,
-        stream_window = None, activate = None
+        stream_window = None, activate = None, shared_memory = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -382,6 +387,7 @@ impl AsyncClient {
         transport: Option<&str>,
         stream_window: Option<(u32, u32)>,
         activate: Option<bool>,
+        shared_memory: Option<bool>,
     ) -> PyResult<AsyncClient> {
         // Checked now rather than on first use, so a typo fails where it is written.
         microcs::Name::new(name).map_err(|e| to_py(py, e))?;
@@ -396,6 +402,7 @@ impl AsyncClient {
                 transport,
                 window: stream_window,
                 activate,
+                shared_memory,
                 client: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 closed: AtomicBool::new(false),
@@ -490,6 +497,13 @@ impl AsyncClient {
     #[getter]
     fn closed(&self) -> bool {
         self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// What carries the frames to the local service: `"shm"` (shared memory), `"unix"` (the
+    /// socket), or None while not connected locally.
+    #[getter]
+    fn local_transport(&self) -> Option<&'static str> {
+        self.shared.current()?.transport()
     }
 
     /// Where the last request went, `"local"` or `"nats"` (where the next one would go before

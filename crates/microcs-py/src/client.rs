@@ -209,7 +209,7 @@ impl Client {
     #[new]
     #[pyo3(signature = (
         name, timeout = 30.0, *, runtime_dir = None, max_frame = None, nats = None, transport = None,
-        stream_window = None, activate = None, instance = None
+        stream_window = None, activate = None, instance = None, shared_memory = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -223,6 +223,7 @@ impl Client {
         stream_window: Option<(u32, u32)>,
         activate: Option<bool>,
         instance: Option<u32>,
+        shared_memory: Option<bool>,
     ) -> PyResult<Client> {
         let interrupted = Arc::new(Mutex::new(None));
         let slot = interrupted.clone();
@@ -246,6 +247,10 @@ impl Client {
         }
         if let Some(slot) = instance {
             b = b.instance(slot);
+        }
+        // Without `shared_memory=`, the library reads MICROCS_SHM.
+        if let Some(on) = shared_memory {
+            b = b.shared_memory(on);
         }
         // Without `nats=`, the library reads MICROCS_NATS_URL (and MICROCS_TRANSPORT) itself.
         let (url, transport) = crate::nats::client(nats, transport).py_err(py)?;
@@ -376,6 +381,13 @@ impl Client {
     #[getter]
     fn server_pid(&self, py: Python<'_>) -> PyResult<Option<u32>> {
         self.with(py, |c| Ok(c.server_pid()))
+    }
+
+    /// What carries the frames to the local service: `"shm"` (shared memory), `"unix"` (the
+    /// socket), or None while not connected locally.
+    #[getter]
+    fn local_transport(&self, py: Python<'_>) -> PyResult<Option<&'static str>> {
+        self.with(py, |c| Ok(c.transport()))
     }
 
     /// Where the last request went, `"local"` or `"nats"`; before any request, where the next

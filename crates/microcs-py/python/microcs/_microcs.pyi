@@ -132,6 +132,7 @@ class Server(Generic[_P]):
         nats: str | None = None,
         transport: _Transport | None = None,
         shared: bool = False,
+        shared_memory: bool = False,
     ) -> None: ...
     @overload
     def __init__(
@@ -152,6 +153,7 @@ class Server(Generic[_P]):
         nats: str | None = None,
         transport: _Transport | None = None,
         shared: bool = False,
+        shared_memory: bool = False,
     ) -> None: ...
     @property
     def name(self) -> str:
@@ -228,6 +230,7 @@ class Client:
         stream_window: tuple[int, int] | None = None,
         activate: bool | None = None,
         instance: int | None = None,
+        shared_memory: bool | None = None,
     ) -> None: ...
     def request(self, payload: Payload) -> bytes:
         """Sends ``payload`` to the default handler; returns the reply."""
@@ -266,6 +269,12 @@ class Client:
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called."""
+    @property
+    def local_transport(self) -> Literal["shm", "unix"] | None:
+        """What carries the frames to the local service: ``"shm"`` (shared memory, when both
+        sides asked for it: ``shared_memory=True`` here or ``MICROCS_SHM=1``, and
+        ``Server(shared_memory=True)``), ``"unix"`` (the socket), or None while not connected
+        locally."""
     def close(self) -> None:
         """Closes the connection; later calls raise ``Closed``. Idempotent."""
     def __enter__(self) -> Self: ...
@@ -305,6 +314,7 @@ class AsyncClient:
         transport: _Transport | None = None,
         stream_window: tuple[int, int] | None = None,
         activate: bool | None = None,
+        shared_memory: bool | None = None,
     ) -> None: ...
     def connect(self) -> Future[AsyncClient]:
         """Connects now (``NoService`` if nobody serves the name); resolves to the client."""
@@ -336,6 +346,12 @@ class AsyncClient:
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called."""
+    @property
+    def local_transport(self) -> Literal["shm", "unix"] | None:
+        """What carries the frames to the local service: ``"shm"`` (shared memory, when both
+        sides asked for it: ``shared_memory=True`` here or ``MICROCS_SHM=1``, and
+        ``Server(shared_memory=True)``), ``"unix"`` (the socket), or None while not connected
+        locally."""
     @property
     def via(self) -> _Via | None:
         """Where the last request went (before any, where the next one would go); None until

@@ -953,7 +953,7 @@ impl Server {
     #[pyo3(signature = (
         handler, name, *, text = false, methods = None, runtime_dir = None, max_frame = None,
         max_connections = None, max_in_flight = None, grace_period = None, version = None,
-        description = None, metadata = None, nats = None, transport = None, shared = false
+        description = None, metadata = None, nats = None, transport = None, shared = false, shared_memory = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -973,13 +973,14 @@ impl Server {
         nats: Option<&str>,
         transport: Option<&str>,
         shared: bool,
+        shared_memory: bool,
     ) -> PyResult<Server> {
         let (nats_url, transport) = crate::nats::server(nats, transport).py_err(py)?;
         let default = match handler {
             Some(h) if !h.is_none() => Some(Handler::new(h, text, format!("service '{name}'"))?),
             _ => None,
         };
-        let mut b = microcs::Server::builder(name);
+        let mut b = microcs::Server::builder(name).shared_memory(shared_memory);
         if let Some(d) = runtime_dir {
             b = b.runtime_dir(d);
         }
