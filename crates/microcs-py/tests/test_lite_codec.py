@@ -45,6 +45,12 @@ GOLDEN = {
     "credit": (lite.CREDIT, 0, 9, 0, 0, b"", bytes.fromhex("0000004000100000")),
     "item": (lite.ITEM, 0, 9, 0, 0, b"", b"#.#"),
     "stream-end": (lite.REPLY, 0, 9, 0, 0, b"", b""),
+    # Shared memory (§ 18): microcs_lite never asks for it, but decodes the frames.
+    "hello-shm": (lite.HELLO, 0, 0, 0, 0, b"", bytes.fromhex("0100000000000002")),
+    "hello-ack-shm": (
+        lite.HELLO_ACK, 0, 0, 0, 0, b"",
+        bytes.fromhex("0100000000000080000010920008") + b"LIFE_GEN" + bytes.fromhex("0000000300040000"),
+    ),
 }
 #: name -> status of the Error that answers it.
 REJECT = {
