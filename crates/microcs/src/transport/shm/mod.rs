@@ -66,7 +66,7 @@ pub(crate) struct ShmLink {
     rx_space: OwnedFd,
     /// Current spin budget, in nanoseconds (§ 18.5).
     spin_ns: AtomicU32,
-    /// More than one CPU: spinning can ever pay.
+    /// The machine has more than one CPU online: spinning can ever pay.
     multi_cpu: bool,
     read_shut: AtomicBool,
 }
@@ -151,7 +151,7 @@ impl ShmLink {
             rx_data,
             rx_space,
             spin_ns: AtomicU32::new(FIRST_SPIN.as_nanos() as u32),
-            multi_cpu: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            multi_cpu: online_cpus() > 1,
             read_shut: AtomicBool::new(false),
         }
     }
@@ -422,6 +422,24 @@ pub(crate) fn answer_hello(
     let mut bytes = Vec::new();
     crate::proto::encode(&mut bytes, &ack.header, b"", &ack.payload);
     Ok(super::unix::send_with_fds(socket, &bytes, &link.fds_to_send(&memfd)).map(|()| link))
+}
+
+/// CPUs the machine has online (not the ones this process may use: a process pinned to one CPU
+/// with `taskset` still gains from spinning while its peer runs on another). Read once.
+fn online_cpus() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        let counted = std::fs::read_to_string("/sys/devices/system/cpu/online").ok().and_then(|list| {
+            // "0-3,5,7-8"
+            list.trim().split(',').try_fold(0usize, |n, range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                Some(n + b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1)
+            })
+        });
+        counted
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
 }
 
 /// Rings the eventfd; a full counter (a peer never draining it) is already rung.
