@@ -38,6 +38,10 @@ SYSTEM_TEXT = {
     "tokio-blocking": "tokio client ↔ blocking server",
     "blocking+kbuf": "blocking ↔ blocking, system's default send buffers (`send_buffer(0)`)",
     "tokio+kbuf": "tokio ↔ tokio, system's default send buffers (`send_buffer(0)`)",
+    "blocking+shm": "blocking ↔ blocking over shared memory",
+    "tokio+shm": "tokio ↔ tokio over shared memory",
+    "blocking-tokio+shm": "blocking client ↔ tokio server over shared memory",
+    "tokio-blocking+shm": "tokio client ↔ blocking server over shared memory",
 }
 
 

@@ -18,6 +18,7 @@ median of the ratios of runs measured side by side).
 The compared systems:
   microcs      microcs.Client.request -> microcs.Server handler (Python function)
   lite         the same with microcs_lite (python/microcs_lite.py, standard library only)
+  microcs+shm  microcs over shared memory (Server(shared_memory=True), Client(shared_memory=True))
   mp.conn      multiprocessing.connection.Client over AF_UNIX, send_bytes/recv_bytes, and a
                Python loop recv_bytes/send_bytes in the server (no pickling either way)
   pyzmq        zmq REQ socket -> REP socket over ipc://, a Python loop recv/send in the server
@@ -41,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("microcs", "mp.conn", "pyzmq", "lite")
+SYSTEMS = ("microcs", "mp.conn", "pyzmq", "lite", "microcs+shm")
 #: Where microcs_lite lives: python/ at the repository root.
 LITE = Path(__file__).resolve().parents[3] / "python"
 #: The AsyncClient row: requests made many at a time over one connection (throughput, not latency).
@@ -59,7 +60,7 @@ SECTIONS = {"microcs": SECTION, "lite": "## Pure Python (microcs_lite)"}
 def serve(system: str, address: str, cpu: int) -> None:
     """Runs one echo server until killed. Pins itself first, so all its threads inherit it."""
     os.sched_setaffinity(0, {cpu})
-    if system in ("microcs", "lite"):
+    if system in ("microcs", "lite", "microcs+shm"):
         if system == "lite":
             sys.path.insert(0, str(LITE))
         impl: Any = __import__("microcs_lite" if system == "lite" else "microcs")
@@ -67,7 +68,8 @@ def serve(system: str, address: str, cpu: int) -> None:
         def echo(data: bytes) -> bytes:
             return data
 
-        server = impl.Server(echo, address)
+        shm = {"shared_memory": True} if system == "microcs+shm" else {}
+        server = impl.Server(echo, address, **shm)
         print("ready", flush=True)
         server.start_listening()
     elif system == "mp.conn":
@@ -105,6 +107,14 @@ def connect(system: str, address: str) -> tuple[Callable[[bytes], bytes], Callab
 
         client = microcs.Client(address, timeout=30)
         return client.request, client.close
+    if system == "microcs+shm":
+        import microcs
+
+        shm_client = microcs.Client(address, timeout=30, shared_memory=True)
+        shm_client.request(b"")
+        if shm_client.local_transport != "shm":
+            raise SystemExit("microcs+shm is not on shared memory")
+        return shm_client.request, shm_client.close
     if system == "lite":
         sys.path.insert(0, str(LITE))
         import microcs_lite
@@ -229,6 +239,7 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int, str], list[float]]:
     addresses = {
         "microcs": f"BENCH_{os.getpid()}",
         "lite": f"BENCH_LITE_{os.getpid()}",
+        "microcs+shm": f"BENCH_SHM_{os.getpid()}",
         "mp.conn": str(tmp / "mp.sock"),
         "pyzmq": f"ipc://{tmp / 'zmq.sock'}",
     }

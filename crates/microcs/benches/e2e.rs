@@ -147,11 +147,18 @@ struct System {
     /// Client and server leave the socket send buffer at the system's default
     /// (`send_buffer(0)`), instead of microcs's default of 1 MiB. Label suffix `+kbuf`.
     kernel_buffers: bool,
+    /// The client asks for shared memory (the microcs servers offer it); label suffix `+shm`.
+    shm: bool,
 }
 
 impl System {
     const fn new(client: ClientKind, server: ServerKind) -> System {
-        System { client, server, kernel_buffers: false }
+        System { client, server, kernel_buffers: false, shm: false }
+    }
+
+    /// The same pair over shared memory (PROTOCOL.md § 18).
+    fn shm(self) -> System {
+        System { shm: true, ..self }
     }
 
     /// The same pair with the system's default send buffers.
@@ -170,13 +177,20 @@ impl System {
         } else {
             format!("{}-{}", self.client.label(), self.server.label())
         };
-        if self.kernel_buffers { pair + "+kbuf" } else { pair }
+        let pair = if self.kernel_buffers { pair + "+kbuf" } else { pair };
+        if self.shm { pair + "+shm" } else { pair }
     }
 
     fn parse(s: &str) -> System {
+        let (s, shm) = s.strip_suffix("+shm").map_or((s, false), |s| (s, true));
         let (s, kbuf) = s.strip_suffix("+kbuf").map_or((s, false), |s| (s, true));
         let (c, srv) = s.split_once('-').unwrap_or((s, s));
-        System { kernel_buffers: kbuf, ..System::new(ServerKind::parse(c), ServerKind::parse(srv)) }
+        System { kernel_buffers: kbuf, shm, ..System::new(ServerKind::parse(c), ServerKind::parse(srv)) }
+    }
+
+    /// The microcs pairs of `systems` (not the floor) over shared memory.
+    fn over_shm(systems: &[System]) -> Vec<System> {
+        systems.iter().filter(|s| s.client != ServerKind::Floor).map(|s| s.shm()).collect()
     }
 
     /// The floor and both flavours end to end.
@@ -210,8 +224,8 @@ struct Opts {
     placements: Vec<Placement>,
     json: Option<PathBuf>,
     microcs: Option<PathBuf>,
-    /// `--only a,b`: run only these scenarios (latency, throughput, inflight, bulk, memory,
-    /// oneshot); all when empty.
+    /// `--only a,b`: run only these scenarios (latency, throughput, inflight, stream, bulk,
+    /// memory, idle, cpu, oneshot); all when empty.
     only: Vec<String>,
 }
 
@@ -259,6 +273,29 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("--serve") => {
             return serve(ServerKind::parse(&args[1]), Path::new(&args[2]), args[3].parse().unwrap());
+        }
+        Some("--idle-client") => {
+            // Connect, one request, then sit idle until stdin closes.
+            let mut c = Caller::connect(System::parse(&args[1]), Path::new(&args[2]));
+            c.repeat(b"hello", 1, None);
+            if System::parse(&args[1]).shm {
+                assert_eq!(c.transport(), Some("shm"));
+            }
+            match &c {
+                // An async program waits inside its runtime: the connection's tasks stay
+                // driven (and parked) while it waits.
+                #[cfg(feature = "tokio")]
+                Caller::Tokio(rt, _) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    std::thread::spawn(move || {
+                        ready_then_wait_for_stdin();
+                        let _ = tx.send(());
+                    });
+                    let _ = rt.block_on(rx);
+                }
+                _ => ready_then_wait_for_stdin(),
+            }
+            return;
         }
         Some("--client") => {
             return client_proc(
@@ -409,6 +446,7 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
         ServerKind::Blocking => {
             let h = Server::builder(BLOCKING_NAME)
                 .max_frame(MAX_FRAME)
+                .shared_memory(true)
                 .bind()
                 .unwrap()
                 .stream_method("items", |r: Request| {
@@ -436,6 +474,7 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
                     microcs::tokio::Server::builder(name)
                         .max_frame(MAX_FRAME)
                         .send_buffer(send_buffer)
+                        .shared_memory(true)
                         .bind()
                         .await
                         .unwrap()
@@ -495,6 +534,7 @@ impl Caller {
                     .runtime_dir(dir)
                     .max_frame(MAX_FRAME)
                     .send_buffer(send_buffer)
+                    .shared_memory(system.shm)
                     .connect()
                     .unwrap(),
             )),
@@ -507,11 +547,22 @@ impl Caller {
                             .runtime_dir(dir)
                             .max_frame(MAX_FRAME)
                             .send_buffer(send_buffer)
+                            .shared_memory(system.shm)
                             .connect(),
                     )
                     .unwrap();
                 Caller::Tokio(rt, c)
             }
+        }
+    }
+
+    /// What carries this caller's frames (`None` for the floor).
+    fn transport(&self) -> Option<&'static str> {
+        match self {
+            Caller::Floor(..) => None,
+            Caller::Blocking(c) => c.transport(),
+            #[cfg(feature = "tokio")]
+            Caller::Tokio(_, c) => c.transport(),
         }
     }
 
@@ -599,6 +650,9 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
 
 fn latency_run(system: System, dir: &Path, size: usize, n: usize) -> Latency {
     let mut c = Caller::connect(system, dir);
+    if system.shm {
+        assert_eq!(c.transport(), Some("shm"), "{} is not on shared memory", system.label());
+    }
     let payload = vec![0xa5u8; size];
     c.repeat(&payload, (n / 10).max(50), None);
     let mut samples = Vec::with_capacity(n);
@@ -630,10 +684,8 @@ fn throughput_run(system: System, dir: &Path, clients: usize, size: usize, d: Du
 
 /// Requests per second over one tokio client connection with `depth` requests in flight.
 #[cfg(feature = "tokio")]
-fn inflight_run(server: ServerKind, dir: &Path, depth: usize, size: usize, d: Duration) -> f64 {
-    let Caller::Tokio(rt, client) = Caller::connect(System::new(ServerKind::Tokio, server), dir) else {
-        unreachable!()
-    };
+fn inflight_run(system: System, dir: &Path, depth: usize, size: usize, d: Duration) -> f64 {
+    let Caller::Tokio(rt, client) = Caller::connect(system, dir) else { unreachable!() };
     rt.block_on(async {
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let payload = std::sync::Arc::new(vec![1u8; size]);
@@ -733,6 +785,50 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// CPU time (user + system) a process used so far, in clock ticks (`/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces, inside parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// `ticks` of CPU time over `window`, as a percentage of one CPU.
+fn percent_of_cpu(ticks: u64, window: Duration) -> f64 {
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    ticks as f64 / hz / window.as_secs_f64() * 100.0
+}
+
+/// This thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// Sequential 32 B requests for `d`: CPU µs per request of the client (this thread) and of the
+/// server process.
+fn cpu_per_request(system: System, dir: &Path, server_pid: u32, d: Duration) -> (f64, f64) {
+    let mut c = Caller::connect(system, dir);
+    let payload = [5u8; 32];
+    c.repeat(&payload, 200, None);
+    let stop = AtomicBool::new(false);
+    let (c0, s0) = (thread_cpu(), cpu_ticks(server_pid));
+    let n = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(d);
+            stop.store(true, Ordering::Relaxed);
+        });
+        c.until(&payload, &stop)
+    });
+    let (c1, s1) = (thread_cpu(), cpu_ticks(server_pid));
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    let client = (c1 - c0).as_secs_f64() * 1e6 / n as f64;
+    let server = (s1 - s0) as f64 / hz * 1e6 / n as f64;
+    (client, server)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -795,7 +891,8 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
 
     // Latency, 32 B, every pair. Each run measures p50, p99 and p99.9 together.
     if opts.wants("latency") {
-        let systems = System::with_mixed();
+        let mut systems = System::with_mixed();
+        systems.extend(System::over_shm(&systems));
         let lat: Vec<Vec<Latency>> =
             (0..runs).map(|_| systems.iter().map(|&s| latency_run(s, &dir, 32, n_lat)).collect()).collect();
         println!("| 32 B round trip | p50 µs | p99 µs | p99.9 µs | p50 / floor | p99 / floor |");
@@ -830,7 +927,9 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
 
     // Throughput: 1 client and 4 concurrent clients, 32 B.
     for clients in [1usize, 4].into_iter().filter(|_| opts.wants("throughput")) {
-        let t = Series::measure(System::main(), runs, |s| throughput_run(s, &dir, clients, 32, dur));
+        let mut systems = System::main();
+        systems.extend(System::over_shm(&systems));
+        let t = Series::measure(systems, runs, |s| throughput_run(s, &dir, clients, 32, dur));
         println!("\n| {clients} client(s), 32 B | requests/s | / floor |");
         println!("|---|---|---|");
         for (i, s) in t.systems.iter().enumerate() {
@@ -848,11 +947,17 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     #[cfg(feature = "tokio")]
     if opts.wants("inflight") {
         let t = Series::measure(
-            vec![System::FLOOR, System::TOKIO, System::new(ServerKind::Tokio, ServerKind::Blocking)],
+            vec![
+                System::FLOOR,
+                System::TOKIO,
+                System::new(ServerKind::Tokio, ServerKind::Blocking),
+                System::TOKIO.shm(),
+                System::new(ServerKind::Tokio, ServerKind::Blocking).shm(),
+            ],
             runs,
             |s| match s.client {
                 ServerKind::Floor => throughput_run(s, &dir, 1, 32, dur),
-                _ => inflight_run(s.server, &dir, DEPTH, 32, dur),
+                _ => inflight_run(s, &dir, DEPTH, 32, dur),
             },
         );
         println!("\n| one connection, {DEPTH} in flight, 32 B | requests/s | / floor's 1-client rate |");
@@ -902,6 +1007,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
         // Also with the system's default send buffers: what the 1 MiB `send_buffer` default adds.
         let mut systems = System::with_mixed();
         systems.extend(System::main().into_iter().skip(1).map(System::kbuf));
+        systems.extend(System::over_shm(&System::main()));
         let pid = |k: ServerKind| servers.iter().find(|(kind, _)| *kind == k).map_or(0, |(_, p)| p.pid());
         let mut faults: Vec<(String, f64, f64)> = Vec::new();
         let t = Series::measure(systems, runs, |s| {
@@ -933,7 +1039,8 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     if opts.wants("memory") {
         println!("\n| server memory | idle RSS KiB | per idle connection KiB |\n|---|---|---|");
     }
-    for &kind in ServerKind::all().iter().filter(|&&k| k != ServerKind::Floor && opts.wants("memory")) {
+    let kinds = ServerKind::all().iter().filter(|&&k| k != ServerKind::Floor && opts.wants("memory"));
+    for (&kind, shm) in kinds.flat_map(|k| [(k, false), (k, true)]) {
         let mem_dir = private_dir(&format!("mem-{}", placement.label()));
         let proc_ = ServerProc::start(kind, &mem_dir, server_cpu);
         std::thread::sleep(Duration::from_millis(200));
@@ -942,6 +1049,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
             .map(|_| {
                 Client::builder(service_name(System::new(ServerKind::Blocking, kind)))
                     .runtime_dir(&mem_dir)
+                    .shared_memory(shm)
                     .connect()
                     .unwrap()
             })
@@ -951,14 +1059,89 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
         }
         std::thread::sleep(Duration::from_millis(200));
         let with = rss_kib(proc_.pid());
+        // The server's CPU while the connections sit idle (shared memory must park, not spin).
+        let window = if opts.quick { Duration::from_millis(500) } else { Duration::from_secs(5) };
+        let t0 = cpu_ticks(proc_.pid());
+        std::thread::sleep(window);
+        let idle_cpu = percent_of_cpu(cpu_ticks(proc_.pid()) - t0, window);
         drop(conns);
         drop(proc_);
         let _ = std::fs::remove_dir_all(&mem_dir);
         let per = with.saturating_sub(idle) as f64 / IDLE_CONNS as f64;
-        println!("| {} | {idle} | {per:.1} |", kind.label());
-        json.push(
-            json!({"scenario": "memory", "system": kind.label(), "idle_kib": idle, "per_conn_kib": per}),
+        let label = if shm { format!("{}+shm", kind.label()) } else { kind.label().to_owned() };
+        println!(
+            "| {label} | {idle} | {per:.1} (server CPU with {IDLE_CONNS} idle: {idle_cpu:.2} % of one CPU) |"
         );
+        json.push(json!({
+            "scenario": "memory", "system": label, "idle_kib": idle, "per_conn_kib": per,
+            "idle_conns": IDLE_CONNS, "idle_cpu_percent": idle_cpu,
+        }));
+    }
+
+    // An idle connected pair: the CPU each process uses while nothing is asked (shared memory
+    // must sleep in poll, not spin). The client is a process of its own that made one request.
+    if opts.wants("idle") {
+        let window = if opts.quick { Duration::from_secs(1) } else { Duration::from_secs(10) };
+        println!(
+            "\n| idle connected pair, {} s | client CPU % | server CPU % |\n|---|---|---|",
+            window.as_secs()
+        );
+        let mut systems = System::main();
+        systems.retain(|s| *s != System::FLOOR);
+        systems.extend(System::over_shm(&systems));
+        for system in systems {
+            let server = &servers.iter().find(|(k, _)| *k == system.server).unwrap().1;
+            let mut child = Command::new("taskset")
+                .args(["-c", &client_cpu.to_string()])
+                .arg(std::env::current_exe().unwrap())
+                .args(["--idle-client", &system.label()])
+                .arg(&dir)
+                .env("MICROCS_RUNTIME_DIR", &dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+            assert!(line.starts_with("READY"), "idle client {} did not connect: {line:?}", system.label());
+            std::thread::sleep(Duration::from_millis(200));
+            let (c0, s0) = (cpu_ticks(child.id()), cpu_ticks(server.pid()));
+            std::thread::sleep(window);
+            let (c1, s1) = (cpu_ticks(child.id()), cpu_ticks(server.pid()));
+            drop(child.stdin.take());
+            let _ = child.wait();
+            let (client_cpu_pct, server_cpu_pct) =
+                (percent_of_cpu(c1 - c0, window), percent_of_cpu(s1 - s0, window));
+            println!("| {} | {client_cpu_pct:.2} | {server_cpu_pct:.2} |", system.label());
+            json.push(json!({
+                "scenario": "idle", "system": system.label(), "seconds": window.as_secs_f64(),
+                "client_cpu_percent": client_cpu_pct, "server_cpu_percent": server_cpu_pct,
+            }));
+        }
+    }
+
+    // CPU time per request under sequential load, client and server together.
+    if opts.wants("cpu") {
+        println!(
+            "\n| sequential 32 B requests | client CPU µs / request | server CPU µs / request | total |\n|---|---|---|---|"
+        );
+        let mut systems = System::main();
+        systems.extend(System::over_shm(&systems));
+        for system in systems {
+            let (mut client_us, mut server_us) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                let server = &servers.iter().find(|(k, _)| *k == system.server).unwrap().1;
+                let (c, s) = cpu_per_request(system, &dir, server.pid(), dur);
+                client_us.push(c);
+                server_us.push(s);
+            }
+            let (c, s) = (median(&client_us), median(&server_us));
+            println!("| {} | {c:.2} | {s:.2} | {:.2} |", system.label(), c + s);
+            json.push(json!({
+                "scenario": "cpu_per_request", "system": system.label(),
+                "client_us": c, "server_us": s, "total_us": c + s,
+            }));
+        }
     }
 
     // `microcs call` one-shot: process start to exit, against the blocking server; a process
@@ -1090,6 +1273,11 @@ fn traced_report(opts: &Opts, tracer: Tracer) -> Value {
     let mut systems = System::main();
     #[cfg(feature = "tokio")]
     systems.push(System::new(ServerKind::Tokio, ServerKind::Blocking));
+    if tracer == Tracer::Strace {
+        // A busy shared-memory connection should make (almost) no system calls. Not under
+        // callgrind: there the spin loop's instructions would be counted as work.
+        systems.extend(System::over_shm(&systems));
+    }
     for &size in sizes {
         let n = if size > 1024 { (n / 100).max(1) } else { n };
         for &system in &systems {
