@@ -714,7 +714,10 @@ pub(super) fn sentinel(shared: Arc<Shared>) {
                 thread::park_timeout(Duration::from_secs(1));
             }
             shared.sentinel_parked.store(false, Ordering::SeqCst);
-            idle = 0;
+            // Still idle after the park: park again at once (the next look sees any handler
+            // that started meanwhile, which also unparks us). Counting the idle ticks again
+            // from zero here made an idle server wake every 2 ms for half a second after every
+            // park: about 160 wake-ups a second, 0.3-0.9 % of a CPU, with nothing to do.
         } else {
             thread::sleep(TICK);
         }
