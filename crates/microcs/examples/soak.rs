@@ -4,8 +4,11 @@
 //! its figures are in docs/RELIABILITY.md.
 //!
 //! ```text
-//! cargo run --release --example soak -- [CLIENTS] [REQUESTS_PER_CLIENT]     # default 64 10000
+//! cargo run --release --example soak -- [--shm] [CLIENTS] [REQUESTS_PER_CLIENT]   # default 64 10000
 //! ```
+//!
+//! With `--shm` the clients ask for shared memory (the server always offers it), and each
+//! client checks that it got it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -21,6 +24,7 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("--server") {
         let h = Server::builder(NAME)
             .max_frame(2 << 20)
+            .shared_memory(true)
             .bind()
             .unwrap()
             .spawn(|r: Request| Ok::<_, RemoteError>(r.into_payload()))
@@ -31,6 +35,8 @@ fn main() {
         h.shutdown();
         return;
     }
+    let shm = args.get(1).map(String::as_str) == Some("--shm");
+    let args = &args[usize::from(shm)..];
     let clients: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
     let per_client: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let dir = std::env::temp_dir().join(format!("microcs-soak-{}", std::process::id()));
@@ -59,8 +65,14 @@ fn main() {
             .map(|c| {
                 let (dir, bytes, done) = (&dir, &bytes, &done);
                 s.spawn(move || {
-                    let mut client =
-                        Client::builder(NAME).runtime_dir(dir).max_frame(2 << 20).connect().unwrap();
+                    let mut client = Client::builder(NAME)
+                        .runtime_dir(dir)
+                        .max_frame(2 << 20)
+                        .shared_memory(shm)
+                        .connect()
+                        .unwrap();
+                    let transport = client.transport();
+                    assert_eq!(transport, Some(if shm { "shm" } else { "unix" }), "client {c}");
                     let mut rng =
                         0x2545_f491_4f6c_dd1du64 ^ (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                     let mut bad = 0;
@@ -107,7 +119,8 @@ fn main() {
     let (rss1, fds1) = (rss_kib(pid), fd_count(pid));
     let total = clients as u64 * per_client;
     println!(
-        "{total} requests from {clients} clients in {:.1} s ({:.0} req/s, {:.2} GiB moved): {failures} lost or misrouted",
+        "{total} requests from {clients} clients{} in {:.1} s ({:.0} req/s, {:.2} GiB moved): {failures} lost or misrouted",
+        if shm { " over shared memory" } else { "" },
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         bytes.load(Ordering::Relaxed) as f64 / (1u64 << 30) as f64
