@@ -92,7 +92,11 @@ fn request_reply_methods_and_builtins() {
     let info = c.info().unwrap();
     let stats = c.stats().unwrap();
     let mut local = dir.client(&name).connect().unwrap();
-    let local_info = local.info().unwrap();
+    let mut local_info = local.info().unwrap();
+    // Only a local connection has a transport of its own to report (PROTOCOL.md § 13).
+    let transport = local_info.metadata.remove(microcs::micro::META_TRANSPORT);
+    assert_eq!(transport.as_deref(), Some("unix"));
+    assert!(!info.metadata.contains_key(microcs::micro::META_TRANSPORT), "{:?}", info.metadata);
     assert_eq!(info, local_info, "NATS $SRV.INFO and local $info differ");
     assert_eq!(ping.id, info.id);
     assert_eq!(ping.version, "1.2.3");
