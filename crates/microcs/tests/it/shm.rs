@@ -555,3 +555,50 @@ fn soak_over_shared_memory_with_kills_and_restarts_loses_and_misroutes_nothing()
     eprintln!("soak over shm: {} requests, {retries} retried after a kill", CALLERS * EACH);
     assert!(server.take().unwrap().stop().success());
 }
+
+#[test]
+fn a_client_cannot_shrink_or_grow_the_region_it_was_given() {
+    let _w = watchdog(Duration::from_secs(30));
+    let dir = TempDir::new("shm-seal");
+    let name = unique("SHM_SEAL");
+    let _server = PeerProcess::serve_with(dir.path(), &name, SHM);
+    // A hostile client: asks for shared memory by hand and keeps the descriptors it is sent.
+    let s = UnixStream::connect(dir.path().join(format!("{name}.sock"))).unwrap();
+    let mut hello = Vec::new();
+    let body = Hello { max_payload: 1 << 20, features: FEATURE_SHM }.to_bytes();
+    proto::encode(&mut hello, &Header::new(Kind::Hello, 0), b"", &body);
+    std::io::Write::write_all(&mut &s, &hello).unwrap();
+    let mut buf = [0u8; 256];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(5))];
+    let mut anc = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &s,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        &mut anc,
+        rustix::net::RecvFlags::CMSG_CLOEXEC,
+    )
+    .unwrap();
+    assert!(got.bytes > 0, "a HelloAck");
+    let fds: Vec<std::os::fd::OwnedFd> = anc
+        .drain()
+        .filter_map(|m| match m {
+            rustix::net::RecvAncillaryMessage::ScmRights(f) => Some(f.collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(fds.len(), 5, "the memfd and four eventfds");
+    let memfd = &fds[0];
+    let len = rustix::fs::fstat(memfd).unwrap().st_size as u64;
+    // The seals hold against the peer too: no SIGBUS for the server.
+    assert!(rustix::fs::ftruncate(memfd, 4096).is_err(), "shrinking refused");
+    assert!(rustix::fs::ftruncate(memfd, len * 2).is_err(), "growing refused");
+    assert_eq!(rustix::fs::fstat(memfd).unwrap().st_size as u64, len);
+    let seals = rustix::fs::fcntl_get_seals(memfd).unwrap();
+    assert!(seals.contains(rustix::fs::SealFlags::SEAL), "and the seals cannot be removed: {seals:?}");
+    // The server goes on serving everyone else.
+    let mut c = dir.client(&name).shared_memory(true).connect().unwrap();
+    assert_eq!(c.request(b"still here").unwrap(), b"still here");
+    assert_eq!(c.transport(), Some("shm"));
+    drop(s);
+}
