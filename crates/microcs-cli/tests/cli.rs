@@ -333,7 +333,7 @@ fn shm_on_serve_call_ping_bench_and_the_transport_in_ls_and_stats() {
     });
     assert!(listed, "ls counts the shm connection and its own");
     let text = env.run(&["ls"]).ok().text();
-    assert!(text.contains("CONNS") && text.contains("2 (1 shm)"), "{text}");
+    assert!(text.contains("SHM") && text.contains("1/2"), "{text}");
     // Other commands ask for shared memory with MICROCS_SHM=1.
     let out = env.cmd(&["stats", &name]).env("MICROCS_SHM", "1").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
