@@ -121,7 +121,18 @@ impl Conn {
         self.deadlines.notify_one();
         shutdown(&self.stream);
         if let Some((dead, written, pending)) = settle {
-            settle_lost(pending, &dead, written);
+            settle_lost(pending, &dead, self.seen(&dead, written));
+        }
+    }
+
+    /// How much of the `written` bytes the server may have read. On shared memory a dead
+    /// server's ring still takes our bytes, but it read only up to its consumed index: the
+    /// requests after it never ran (PROTOCOL.md § 18), as a socket's failed write shows. (A
+    /// server that sent garbage is not believed.)
+    fn seen(&self, dead: &Loss, written: u64) -> u64 {
+        match (dead, self.stream.link().shm().and_then(|s| s.unread_by_peer())) {
+            (Loss::Closed(_), Some(unread)) => written.saturating_sub(unread),
+            _ => written,
         }
     }
 
@@ -340,7 +351,7 @@ pub(super) async fn writer_task(conn: Arc<Conn>) {
             (None, None) => (IdMap::default(), Loss::Closed(None), Some(Loss::Closed(None))),
         }
     };
-    settle_lost(lost, &dead, end.written);
+    settle_lost(lost, &dead, conn.seen(&dead, end.written));
     if let Some(why) = close {
         conn.close(why);
     }

@@ -277,6 +277,12 @@ impl ShmLink {
         self.tx.position()
     }
 
+    /// Bytes we wrote that the peer has not consumed (`None` when its index is not believable):
+    /// the last ones written, which it never saw.
+    pub(crate) fn unread_by_peer(&self) -> Option<u64> {
+        self.tx.consumed(&self.map).ok().map(|head| self.tx.position().wrapping_sub(head))
+    }
+
     /// The peer has not consumed a byte written after `mark`: it never saw them.
     pub(crate) fn untouched_since(&self, mark: u64) -> bool {
         self.tx.consumed(&self.map).is_ok_and(|head| head == mark)
