@@ -278,7 +278,9 @@ impl ShmLink {
     }
 
     /// Bytes we wrote that the peer has not consumed (`None` when its index is not believable):
-    /// the last ones written, which it never saw.
+    /// the last ones written, which it never saw. (The tokio client's; the blocking one marks
+    /// each request with [`mark`](Self::mark).)
+    #[cfg(feature = "tokio")]
     pub(crate) fn unread_by_peer(&self) -> Option<u64> {
         self.tx.consumed(&self.map).ok().map(|head| self.tx.position().wrapping_sub(head))
     }
