@@ -35,9 +35,18 @@
 //! killed), is an [`ErrorKind::StartFailed`] error with the command line, its exit status and
 //! the last lines of its log.
 //!
-//! Not a new session: std has no safe `setsid` for a child, and this crate allows `unsafe`
-//! only for shared memory; a process group of its own already keeps terminal signals away. A
-//! thread of the caller reaps each started process when it exits (no zombies).
+//! A session of its own: the command is run through util-linux `setsid(1)` when it is
+//! installed (`/usr/bin/setsid`, `/bin/setsid`), which makes it a session leader without a
+//! controlling terminal and execs it in the same process; without it, in a process group of
+//! its own (std's safe `process_group(0)`; a direct `setsid(2)` needs `pre_exec`, which is
+//! `unsafe`, and this crate allows `unsafe` only for shared memory). Either way terminal
+//! signals do not reach it. A thread of the caller reaps each started process when it exits
+//! (no zombies).
+//!
+//! The start lock file also records a start that failed (one JSON line: when, and the error):
+//! callers that waited behind it get that error rather than running the command once each, so
+//! fifty callers of a broken definition run it once. A command that does not register in time
+//! gets `SIGTERM`, then `SIGKILL` after [`STOP_GRACE`].
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -64,6 +73,36 @@ pub const ENV_IDLE_TIMEOUT: &str = "MICROCS_IDLE_TIMEOUT";
 
 /// Lines of the service's log quoted in a start failure.
 const LOG_LINES: usize = 10;
+/// How long a command that did not register in time gets to exit after `SIGTERM`.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// What the start lock file says about the last start that failed.
+#[derive(serde::Serialize, Deserialize)]
+struct Failure {
+    /// When it failed, ms since the epoch.
+    at_ms: u64,
+    /// Its error message.
+    message: String,
+}
+
+fn read_failure(mut file: &File) -> Option<Failure> {
+    let mut text = String::new();
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.take(64 * 1024).read_to_string(&mut text).ok()?;
+    serde_json::from_str(text.lines().next()?).ok()
+}
+
+fn write_failure(file: &File, message: &str) {
+    use std::io::Write;
+    let f = Failure { at_ms: registry::now_ms(), message: message.to_owned() };
+    let mut line = serde_json::to_vec(&f).expect("a failure serialises");
+    line.push(b'\n');
+    let mut w = file;
+    let _ = w
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| w.write_all(&line))
+        .and_then(|()| file.set_len(line.len() as u64));
+}
 
 /// A service definition, read from its file.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,8 +273,10 @@ pub fn log_path(dir: &Path, name: &Name) -> PathBuf {
 pub fn start(dir: &Path, def: &Definition) -> Result<()> {
     let name = &def.name;
     registry::ensure_dir(dir)?;
-    let deadline = Instant::now() + def.start_timeout;
-    let _lock = loop {
+    let began = registry::now_ms();
+    // Whoever holds the lock keeps it for at most the start timeout and the stop grace period.
+    let give_up = Instant::now() + def.start_timeout + STOP_GRACE + Duration::from_secs(1);
+    let lock = loop {
         let lock = registry::start_lock(dir, name)?;
         match rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => break lock,
@@ -246,7 +287,7 @@ pub fn start(dir: &Path, def: &Definition) -> Result<()> {
         if registry::served(dir, name) {
             return Ok(());
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= give_up {
             return Err(failed(
                 def,
                 "another caller's start of it did not finish within the start timeout",
@@ -258,6 +299,21 @@ pub fn start(dir: &Path, def: &Definition) -> Result<()> {
     if registry::served(dir, name) {
         return Ok(());
     }
+    // A start made while we waited failed: its error, not one more run of the command.
+    if let Some(f) = read_failure(&lock).filter(|f| f.at_ms >= began) {
+        return Err(Error::new(ErrorKind::StartFailed, f.message));
+    }
+    let started = start_locked(dir, def);
+    if let Err(e) = &started {
+        write_failure(&lock, e.message());
+    }
+    started
+}
+
+/// Runs the command, holding the start lock, and waits until the service registers.
+fn start_locked(dir: &Path, def: &Definition) -> Result<()> {
+    let name = &def.name;
+    let deadline = Instant::now() + def.start_timeout;
     let log_file = log_path(dir, name);
     let log = OpenOptions::new()
         .create(true)
@@ -316,8 +372,8 @@ pub fn start(dir: &Path, def: &Definition) -> Result<()> {
             return Err(failed(
                 def,
                 format_args!(
-                    "it did not register within the start timeout of {:?} (killed)",
-                    def.start_timeout
+                    "it did not register within the start timeout of {:?} (stopped: SIGTERM, then SIGKILL after {:?})",
+                    def.start_timeout, STOP_GRACE
                 ),
                 dir,
             ));
@@ -362,14 +418,29 @@ fn reap(mut child: Child) {
     }
 }
 
+/// Stops the started processes: `SIGTERM` to each one's process group (and to the process,
+/// in case it has not made its group yet), `SIGKILL` to what is left after [`STOP_GRACE`].
 fn kill_all(children: &mut Vec<Child>) {
-    for c in children.iter_mut() {
-        if let Some(pg) = i32::try_from(c.id()).ok().and_then(rustix::process::Pid::from_raw) {
-            // Its session's (or its own) process group, whose id is its pid; and the process
-            // itself, in case `setsid(1)` has not made the group yet.
-            let _ = rustix::process::kill_process_group(pg, rustix::process::Signal::KILL);
+    use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+    let send = |children: &mut Vec<Child>, sig: Signal| {
+        for c in children.iter_mut() {
+            if let Some(p) = i32::try_from(c.id()).ok().and_then(Pid::from_raw) {
+                let _ = kill_process_group(p, sig);
+                let _ = kill_process(p, sig);
+            }
         }
-        let _ = c.kill();
+    };
+    send(children, Signal::TERM);
+    let until = Instant::now() + STOP_GRACE;
+    while Instant::now() < until {
+        children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        if children.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    send(children, Signal::KILL);
+    for c in children.iter_mut() {
         let _ = c.wait();
     }
     children.clear();

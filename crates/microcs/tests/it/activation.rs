@@ -178,3 +178,88 @@ fn an_idle_timeout_stops_a_server_cleanly_only_after_no_requests_for_that_long()
     });
     assert!(served_by(&dir, &name).is_empty());
 }
+
+/// Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ...
+fn stat(pid: u32) -> Vec<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    s.rsplit(')').next().unwrap().split_whitespace().map(str::to_owned).collect()
+}
+
+#[test]
+fn a_started_service_is_detached_in_a_session_of_its_own() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actsid");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTSID");
+    defs.write(
+        &name,
+        &format!("command = [\"{PEER}\", \"serve\", \"{name}\"]\nenv = {{ PEER_FOREVER = \"1\" }}\n"),
+    );
+    let (code, out, err) = call(dir.path(), &defs, "call", &name, &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
+    let pids = served_by(&dir, &name);
+    let pid = pids[0];
+    let st = stat(pid);
+    assert_eq!(st[2], pid.to_string(), "a process group of its own: {st:?}");
+    if ["/usr/bin/setsid", "/bin/setsid"].iter().any(|p| Path::new(p).exists()) {
+        assert_eq!(st[3], pid.to_string(), "a session of its own (setsid): {st:?}");
+        assert_eq!(st[4], "0", "no controlling terminal: {st:?}");
+    }
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(), Path::new("/dev/null"));
+    kill_all(&pids);
+}
+
+#[test]
+fn callers_behind_a_failed_start_get_its_error_and_the_command_runs_once() {
+    let _w = watchdog(Duration::from_secs(120));
+    let dir = TempDir::new("actonce");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTONCE");
+    let runs = defs.0.join("runs");
+    // Fails after a moment, so that the other callers are waiting for the lock by then.
+    defs.write(
+        &name,
+        &format!(
+            "command = [\"/bin/sh\", \"-c\", \"echo run >> {}; sleep 0.5; echo no board >&2; exit 3\"]\n",
+            runs.display()
+        ),
+    );
+    let callers: Vec<_> = (0..30)
+        .map(|_| {
+            Command::new(PEER)
+                .args(["call", &name, "x"])
+                .env("MICROCS_RUNTIME_DIR", dir.path())
+                .env("MICROCS_SERVICES_DIR", &defs.0)
+                .env_remove("MICROCS_NO_ACTIVATION")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in callers.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "caller {i}: {err}");
+        assert!(err.starts_with("StartFailed") && err.contains("exit status: 3"), "caller {i}: {err}");
+    }
+    let n = std::fs::read_to_string(&runs).unwrap().lines().count();
+    assert_eq!(n, 1, "thirty callers of a broken definition ran it once");
+}
+
+#[test]
+fn a_command_that_does_not_register_gets_sigterm_first() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actterm");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTTERM");
+    defs.write(
+        &name,
+        "command = [\"/bin/sh\", \"-c\", \"trap 'echo got SIGTERM; exit 0' TERM; while :; do sleep 0.05; done\"]\nstart_timeout = 0.5\n",
+    );
+    let (code, _, err) = call(dir.path(), &defs, "call", &name, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("did not register within the start timeout"), "{err}");
+    let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
+    assert!(log.contains("got SIGTERM"), "stopped with SIGTERM, given time to exit: {log}");
+}
