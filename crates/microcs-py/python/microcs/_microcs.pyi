@@ -133,6 +133,7 @@ class Server(Generic[_P]):
         transport: _Transport | None = None,
         shared: bool = False,
         shared_memory: bool = False,
+        idle_timeout: float | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -154,6 +155,7 @@ class Server(Generic[_P]):
         transport: _Transport | None = None,
         shared: bool = False,
         shared_memory: bool = False,
+        idle_timeout: float | None = None,
     ) -> None: ...
     @property
     def name(self) -> str:
@@ -173,7 +175,8 @@ class Server(Generic[_P]):
     def start(self) -> None:
         """Serves in background threads and returns at once; nothing if already serving."""
     def serve(self, timeout: float | None = None) -> None:
-        """Serves until ``stop()``, ``timeout`` seconds, or Ctrl-C (which then raises
+        """Serves until ``stop()``, ``timeout`` seconds, the idle timeout (``idle_timeout=``
+        seconds, else ``MICROCS_IDLE_TIMEOUT``: that long without requests), or Ctrl-C (which then raises
         ``KeyboardInterrupt`` after stopping and freeing the name). Raises ``NameTaken`` (with
         ``owner_pid``) if the server lost its name: its runtime files were removed and another
         server owns the name now (while it is free, the server takes it back by itself)."""

@@ -534,14 +534,14 @@ impl Running {
         }
     }
 
-    /// Why the server stopped by itself, if it did (see `ServerHandle::wait`).
-    fn lost(&self) -> Option<microcs::Error> {
+    /// Whether the server stopped by itself, and why (see `ServerHandle::wait`): `Ok` after
+    /// its idle timeout, `Err` when it lost its name.
+    fn ended(&self) -> Option<microcs::Result<()>> {
         match self {
-            Running::Threads(h) => h.wait_timeout(Duration::ZERO).and_then(Result::err),
+            Running::Threads(h) => h.wait_timeout(Duration::ZERO),
             Running::Tasks(h) => {
                 let rt = crate::aio::runtime().ok()?;
                 rt.block_on(async { tokio::time::timeout(Duration::ZERO, h.wait()).await.ok() })
-                    .and_then(Result::err)
             }
         }
     }
@@ -577,9 +577,9 @@ impl Shared {
     }
 
     /// Why the running server stopped by itself, if it did (see `ServerHandle::wait`).
-    fn lost(&self) -> Option<microcs::Error> {
+    fn ended(&self) -> Option<microcs::Result<()>> {
         match &*lock(&self.state) {
-            State::Running(running) => running.lost(),
+            State::Running(running) => running.ended(),
             _ => None,
         }
     }
@@ -953,7 +953,8 @@ impl Server {
     #[pyo3(signature = (
         handler, name, *, text = false, methods = None, runtime_dir = None, max_frame = None,
         max_connections = None, max_in_flight = None, grace_period = None, version = None,
-        description = None, metadata = None, nats = None, transport = None, shared = false, shared_memory = false
+        description = None, metadata = None, nats = None, transport = None, shared = false,
+        shared_memory = false, idle_timeout = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -974,6 +975,7 @@ impl Server {
         transport: Option<&str>,
         shared: bool,
         shared_memory: bool,
+        idle_timeout: Option<f64>,
     ) -> PyResult<Server> {
         let (nats_url, transport) = crate::nats::server(nats, transport).py_err(py)?;
         let default = match handler {
@@ -1013,6 +1015,9 @@ impl Server {
         }
         if shared {
             b = b.shared();
+        }
+        if let Some(t) = idle_timeout {
+            b = b.idle_timeout(Some(duration(t, "idle_timeout")?).filter(|t| !t.is_zero()));
         }
         // Binding may wait briefly for a server that is just exiting, and connects to the NATS
         // broker when one is given.
@@ -1117,11 +1122,13 @@ impl Server {
             if py.detach(|| self.shared.wait_stopped(slice)) {
                 return Ok(());
             }
-            // The server stopped by itself: it lost its name (its runtime files were removed and
-            // another server owns it now). Drain, free what is ours, and raise why.
-            if let Some(lost) = self.shared.lost() {
+            // The server stopped by itself: its idle timeout passed (return), or it lost its name
+            // (its runtime files were removed and another server owns it now: raise why). Drain
+            // and free what is ours first. (Before, only a lost name ended this loop: a server
+            // that idled out stopped accepting but `serve()` never returned, holding its name.)
+            if let Some(ended) = self.shared.ended() {
                 self.stop(py);
-                return Err(to_py(py, lost));
+                return ended.map_err(|lost| to_py(py, lost));
             }
             if let Err(interrupted) = py.check_signals() {
                 self.stop(py);

@@ -223,6 +223,9 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, mut listener: UnixListener) {
         if Instant::now() >= next_watch {
             next_watch = Instant::now() + WATCH_PERIOD;
             if idle_expired(&mut idle, &shared.service) {
+                // The name is free at once, so the next call starts a new server, however long
+                // the owner takes to call `shutdown` (as the async server does).
+                drop(lock(&shared.claim).take());
                 shared.trigger.fire();
                 return;
             }

@@ -1,0 +1,71 @@
+"""Start on demand from Python, around the idle timeout: a Python service started from its
+definition idles out, its ``serve()`` returns and the process exits, and the next call starts
+it again; ``Server(idle_timeout=...)`` makes ``serve()`` return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import microcs
+from conftest import PEERS, wait_gone
+
+
+@pytest.fixture
+def services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own directory of definitions (and nothing of the user's)."""
+    d = tmp_path / "services"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("MICROCS_SERVICES_DIR", str(d))
+    monkeypatch.delenv("MICROCS_NO_ACTIVATION", raising=False)
+    return d
+
+
+def starts(services: Path) -> list[int]:
+    f = services / "starts"
+    return [int(line) for line in f.read_text().split()] if f.exists() else []
+
+
+def test_a_python_service_idles_out_exits_and_the_next_call_starts_it_again(
+    runtime_dir: Path, services: Path, name: str
+) -> None:
+    path = services / f"{name}.toml"
+    path.write_text(
+        f"command = ['{sys.executable}', '{PEERS / 'activated.py'}', '{name}']\n"
+        f"env = {{ PEER_STARTS = '{services / 'starts'}' }}\n"
+        "idle_timeout = 1.0\nstart_timeout = 30.0\n"
+    )
+    path.chmod(0o600)
+    with microcs.Client(name, timeout=10) as c:
+        assert c.request(b"hello") == b"hello"
+        first = int(c.call("pid"))
+    assert starts(services) == [first]
+    # Idle for its timeout: serve() returns in the service (it prints IDLE and exits).
+    wait_gone(name, runtime_dir)
+    log = runtime_dir / f"{name}.log"
+    give_up = time.monotonic() + 15
+    while f"IDLE {first}" not in log.read_text() and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert f"IDLE {first}" in log.read_text(), log.read_text()
+
+    async def again() -> bytes:
+        return await microcs.AsyncClient(name, timeout=10).call("pid")
+
+    second = int(asyncio.run(again()))
+    assert second != first
+    assert starts(services) == [first, second]
+
+
+def test_a_server_with_an_idle_timeout_returns_from_serve(runtime_dir: Path, name: str) -> None:
+    server = microcs.Server(lambda data: data, name, idle_timeout=0.5)
+    t = time.monotonic()
+    server.serve(timeout=30)
+    # Returned by the idle timeout, not by serve's own 30 s.
+    assert 0.5 <= time.monotonic() - t < 25
+    assert not server.running
+    assert not any(s.name == name for s in microcs.list_services(runtime_dir))
