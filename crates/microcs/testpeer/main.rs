@@ -7,6 +7,9 @@
 //! microcs-peer race NAME       try to claim NAME: prints "WON <pid>" (then serves until stdin
 //!                              closes) or "TAKEN <owner pid>"
 //! microcs-peer call NAME MSG   one request; prints the reply
+//! microcs-peer restart-call NAME   a call, the server killed, a call on the same client
+//!                              (timeout $PEER_TIMEOUT_MS); prints both server pids
+//! microcs-peer restart-call-tokio NAME   the same with the async client
 //! microcs-peer call-dir NAME DIR MSG   the same, with the runtime directory given explicitly
 //! microcs-peer call-method NAME METHOD PAYLOAD   one call of a method; prints the reply
 //! microcs-peer serve-tokio NAME   as `serve`, with the async server (feature `tokio`) and
@@ -63,6 +66,18 @@ fn main() -> ExitCode {
                 .activate(std::env::var_os("PEER_NO_ACTIVATE").is_none());
             print_reply(rt.block_on(async { builder.connect().await?.send_message(&msg).await }))
         }
+        "restart-call" => restart_call(name),
+        #[cfg(feature = "tokio")]
+        "restart-call-tokio" => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            print_reply(rt.block_on(async {
+                let c = microcs::tokio::Client::builder(name).timeout(peer_timeout()).connect().await?;
+                let first = String::from_utf8_lossy(&c.call("pid", b"").await?).into_owned();
+                kill_and_wait_gone(name, &first)?;
+                let second = String::from_utf8_lossy(&c.call("pid", b"").await?).into_owned();
+                Ok(format!("{first} {second}"))
+            }))
+        }
         "call" | "call-dir" => {
             let mut builder =
                 microcs::Client::builder(name).activate(std::env::var_os("PEER_NO_ACTIVATE").is_none());
@@ -91,7 +106,41 @@ fn print_reply(r: microcs::Result<String>) -> ExitCode {
     }
 }
 
+/// `restart-call NAME`: with a client of timeout $PEER_TIMEOUT_MS, asks the server's pid, kills
+/// the server, waits until the name is free, and asks again on the same client (which starts
+/// the service anew when it has a definition); prints both pids.
+fn restart_call(name: &str) -> ExitCode {
+    let run = || -> microcs::Result<String> {
+        let mut c = microcs::Client::builder(name).timeout(peer_timeout()).connect()?;
+        let first = String::from_utf8_lossy(&c.call("pid", b"")?).into_owned();
+        kill_and_wait_gone(name, &first)?;
+        let second = String::from_utf8_lossy(&c.call("pid", b"")?).into_owned();
+        Ok(format!("{first} {second}"))
+    };
+    print_reply(run())
+}
+
+/// The client timeout of `restart-call`: $PEER_TIMEOUT_MS, else 30 s.
+fn peer_timeout() -> Duration {
+    Duration::from_millis(
+        std::env::var("PEER_TIMEOUT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000),
+    )
+}
+
+/// Kills the server `pid` of `name` and waits until the name is free.
+fn kill_and_wait_gone(name: &str, pid: &str) -> microcs::Result<()> {
+    let pid = pid.parse::<i32>().ok().and_then(rustix::process::Pid::from_raw).expect("a pid");
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    while microcs::list()?.iter().any(|s| s.name.as_str() == name) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 fn serve(name: &str, race: bool) -> ExitCode {
+    if let Some(ms) = std::env::var("PEER_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms)); // a slow start
+    }
     let server = match build(name) {
         Ok(s) => s,
         Err(e) if race && e.kind() == ErrorKind::NameTaken => {

@@ -65,6 +65,9 @@ pub struct Client {
     dir: PathBuf,
     /// The application named the directory (so it may belong to another user).
     explicit_dir: bool,
+    /// When this client last started the service (activation), so that the call that waited
+    /// for it gets its whole timeout from then on.
+    activated: Option<Instant>,
     timeout: Duration,
     max_payload: u32,
     send_buffer: usize,
@@ -204,6 +207,7 @@ impl ClientBuilder {
             path,
             dir,
             explicit_dir,
+            activated: None,
             timeout: self.timeout,
             max_payload: self.max_payload,
             send_buffer: self.send_buffer,
@@ -470,7 +474,7 @@ impl Client {
     /// One request to the local instance (reconnecting when needed).
     fn exchange_local(&mut self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         let start = Instant::now();
-        let deadline = start + self.timeout;
+        let mut deadline = start + self.timeout;
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;
         self.rebalance(start, deadline);
@@ -480,6 +484,10 @@ impl Client {
             let remaining = if self.conn.is_none() || resent {
                 if self.conn.is_none() {
                     self.conn = Some(self.open(deadline)?);
+                    // It had to start the service: the request gets its whole timeout from then.
+                    if let Some(t) = self.activated.take() {
+                        deadline = deadline.max(t + self.timeout);
+                    }
                 }
                 deadline.saturating_duration_since(Instant::now())
             } else {
@@ -588,6 +596,7 @@ impl Client {
         match self.open_served(deadline) {
             Err(e) if e.kind() == ErrorKind::NoService && self.may_activate() => {
                 crate::activation::activate(&self.dir, &self.name, e)?;
+                self.activated = Some(Instant::now());
                 // Starting took its own time (the definition's start timeout): the call gets
                 // its full timeout from here.
                 self.open_served(Instant::now() + self.timeout)

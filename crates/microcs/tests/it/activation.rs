@@ -263,3 +263,29 @@ fn a_command_that_does_not_register_gets_sigterm_first() {
     let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
     assert!(log.contains("got SIGTERM"), "stopped with SIGTERM, given time to exit: {log}");
 }
+
+#[test]
+fn a_call_that_waited_for_a_slow_start_still_gets_its_whole_timeout() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actslow");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTSLOW");
+    // The service takes 1.5 s to start; the client's timeout is 1 s.
+    defs.write(
+        &name,
+        &format!(
+            "command = [\"{PEER}\", \"serve\", \"{name}\"]\nenv = {{ PEER_FOREVER = \"1\", PEER_DELAY_MS = \"1500\" }}\n"
+        ),
+    );
+    for mode in ["restart-call", "restart-call-tokio"] {
+        // The second call of the same client reconnects, and starts the service again.
+        let (code, out, err) = call(dir.path(), &defs, mode, &name, &[("PEER_TIMEOUT_MS", "1000")]);
+        assert_eq!(code, 0, "{mode}: {err}");
+        let pids: Vec<&str> = out.split_whitespace().collect();
+        assert!(pids.len() == 2 && pids[0] != pids[1], "{mode}: {out}");
+        kill_all(&served_by(&dir, &name));
+        assert!(
+            eventually(Duration::from_secs(10), || served_by(&dir, &name).is_empty().then_some(())).is_some()
+        );
+    }
+}

@@ -97,6 +97,9 @@ struct Shared {
     dir: PathBuf,
     /// The application named the directory (so it may belong to another user).
     explicit_dir: bool,
+    /// When a call of this client last started the service (activation): the calls that
+    /// waited for it get their whole timeout from then on.
+    activated: Mutex<Option<Instant>>,
     /// Largest reply payload this client accepts (announced in `Hello`).
     max_payload: u32,
     /// Kernel send buffer asked for on each connection (0: the system's default).
@@ -187,6 +190,7 @@ impl ClientBuilder {
                 path,
                 dir,
                 explicit_dir,
+                activated: Mutex::new(None),
                 max_payload: self.max_payload,
                 send_buffer: self.send_buffer,
                 window: self.window,
@@ -464,7 +468,7 @@ impl Client {
     /// One request to the local instance (reconnecting when needed).
     async fn exchange_local(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         let now = Instant::now();
-        let deadline = now + self.timeout;
+        let mut deadline = now + self.timeout;
         self.refresh_if_due(now);
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;
@@ -473,7 +477,15 @@ impl Client {
             // timeout (saves a clock read per request).
             let (conn, fresh) = match self.shared.current() {
                 Some(c) => (c, !resent),
-                None => (self.connection(deadline).await?, false),
+                None => {
+                    let conn = self.connection(deadline).await?;
+                    // A start of the service that this call waited for: its whole timeout from then.
+                    let started = *self.shared.activated.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(t) = started.filter(|&t| t > now) {
+                        deadline = deadline.max(t + self.timeout);
+                    }
+                    (conn, false)
+                }
             };
             match self.attempt(&conn, method, payload, deadline, fresh).await {
                 Err(Attempt::NotRun(e)) if !resent => {
@@ -636,6 +648,7 @@ impl Client {
                 ::tokio::task::spawn_blocking(move || crate::activation::activate(&dir, &name, e))
                     .await
                     .map_err(|e| Error::io("cannot start the service", std::io::Error::other(e.to_string())))??;
+                *s.activated.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 // Starting took its own time (the definition's start timeout): the call gets
                 // its full timeout from here.
                 self.open_served(Instant::now() + self.timeout).await
