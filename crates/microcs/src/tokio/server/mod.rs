@@ -155,6 +155,11 @@ where
     }
 }
 
+/// A per-connection in-flight limit as the semaphore and the handshake can carry it.
+fn in_flight_limit(n: usize) -> usize {
+    n.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize))
+}
+
 /// Options for a [`Server`]; from [`Server::builder`].
 #[must_use = "a builder does nothing until .bind()"]
 pub struct ServerBuilder {
@@ -186,7 +191,7 @@ impl ServerBuilder {
     /// Requests of one connection run at once (default 128). Past it the connection is not read
     /// until one finishes: backpressure, with bounded memory.
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.config.max_in_flight = n.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        self.config.max_in_flight = in_flight_limit(n);
         self
     }
 
@@ -450,7 +455,7 @@ impl Server {
     /// are cheap: an async server can admit more than a blocking one, which runs a thread per
     /// request).
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.config.max_in_flight = n.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        self.config.max_in_flight = in_flight_limit(n);
         self
     }
 
