@@ -40,7 +40,7 @@ pub(crate) mod async_handlers {
     use std::pin::Pin;
     use std::sync::{Arc, Mutex};
 
-    use super::{Streams, SyncHandler};
+    use super::{Streams, SyncHandler, SyncStream, SyncUnary};
     use crate::dispatch::Answer;
     use crate::error::RemoteError;
     use crate::proto::status;
@@ -70,20 +70,28 @@ pub(crate) mod async_handlers {
     /// make them, for `tokio::Server::from_blocking`): each call runs on tokio's blocking pool.
     pub(crate) fn on_blocking_pool(h: &SyncHandler) -> AsyncHandler {
         match h {
-            SyncHandler::Unary(f) => {
-                let f = f.clone();
-                AsyncHandler::Unary(Box::new(move |req| {
-                    let f = f.clone();
-                    Box::pin(pooled(move || f(req)))
-                }))
-            }
-            SyncHandler::Stream(f) => {
-                let f = f.clone();
-                AsyncHandler::Stream(Box::new(move |req, items| {
-                    let f = f.clone();
-                    Box::pin(pump(move || f(req), items))
-                }))
-            }
+            SyncHandler::Unary(f) => AsyncHandler::Unary(Box::new(pooled_unary(f.clone()))),
+            SyncHandler::Stream(f) => AsyncHandler::Stream(Box::new(pooled_stream(f.clone()))),
+        }
+    }
+
+    /// A blocking unary handler whose every call runs on the blocking pool ([`pooled`]).
+    pub(crate) fn pooled_unary(
+        f: Arc<SyncUnary>,
+    ) -> impl Fn(Request) -> HandlerFuture + Send + Sync + 'static {
+        move |req| {
+            let f = f.clone();
+            Box::pin(pooled(move || f(req)))
+        }
+    }
+
+    /// A blocking streaming handler served through [`pump`].
+    pub(crate) fn pooled_stream(
+        f: Arc<SyncStream>,
+    ) -> impl Fn(Request, Items) -> HandlerFuture + Send + Sync + 'static {
+        move |req, items| {
+            let f = f.clone();
+            Box::pin(pump(move || f(req), items))
         }
     }
 
@@ -91,7 +99,7 @@ pub(crate) mod async_handlers {
     /// holds up the runtime's workers. A panic in it is resumed in the waiting task (the
     /// request's, which answers it with 500 as for any handler). Work still running when the
     /// waiting task is dropped (deadline, cancel) runs to its end, as on the blocking server.
-    pub(crate) async fn pooled<T, W>(work: W) -> Result<T, RemoteError>
+    async fn pooled<T, W>(work: W) -> Result<T, RemoteError>
     where
         T: Send + 'static,
         W: FnOnce() -> Result<T, RemoteError> + Send + 'static,
@@ -111,7 +119,7 @@ pub(crate) mod async_handlers {
     /// runtime), so a thousand slow consumers hold no thread. When the stream ends early
     /// (cancel, deadline, shutdown: the task is dropped), the iterator is dropped on the pool
     /// too, where dropping it may block (a Python generator's `close()` takes the GIL).
-    pub(crate) async fn pump<I, O>(open: O, items: Items) -> Result<Vec<u8>, RemoteError>
+    async fn pump<I, O>(open: O, items: Items) -> Result<Vec<u8>, RemoteError>
     where
         I: Iterator<Item = Result<Vec<u8>, RemoteError>> + Send + 'static,
         O: FnOnce() -> Result<I, RemoteError> + Send + 'static,

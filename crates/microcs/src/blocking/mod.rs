@@ -18,3 +18,5 @@ mod server;
 
 pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT, ItemStream};
 pub use server::{Server, ServerBuilder, ServerHandle, ShutdownTrigger};
+#[cfg(feature = "tokio")]
+pub(crate) use server::{stream_fn, unary_fn};

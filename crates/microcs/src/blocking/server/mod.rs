@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::{Error, Result};
-use crate::handler::SyncHandler;
+use crate::handler::{SyncHandler, SyncStream, SyncUnary};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::registry::{self, Claim};
@@ -39,9 +39,7 @@ where
     R: IntoPayload,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    Arc::new(SyncHandler::Unary(Arc::new(move |req| {
-        f(req).map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))
-    })))
+    Arc::new(SyncHandler::Unary(unary_fn(f)))
 }
 
 fn erase_stream<F, I, T, E, E2>(f: F) -> Arc<SyncHandler>
@@ -53,11 +51,36 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     E2: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    Arc::new(SyncHandler::Stream(Arc::new(move |req| {
+    Arc::new(SyncHandler::Stream(stream_fn(f)))
+}
+
+/// A user's blocking handler with its reply and error types erased (also for
+/// `tokio::blocking`).
+pub(crate) fn unary_fn<F, R, E>(f: F) -> Arc<SyncUnary>
+where
+    F: Fn(Request) -> std::result::Result<R, E> + Send + Sync + 'static,
+    R: IntoPayload,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Arc::new(move |req| f(req).map(IntoPayload::into_payload).map_err(|e| to_remote(e.into())))
+}
+
+/// A user's blocking streaming handler with its item and error types erased (also for
+/// `tokio::blocking_stream`).
+pub(crate) fn stream_fn<F, I, T, E, E2>(f: F) -> Arc<SyncStream>
+where
+    F: Fn(Request) -> std::result::Result<I, E> + Send + Sync + 'static,
+    I: IntoIterator<Item = std::result::Result<T, E2>>,
+    I::IntoIter: Send + 'static,
+    T: IntoPayload,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E2: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Arc::new(move |req| {
         let items = f(req).map_err(|e| to_remote(e.into()))?.into_iter();
         Ok(Box::new(items.map(|r| r.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))))
             as crate::handler::SyncItems)
-    })))
+    })
 }
 
 /// Options for a [`Server`]; from [`Server::builder`].

@@ -34,7 +34,7 @@ use ::tokio::time::{Instant, sleep_until};
 use crate::error::ErrorKind;
 use crate::error::{Error, RemoteError, Result};
 pub use crate::handler::async_handlers::Items;
-use crate::handler::{AsyncHandler, HandlerFuture, pooled, pump};
+use crate::handler::{AsyncHandler, HandlerFuture};
 use crate::micro::StatsResponse;
 use crate::name::Name;
 use crate::registry::{self, Claim};
@@ -98,11 +98,7 @@ where
     R: IntoPayload,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let handler = Arc::new(handler);
-    move |req| {
-        let h = handler.clone();
-        Box::pin(pooled(move || h(req).map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))))
-    }
+    crate::handler::pooled_unary(crate::blocking::unary_fn(handler))
 }
 
 /// A blocking streaming handler for an async server (see [`blocking`]): it returns an iterator
@@ -143,14 +139,9 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     E2: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let handler = Arc::new(handler);
+    let stream = crate::handler::pooled_stream(crate::blocking::stream_fn(handler));
     move |req, items| {
-        let h = handler.clone();
-        let open = move || {
-            let all = h(req).map_err(|e| to_remote(e.into()))?;
-            Ok(all.into_iter().map(|r| r.map(IntoPayload::into_payload).map_err(|e| to_remote(e.into()))))
-        };
-        let work = pump(open, items);
+        let work = stream(req, items);
         Box::pin(async move { work.await.map(drop) })
     }
 }
