@@ -428,6 +428,11 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
     let stop_signal = stop.wait_for(|s| *s);
     let kill_signal = kill.wait_for(|k| *k);
     ::tokio::pin!(stop_signal, kill_signal);
+    // Even a registered `wait_for` takes the notifier's lock on every poll, and the read below
+    // runs once per request: there it is polled through `Signal`, which looks at the watch's
+    // version (one atomic load) and polls only once something was sent.
+    let (stop_probe, kill_probe) = (shared.stop.subscribe(), shared.kill.subscribe());
+    let (mut stop_armed, mut kill_armed) = (false, false);
     let mut stop_seen = false;
     // Shutdown began: our read side is shut, the rest of what the client sent is answered
     // "shutting down", and the EOF that follows is not the peer hanging up.
@@ -512,6 +517,8 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
         let frame_deadline = (!rbuf.is_empty())
             .then(|| *frame_started.get_or_insert_with(Instant::now) + shared.config.frame_timeout);
         ::tokio::select! {
+            // The read first: it is what wakes this task, request after request.
+            biased;
             r = read_more(&conn.stream, rbuf, needed) => match r {
                 Ok(Filled::Data) => {}
                 Ok(Filled::Eof) => return !draining,
@@ -525,9 +532,44 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
                 conn.send(frame_timed_out(shared.config.frame_timeout));
                 return true;
             }
-            _ = &mut stop_signal, if !draining && !stop_seen => stop_seen = true,
-            _ = &mut kill_signal => return false,
+            () = Signal::new(stop_signal.as_mut(), &stop_probe, &mut stop_armed), if !draining && !stop_seen => {
+                stop_seen = true;
+            }
+            () = Signal::new(kill_signal.as_mut(), &kill_probe, &mut kill_armed) => return false,
         }
+    }
+}
+
+/// A signal future (a `wait_for` on a `watch<bool>`), polled only when the watch was sent to
+/// since it was last polled.
+///
+/// Once polled, the signal stays registered with the watch's notifier under this task's waker
+/// (a task's waker does not change), so skipping the polls in between loses no wake-up: a send
+/// wakes the task, `probe` (a receiver that never marks anything seen) then reports a change,
+/// and the signal is polled again.
+struct Signal<'a, F> {
+    signal: Pin<&'a mut F>,
+    probe: &'a watch::Receiver<bool>,
+    armed: &'a mut bool,
+}
+
+impl<'a, F> Signal<'a, F> {
+    fn new(signal: Pin<&'a mut F>, probe: &'a watch::Receiver<bool>, armed: &'a mut bool) -> Self {
+        Signal { signal, probe, armed }
+    }
+}
+
+impl<F: Future> Future for Signal<'_, F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        // `Err`: the sender is gone, which the signal itself reports as its end.
+        if *this.armed && !this.probe.has_changed().unwrap_or(true) {
+            return Poll::Pending;
+        }
+        *this.armed = true;
+        this.signal.as_mut().poll(cx).map(|_| ())
     }
 }
 
@@ -600,9 +642,9 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
     };
     let deadline = run.deadline().map(Instant::from_std);
     let cancel = run.cancel().clone();
-    let mut kill = shared.kill.subscribe();
     let grace = shared.config.grace;
-    let overflow = Arc::new(Mutex::new(None));
+    // Where a stream's sink leaves the answer that ends it early (only streams have one).
+    let mut overflow = None;
     let started = match &**run.handler() {
         AsyncHandler::Unary(handler) => catch_unwind(AssertUnwindSafe(|| handler(req))),
         AsyncHandler::Stream(handler) => {
@@ -612,7 +654,8 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
                     c.send(out);
                 })
             });
-            let items = Items { cancel: cancel.clone(), sink, overflow: overflow.clone() };
+            let over = overflow.insert(Arc::new(Mutex::new(None))).clone();
+            let items = Items { cancel: cancel.clone(), sink, overflow: over };
             catch_unwind(AssertUnwindSafe(|| handler(req, items)))
         }
     };
@@ -620,18 +663,22 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
     let one_item = run.stream() && !matches!(**run.handler(), AsyncHandler::Stream(_));
     let end = match started {
         Err(panic) => End::Panicked(panic_message(&*panic)),
+        // The handler first, and the other branches' futures are made when first polled: most
+        // handlers answer at once (see `admit`), and then no timer, notifier or watch is touched.
         Ok(fut) => ::tokio::select! {
             biased;
             r = CatchUnwind(fut) => match r {
                 Ok(r) => End::Done(r),
                 Err(panic) => End::Panicked(panic_message(&*panic)),
             },
-            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => End::Deadline,
+            () = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
+                End::Deadline
+            }
             () = async { cancel.wait().await; sleep(grace).await } => End::Abandoned(grace),
-            _ = kill.wait_for(|k| *k) => End::Killed,
+            _ = async { shared.kill.subscribe().wait_for(|k| *k).await.is_ok() } => End::Killed,
         },
     };
-    let overflowed = overflow.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let overflowed = overflow.and_then(|o| o.lock().unwrap_or_else(|p| p.into_inner()).take());
     let end = match (end, overflowed) {
         (_, Some(answer)) => End::Refused(answer),
         (End::Done(Ok(reply)), None) if one_item => send_one_item(&conn, id, &cancel, deadline, reply).await,
