@@ -149,12 +149,18 @@ struct System {
     kernel_buffers: bool,
     /// The client asks for shared memory (the microcs servers offer it); label suffix `+shm`.
     shm: bool,
+    /// The floor's client and server wait in `epoll_wait` (the epoll floor, `floor/mod.rs`);
+    /// label suffix `+epoll`.
+    epoll: bool,
 }
 
 impl System {
     const fn new(client: ClientKind, server: ServerKind) -> System {
-        System { client, server, kernel_buffers: false, shm: false }
+        System { client, server, kernel_buffers: false, shm: false, epoll: false }
     }
+
+    /// The epoll floor: what waiting in an event loop costs by itself.
+    const FLOOR_EPOLL: System = System { epoll: true, ..System::FLOOR };
 
     /// The same pair over shared memory (PROTOCOL.md § 18).
     fn shm(self) -> System {
@@ -178,11 +184,15 @@ impl System {
             format!("{}-{}", self.client.label(), self.server.label())
         };
         let pair = if self.kernel_buffers { pair + "+kbuf" } else { pair };
+        let pair = if self.epoll { pair + "+epoll" } else { pair };
         if self.shm { pair + "+shm" } else { pair }
     }
 
     fn parse(s: &str) -> System {
         let (s, shm) = s.strip_suffix("+shm").map_or((s, false), |s| (s, true));
+        if s == "floor+epoll" {
+            return System::FLOOR_EPOLL;
+        }
         let (s, kbuf) = s.strip_suffix("+kbuf").map_or((s, false), |s| (s, true));
         let (c, srv) = s.split_once('-').unwrap_or((s, s));
         System { kernel_buffers: kbuf, shm, ..System::new(ServerKind::parse(c), ServerKind::parse(srv)) }
@@ -440,7 +450,9 @@ fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
         ServerKind::Floor => {
             // A previous floor server of this directory left its socket behind.
             let _ = std::fs::remove_file(dir.join("floor.sock"));
+            let _ = std::fs::remove_file(dir.join("floor-epoll.sock"));
             floor::serve(&dir.join("floor.sock"));
+            floor::serve_epoll(&dir.join("floor-epoll.sock"));
             ready_then_wait_for_stdin();
         }
         ServerKind::Blocking => {
@@ -528,6 +540,9 @@ impl Caller {
     fn connect(system: System, dir: &Path) -> Caller {
         let send_buffer = if system.kernel_buffers { 0 } else { 1 << 20 };
         match (system.client, system.server) {
+            (ServerKind::Floor, _) if system.epoll => {
+                Caller::Floor(FloorConn::connect_epoll(&dir.join("floor-epoll.sock")))
+            }
             (ServerKind::Floor, _) => Caller::Floor(FloorConn::connect(&dir.join("floor.sock"))),
             (ServerKind::Blocking, _) => Caller::Blocking(Box::new(
                 Client::builder(service_name(system))
@@ -893,6 +908,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     if opts.wants("latency") {
         let mut systems = System::with_mixed();
         systems.extend(System::over_shm(&systems));
+        systems.insert(1, System::FLOOR_EPOLL);
         let lat: Vec<Vec<Latency>> =
             (0..runs).map(|_| systems.iter().map(|&s| latency_run(s, &dir, 32, n_lat)).collect()).collect();
         println!("| 32 B round trip | p50 µs | p99 µs | p99.9 µs | p50 / floor | p99 / floor |");
@@ -929,6 +945,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     for clients in [1usize, 4].into_iter().filter(|_| opts.wants("throughput")) {
         let mut systems = System::main();
         systems.extend(System::over_shm(&systems));
+        systems.insert(1, System::FLOOR_EPOLL);
         let t = Series::measure(systems, runs, |s| throughput_run(s, &dir, clients, 32, dur));
         println!("\n| {clients} client(s), 32 B | requests/s | / floor |");
         println!("|---|---|---|");

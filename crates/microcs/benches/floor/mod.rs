@@ -18,11 +18,21 @@
 //! - **The same socket send buffer as microcs's default** (`SO_SNDBUF` 1 MiB, which the kernel
 //!   doubles), so a 1 MiB frame crosses in one write on both; otherwise the floor would measure
 //!   the kernel's default buffer size, not code.
+//!
+//! The **epoll floor** ([`FloorConn::connect_epoll`], [`serve_epoll`]) is the same echo waiting
+//! the way an event loop waits: a non-blocking socket, `epoll_wait(2)` until it is readable,
+//! then one `read(2)` (a short read means it is drained, so the next wait goes straight to
+//! `epoll_wait`, as tokio's readiness does). It is not a target; it shows what waiting in an
+//! event loop instead of in `read(2)` costs by itself on this machine, which an async client
+//! or server cannot avoid.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+
+use rustix::event::{PollFd, PollFlags, epoll};
 
 /// The read buffer's first size.
 const INITIAL: usize = 64 * 1024;
@@ -35,16 +45,33 @@ pub struct FloorConn {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The epoll floor: the socket is non-blocking and reads wait in `epoll_wait` on this.
+    epoll: Option<OwnedFd>,
+    /// The epoll floor: the last read may have left bytes (it filled what it was given).
+    maybe_more: bool,
 }
 
 impl FloorConn {
     pub fn new(s: UnixStream) -> FloorConn {
         rustix::net::sockopt::set_socket_send_buffer_size(&s, SEND_BUFFER).expect("SO_SNDBUF");
-        FloorConn { s, buf: vec![0; INITIAL], start: 0, end: 0 }
+        FloorConn { s, buf: vec![0; INITIAL], start: 0, end: 0, epoll: None, maybe_more: false }
+    }
+
+    /// The epoll floor's end of a connection (see the module's documentation).
+    pub fn new_epoll(s: UnixStream) -> FloorConn {
+        s.set_nonblocking(true).unwrap();
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).unwrap();
+        epoll::add(&ep, &s, epoll::EventData::new_u64(0), epoll::EventFlags::IN).unwrap();
+        FloorConn { epoll: Some(ep), ..FloorConn::new(s) }
     }
 
     pub fn connect(path: &Path) -> FloorConn {
         FloorConn::new(UnixStream::connect(path).unwrap())
+    }
+
+    #[allow(dead_code)] // roundtrip.rs measures the floor only
+    pub fn connect_epoll(path: &Path) -> FloorConn {
+        FloorConn::new_epoll(UnixStream::connect(path).unwrap())
     }
 
     /// Reads until the next whole frame is buffered; its payload's range in `buf`, or `None` at
@@ -84,23 +111,38 @@ impl FloorConn {
         // exactly the bytes it still lacks, straight into place.
         let stop = if total <= INITIAL { self.buf.len() } else { self.start + total };
         let n = loop {
+            if let Some(ep) = self.epoll.as_ref().filter(|_| !self.maybe_more) {
+                let mut events = Vec::with_capacity(1);
+                match epoll::wait(ep, rustix::buffer::spare_capacity(&mut events), None) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    r => r?,
+                };
+            }
             match self.s.read(&mut self.buf[self.end..stop]) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.maybe_more = false,
                 r => break r?,
             }
         };
+        self.maybe_more = n == stop - self.end;
         self.end += n;
         Ok(n > 0)
     }
 
     /// Writes one frame (prefix and `payload`) with one vectored write, more only if the socket
-    /// takes part of it.
+    /// takes part of it (a non-blocking socket that is full waits in `poll(2)` for room).
     fn send(s: &mut UnixStream, payload: &[u8]) -> io::Result<()> {
         let prefix = (payload.len() as u32).to_be_bytes();
         let mut parts = [IoSlice::new(&prefix), IoSlice::new(payload)];
         let mut parts = &mut parts[..];
         while !parts.is_empty() {
-            let n = s.write_vectored(parts)?;
+            let n = match s.write_vectored(parts) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let _ = rustix::event::poll(&mut [PollFd::new(&*s, PollFlags::OUT)], None);
+                    continue;
+                }
+                r => r?,
+            };
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -127,10 +169,20 @@ impl FloorConn {
 
 /// Serves the floor echo at `path` on background threads, one per connection.
 pub fn serve(path: &Path) {
+    serve_with(path, FloorConn::new);
+}
+
+/// Serves the epoll floor at `path`: a thread per connection, each waiting in its own epoll.
+#[allow(dead_code)] // roundtrip.rs measures the floor only
+pub fn serve_epoll(path: &Path) {
+    serve_with(path, FloorConn::new_epoll);
+}
+
+fn serve_with(path: &Path, conn: fn(UnixStream) -> FloorConn) {
     let l = UnixListener::bind(path).unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
-            let c = FloorConn::new(s.unwrap());
+            let c = conn(s.unwrap());
             std::thread::spawn(move || c.serve());
         }
     });
