@@ -1442,6 +1442,76 @@ fn a_large_request_future_left_unpolled_does_not_stall_the_connection() {
     drop(big_call);
 }
 
+/// A lone request's caller reads the connection itself while it waits (`conn::Reader`). When
+/// its future is dropped mid-wait, or left unpolled while another request is sent, the reader
+/// task must take the connection back: frames that arrive later (a reply to the other request,
+/// a `Ping`) are still read and answered.
+#[test]
+fn the_read_loop_goes_back_to_the_reader_task_when_a_lone_caller_stops() {
+    let _w = watchdog(Duration::from_secs(40));
+    let rt = rt();
+    let dir = TempDir::new("lonecaller");
+    let name = unique("LONE");
+    let server = deaf_server(&dir, &name);
+    let b = microcs::tokio::Client::builder(&name).runtime_dir(dir.path()).timeout(Duration::from_secs(20));
+    let client = rt.block_on(b.connect()).unwrap();
+    let mut raw = Raw::from_stream(server.join().unwrap());
+    let poll_once = |f: &mut std::pin::Pin<
+        Box<dyn std::future::Future<Output = microcs::Result<Vec<u8>>> + Send + '_>,
+    >| {
+        rt.block_on(std::future::poll_fn(|cx| {
+            assert!(f.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        }))
+    };
+    // 1. A lone call polled once (it now drives the read loop), then dropped: its Cancel goes
+    //    out, and a Ping the server sends afterwards is answered by the reader task.
+    let mut lone: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(client.request(b"one"));
+    poll_once(&mut lone);
+    let (h, _, p) = raw.read().unwrap();
+    assert_eq!((h.kind(), &p[..]), (Some(Kind::Request), &b"one"[..]));
+    drop(lone);
+    let (c, _, _) = raw.read().unwrap();
+    assert_eq!((c.kind(), c.id), (Some(Kind::Cancel), h.id));
+    raw.send(&Header::new(Kind::Ping, 77), b"", b"still there?");
+    let pong = std::thread::scope(|s| {
+        let t = s.spawn(|| raw.read());
+        // The client's runtime must run for its tasks to answer: drive it until the Pong came.
+        rt.block_on(async {
+            while !t.is_finished() {
+                ::tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        t.join().unwrap()
+    });
+    let (h2, _, p2) = pong.expect("the Ping was never answered: nobody reads the connection");
+    assert_eq!((h2.kind(), h2.id, &p2[..]), (Some(Kind::Pong), 77, &b"still there?"[..]));
+    // 2. A lone call polled once and then left alone (alive, unpolled) while a second request
+    //    is sent: the second one's reply is read and handed out without the first being polled.
+    let mut first: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(client.request(b"first"));
+    poll_once(&mut first);
+    let (h1, _, _) = raw.read().unwrap();
+    let answer = std::thread::scope(|s| {
+        s.spawn(|| {
+            let (h2, _, p2) = raw.read().unwrap();
+            assert_eq!(&p2[..], b"second");
+            raw.send(&Header::new(Kind::Reply, h2.id), b"", b"second back");
+        });
+        rt.block_on(async {
+            ::tokio::time::timeout(Duration::from_secs(10), client.request(b"second")).await
+        })
+    });
+    assert_eq!(
+        answer.expect("the second reply was held up by the unpolled first call").unwrap(),
+        b"second back"
+    );
+    // The first one still gets its own answer when it is polled again.
+    raw.send(&Header::new(Kind::Reply, h1.id), b"", b"first back");
+    assert_eq!(rt.block_on(first).unwrap(), b"first back");
+}
+
 /// The same deadline rule on the tokio server (docs/PROTOCOL.md § 8).
 #[test]
 fn a_deadline_passed_while_the_handler_ran_is_answered_408_by_the_tokio_server() {

@@ -1,10 +1,14 @@
 //! One connection of an async client: its pending requests, and the reader, writer and deadline
 //! tasks that serve them (see the parent module).
 
+use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::{Arc, MutexGuard};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use ::tokio::net::UnixStream;
@@ -29,6 +33,99 @@ pub(super) struct Conn {
     pub(super) deadlines: Notify,
     /// The instance slot it reached (`None`: the name's exclusive server).
     pub(super) slot: Option<u32>,
+    /// The loop that reads the connection's frames and hands them out (`None` once it ended).
+    /// The reader task drives it; a lone caller drives it too while it waits (see `Reader`).
+    pub(super) reader: Reader,
+}
+
+/// The connection's read loop, as a future that more than one task may poll (one at a time).
+///
+/// Its reader task polls it as the connection's tasks always did. A caller whose request is
+/// the only one pending polls it as well while it waits for its answer ([`Conn::wait`]): the
+/// loop then registers the *caller's* waker with the socket (or the rings), so the reply wakes
+/// the caller directly and the caller reads it, instead of the reader task reading it and
+/// waking the caller through a `oneshot` — a hand-off that, in a `block_on` caller, also costs
+/// tokio's current-thread scheduler a zero-timeout `epoll_wait`. Whatever the loop waits for
+/// wakes whoever polled it last, so while a caller drives it (`caller`) the reader task leaves
+/// it alone, and the caller hands it back — `caller` cleared, the reader task woken — when it
+/// stops (answered, or dropped) or when another request joins (whose sender does the same, so
+/// a caller's future left unpolled cannot hold the connection's replies up).
+#[derive(Default)]
+pub(super) struct Reader {
+    lp: Mutex<Option<ReadLoop>>,
+    /// The reader task's waker, to hand the loop back to it.
+    task: Mutex<Option<Waker>>,
+    /// A lone caller drives the loop. Set and cleared under the connection's book lock, with
+    /// the pending table's size, so it is never set while another request is pending.
+    caller: AtomicBool,
+}
+
+type ReadLoop = Pin<Box<dyn Future<Output = Loss> + Send>>;
+
+impl Reader {
+    /// The reader task's turn: polls the loop unless a lone caller drives it. `Ready(())` once
+    /// the loop has ended (the connection is closed).
+    fn poll_task(&self, conn: &Conn, cx: &mut Context<'_>) -> Poll<()> {
+        let lp = self.lp.lock().unwrap_or_else(|p| p.into_inner());
+        // Looked at under `lp`, which a caller holds while it sets it: either this poll comes
+        // before the caller's (whose registration then wins) or it sees the flag.
+        if self.caller.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        Self::poll_loop(lp, conn, cx)
+    }
+
+    /// A caller's turn, while its request is the connection's only pending one (`false`: it
+    /// is not, or the reader task is polling the loop right now; the caller then waits for the
+    /// reader task's hand-off). Sets `caller` when it polls.
+    fn poll_caller(&self, conn: &Conn, cx: &mut Context<'_>) -> bool {
+        let lp = match self.lp.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        {
+            let st = conn.book();
+            if st.extra.pending.len() != 1 || st.is_closed() {
+                return false;
+            }
+            self.caller.store(true, Ordering::Release);
+        }
+        let _ = Self::poll_loop(lp, conn, cx);
+        true
+    }
+
+    fn poll_loop(mut lp: MutexGuard<'_, Option<ReadLoop>>, conn: &Conn, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(f) = lp.as_mut() else { return Poll::Ready(()) };
+        let Poll::Ready(dead) = f.as_mut().poll(cx) else { return Poll::Pending };
+        // Dropped outside the lock: the loop holds a reference to the connection.
+        let done = lp.take();
+        drop(lp);
+        drop(done);
+        tracing::debug!(reason = ?dead, "connection ended");
+        conn.close(dead);
+        Poll::Ready(())
+    }
+
+    /// Hands the loop back to the reader task. Called under the book lock with `caller` set,
+    /// or after it; `wake` then wakes the reader task (outside the lock).
+    pub(super) fn release(&self) -> bool {
+        self.caller.swap(false, Ordering::AcqRel)
+    }
+
+    /// Wakes the reader task so that it polls the loop again (after [`Reader::release`]).
+    pub(super) fn wake(&self) {
+        if let Some(w) = self.task.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Ends the loop without polling it again (its task is gone): breaks the loop's reference
+    /// to the connection.
+    fn drop_loop(&self) {
+        let lp = self.lp.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(lp);
+    }
 }
 
 /// Per-connection state kept under the outbox lock.
@@ -165,6 +262,53 @@ impl Conn {
         }
     }
 
+    /// Waits for the answer of a request; `lone`: it was the only one pending when sent, so
+    /// the caller reads it itself while nothing else is pending (see [`Reader`]).
+    pub(super) async fn wait(&self, rx: &mut oneshot::Receiver<Outcome>, lone: bool) -> Option<Outcome> {
+        if !lone {
+            return rx.await.ok();
+        }
+        // Hands the loop back to the reader task however this ends (also when dropped).
+        struct GiveBack<'a>(&'a Conn);
+        impl Drop for GiveBack<'_> {
+            fn drop(&mut self) {
+                self.0.give_back();
+            }
+        }
+        let _give_back = GiveBack(self);
+        std::future::poll_fn(|cx| {
+            // While this caller reads, its own reply must not wake it (it is running): that
+            // wake-up would cost a `block_on` caller another turn of the scheduler, with a
+            // zero-timeout `epoll_wait`. So the answer's channel holds a no-op waker during the
+            // read, and this caller's waker again before it returns (a deadline or the
+            // connection's end then still wakes it; one that came in between is seen by that
+            // last poll).
+            if let Poll::Ready(r) = Pin::new(&mut *rx).poll(&mut Context::from_waker(Waker::noop())) {
+                return Poll::Ready(r.ok());
+            }
+            // It reads only while its request is the one pending: with others, the reader task
+            // hands the replies out (a pipeline's batches stay with it).
+            let drove = self.reader.poll_caller(self, cx);
+            let answer = Pin::new(&mut *rx).poll(cx).map(Result::ok);
+            if !drove && answer.is_pending() {
+                self.give_back();
+            }
+            answer
+        })
+        .await
+    }
+
+    /// Ends a lone caller's turn at the read loop, if it had one.
+    pub(super) fn give_back(&self) {
+        let released = {
+            let _st = self.book();
+            self.reader.release()
+        };
+        if released {
+            self.reader.wake();
+        }
+    }
+
     /// Delivers an answer to the caller waiting for `id`, if it still waits. `burst`: it is not
     /// the first reply of its read.
     pub(super) fn resolve(&self, id: u64, outcome: Outcome, burst: bool) {
@@ -244,14 +388,35 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-/// Reads frames and hands them to their callers until the connection ends.
-pub(super) async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) {
+/// Starts the connection's read loop (see [`Reader`]).
+pub(super) fn start_reader(conn: &Arc<Conn>, rbuf: ReadBuf, max_payload: u32) {
+    let lp: ReadLoop = Box::pin(read_loop(conn.clone(), rbuf, max_payload));
+    *conn.reader.lp.lock().unwrap_or_else(|p| p.into_inner()) = Some(lp);
+    ::tokio::spawn(reader_task(conn.clone()));
+}
+
+/// Drives the connection's read loop until it ends.
+async fn reader_task(conn: Arc<Conn>) {
     let orphaned = TaskGuard { conn: &conn, writer: false };
+    std::future::poll_fn(|cx| {
+        let mut task = conn.reader.task.lock().unwrap_or_else(|p| p.into_inner());
+        if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *task = Some(cx.waker().clone());
+        }
+        drop(task);
+        conn.reader.poll_task(&conn, cx)
+    })
+    .await;
+    std::mem::forget(orphaned);
+}
+
+/// Reads frames and hands them to their callers until the connection ends; why it ended.
+async fn read_loop(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload: u32) -> Loss {
     // Replies handed out since the last read.
     let mut replies = 0usize;
-    let dead = loop {
+    loop {
         let needed = match rbuf.decode(max_payload) {
-            Err(e) => break Loss::Protocol(e),
+            Err(e) => return Loss::Protocol(e),
             Ok(Decoded::Incomplete { needed }) => needed,
             Ok(Decoded::Frame(f)) => {
                 let len = f.len;
@@ -271,7 +436,7 @@ pub(super) async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload:
                         conn.resolve(id, Outcome::Error { status, flags, message }, replies > 0);
                         replies += 1;
                     }
-                    Incoming::Closing(loss) => break loss,
+                    Incoming::Closing(loss) => return loss,
                     Incoming::Ping(id) => {
                         conn.outbox.push(&Header::new(Kind::Pong, id), b"", f.payload);
                     }
@@ -284,13 +449,10 @@ pub(super) async fn reader_task(conn: Arc<Conn>, mut rbuf: ReadBuf, max_payload:
         replies = 0;
         match read_more(&conn.stream, &mut rbuf, needed).await {
             Ok(Filled::Data) => {}
-            Ok(Filled::Eof) => break Loss::Closed(None),
-            Err(e) => break Loss::from_io(e),
+            Ok(Filled::Eof) => return Loss::Closed(None),
+            Err(e) => return Loss::from_io(e),
         }
-    };
-    tracing::debug!(reason = ?dead, "connection ended");
-    std::mem::forget(orphaned);
-    conn.close(dead);
+    }
 }
 
 /// Answers `TimedOut` to the callers whose deadline passed and tells the server to cancel their
@@ -370,6 +532,9 @@ impl Drop for TaskGuard<'_> {
         if self.writer {
             // How much went out is unknown: every pending request may have run.
             self.conn.book().extra.written_final.get_or_insert(u64::MAX);
+        }
+        if !self.writer {
+            self.conn.reader.drop_loop();
         }
         let gone = io::Error::other("the runtime that ran this connection shut down");
         self.conn.close(Loss::Io(Arc::new(gone)));

@@ -48,7 +48,7 @@ use crate::proto::client_conn::{self, Attempt, DEFAULT_TIMEOUT, Ids, Loss, Writt
 use crate::registry;
 use crate::transport::shm::ShmLink;
 use conn::{
-    Book, CancelOnDrop, Conn, Pending, Waiter, connect, deadline_task, read_frame, reader_task, writer_task,
+    Book, CancelOnDrop, Conn, Pending, Waiter, connect, deadline_task, read_frame, start_reader, writer_task,
 };
 
 /// An async connection to a named service. Cheap to clone; clones share one connection.
@@ -520,8 +520,8 @@ impl Client {
         let id = self.shared.next_id.next();
         let remaining = if fresh { self.timeout } else { deadline.saturating_duration_since(Instant::now()) };
         let header = client_conn::request_header(id, remaining);
-        let (tx, rx) = oneshot::channel();
-        let (earlier, sent) = {
+        let (tx, mut rx) = oneshot::channel();
+        let (earlier, sent, lone, released) = {
             let mut st = conn.book();
             // A lone request goes out from here, without a round through the writer task;
             // with others in flight it joins the writer's next batch (one `send` for many).
@@ -543,8 +543,14 @@ impl Client {
                 st.extra.next_deadline = Some(deadline);
             }
             let sent = sent || (lone && payload.len() < SPLICE_MIN && st.send_now(&conn.stream));
-            (earlier, sent)
+            // Another request is pending: if its caller drives the read loop, it goes back to
+            // the reader task (see `conn::Reader`).
+            let released = !lone && conn.reader.release();
+            (earlier, sent, lone, released)
         };
+        if released {
+            conn.reader.wake();
+        }
         if !sent {
             conn.outbox.wake();
         }
@@ -554,12 +560,12 @@ impl Client {
         // The connection's deadline task answers `TimedOut` at the deadline; if this future is
         // dropped first, `guard` takes the request back and tells the server to cancel it.
         let mut guard = CancelOnDrop { conn, id, armed: true };
-        let outcome = rx.await;
+        let outcome = conn.wait(&mut rx, lone).await;
         guard.armed = false;
         let outcome = match outcome {
-            Ok(outcome) => outcome,
+            Some(outcome) => outcome,
             // The connection's tasks are gone without a word: the runtime is shutting down.
-            Err(_) => return Err(Attempt::Failed(Loss::Closed(None).error(name, Written::All))),
+            None => return Err(Attempt::Failed(Loss::Closed(None).error(name, Written::All))),
         };
         client_conn::settle(name, self.timeout, outcome)
     }
@@ -762,9 +768,10 @@ impl Client {
             outbox: Outbox::new(Book::default()),
             deadlines: Notify::new(),
             slot: target.slot,
+            reader: Default::default(),
         });
         ::tokio::spawn(writer_task(conn.clone()));
-        ::tokio::spawn(reader_task(conn.clone(), rbuf, decode_limit));
+        start_reader(&conn, rbuf, decode_limit);
         ::tokio::spawn(deadline_task(conn.clone()));
         Ok(Some(conn))
     }
