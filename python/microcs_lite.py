@@ -331,7 +331,10 @@ def _ensure_dir(d: str) -> None:
 
 
 def _socket_path(d: str, name: str) -> str:
-    path = os.path.join(d, name + ".sock")
+    return _checked_socket_path(os.path.join(d, name + ".sock"))
+
+
+def _checked_socket_path(path: str) -> str:
     n = len(os.fsencode(path))
     if n > _MAX_SOCKET_PATH:
         raise InvalidName(
@@ -389,46 +392,261 @@ def _pid_alive(pid: int) -> bool:
     return pid > 0
 
 
+# ---------------------------------------------------------------- instances (a shared name)
+#
+# A name may be served by several instances instead of one exclusive server, exactly as the
+# Rust registry lays it out (docs/ARCHITECTURE.md "Instances"): every instance holds a *shared*
+# flock on <name>.lock (which an exclusive server takes exclusively, so the two kinds never
+# mix), and owns a slot <name>@<k>.lock (exclusive flock, metadata line, and at LOAD_OFFSET its
+# open connections) with its socket <name>@<k>.sock. Clients pick the ready instance with the
+# fewest connections.
+
+#: Most instances one name can have (slots ``0 .. MAX_INSTANCES - 1``).
+MAX_INSTANCES = 256
+#: Where a slot file keeps its instance's open connections: 20 ASCII digits and a newline.
+LOAD_OFFSET = 64 * 1024
+_LOAD_LEN = 21
+#: How often, about, a client of an instance looks whether another is less loaded (±50 %).
+_RECHECK = 1.0
+
+
+def _slot_lock_path(d: str, name: str, slot: int) -> str:
+    return os.path.join(d, f"{name}@{slot}.lock")
+
+
+def _slot_socket_path(d: str, name: str, slot: int) -> str:
+    return _checked_socket_path(os.path.join(d, f"{name}@{slot}.sock"))
+
+
+def _parse_slot(entry: str) -> Optional[Tuple[str, int]]:
+    """``(name, k)`` for a file named ``<name>@<k>.lock`` (``k`` written as ``str(k)``)."""
+    if not entry.endswith(".lock"):
+        return None
+    stem, at, k = entry[: -len(".lock")].rpartition("@")
+    if not at or not (k.isascii() and k.isdigit()) or str(int(k)) != k or int(k) >= MAX_INSTANCES:
+        return None
+    return stem, int(k)
+
+
+def _read_load(fd: int) -> int:
+    """A slot file's load record (0 when not written yet or unreadable)."""
+    try:
+        record = os.pread(fd, _LOAD_LEN, LOAD_OFFSET)
+    except OSError:
+        return 0
+    digits = record[: _LOAD_LEN - 1]
+    return int(digits) if len(record) == _LOAD_LEN and digits.isdigit() else 0
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+class _Instance(NamedTuple):
+    """A live instance of a name, as a client sees it."""
+
+    slot: int
+    socket: str
+    connections: int
+    ready: bool
+    pid: Optional[int]
+
+
+def _instances(d: str, name: str) -> List[_Instance]:
+    """The live instances of ``name`` in ``d``, by slot. Read-only: per slot file an ``open``, a
+    non-blocking shared ``flock`` (it fails only while the owner holds its exclusive one) and
+    two ``pread`` s."""
+    try:
+        entries = os.listdir(d)
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        parsed = _parse_slot(entry) if entry.startswith(name + "@") else None
+        if parsed is None or parsed[0] != name:
+            continue
+        slot = parsed[1]
+        sock = _slot_socket_path(d, name, slot)
+        try:
+            fd = _open_lock(os.path.join(d, entry), False)
+        except PermissionError:
+            # Another user's instances (a runtime directory named explicitly): their lock files
+            # are private, so there is no load to read and no lock to test; the socket is the
+            # evidence, and connecting tells the rest.
+            if _is_socket(sock):
+                out.append(_Instance(slot, sock, 0, True, None))
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            continue  # nobody holds it: a crashed instance's leftover
+        except BlockingIOError:
+            meta = _read_meta(fd)
+            out.append(_Instance(slot, sock, _read_load(fd), bool(meta and meta.get("ready")), meta["pid"] if meta else None))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    out.sort(key=lambda i: i.slot)
+    return out
+
+
+def _targets(d: str, name: str) -> List[Tuple[str, Optional[int]]]:
+    """Where to connect for ``name``, best first, as ``(socket, slot)``: the exclusive socket when
+    there is one; else the ready instances, fewest connections first, ties in random order (so
+    that callers connecting at once spread instead of all taking the first slot)."""
+    sock = _socket_path(d, name)
+    if os.path.lexists(sock):
+        return [(sock, None)]
+    ready = [(i.connections, secrets.randbits(64), i) for i in _instances(d, name) if i.ready]
+    ready.sort(key=lambda t: t[:2])
+    return [(i.socket, i.slot) for _, _, i in ready]
+
+
+def _better_instance(d: str, name: str, slot: int) -> Optional[Tuple[str, int]]:
+    """Another ready instance with at least two connections fewer than ``slot`` (whose count
+    includes ours), so that moving evens the load instead of swapping it."""
+    found = _instances(d, name)
+    mine = [i.connections for i in found if i.slot == slot]
+    others = [(i.connections, secrets.randbits(64), i) for i in found if i.ready and i.slot != slot]
+    if not mine or not others:
+        return None
+    best = min(others, key=lambda t: t[:2])[2]
+    return (best.socket, best.slot) if best.connections + 2 <= mine[0] else None
+
+
+def _instance_pids(d: str, name: str) -> List[int]:
+    return [i.pid for i in _instances(d, name) if i.pid is not None]
+
+
+def _name_taken(message: str, pid: Optional[int]) -> NameTaken:
+    taken = NameTaken(message)
+    taken.owner_pid = pid
+    return taken
+
+
+def _lock(path: str, op: int) -> Optional[int]:
+    """Opens (creating, 0600) and locks ``path`` without blocking: the descriptor, or None when
+    someone else holds a conflicting lock; retried when the file was unlinked meanwhile."""
+    while True:
+        try:
+            fd = _open_lock(path, True)
+        except OSError as e:
+            raise _error(Error, f"cannot open lock file {path}: {e}") from e
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as e:
+            os.close(fd)
+            raise _error(Error, f"cannot lock {path}: {e}") from e
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # its previous owner unlinked the file we locked: retry
+
+
+def _holder_pid(path: str) -> Optional[int]:
+    """The live pid in the metadata of a lock file someone holds."""
+    try:
+        fd = _open_lock(path, False)
+    except OSError:
+        return None
+    try:
+        meta = _read_meta(fd)
+    finally:
+        os.close(fd)
+    return meta["pid"] if meta and _pid_alive(meta["pid"]) else None
+
+
+def _reclaim_name_if_free(d: str, name: str) -> None:
+    """Removes ``<name>.lock`` (and a stale ``<name>.sock``) when nobody holds the lock any more:
+    what the last instance to leave does."""
+    path = os.path.join(d, name + ".lock")
+    try:
+        fd = _open_lock(path, False)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _same_file(fd, path):
+            _remove_if_socket(_socket_path(d, name))
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class _Claim:
-    """Ownership of a name: an exclusive ``flock`` on ``<dir>/<name>.lock``, held for life.
+    """Ownership of a name: an exclusive ``flock`` on ``<dir>/<name>.lock``, held for life; or,
+    for an instance (``shared``), that lock held shared and an instance slot held exclusively.
 
     The kernel drops the lock when the process dies, however it dies, so a lock that can be
     taken means the socket beside it is stale; a live owner is never displaced.
     """
 
-    def __init__(self, d: str, name: str) -> None:
-        self.lock_path = os.path.join(d, name + ".lock")
-        self.sock_path = _socket_path(d, name)
+    def __init__(self, d: str, name: str, shared: bool = False) -> None:
+        self.dir, self.name = d, name
         self.sock_ino: Optional[Tuple[int, int]] = None
         self.fd: Optional[int] = None
+        #: An instance's shared lock on ``<name>.lock``, and its slot.
+        self.mode_fd: Optional[int] = None
+        self.slot: Optional[int] = None
+        self.connections = 0
+        name_lock = os.path.join(d, name + ".lock")
         give_up = time.monotonic() + 0.5
-        while True:
-            try:
-                fd = _open_lock(self.lock_path, True)
-            except OSError as e:
-                raise _error(Error, f"cannot open lock file {self.lock_path}: {e}") from e
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                meta = _read_meta(fd)
-                os.close(fd)
-                pid = meta["pid"] if meta and _pid_alive(meta["pid"]) else None
+        if shared:
+            _slot_socket_path(d, name, MAX_INSTANCES - 1)  # the longest slot path must fit
+            while (fd := _lock(name_lock, fcntl.LOCK_SH)) is None:
+                pid = _holder_pid(name_lock)
                 # A holder that is gone or has not written its metadata yet is momentary.
                 if pid is not None or time.monotonic() >= give_up:
                     owner = f"process {pid}" if pid is not None else "another process"
-                    taken = NameTaken(
-                        f"the name '{name}' is taken by {owner} (in {d}); stop that server or pick "
-                        "another name"
-                    )
-                    taken.owner_pid = pid
-                    raise taken from None
+                    raise _name_taken(
+                        f"the name '{name}' is owned by {owner} as an exclusive server (in {d}), so no "
+                        "instance can join it; stop that server and serve the name as shared instances "
+                        "only, or pick another name", pid) from None
                 time.sleep(0.002)
-                continue
-            if not _same_file(fd, self.lock_path):
-                os.close(fd)  # its previous owner unlinked the file we locked: retry
-                continue
-            self.fd = fd
-            return
+            self.mode_fd = fd
+            # No exclusive server can be alive now: a socket a crashed one left would hide the
+            # instances from clients.
+            _remove_if_socket(_socket_path(d, name))
+            for slot in range(MAX_INSTANCES):
+                fd = _lock(_slot_lock_path(d, name, slot), fcntl.LOCK_EX)
+                if fd is not None:
+                    self.fd, self.slot = fd, slot
+                    self.lock_path = _slot_lock_path(d, name, slot)
+                    self.sock_path = _slot_socket_path(d, name, slot)
+                    return
+            self.release()
+            raise NameTaken(
+                f"the name '{name}' has all its {MAX_INSTANCES} instance slots taken (in {d}); stop some instances"
+            )
+        self.lock_path = name_lock
+        self.sock_path = _socket_path(d, name)
+        while (fd := _lock(name_lock, fcntl.LOCK_EX)) is None:
+            pid = _holder_pid(name_lock)
+            if pid is None:
+                # Held without metadata: instances (shared locks), or an owner starting up.
+                pids = _instance_pids(d, name)
+                if pids:
+                    listed = ", ".join(map(str, pids))
+                    raise _name_taken(
+                        f"the name '{name}' is served by {len(pids)} shared instance{'' if len(pids) == 1 else 's'} "
+                        f"(pid {listed}, in {d}); to add a server to them, make it a shared instance too "
+                        "(Server(..., shared=True), `microcs serve --shared`), or pick another name", pids[0])
+            # A holder that is gone or has not written its metadata yet is momentary.
+            if pid is not None or time.monotonic() >= give_up:
+                owner = f"process {pid}" if pid is not None else "another process"
+                raise _name_taken(
+                    f"the name '{name}' is taken by {owner} (in {d}); stop that server or pick another name", pid)
+            time.sleep(0.002)
+        self.fd = fd
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:
         line = (json.dumps(meta, separators=(",", ":")) + "\n").encode()
@@ -438,6 +656,17 @@ class _Claim:
             os.ftruncate(self.fd, len(line))
         except OSError as e:
             raise _error(Error, f"cannot write {self.lock_path}: {e}") from e
+        if self.slot is not None:
+            self.set_connections(self.connections)  # the truncation took the load record too
+
+    def set_connections(self, n: int) -> None:
+        """An instance records its open connections (the load clients balance by): one pwrite."""
+        self.connections = n
+        if self.slot is not None and self.fd is not None:
+            try:
+                os.pwrite(self.fd, b"%020d\n" % n, LOAD_OFFSET)
+            except OSError as e:
+                _log.debug("cannot record the load in %s: %s", self.lock_path, e)
 
     def prepare_socket_path(self) -> None:
         """Removes a stale socket; refuses anything else at the path."""
@@ -463,6 +692,7 @@ class _Claim:
         """Removes our socket and the lock file (while still holding the lock), then unlocks."""
         fd, self.fd = self.fd, None
         if fd is None:
+            self._leave_name()
             return
         if self.sock_ino is not None:
             _remove_if_socket(self.sock_path, self.sock_ino)
@@ -472,6 +702,15 @@ class _Claim:
             except OSError:
                 pass
         os.close(fd)
+        self._leave_name()
+
+    def _leave_name(self) -> None:
+        """An instance lets go of the name's shared lock, then removes its file if nobody else
+        (no other instance, no exclusive server) holds it now."""
+        mode_fd, self.mode_fd = self.mode_fd, None
+        if mode_fd is not None:
+            os.close(mode_fd)
+            _reclaim_name_if_free(self.dir, self.name)
 
     def __del__(self) -> None:
         self.release()
@@ -480,9 +719,11 @@ class _Claim:
 class ServiceInfo:
     """A running service, as ``list_services()`` reports it."""
 
-    __slots__ = ("name", "where", "pid", "uid", "host", "started", "protocol_version", "version", "id", "methods", "socket")
+    __slots__ = ("name", "where", "pid", "uid", "host", "started", "protocol_version", "version", "id", "methods",
+                 "socket", "instance", "connections")
 
-    def __init__(self, name: str, meta: Mapping[str, Any], uid: int, sock: str) -> None:
+    def __init__(self, name: str, meta: Mapping[str, Any], uid: int, sock: str, instance: Optional[int] = None,
+                 connections: Optional[int] = None) -> None:
         self.name: str = name
         self.where: List[str] = ["local"]
         self.pid: Optional[int] = meta.get("pid")
@@ -494,13 +735,19 @@ class ServiceInfo:
         self.id: str = str(meta.get("id", ""))
         self.methods: List[str] = [str(m) for m in meta.get("methods", ())]
         self.socket: Optional[str] = sock
+        #: The slot of one of several instances of the name (None: its exclusive server).
+        self.instance: Optional[int] = instance
+        #: An instance's open connections, as it records them (None for an exclusive server).
+        self.connections: Optional[int] = connections
 
     def __repr__(self) -> str:
-        return f"<ServiceInfo {self.name} pid={self.pid} methods={self.methods}>"
+        slot = "" if self.instance is None else f" instance={self.instance}"
+        return f"<ServiceInfo {self.name}{slot} pid={self.pid} methods={self.methods}>"
 
 
 def list_services(runtime_dir: Union[str, "os.PathLike[str]", None] = None) -> List[ServiceInfo]:
-    """The services running in the runtime directory, sorted by name.
+    """The services running in the runtime directory, sorted by name (the instances of a name
+    served by several by slot: one entry each).
 
     A service is listed only while its owner holds the name's lock, so a crashed server is never
     listed; its leftover files are removed on the way.
@@ -509,13 +756,15 @@ def list_services(runtime_dir: Union[str, "os.PathLike[str]", None] = None) -> L
     if not _check_dir(d, own=True):
         return []
     out = []
-    for entry in sorted(os.listdir(d)):
+    for entry in os.listdir(d):
         if not entry.endswith(".lock"):
             continue
-        name = entry[: -len(".lock")]
+        parsed = _parse_slot(entry)
+        name, slot = parsed if parsed is not None else (entry[: -len(".lock")], None)
         try:
             check_name(name)
             fd = _open_lock(os.path.join(d, entry), False)
+            sock = _socket_path(d, name) if slot is None else _slot_socket_path(d, name, slot)
         except (InvalidName, OSError):
             continue
         try:
@@ -523,13 +772,15 @@ def list_services(runtime_dir: Union[str, "os.PathLike[str]", None] = None) -> L
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 meta = _read_meta(fd)
+                # (A name's lock held by instances has no metadata: they are listed by slot.)
                 if meta and meta.get("ready"):
-                    out.append(ServiceInfo(name, meta, os.fstat(fd).st_uid, _socket_path(d, name)))
+                    load = None if slot is None else _read_load(fd)
+                    out.append(ServiceInfo(name, meta, os.fstat(fd).st_uid, sock, slot, load))
                 continue
             # Nobody holds it: the owner is gone. Reclaim, unless a new server re-created the
             # file between our open and our lock.
             if _same_file(fd, os.path.join(d, entry)):
-                _remove_if_socket(_socket_path(d, name))
+                _remove_if_socket(sock)
                 try:
                     os.unlink(os.path.join(d, entry))
                 except OSError:
@@ -538,6 +789,7 @@ def list_services(runtime_dir: Union[str, "os.PathLike[str]", None] = None) -> L
             pass
         finally:
             os.close(fd)
+    out.sort(key=lambda i: (i.name, -1 if i.instance is None else i.instance))
     return out
 
 
@@ -798,6 +1050,10 @@ class Client:
         self._explicit_dir = runtime_dir is not None
         self._dir = os.fspath(runtime_dir) if runtime_dir is not None else globals()["runtime_dir"]()
         self._path = _socket_path(self._dir, name)
+        #: The instance slot connected to (None: the name's exclusive server), and when to look
+        #: again whether another instance is less loaded.
+        self._slot: Optional[int] = None
+        self._recheck = 0.0
         self.timeout = timeout
         self._max_payload = DEFAULT_MAX_PAYLOAD if max_frame is None else int(max_frame)
         self._limit = max(self._max_payload, HANDSHAKE_PAYLOAD)
@@ -830,6 +1086,11 @@ class Client:
     def server_pid(self) -> Optional[int]:
         """The server's process id, from the handshake (None while disconnected)."""
         return self._conn.pid if self._conn else None
+
+    @property
+    def socket_path(self) -> str:
+        """The socket connected to: the name's own, or the socket of the instance reached."""
+        return self._path
 
     @property
     def via(self) -> str:
@@ -903,7 +1164,10 @@ class Client:
         with self._lock:
             if self._closed:
                 raise Closed(f"the client of service '{self._name}' is closed")
-            deadline = time.monotonic() + self._timeout
+            now = time.monotonic()
+            deadline = now + self._timeout
+            if self._slot is not None and now >= self._recheck and self._conn is not None:
+                self._rebalance(deadline)
             resent = False  # at most one resend, and only of a request that provably did not run
             while True:
                 if self._conn is None:
@@ -1043,19 +1307,54 @@ class Client:
             pass
 
     def _open(self, deadline: float) -> _Conn:
-        """Connects and shakes hands."""
-        name, path = self._name, self._path
+        """Connects and shakes hands: to the name's exclusive server, or to the least-loaded of
+        its instances that answers (one that died since we looked is skipped)."""
+        name = self._name
         if not _check_dir(self._dir, own=not self._explicit_dir):
             raise NoService(f"no service named '{name}' is running (looked in {self._dir})")
+        last: Optional[Error] = None
+        for path, slot in _targets(self._dir, name):
+            try:
+                conn = self._connect(path, deadline)
+            except (NoService, Closed) as e:
+                if slot is None:
+                    raise
+                last = e  # gone since we looked, or dying during the handshake: the next one
+                continue
+            self._path, self._slot = path, slot
+            self._recheck = time.monotonic() + _RECHECK * (0.5 + secrets.randbelow(1000) / 1000)
+            return conn
+        if last is not None:
+            raise last
+        raise NoService(f"no service named '{name}' is running (looked in {self._dir})")
+
+    def _rebalance(self, deadline: float) -> None:
+        """Connected to an instance, and its time to look at the others has come: moves to a
+        less-loaded one, if there is one and it answers (else stays)."""
+        assert self._slot is not None
+        self._recheck = time.monotonic() + _RECHECK * (0.5 + secrets.randbelow(1000) / 1000)
+        better = _better_instance(self._dir, self._name, self._slot)
+        if better is None:
+            return
+        try:
+            conn = self._connect(better[0], deadline)
+        except Error as e:
+            _log.debug("service '%s': a less-loaded instance did not answer: %s", self._name, e)
+            return
+        self._drop()
+        self._conn = conn
+        self._path, self._slot = better
+
+    def _connect(self, path: str, deadline: float) -> _Conn:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            return self._handshake(sock, deadline)
+            return self._handshake(sock, deadline, path)
         except BaseException:
             sock.close()
             raise
 
-    def _handshake(self, sock: socket.socket, deadline: float) -> _Conn:
-        name, path = self._name, self._path
+    def _handshake(self, sock: socket.socket, deadline: float, path: str) -> _Conn:
+        name = self._name
         remaining = max(deadline - time.monotonic(), 0.001)
         sock.settimeout(remaining)
         try:
@@ -1292,6 +1591,9 @@ class Server:
     """Serves a name with a Python handler; one thread per connection.
 
     The name is claimed when the object is created (``NameTaken`` if a live server has it).
+    With ``shared=True`` it joins the name as one of several instances instead (each a process
+    of its own, or not: Rust ones too), and callers are spread over them; an exclusive server
+    and instances never serve one name together (``NameTaken`` says which is there).
     ``start_listening()``/``serve()`` serve on this thread until ``stop()`` or Ctrl-C;
     ``start()`` (or ``with``) serves in background threads. A handler gets the payload (``str``
     with ``text=True``), and the ``Request`` too when it takes a second parameter; it returns
@@ -1317,6 +1619,7 @@ class Server:
         handshake_timeout: float = 5.0,
         frame_timeout: float = 10.0,
         write_timeout: float = 30.0,
+        shared: bool = False,
     ) -> None:
         check_name(name)
         if handler is not None and not callable(handler):
@@ -1355,7 +1658,9 @@ class Server:
         for m, h in (methods or {}).items():
             self.method(m, h)
         _ensure_dir(self._dir)
-        self._claim: Optional[_Claim] = _Claim(self._dir, name)
+        self._claim: Optional[_Claim] = _Claim(self._dir, name, shared)
+        self._socket_path = self._claim.sock_path
+        self._slot = self._claim.slot
         try:
             self._claim.prepare_socket_path()
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1389,7 +1694,13 @@ class Server:
 
     @property
     def socket_path(self) -> str:
-        return _socket_path(self._dir, self._name)
+        """The socket it serves on: the name's own, or (``shared=True``) its instance slot's."""
+        return self._socket_path
+
+    @property
+    def instance(self) -> Optional[int]:
+        """Its instance slot when it joined the name with ``shared=True``, else None."""
+        return self._slot
 
     def method(self, name: str, handler: Optional[Callable[..., Any]] = None) -> Any:
         """Adds a named method: ``server.method("step", f)``, or as a decorator
@@ -1582,6 +1893,7 @@ class Server:
                 conn = _SConn(sock, peer, self._next_conn)
                 self._next_conn += 1
                 self._conns[conn.number] = conn
+                self._record_connections()
                 self._handshaking += 1
         if full:
             msg = f"service '{self._name}' is at its limit of {self._max_connections} connections; try again later"
@@ -1599,6 +1911,12 @@ class Server:
             self._leave(conn)
 
     # -- one connection's threads
+
+    def _record_connections(self) -> None:
+        """An instance's load record, under ``self._lock`` (so that records never land out of
+        order, and never after ``_begin_stop`` took the claim)."""
+        if self._claim is not None and self._slot is not None:
+            self._claim.set_connections(len(self._conns))
 
     def _conn_thread(self, conn: _SConn, first: bool) -> None:
         try:
@@ -1622,6 +1940,7 @@ class Server:
             if conn.threads:
                 return
             self._conns.pop(conn.number, None)
+            self._record_connections()
             self._drained.notify_all()
         conn.cancel_all()
         conn.closed = True
@@ -1933,9 +2252,10 @@ class Server:
         self._stopping = True  # requests read from now on: 503 FLAG_NOT_RUN
         # The socket and lock go first: a new connect finds nothing (NoService) while the old
         # server drains, and none can land in a listener that no longer accepts.
-        if self._claim is not None:
-            self._claim.release()
-            self._claim = None
+        with self._lock:
+            claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
         if self._was_running:
             os.write(self._wake_w, b"x")
         return True
