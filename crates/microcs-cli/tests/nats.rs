@@ -427,6 +427,43 @@ fn served_locally_and_on_nats_is_one_instance() {
     assert!(text.starts_with("NAME") && !text.contains("WHERE"), "{text}");
 }
 
+/// `serve --instances N --nats URL`: each worker is a local instance and a NATS micro service of
+/// its own; `ls --nats` shows one row per worker, local and NATS merged where they are the same
+/// instance.
+#[test]
+fn instances_on_nats_too_are_one_row_each() {
+    let nats = nats_or_skip!();
+    let url = nats.url();
+    let url = url.as_str();
+    let (here, elsewhere) = (Env::new("insthere"), Env::new("instelse"));
+    let name = unique("CLI_INST");
+    let srv = here.serve(&[&name, "--echo", "--instances", "2", "--nats", url]);
+    assert_eq!(srv.ready["instances"], 2, "{}", srv.ready);
+    let workers: Vec<u64> =
+        srv.ready["workers"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap()).collect();
+    // Callers elsewhere go over NATS; the queue group spreads them over both workers.
+    for i in 0..20 {
+        let j = elsewhere.run(&["--json", "call", &name, &format!("m{i}"), "--nats", url]).ok().json();
+        assert_eq!(j["via"], "nats", "{j}");
+    }
+    let ls = here.run(&["ls", "--json", "--nats", url]).ok().json();
+    let rows = listed(&ls, &name);
+    assert_eq!(rows.len(), 2, "one row per worker: {ls}");
+    let mut pids: Vec<u64> = rows.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+    pids.sort_unstable();
+    let mut expected = workers.clone();
+    expected.sort_unstable();
+    assert_eq!(pids, expected, "{ls}");
+    for r in &rows {
+        assert_eq!(r["where"], serde_json::json!(["local", "nats"]), "{r}");
+        assert!(r["requests"].as_u64().unwrap() > 0, "both workers got some of the calls: {ls}");
+    }
+    let total: u64 = rows.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+    assert_eq!(total, 20, "{ls}");
+    let (status, _) = srv.terminate();
+    assert!(status.success());
+}
+
 #[test]
 fn credentials_come_from_the_environment_only() {
     // A broker of our own (even in the NATS stage: the shared one has no users), that wants a

@@ -403,6 +403,25 @@ def test_in_process_nats_only_servers(
         assert {c.request(b"") for _ in range(100)} == {b"a", b"b"}
 
 
+def test_shared_instances_on_nats_too_are_one_queue_group(nats_url: str, name: str, runtime_dir: Path) -> None:
+    # Two instances of one name (shared=True) that also serve on NATS: each is a NATS micro
+    # service of its own (its own id, its own counters), both in the name's queue group.
+    a = microcs.Server(lambda b: b"a", name, shared=True, nats=nats_url)
+    b = microcs.Server(lambda b: b"b", name, shared=True, nats=nats_url)
+    with a, b:
+        local = [s for s in microcs.list_services() if s.name == name]
+        assert sorted(s.instance for s in local if s.instance is not None) == [0, 1]
+        with microcs.Client(name, timeout=10, nats=nats_url, transport="nats") as c:
+            assert {c.request(b"") for _ in range(100)} == {b"a", b"b"}
+        on_nats = [s for s in microcs.list_services(nats=nats_url, timeout=2) if s.name == name and "nats" in s.where]
+        assert sorted(s.id for s in on_nats) == sorted(s.id for s in local)
+        counts = [srv.stats()["endpoints"][0]["num_requests"] for srv in (a, b)]
+        assert sum(counts) == 100 and min(counts) > 0, counts
+        assert {a.stats()["id"], b.stats()["id"]} == {s.id for s in local}
+    assert [s for s in microcs.list_services() if s.name == name] == []
+    assert [s for s in microcs.list_services(nats=nats_url, timeout=0.5) if s.name == name] == []
+
+
 def test_async_handlers_on_nats_and_locally(nats_url: str, name: str, runtime_dir: Path, other_dir: Path) -> None:
     # A server with an async handler is the tokio server: on the local socket and on NATS.
     async def upper(data: bytes, req: microcs.Request) -> bytes:

@@ -1037,3 +1037,6 @@ fn a_server_on_nats_too_restores_or_gives_up_its_local_name_blocking_server() {
 fn a_server_on_nats_too_restores_or_gives_up_its_local_name_tokio_server() {
     local_name_lost_with_nats_too("serve-tokio");
 }
+
+/// Instances of a shared name on NATS (after the macros above, which it uses).
+mod instances;
