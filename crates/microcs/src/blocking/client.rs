@@ -369,7 +369,8 @@ impl Client {
         &self.name
     }
 
-    /// The socket this client connects to.
+    /// The socket this client is connected to (or was, last): the name's own socket, or (a
+    /// name served by several instances) the socket of the instance it reached.
     pub fn socket_path(&self) -> &Path {
         &self.path
     }

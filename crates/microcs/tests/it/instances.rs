@@ -420,3 +420,60 @@ fn an_idle_client_of_a_killed_instance_is_answered_by_another_without_an_error()
     assert_eq!(lines, ["call 0", "call 1", "call 2", "call 3"], "each ran exactly once");
     drop(b);
 }
+
+/// Both clients report the socket of the instance they are connected to (`<name>@<slot>.sock`),
+/// not the name's own socket, which does not exist while instances serve it; and follow when
+/// they move to another instance.
+#[test]
+fn clients_report_the_socket_of_the_instance_they_reached() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("sockpath");
+    let name = unique("SOCKPATH");
+    let a = instance(&dir, "serve", &name);
+    let b = instance(&dir, "serve-tokio", &name);
+    let listed = slots(&dir, &name);
+    let socket_of = |pid: u32| {
+        let slot = listed.iter().find(|s| s.1 == pid).expect("listed").0;
+        dir.path().join(format!("{name}@{slot}.sock"))
+    };
+    let mut blocking = dir.client(&name).connect().unwrap();
+    let first = pid_of(&mut blocking).unwrap();
+    assert_eq!(blocking.socket_path(), socket_of(first));
+    assert!(blocking.socket_path().exists());
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = microcs::tokio::Client::builder(&name).runtime_dir(dir.path()).connect().await.unwrap();
+        // The other instance (the blocking client holds one connection to the first).
+        let pid = client.server_pid().unwrap();
+        assert_ne!(pid, first);
+        assert_eq!(client.socket_path(), socket_of(pid));
+        // That instance killed: the client goes on with the other, and says so.
+        let (victim, survivor) = if pid == a.pid { (a, b) } else { (b, a) };
+        victim.kill9();
+        let moved = eventually_async(Duration::from_secs(15), || async {
+            let Ok(answered) = client.call("pid", b"").await else { return None };
+            let on = String::from_utf8(answered).unwrap();
+            (on == survivor.pid.to_string()
+                && client.server_pid() == Some(survivor.pid)
+                && client.socket_path() == socket_of(survivor.pid))
+            .then_some(())
+        })
+        .await;
+        assert!(moved.is_some(), "now on {:?} at {}", client.server_pid(), client.socket_path().display());
+        drop(survivor);
+    });
+
+    // An exclusive server: both report the name's own socket.
+    let solo = unique("SOLO");
+    let h =
+        dir.server(&solo).bind().unwrap().spawn(|r: Request| Ok::<_, RemoteError>(r.into_payload())).unwrap();
+    let own = dir.path().join(format!("{solo}.sock"));
+    assert_eq!(dir.client(&solo).connect().unwrap().socket_path(), own);
+    let path = rt.block_on(async {
+        let c = microcs::tokio::Client::builder(&solo).runtime_dir(dir.path()).connect().await.unwrap();
+        c.socket_path()
+    });
+    assert_eq!(path, own);
+    h.shutdown();
+}

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,6 +36,9 @@ pub(super) struct Conn {
     /// The loop that reads the connection's frames and hands them out (`None` once it ended).
     /// The reader task drives it; a lone caller drives it too while it waits (see `Reader`).
     pub(super) reader: Reader,
+    /// The socket it was opened on (the name's, or its instance's), for
+    /// [`Client::socket_path`](super::Client::socket_path).
+    pub(super) path: PathBuf,
 }
 
 /// The connection's read loop, as a future that more than one task may poll (one at a time).

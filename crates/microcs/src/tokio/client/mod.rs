@@ -30,7 +30,7 @@ mod stream;
 pub use stream::ItemStream;
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -385,9 +385,18 @@ impl Client {
         &self.shared.name
     }
 
-    /// The socket this client connects to.
-    pub fn socket_path(&self) -> &Path {
-        &self.shared.path
+    /// The socket this client is connected to: the name's own socket, or (a name served by
+    /// several instances) the socket of the instance the next request would use, as
+    /// [`server_pid`](Client::server_pid) reports it. While no connection is usable, the socket
+    /// it last connected to; before any (a client that went to NATS), the name's socket.
+    ///
+    /// An owned path, unlike the blocking client's `&Path`: the clones of a client share its
+    /// connections, and the one in use may change under any of them.
+    pub fn socket_path(&self) -> PathBuf {
+        if let Some(c) = self.shared.current() {
+            return c.path.clone();
+        }
+        self.shared.pool().last_path.clone().unwrap_or_else(|| self.shared.path.clone())
     }
 
     /// The per-request timeout of this handle.
@@ -594,6 +603,7 @@ impl Client {
             let mut pool = self.shared.pool();
             // An instance: look for the others at the next request.
             pool.refresh = conn.slot.filter(|_| self.shared.instance.is_none()).map(|_| Instant::now());
+            pool.last_path = Some(conn.path.clone());
             std::mem::replace(&mut pool.conns, vec![conn.clone()])
         };
         for old in old {
@@ -769,6 +779,7 @@ impl Client {
             deadlines: Notify::new(),
             slot: target.slot,
             reader: Default::default(),
+            path: target.path.clone(),
         });
         ::tokio::spawn(writer_task(conn.clone()));
         start_reader(&conn, rbuf, decode_limit);
@@ -790,6 +801,9 @@ struct Pool {
     /// When to look for more instances (`None`: the name has an exclusive server, or no
     /// connection is open).
     refresh: Option<Instant>,
+    /// The socket of the connection opened last, for [`Client::socket_path`] once every
+    /// connection is gone.
+    last_path: Option<PathBuf>,
 }
 
 impl Shared {
@@ -820,7 +834,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("name", &self.shared.name)
-            .field("path", &self.shared.path)
+            .field("path", &self.socket_path())
             .field("timeout", &self.timeout)
             .field("server_pid", &self.server_pid())
             .finish()
