@@ -182,7 +182,9 @@ pub struct ServeArgs {
     pub methods: Vec<(String, String)>,
 
     /// Commands run at once, at most; further requests wait for a free slot (until their
-    /// deadline) [default: the number of CPUs].
+    /// deadline) [default: the number of CPUs]. With --life: generations computed at once, at
+    /// most (`--jobs 1`: one request at a time, as a service whose state is behind one lock)
+    /// [default: no limit, each connection's requests on a thread of their own].
     #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub jobs: Option<u32>,
 

@@ -3,7 +3,8 @@
 //!
 //! Each command runs in a process group of its own, so that killing it (deadline passed, caller
 //! cancelled, reply too large, second Ctrl-C) also kills whatever it started, e.g. the pipeline of
-//! an `sh -c` method. A bounded number run at once ([`Slots`]).
+//! an `sh -c` method. A bounded number run at once ([`Slots`]); so do the in-process handlers of
+//! `serve --life` when `--jobs` is given ([`Runner::run_in_slot`]).
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -20,6 +21,8 @@ use rustix::process::{Pid, Signal};
 
 /// How often a waiting request looks at its cancel flag (it has no wake-up of its own).
 const TICK: Duration = Duration::from_millis(10);
+/// What a request that gave up waiting for a slot was doing.
+const WAITING: &str = "while waiting for a free slot (see serve --jobs)";
 /// Stderr kept for the error message: its last this-many bytes.
 const STDERR_KEEP: usize = 4096;
 /// After a kill, how long to wait for the pipes to close before abandoning their reader threads
@@ -74,6 +77,21 @@ pub struct SlotGuard(Arc<Runner>);
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         self.0.slots.give_back();
+    }
+}
+
+/// A stream's items with the slot they hold (see [`Runner::stream_slot`]): freed when the
+/// stream is dropped, at its end or when the caller leaves.
+pub struct InSlot<I> {
+    pub items: I,
+    pub _slot: SlotGuard,
+}
+
+impl<I: Iterator> Iterator for InSlot<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        self.items.next()
     }
 }
 
@@ -260,6 +278,36 @@ impl Runner {
         }
     }
 
+    /// Runs an in-process handler (`serve --life --jobs N`) for `req` in one of the slots,
+    /// waiting for one while the request is still wanted.
+    ///
+    /// # Errors
+    ///
+    /// 408 or 499 when the caller's deadline passed or it cancelled while waiting; else what
+    /// `handler` returns.
+    pub fn run_in_slot<T>(
+        &self,
+        req: Request,
+        handler: impl FnOnce(Request) -> Result<T, RemoteError>,
+    ) -> Result<T, RemoteError> {
+        let Some(_slot) = self.slots.acquire(&req) else {
+            return Err(gave_up(&req, WAITING));
+        };
+        handler(req)
+    }
+
+    /// A slot for a stream, held until the guard is dropped (with the stream's items).
+    ///
+    /// # Errors
+    ///
+    /// As [`run_in_slot`](Runner::run_in_slot), while waiting.
+    pub fn stream_slot(self: &Arc<Self>, req: &Request) -> Result<SlotGuard, RemoteError> {
+        if !self.slots.take(req) {
+            return Err(gave_up(req, WAITING));
+        }
+        Ok(SlotGuard(self.clone()))
+    }
+
     /// Kills every command running now (with its process group).
     pub fn kill_all(&self) {
         for &pg in self.running.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -276,7 +324,7 @@ impl Runner {
     /// when the caller cancelled; 413 when it writes more than the reply limit.
     pub fn run(&self, program: &Program, req: Request) -> Result<Vec<u8>, RemoteError> {
         let Some(_slot) = self.slots.acquire(&req) else {
-            return Err(gave_up(&req, "while waiting for a free slot (see serve --jobs)"));
+            return Err(gave_up(&req, WAITING));
         };
         let (child, pgid) = self.start(program, &req)?;
         let result = self.supervise(child, pgid, &req);
@@ -318,10 +366,7 @@ impl Runner {
     ///
     /// Before any item: no free slot in time, or the command cannot start.
     pub fn run_lines(self: &Arc<Self>, program: &Program, req: Request) -> Result<Lines, RemoteError> {
-        if !self.slots.take(&req) {
-            return Err(gave_up(&req, "while waiting for a free slot (see serve --jobs)"));
-        }
-        let slot = SlotGuard(self.clone());
+        let slot = self.stream_slot(&req)?;
         let (mut child, pgid) = self.start(program, &req)?;
         let (tx, rx) = mpsc::channel();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {

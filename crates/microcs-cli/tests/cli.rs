@@ -496,6 +496,56 @@ fn life_service_steps_boards_and_rejects_bad_ones() {
     assert!(out.stderr.contains("400") && out.stderr.contains("row 2, column 2"), "{}", out.stderr);
 }
 
+/// `--life --jobs 1` computes one request at a time (a serial service, as one behind a lock):
+/// while a stream of generations holds the one slot, another request waits and times out; once
+/// the stream is gone, requests are answered again. Without `--jobs` the same request is
+/// answered at once.
+#[test]
+fn life_with_jobs_1_serves_one_request_at_a_time() {
+    let env = Env::new("lifejobs");
+    let glider = ".#......\n..#.....\n###.....\n........\n........\n........\n";
+    for serial in [false, true] {
+        let name = env.name(if serial { "LSERIAL" } else { "LPARALLEL" });
+        let mut args = vec![name.as_str(), "--life"];
+        if serial {
+            args.extend(["--jobs", "1"]);
+        }
+        let _srv = env.serve(&args);
+        // 100000 generations streamed to a caller that stops reading after the first bytes:
+        // the stream stays open (no credit), holding its slot, until the caller is killed.
+        let mut holder = env
+            .cmd(&["call", &name, "-m", "run", "--stream", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut input = holder.stdin.take().unwrap();
+        input.write_all(format!("100000\n{glider}").as_bytes()).unwrap();
+        drop(input);
+        let mut first = [0u8; 1];
+        holder.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+
+        let out = env.run_with(&["call", &name, "-t", "500ms", "-"], glider.as_bytes());
+        if serial {
+            assert_eq!(out.code(), 1, "waits for the slot: {}", out.stderr);
+        } else {
+            assert_eq!(out.ok().text().lines().count(), 6);
+        }
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        // The stream is cancelled when its caller goes, and frees its slot.
+        let t0 = Instant::now();
+        loop {
+            let out = env.run_with(&["call", &name, "-t", "2s", "-"], glider.as_bytes());
+            if out.code() == 0 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "the slot was never freed: {}", out.stderr);
+        }
+    }
+}
+
 #[test]
 fn exit_codes_0_1_2() {
     let env = Env::new("codes");

@@ -1,14 +1,18 @@
 """Throughput of a CPU-bound service with 1 and 2 instances, and how callers spread over them.
 
-The service is the Game of Life on a 512x512 board: the Rust one (``microcs serve --life
---instances N``, method ``steps``: 10 generations per request) and the pure-Python one of
-``examples/workers.py`` (one generation per request). Callers are threads with a blocking
+The service is the Game of Life on a 512x512 board, in three kinds: ``rust`` (``microcs serve
+--life --instances N``, method ``steps``: 10 generations per request; one instance already uses
+every CPU, a thread per connection, so a second one adds isolation, not throughput),
+``rust-serial`` (the same with ``--jobs 1``: each instance computes one request at a time, as a
+stateful service behind one lock does, so instances are what uses more CPUs) and ``python``
+(the pure-Python handler of ``examples/workers.py``, one generation per request; the GIL makes
+each instance serial). Callers are threads with a blocking
 ``Client`` each (a connection each: balanced by the instances' connection counts when they
 connect) or one ``AsyncClient`` with that many tasks (one connection per instance, each request
 on the connection with the fewest requests in flight). Requests per instance come from each
 instance's own ``$stats`` (``microcs stats --instance K``).
 
-    python bench/instances.py [--seconds 8] [--runs 3] [--cpus 0,1]
+    python bench/instances.py [--seconds 8] [--runs 3] [--cpus 0,1] [--kinds rust,rust-serial,python]
 
 Prints one JSON line per measurement and a summary table. Each run starts the servers afresh;
 the median of the runs is reported.
@@ -37,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 MICROCS = Path(os.environ.get("MICROCS_BIN", ROOT / "target" / "release" / "microcs"))
 WORKERS = HERE.parent / "examples" / "workers.py"
+#: The Rust kinds: the extra options of `microcs serve --life` for each.
+RUST_KINDS = {"rust": [], "rust-serial": ["--jobs", "1"]}
 
 
 def board(n: int) -> bytes:
@@ -46,8 +52,8 @@ def board(n: int) -> bytes:
 
 def start(kind: str, name: str, instances: int, env: dict[str, str], cpus: str | None) -> subprocess.Popen[bytes]:
     pin = ["taskset", "-c", cpus] if cpus else []
-    if kind == "rust":
-        cmd = [*pin, str(MICROCS), "serve", name, "--life", "--instances", str(instances)]
+    if kind in RUST_KINDS:
+        cmd = [*pin, str(MICROCS), "serve", name, "--life", *RUST_KINDS[kind], "--instances", str(instances)]
     else:
         cmd = [*pin, sys.executable, str(WORKERS), name, str(instances)]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,11 +139,11 @@ def measure(kind: str, instances: int, callers: int, client: str, seconds: float
     d = tempfile.mkdtemp(prefix="mcs-bench-", dir="/tmp")
     os.environ["MICROCS_RUNTIME_DIR"] = d
     env = dict(os.environ)
-    name = f"LIFE_{kind.upper()}"
+    name = f"LIFE_{kind.upper().replace('-', '_')}"
     p = start(kind, name, instances, env, cpus)
     try:
         # Rust: 10 generations per request (method steps); Python: one (the default handler).
-        method, payload = ("steps", b"10\n" + board(512)) if kind == "rust" else ("", board(512))
+        method, payload = ("steps", b"10\n" + board(512)) if kind in RUST_KINDS else ("", board(512))
         drive = drive_blocking if client == "blocking" else drive_async
         n, elapsed = drive(name, method, payload, callers, seconds)
         spread = per_instance(name, env)
@@ -161,8 +167,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cpus", default=None, help="pin the servers (taskset -c LIST)")
-    ap.add_argument("--kinds", default="rust,python")
+    ap.add_argument("--kinds", default="rust,rust-serial,python", help="of rust, rust-serial, python")
     args = ap.parse_args()
+    for kind in args.kinds.split(","):
+        if kind not in (*RUST_KINDS, "python"):
+            ap.error(f"unknown kind {kind!r}; use rust, rust-serial or python")
     cases = []
     for kind in args.kinds.split(","):
         for instances in (1, 2):
@@ -177,11 +186,11 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             results.setdefault(case, []).append(r)
     print()
-    print(f"{'service':8} {'inst':>4} {'callers':>7} {'client':8} {'req/s (median)':>15} {'spread (median run)':>22}")
+    print(f"{'service':11} {'inst':>4} {'callers':>7} {'client':8} {'req/s (median)':>15} {'spread (median run)':>22}")
     for case, rs in results.items():
         med = statistics.median(float(str(r["per_s"])) for r in rs)
         mid = sorted(rs, key=lambda r: float(str(r["per_s"])))[len(rs) // 2]
-        print(f"{case[0]:8} {case[1]:>4} {case[2]:>7} {case[3]:8} {med:>15.2f} {str(mid['spread']):>22}")
+        print(f"{case[0]:11} {case[1]:>4} {case[2]:>7} {case[3]:8} {med:>15.2f} {str(mid['spread']):>22}")
     for kind in args.kinds.split(","):
         one = statistics.median(float(str(r["per_s"])) for r in results[(kind, 1, 4, "blocking")])
         two = statistics.median(float(str(r["per_s"])) for r in results[(kind, 2, 4, "blocking")])

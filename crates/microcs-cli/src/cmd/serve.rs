@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::cli::{ServeArgs, Way};
 use crate::error::{CliError, CliResult};
-use crate::exec::{Program, Runner};
+use crate::exec::{InSlot, Program, Runner};
 use crate::life;
 use crate::net;
 use crate::output::{Ctx, print_json};
@@ -24,6 +24,20 @@ struct Stop {
 }
 
 type Handler = Box<dyn Fn(Request) -> Result<Vec<u8>, RemoteError> + Send + Sync>;
+/// The items of the `--life` stream `run`.
+type Items = Box<dyn Iterator<Item = Result<String, RemoteError>> + Send>;
+
+/// `handler` for `req`, in one of the `--jobs` slots when `limit` is given (`--life --jobs N`).
+fn in_slot<T>(
+    limit: Option<&Runner>,
+    req: Request,
+    handler: impl FnOnce(Request) -> Result<T, RemoteError>,
+) -> Result<T, RemoteError> {
+    match limit {
+        Some(r) => r.run_in_slot(req, handler),
+        None => handler(req),
+    }
+}
 
 /// `{"event":"ready",...}`, printed on stdout with `--json` once the service takes requests.
 #[derive(Serialize)]
@@ -145,8 +159,21 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> CliResult {
         Box::new(|req: Request| Ok(req.into_payload()))
     } else if args.life {
         handler_desc = "game of life".to_owned();
-        builder = builder.method("steps", life::steps).stream_method("run", life::run);
-        Box::new(|req| life::next_generation(req).map(String::into_bytes))
+        // With --jobs, at most that many generations are computed at once (`--jobs 1`: one
+        // request at a time, as a stateful service behind one lock); else one per request.
+        let limit = args.jobs.map(|_| runner.clone());
+        let (l1, l2) = (limit.clone(), limit.clone());
+        builder = builder.method("steps", move |req| in_slot(l1.as_deref(), req, life::steps)).stream_method(
+            "run",
+            move |req: Request| match &l2 {
+                Some(r) => {
+                    let _slot = r.stream_slot(&req)?;
+                    life::run(req).map(|items| Box::new(InSlot { items, _slot }) as Items)
+                }
+                None => life::run(req).map(|items| Box::new(items) as Items),
+            },
+        );
+        Box::new(move |req| in_slot(limit.as_deref(), req, life::next_generation).map(String::into_bytes))
     } else if !args.command.is_empty() {
         let program = Program::Exec(args.command.clone());
         handler_desc =
@@ -213,8 +240,13 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> CliResult {
         (None, Some(url)) => format!("on NATS at {url} only"),
         (None, None) => unreachable!("checked: NATS only has a URL"),
     };
+    let at_once = if args.life && args.jobs.is_none() {
+        "no limit on requests at once".to_owned()
+    } else {
+        format!("up to {jobs} at once")
+    };
     note!(
-        "microcs: serving '{name}' (pid {}) {place}: {handler_desc}{}; up to {jobs} at once. Ctrl-C to stop.",
+        "microcs: serving '{name}' (pid {}) {place}: {handler_desc}{}; {at_once}. Ctrl-C to stop.",
         std::process::id(),
         if methods.is_empty() { String::new() } else { format!(", methods: {}", methods.join(", ")) },
     );
