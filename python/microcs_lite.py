@@ -21,6 +21,10 @@ Call, from another process::
     with microcs.Client("LIFE_GEN", timeout=5.0) as client:
         print(client.request(b"give me some data back"))
 
+Several processes behind one name: each serves it with ``Server(step, "LIFE_GEN", shared=True)``
+(pure-Python and Rust instances may mix), and each new client connects to the instance with the
+fewest connections.
+
 What it does not have: ``AsyncClient``, NATS, the interrupt check of a waiting call (Ctrl-C
 still interrupts it: the request is cancelled and the client stays usable). Python >= 3.9, Linux.
 """
