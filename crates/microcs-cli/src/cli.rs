@@ -214,6 +214,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
 
+    /// Serve on the listening socket systemd passed (socket activation: LISTEN_PID,
+    /// LISTEN_FDS), which must be the name's socket: ListenStream=%t/microcs/NAME.sock in the
+    /// .socket unit (docs/ACTIVATION.md has a unit to copy). Started without one (by hand), it
+    /// binds the socket as usual. The socket stays when the service stops, so the next call
+    /// starts it again (pair it with --idle-timeout).
+    #[arg(long, conflicts_with_all = ["shared", "instances"])]
+    pub socket_activation: bool,
+
     /// Offer shared memory to clients that ask for it (`--shm` on call/ping/bench, or
     /// MICROCS_SHM=1): their frames then move through rings in a sealed memfd instead of the
     /// socket (docs/PROTOCOL.md § 18) [default: off].

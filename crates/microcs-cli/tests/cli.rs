@@ -1211,3 +1211,38 @@ fn microcs_stop_ends_a_supervised_service_and_its_supervisor() {
     assert!(err.contains("stopped cleanly; not restarting"), "{err}");
     assert!(instances(&env, &name).is_empty());
 }
+
+#[test]
+fn serve_socket_activation_serves_on_the_socket_systemd_would_pass() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("sockact");
+    let name = env.name("SOCKACT");
+    let path = env.dir.join(format!("{name}.sock"));
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    // As systemd starts it: the socket as fd 3, LISTEN_PID the server's own pid. Each request
+    // runs `sh -c ...`, which shows whether the variables reached it.
+    let script = r#"exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" serve "$1" --socket-activation --idle-timeout 1s -- sh -c 'echo ${LISTEN_FDS:-unset}'"#;
+    let server = Command::new("sh")
+        .args(["-c", script, EXE, &name])
+        .env("MICROCS_RUNTIME_DIR", &env.dir)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener.try_clone().unwrap())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = env.run(&["call", &name, "x"]).ok();
+    assert_eq!(out.text().trim(), "unset", "the command saw LISTEN_FDS");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().ino(),
+        ino,
+        "it bound a socket of its own instead of the passed one"
+    );
+    // Idle, it exits 0, and the socket stays for systemd's next start.
+    let exited = wait_output(server, &["serve", "--socket-activation"]);
+    assert!(exited.status.success(), "{}", exited.stderr);
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino, "the socket was removed on exit");
+    // Not with instances (each binds a socket of its own): a usage error.
+    let out = env.run(&["serve", &name, "--socket-activation", "--instances", "2", "--echo"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+}

@@ -69,3 +69,33 @@ def test_a_server_with_an_idle_timeout_returns_from_serve(runtime_dir: Path, nam
     assert 0.5 <= time.monotonic() - t < 25
     assert not server.running
     assert not any(s.name == name for s in microcs.list_services(runtime_dir))
+
+
+def test_a_server_serves_on_the_socket_systemd_passes(runtime_dir: Path, name: str) -> None:
+    import os
+    import socket
+    import subprocess
+
+    path = runtime_dir / f"{name}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    ino = path.stat().st_ino
+    wrapper = 'exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$1" "$2"'
+    proc = subprocess.Popen(
+        ["sh", "-c", wrapper, sys.executable, str(PEERS / "socket_activated.py"), name],
+        stdin=listener.fileno(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"READY {proc.pid}"
+        with microcs.Client(name, timeout=10, activate=False) as c:
+            assert int(c.call("pid")) == proc.pid
+            assert c.call("env", b"LISTEN_FDS") == b"unset"
+        assert path.stat().st_ino == ino, "it bound a socket of its own"
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()

@@ -199,6 +199,11 @@ pub(crate) struct Meta {
     /// names the owner).
     #[serde(default)]
     pub ready: bool,
+    /// The socket was bound by a service manager (socket activation) and outlives the server:
+    /// reclaiming a crashed owner's entry leaves it in place, so the manager can start the
+    /// service again on the next connection.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inherited: bool,
 }
 
 /// A running service, as found by [`list`].
@@ -310,9 +315,12 @@ fn probe_entry(dir: &Path, name: &Name, slot: Option<u32>) -> Result<Option<Serv
     match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {
             // Nobody holds it: the owner is gone. Reclaim, unless a new server re-created the
-            // file between our open and our lock (then the path no longer names our inode).
+            // file between our open and our lock (then the path no longer names our inode). A
+            // socket a service manager bound stays: it starts the service on the next call.
             if same_file(&file, &lock_path) {
-                remove_if_socket(&sock_path);
+                if !read_meta(&file).is_some_and(|m| m.inherited) {
+                    remove_if_socket(&sock_path);
+                }
                 let _ = fs::remove_file(&lock_path);
                 tracing::debug!(name = %name, slot, "reclaimed stale registry entry");
             }
@@ -684,6 +692,9 @@ pub(crate) struct Claim {
     /// Inode of the socket we bound, so that Drop removes our socket and nothing else, and
     /// [`Claim::intact`] sees when the path names another file.
     sock_ino: Option<(u64, u64)>,
+    /// The socket was passed by a service manager (socket activation; see [`Claim::adopt`]):
+    /// it is not ours to remove.
+    inherited: bool,
     /// For an instance: the name's lock, held shared, and the slot (then `lock`, `lock_path`
     /// and `sock_path` are the slot's files).
     member: Option<Membership>,
@@ -702,6 +713,7 @@ impl Claim {
             lock_path,
             sock_path,
             sock_ino: None,
+            inherited: false,
             member: None,
         })
     }
@@ -725,6 +737,7 @@ impl Claim {
             lock_path,
             sock_path: slot_socket_path(dir, name, slot)?,
             sock_ino: None,
+            inherited: false,
             member: Some(Membership { mode, mode_path, slot, connections: Default::default() }),
         })
     }
@@ -758,10 +771,38 @@ impl Claim {
         let listener = UnixListener::bind(&path)
             .map_err(|e| Error::io(format_args!("cannot bind {}", path.display()), e))?;
         self.socket_bound()?;
+        self.inherited = false;
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io(format_args!("cannot configure {}", path.display()), e))?;
         Ok(listener)
+    }
+
+    /// Serves on a socket a service manager bound at the name's socket path and passed to this
+    /// process (socket activation; `transport::inherited` checked that it is bound to that
+    /// path): records the file at the path as ours to watch ([`intact`](Claim::intact)), but
+    /// never removes it — it outlives this server, and the manager starts the service again
+    /// when the next client connects.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::PermissionDenied`] when what is at the path is not a socket;
+    /// [`ErrorKind::Io`] when it cannot be inspected.
+    pub(crate) fn adopt(&mut self) -> Result<()> {
+        let md = fs::symlink_metadata(&self.sock_path)
+            .map_err(|e| Error::io(format_args!("cannot inspect {}", self.sock_path.display()), e))?;
+        if !md.file_type().is_socket() {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "refusing the inherited socket: {} is not a socket file any more",
+                    self.sock_path.display()
+                ),
+            ));
+        }
+        self.sock_ino = Some((md.dev(), md.ino()));
+        self.inherited = true;
+        Ok(())
     }
 
     /// Whether the lock file and the socket at their paths are still the ones this claim holds
@@ -838,7 +879,8 @@ impl Claim {
 
     /// Writes the owner's metadata as the lock file's first line.
     pub(crate) fn write_meta(&self, meta: &Meta) -> Result<()> {
-        let mut line = serde_json::to_vec(meta).expect("metadata serialises");
+        let meta = Meta { inherited: self.inherited, ..meta.clone() };
+        let mut line = serde_json::to_vec(&meta).expect("metadata serialises");
         line.push(b'\n');
         let mut f = &self.lock;
         f.seek(SeekFrom::Start(0))
@@ -898,7 +940,12 @@ impl Claim {
     }
 
     /// Removes the socket (so new clients see the service gone at once) while keeping the lock.
+    /// Not a socket a service manager passed: that one stays for the manager's next start.
     pub(crate) fn remove_socket(&mut self) {
+        if self.inherited {
+            self.sock_ino = None;
+            return;
+        }
         if let Some((dev, ino)) = self.sock_ino.take() {
             match fs::symlink_metadata(&self.sock_path) {
                 Ok(md) if md.file_type().is_socket() && md.dev() == dev && md.ino() == ino => {
@@ -991,6 +1038,7 @@ mod tests {
             id: "i".into(),
             methods: vec![],
             ready: true,
+            inherited: false,
         }
     }
 

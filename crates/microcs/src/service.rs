@@ -391,6 +391,9 @@ pub(crate) struct Config {
     pub shared: bool,
     /// Stop after this long without requests.
     pub idle_timeout: Option<Duration>,
+    /// Serve on the listening socket a service manager passed (systemd socket activation),
+    /// when it passed one for the name.
+    pub socket_activation: bool,
     /// Offer shared memory to clients that ask (PROTOCOL.md § 18).
     pub shared_memory: bool,
     /// Bytes of each shared-memory ring (a power of two, 4 KiB-64 MiB).
@@ -413,6 +416,7 @@ impl Default for Config {
             send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
             shared: false,
             idle_timeout: idle_timeout_from_env(),
+            socket_activation: false,
             shared_memory: crate::transport::shm::DEFAULT_SHM,
             ring_capacity: crate::transport::shm::DEFAULT_RING_CAPACITY,
         }
@@ -483,6 +487,8 @@ pub(crate) fn meta(started_ms: u64, identity: &Identity, id: &str, methods: &[St
         // The instance id exists once the server serves; before that the entry only names the
         // owner (for `NameTaken`), and `list()` does not show it.
         ready: !id.is_empty(),
+        // Set by the claim (`Claim::write_meta`), which knows.
+        inherited: false,
     }
 }
 
@@ -507,15 +513,38 @@ pub(crate) fn claim_and_bind(
     name: String,
     dir: Option<PathBuf>,
     identity: &Identity,
-    shared: bool,
+    config: &Config,
 ) -> Result<Bound> {
     let name = Name::new(name)?;
     let dir = dir.unwrap_or_else(registry::runtime_dir);
+    let shared = config.shared;
+    if shared && config.socket_activation {
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            format!(
+                "'{name}': socket activation serves a name from one socket, so it cannot be combined \
+                 with shared instances (each instance binds a socket of its own); drop one of the two"
+            ),
+        ));
+    }
     registry::socket_path(&dir, &name)?;
     registry::ensure_dir(&dir)?;
     let mut claim = if shared { Claim::take_instance(&dir, &name)? } else { Claim::take(&dir, &name)? };
     let started_ms = registry::now_ms();
-    let listener = claim.bind()?;
+    // The name is claimed first (the flock), so the ownership rules hold for a socket-activated
+    // server too: a second one gets `NameTaken` and never touches the socket.
+    let inherited = if config.socket_activation {
+        crate::transport::inherited::take_listener(claim.socket_path())?
+    } else {
+        None
+    };
+    let listener = match inherited {
+        Some(listener) => {
+            claim.adopt()?;
+            listener
+        }
+        None => claim.bind()?,
+    };
     // Owner's pid for competitors' `NameTaken`; not ready (not listed) until the server serves.
     claim.write_meta(&meta(started_ms, identity, "", &[]))?;
     tracing::debug!(service = %name, path = %claim.socket_path().display(), slot = ?claim.slot(), "bound");
@@ -737,6 +766,33 @@ macro_rules! common_server_options {
         /// starts it again; any other server runs until it is stopped. `None` turns it off.
         pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
             self.config.idle_timeout = timeout;
+            self
+        }
+
+        /// Serves on the listening socket a service manager passed to this process —
+        /// systemd socket activation (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`; see
+        /// `sd_listen_fds(3)` and docs/ACTIVATION.md) — instead of binding one (default: off).
+        ///
+        /// The socket must be the name's socket in the runtime directory: the `.socket` unit
+        /// says `ListenStream=%t/microcs/NAME.sock` (with `DirectoryMode=0700` and
+        /// `SocketMode=0600`), and the service runs with that runtime directory. The server
+        /// still claims the name (its lock), so a name keeps one live owner; a passed socket
+        /// bound elsewhere, or not a listening Unix stream socket, is an
+        /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) error at bind that says
+        /// what was passed and what the unit must say. When nothing was passed to this process
+        /// (started by hand, or `LISTEN_PID` is another process's), the server binds its socket
+        /// as usual, so one command line works both ways. The socket is left in place when the
+        /// server stops (it is the manager's), so the next connection starts the service again:
+        /// with an [idle timeout](Self::idle_timeout) the service runs only while used.
+        ///
+        /// The passed descriptors are taken once per process, the first time a server asks:
+        /// the three variables are removed from the environment then (so programs this one
+        /// starts do not see them; do it before starting threads that call C code reading the
+        /// environment) and every passed socket is kept for the servers of this process, each
+        /// taking the one bound to its own path. Do not hand them to another socket-activation
+        /// library as well. Not with [`shared`](Self::shared) (an error).
+        pub fn socket_activation(mut self, on: bool) -> Self {
+            self.config.socket_activation = on;
             self
         }
     };

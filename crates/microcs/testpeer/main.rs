@@ -18,7 +18,8 @@
 //! microcs-peer fork-tokio NAME N   the same with the async client
 //! ```
 //! Server options from the environment: PEER_GRACE_MS, PEER_WRITE_TIMEOUT_MS, PEER_MAX_PENDING,
-//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_SHM (1: offer shared memory), PEER_LOG (file for the `record` method), PEER_NATS (also
+//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_SHM (1: offer shared memory), PEER_SOCKET_ACTIVATION
+//! (serve on a socket passed with LISTEN_FDS), PEER_LOG (file for the `record` method), PEER_NATS (also
 //! serve on this NATS server; feature `nats`).
 //! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
 
@@ -195,7 +196,7 @@ fn build(name: &str) -> microcs::Result<Server> {
         Duration::from_millis(std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
     };
     let pending = std::env::var("PEER_MAX_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
-    let mut builder = Server::builder(name);
+    let mut builder = Server::builder(name).socket_activation(socket_activation());
     if shared() {
         builder = builder.shared();
     }
@@ -224,6 +225,10 @@ fn build(name: &str) -> microcs::Result<Server> {
         .version("1.2.3")
         .description("test peer")
         .method("pid", |_req: Request| Ok::<_, RemoteError>(std::process::id().to_string()))
+        // The value of an environment variable of the server, or "unset".
+        .method("env", |req: Request| {
+            Ok::<_, RemoteError>(std::env::var(req.text()?).unwrap_or_else(|_| "unset".into()))
+        })
         .method("peer", |req: Request| {
             let p = req.peer();
             Ok::<_, RemoteError>(format!("{} {} {}", p.pid, p.uid, p.gid))
@@ -294,6 +299,11 @@ fn build(name: &str) -> microcs::Result<Server> {
 /// `PEER_SHARED`: join the name as one of its instances.
 fn shared() -> bool {
     std::env::var_os("PEER_SHARED").is_some()
+}
+
+/// PEER_SOCKET_ACTIVATION: serve on the socket passed with LISTEN_FDS, when there is one.
+fn socket_activation() -> bool {
+    std::env::var_os("PEER_SOCKET_ACTIVATION").is_some()
 }
 
 /// `send_buffer` for the server, if PEER_SEND_BUFFER says (else the library's default).
@@ -414,12 +424,15 @@ mod async_peer {
                 .expect("spawn");
             println!("READY {}", std::process::id());
             std::io::stdout().flush().unwrap();
-            // Serve until the test closes our stdin (or kills us), or the server stops by itself.
+            // Serve until the test closes our stdin (or kills us), or the server stops by itself;
+            // with PEER_FOREVER (stdin is not the test's), until killed.
             let trigger = handle.shutdown_trigger();
-            std::thread::spawn(move || {
-                let _ = std::io::stdin().read_to_end(&mut Vec::new());
-                trigger.shutdown();
-            });
+            if std::env::var_os("PEER_FOREVER").is_none() {
+                std::thread::spawn(move || {
+                    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+                    trigger.shutdown();
+                });
+            }
             let served = handle.wait().await;
             handle.shutdown().await;
             stopped(served)
@@ -431,7 +444,7 @@ mod async_peer {
             Duration::from_millis(std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
         };
         let pending = std::env::var("PEER_MAX_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
-        let mut builder = microcs::tokio::Server::builder(name);
+        let mut builder = microcs::tokio::Server::builder(name).socket_activation(socket_activation());
         if shared() {
             builder = builder.shared();
         }

@@ -153,6 +153,9 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> CliResult {
     if let Some(t) = args.idle_timeout {
         builder = builder.idle_timeout(Some(t));
     }
+    if args.socket_activation {
+        builder = builder.socket_activation(true);
+    }
     let handler_desc;
     let default: Handler = if args.echo {
         handler_desc = "echo".to_owned();

@@ -111,6 +111,10 @@ class Server(Generic[_P]):
     of its own, e.g. from ``multiprocessing``): clients connect to the least-loaded live one and
     skip dead ones, so a CPU-bound handler scales past the GIL. By default a server owns its
     name alone (a second one raises ``NameTaken``); exclusive servers and instances never mix.
+
+    With ``socket_activation=True`` it serves on the listening socket systemd passed
+    (``LISTEN_FDS``; the ``.socket`` unit's ``ListenStream=`` must be the name's socket,
+    ``%t/microcs/NAME.sock``; see docs/ACTIVATION.md), or binds its own when none was passed.
     """
 
     @overload
@@ -134,6 +138,7 @@ class Server(Generic[_P]):
         shared: bool = False,
         shared_memory: bool = False,
         idle_timeout: float | None = None,
+        socket_activation: bool = False,
     ) -> None: ...
     @overload
     def __init__(
@@ -156,6 +161,7 @@ class Server(Generic[_P]):
         shared: bool = False,
         shared_memory: bool = False,
         idle_timeout: float | None = None,
+        socket_activation: bool = False,
     ) -> None: ...
     @property
     def name(self) -> str:

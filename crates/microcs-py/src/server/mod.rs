@@ -946,6 +946,10 @@ impl Server {
     /// With `shared=True` it joins `name` as one of several instances instead (callers are
     /// spread over the live ones; NameTaken only if an exclusive server owns the name).
     ///
+    /// With `socket_activation=True` it serves on the listening socket systemd passed
+    /// (`LISTEN_FDS`; the unit's `ListenStream=` must be the name's socket, see
+    /// docs/ACTIVATION.md), or binds its own when none was passed.
+    ///
     /// With `nats`, it also serves as a NATS micro service on that broker (connected here, so a
     /// wrong URL or refused credentials fail now); `transport="nats"` serves on NATS only and
     /// claims no local name, `"local"` ignores `nats`.
@@ -954,7 +958,7 @@ impl Server {
         handler, name, *, text = false, methods = None, runtime_dir = None, max_frame = None,
         max_connections = None, max_in_flight = None, grace_period = None, version = None,
         description = None, metadata = None, nats = None, transport = None, shared = false,
-        shared_memory = false, idle_timeout = None
+        shared_memory = false, idle_timeout = None, socket_activation = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -976,13 +980,15 @@ impl Server {
         shared: bool,
         shared_memory: bool,
         idle_timeout: Option<f64>,
+        socket_activation: bool,
     ) -> PyResult<Server> {
         let (nats_url, transport) = crate::nats::server(nats, transport).py_err(py)?;
         let default = match handler {
             Some(h) if !h.is_none() => Some(Handler::new(h, text, format!("service '{name}'"))?),
             _ => None,
         };
-        let mut b = microcs::Server::builder(name).shared_memory(shared_memory);
+        let mut b =
+            microcs::Server::builder(name).shared_memory(shared_memory).socket_activation(socket_activation);
         if let Some(d) = runtime_dir {
             b = b.runtime_dir(d);
         }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::proto::Header;
 
+pub(crate) mod inherited;
 pub(crate) mod shm;
 pub(crate) mod unix;
 

@@ -191,7 +191,7 @@ impl ServerBuilder {
             (Name::new(self.name)?, dir, None, None, registry::now_ms())
         } else {
             let Bound { name, dir, claim, listener, started_ms } =
-                claim_and_bind(self.name, self.dir, &self.identity, self.config.shared)?;
+                claim_and_bind(self.name, self.dir, &self.identity, &self.config)?;
             (name, dir, Some(claim), Some(listener), started_ms)
         };
         // After the local claim, so that a taken name is reported first; a failure here

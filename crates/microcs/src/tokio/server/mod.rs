@@ -254,9 +254,9 @@ impl ServerBuilder {
             (Name::new(self.name)?, dir, None, None, registry::now_ms())
         } else {
             let identity = self.identity.clone();
-            let (name, dir, shared) = (self.name, self.dir, self.config.shared);
+            let (name, dir, config) = (self.name, self.dir, self.config.clone());
             // Claiming touches files and may wait a moment for a racing claimant: off the runtime.
-            let bound = ::tokio::task::spawn_blocking(move || claim_and_bind(name, dir, &identity, shared))
+            let bound = ::tokio::task::spawn_blocking(move || claim_and_bind(name, dir, &identity, &config))
                 .await
                 .map_err(|e| Error::io("cannot claim the name", std::io::Error::other(e.to_string())))??;
             let Bound { name, dir, claim, listener, started_ms } = bound;
