@@ -93,7 +93,7 @@ impl From<microcs::Error> for CliError {
                      `microcs ls --nats URL`",
                 );
             }
-            ErrorKind::NoService if !message.contains("microcs ls") => {
+            ErrorKind::NoService if !message.contains("microcs ls") && !message.contains("microcs start") => {
                 message
                     .push_str("; start it with `microcs serve`, or see running services with `microcs ls`");
             }

@@ -1141,7 +1141,9 @@ fn no_definition_or_activation_off_is_an_instant_no_service() {
     defs.echo(&name, &count, "");
     let out = defs.cmd(&env, &["call", &name, "x"]).env("MICROCS_NO_ACTIVATION", "1").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no service named"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no service named"), "{err}");
+    assert!(err.contains(&format!("microcs start {name}")), "says how to start it: {err}");
     assert_eq!(starts(&count), 0, "not started");
 }
 
@@ -1167,8 +1169,10 @@ fn malformed_foreign_or_writable_definitions_are_refused_with_what_to_fix() {
     let out = defs.run(&env, &["call", &name, "x"]);
     assert_eq!(out.code(), 2, "{}", out.stderr);
     assert!(
-        out.stderr.contains("refusing the service definition") && out.stderr.contains("0622"),
-        "{}",
+        out.stderr.contains("refusing the service definition")
+            && out.stderr.contains("0622")
+            && out.stderr.contains(&format!("chmod go-w {}", path.display())),
+        "names the command that fixes it: {}",
         out.stderr
     );
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -1176,7 +1180,12 @@ fn malformed_foreign_or_writable_definitions_are_refused_with_what_to_fix() {
         std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
         let out = defs.run(&env, &["call", &name, "x"]);
         assert_eq!(out.code(), 2, "{}", out.stderr);
-        assert!(out.stderr.contains("owned by another user"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("belongs to uid 65534")
+                && out.stderr.contains(&format!("chown 0 {}", path.display())),
+            "{}",
+            out.stderr
+        );
     }
 }
 
@@ -1186,7 +1195,7 @@ fn an_idle_service_exits_and_the_next_call_starts_it_again() {
     let defs = Defs::new(&env);
     let name = env.name("ACTIDLE");
     let count = defs.dir.join("count");
-    defs.echo(&name, &count, "idle_timeout = 1.0\n");
+    defs.echo(&name, &count, "idle_timeout = \"1s\"\n");
     assert_eq!(defs.run(&env, &["call", &name, "one"]).ok().text(), "one");
     assert_eq!(listed(&env, &name).len(), 1);
     assert!(eventually(Duration::from_secs(15), || listed(&env, &name).is_empty()), "idle exit");

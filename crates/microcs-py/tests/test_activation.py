@@ -26,6 +26,16 @@ def services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
+def define_activated(services: Path, name: str, extra: str) -> None:
+    """A definition that runs peers/activated.py NAME, recording its starts in ``starts``."""
+    path = services / f"{name}.toml"
+    path.write_text(
+        f"command = ['{sys.executable}', '{PEERS / 'activated.py'}', '{name}']\n"
+        f"env = {{ PEER_STARTS = '{services / 'starts'}' }}\n" + extra
+    )
+    path.chmod(0o600)
+
+
 def starts(services: Path) -> list[int]:
     f = services / "starts"
     return [int(line) for line in f.read_text().split()] if f.exists() else []
@@ -34,13 +44,7 @@ def starts(services: Path) -> list[int]:
 def test_a_python_service_idles_out_exits_and_the_next_call_starts_it_again(
     runtime_dir: Path, services: Path, name: str
 ) -> None:
-    path = services / f"{name}.toml"
-    path.write_text(
-        f"command = ['{sys.executable}', '{PEERS / 'activated.py'}', '{name}']\n"
-        f"env = {{ PEER_STARTS = '{services / 'starts'}' }}\n"
-        "idle_timeout = 1.0\nstart_timeout = 30.0\n"
-    )
-    path.chmod(0o600)
+    define_activated(services, name, "idle_timeout = 1.0\nstart_timeout = 30.0\n")
     with microcs.Client(name, timeout=10) as c:
         assert c.request(b"hello") == b"hello"
         first = int(c.call("pid"))
@@ -69,6 +73,39 @@ def test_a_server_with_an_idle_timeout_returns_from_serve(runtime_dir: Path, nam
     assert 0.5 <= time.monotonic() - t < 25
     assert not server.running
     assert not any(s.name == name for s in microcs.list_services(runtime_dir))
+
+
+class _Alarm(Exception):
+    pass
+
+
+def test_a_signal_handler_interrupts_the_wait_for_a_start_and_the_start_goes_on(
+    runtime_dir: Path, services: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    # Slow to register: the service sleeps a second before it claims the name.
+    define_activated(services, name, "start_timeout = '30s'\n")
+    monkeypatch.setenv("PEER_DELAY", "1")
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise _Alarm()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Alarm):
+            microcs.Client(name, timeout=10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    # The start went on; the next call finds it (or waits for it), and nothing started twice.
+    with microcs.Client(name, timeout=30) as c:
+        pid = int(c.call("pid"))
+    assert starts(services) == [pid]
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(name, runtime_dir)
 
 
 def test_a_server_serves_on_the_socket_systemd_passes(runtime_dir: Path, name: str) -> None:

@@ -391,6 +391,9 @@ pub(crate) struct Config {
     pub shared: bool,
     /// Stop after this long without requests.
     pub idle_timeout: Option<Duration>,
+    /// `MICROCS_IDLE_TIMEOUT` was set but is not a duration (and the builder set none): the
+    /// error `bind` reports, so that a typo does not leave a service running forever.
+    pub idle_env_error: Option<String>,
     /// Serve on the listening socket a service manager passed (systemd socket activation),
     /// when it passed one for the name.
     pub socket_activation: bool,
@@ -402,6 +405,7 @@ pub(crate) struct Config {
 
 impl Default for Config {
     fn default() -> Config {
+        let idle = idle_timeout_from_env();
         Config {
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             max_connections: 1024,
@@ -415,7 +419,8 @@ impl Default for Config {
             allow_any_user: false,
             send_buffer: crate::transport::unix::DEFAULT_SEND_BUFFER,
             shared: false,
-            idle_timeout: idle_timeout_from_env(),
+            idle_timeout: idle.as_ref().ok().copied().flatten(),
+            idle_env_error: idle.err(),
             socket_activation: false,
             shared_memory: crate::transport::shm::DEFAULT_SHM,
             ring_capacity: crate::transport::shm::DEFAULT_RING_CAPACITY,
@@ -423,10 +428,21 @@ impl Default for Config {
     }
 }
 
-/// `MICROCS_IDLE_TIMEOUT` (seconds), which activation gives a server it starts.
-fn idle_timeout_from_env() -> Option<Duration> {
-    let v: f64 = std::env::var(crate::activation::ENV_IDLE_TIMEOUT).ok()?.trim().parse().ok()?;
-    (v.is_finite() && v > 0.0 && v < 1e9).then(|| Duration::from_secs_f64(v))
+/// `MICROCS_IDLE_TIMEOUT` (seconds, or a number with `ms`, `s`, `m`, `h`), which activation
+/// gives a server it starts; `Err` with the message when it is set but malformed.
+fn idle_timeout_from_env() -> std::result::Result<Option<Duration>, String> {
+    use crate::activation::ENV_IDLE_TIMEOUT;
+    match std::env::var(ENV_IDLE_TIMEOUT) {
+        Ok(v) if !v.trim().is_empty() => crate::activation::parse_duration(&v).map(Some).map_err(|m| {
+            format!(
+                "{ENV_IDLE_TIMEOUT}={v:?}: {m}; fix or unset the variable (a service started from its \
+                 definition gets it from the definition's idle_timeout)"
+            )
+        }),
+        Ok(_) => Ok(None),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{ENV_IDLE_TIMEOUT} is not UTF-8")),
+    }
 }
 
 impl Config {
@@ -516,6 +532,9 @@ pub(crate) fn claim_and_bind(
     config: &Config,
 ) -> Result<Bound> {
     let name = Name::new(name)?;
+    if let Some(e) = &config.idle_env_error {
+        return Err(Error::new(ErrorKind::InvalidConfig, e.clone()));
+    }
     let dir = dir.unwrap_or_else(registry::runtime_dir);
     let shared = config.shared;
     if shared && config.socket_activation {
@@ -764,8 +783,12 @@ macro_rules! common_server_options {
         /// second. By default a server started by [activation](crate::activation) gets its
         /// definition's idle timeout (from `MICROCS_IDLE_TIMEOUT`), so that the next call
         /// starts it again; any other server runs until it is stopped. `None` turns it off.
+        /// Without this option, a malformed `MICROCS_IDLE_TIMEOUT` (not seconds or a number
+        /// with `ms`, `s`, `m`, `h`) is an [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig)
+        /// error at bind; this option overrides the variable.
         pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
             self.config.idle_timeout = timeout;
+            self.config.idle_env_error = None;
             self
         }
 

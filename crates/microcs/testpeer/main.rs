@@ -6,7 +6,8 @@
 //!                              "LOST <kind> <owner pid>" (exit 3) if the server loses its name
 //! microcs-peer race NAME       try to claim NAME: prints "WON <pid>" (then serves until stdin
 //!                              closes) or "TAKEN <owner pid>"
-//! microcs-peer call NAME MSG   one request; prints the reply
+//! microcs-peer call NAME MSG   one request; prints the reply (PEER_NO_ACTIVATE: activate(false);
+//!                              PEER_INTERRUPT_MS: an interrupt check that stops after that long)
 //! microcs-peer restart-call NAME   a call, the server killed, a call on the same client
 //!                              (timeout $PEER_TIMEOUT_MS); prints both server pids
 //! microcs-peer restart-call-tokio NAME   the same with the async client
@@ -86,6 +87,13 @@ fn main() -> ExitCode {
             if cmd == "call-dir" {
                 builder = builder.runtime_dir(msg);
                 msg = args.get(3).map(String::as_str).unwrap_or("");
+            }
+            // PEER_INTERRUPT_MS: the interrupt check says stop once that long has passed.
+            if let Some(ms) = std::env::var("PEER_INTERRUPT_MS").ok().and_then(|v| v.parse().ok()) {
+                let t0 = Instant::now();
+                builder = builder.interrupt_check(Duration::from_millis(10), move || {
+                    t0.elapsed() >= Duration::from_millis(ms)
+                });
             }
             print_reply(builder.connect().and_then(|mut c| c.send_message(msg)))
         }

@@ -194,7 +194,11 @@ impl ClientBuilder {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::InvalidName`], [`ErrorKind::NoService`] (at once, never by timing out),
+    /// [`ErrorKind::InvalidName`], [`ErrorKind::NoService`] (at once, never by timing out;
+    /// when the name has a service definition the service is started first, see
+    /// [`activate`](ClientBuilder::activate): [`ErrorKind::StartFailed`] when that fails,
+    /// [`ErrorKind::InvalidConfig`] / [`ErrorKind::PermissionDenied`] for a malformed or unsafe
+    /// definition),
     /// [`ErrorKind::PermissionDenied`] (unsafe runtime directory, or the service refuses this
     /// user), [`ErrorKind::TimedOut`], [`ErrorKind::Protocol`] (not a microcs service).
     pub fn connect(self) -> Result<Client> {
@@ -596,11 +600,21 @@ impl Client {
     fn open(&mut self, deadline: Instant) -> Result<Connection> {
         match self.open_served(deadline) {
             Err(e) if e.kind() == ErrorKind::NoService && self.may_activate() => {
-                crate::activation::activate(&self.dir, &self.name, e)?;
+                let check = self.interrupt.as_ref();
+                let interrupt =
+                    check.map(|i| crate::activation::Interrupt { every: i.every, stop: &*i.stop });
+                crate::activation::activate(&self.dir, &self.name, e, interrupt.as_ref())?;
                 self.activated = Some(Instant::now());
                 // Starting took its own time (the definition's start timeout): the call gets
                 // its full timeout from here.
                 self.open_served(Instant::now() + self.timeout)
+            }
+            Err(e)
+                if e.kind() == ErrorKind::NoService
+                    && !self.activate
+                    && registry::check_dir_exists(&self.dir).is_ok() =>
+            {
+                Err(crate::activation::not_started(&self.name, e))
             }
             r => r,
         }

@@ -34,11 +34,17 @@ impl Drop for Defs {
     }
 }
 
-/// `microcs-peer MODE NAME MSG` as a client: (exit code, stdout, stderr).
-fn call(dir: &Path, defs: &Defs, mode: &str, name: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+/// `microcs-peer MODE NAME hello`, a client of `dir` with the definitions of `defs`.
+fn caller(dir: &Path, defs: &Defs, mode: &str, name: &str) -> Command {
     let mut cmd = Command::new(PEER);
     cmd.args([mode, name, "hello"]).env("MICROCS_RUNTIME_DIR", dir).env("MICROCS_SERVICES_DIR", &defs.0);
     cmd.env_remove("MICROCS_NO_ACTIVATION");
+    cmd
+}
+
+/// [`caller`], run to its end: (exit code, stdout, stderr).
+fn call(dir: &Path, defs: &Defs, mode: &str, name: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = caller(dir, defs, mode, name);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -226,11 +232,7 @@ fn callers_behind_a_failed_start_get_its_error_and_the_command_runs_once() {
     );
     let callers: Vec<_> = (0..30)
         .map(|_| {
-            Command::new(PEER)
-                .args(["call", &name, "x"])
-                .env("MICROCS_RUNTIME_DIR", dir.path())
-                .env("MICROCS_SERVICES_DIR", &defs.0)
-                .env_remove("MICROCS_NO_ACTIVATION")
+            caller(dir.path(), &defs, "call", &name)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -288,4 +290,201 @@ fn a_call_that_waited_for_a_slow_start_still_gets_its_whole_timeout() {
             eventually(Duration::from_secs(10), || served_by(&dir, &name).is_empty().then_some(())).is_some()
         );
     }
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+/// A definition whose command records each run in `runs`, then serves (after PEER_DELAY_MS).
+fn define_counted(defs: &Defs, name: &str, runs: &Path, delay_ms: u32) {
+    defs.write(
+        name,
+        &format!(
+            "command = [\"/bin/sh\", \"-c\", \"echo run >> {}; exec {PEER} serve {name}\"]\nstart_timeout = \"20s\"\n\
+             env = {{ PEER_FOREVER = \"1\", PEER_DELAY_MS = \"{delay_ms}\" }}\n",
+            runs.display()
+        ),
+    );
+}
+
+#[test]
+fn a_caller_killed_mid_start_does_not_cause_a_second_copy() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actkill");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTKILL");
+    let runs = defs.0.join("runs");
+    define_counted(&defs, &name, &runs, 1500);
+    let mut first = caller(dir.path(), &defs, "call", &name)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), || (lines(&runs) == 1).then_some(()))
+        .expect("the first caller started it");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The starter is gone (its start lock with it) while the service is still starting: the
+    // next caller waits for that start instead of running the command again.
+    let (code, out, err) = call(dir.path(), &defs, "call", &name, &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
+    assert_eq!(lines(&runs), 1, "a second copy was started");
+    let pids = served_by(&dir, &name);
+    assert_eq!(pids.len(), 1);
+    kill_all(&pids);
+}
+
+#[test]
+fn an_interrupted_wait_for_a_start_ends_the_call_and_the_start_goes_on() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actintr");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTINTR");
+    let runs = defs.0.join("runs");
+    define_counted(&defs, &name, &runs, 2000);
+    let (code, _, err) = call(dir.path(), &defs, "call", &name, &[("PEER_INTERRUPT_MS", "300")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("Io") && err.contains("stopped waiting") && err.contains("interrupted"), "{err}");
+    // The start went on: the next caller waits for it, and nothing is started twice.
+    let (code, out, err) = call(dir.path(), &defs, "call", &name, &[]);
+    assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
+    assert_eq!(lines(&runs), 1, "the interrupted start was run again");
+    kill_all(&served_by(&dir, &name));
+}
+
+#[test]
+fn with_activation_off_no_service_says_there_is_a_definition() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actoffmsg");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTOFFMSG");
+    let runs = defs.0.join("runs");
+    define_counted(&defs, &name, &runs, 0);
+    for mode in ["call", "call-tokio"] {
+        let (code, _, err) = call(dir.path(), &defs, mode, &name, &[("PEER_NO_ACTIVATE", "1")]);
+        assert_eq!(code, 1, "{mode}: {err}");
+        assert!(err.starts_with("NoService"), "{mode}: {err}");
+        assert!(err.contains(&format!("microcs start {name}")) && err.contains(".toml"), "{mode}: {err}");
+    }
+    assert_eq!(lines(&runs), 0, "nothing was started");
+    // Without a definition, the plain message.
+    let other = unique("ACTNODEF");
+    let (_, _, err) = call(dir.path(), &defs, "call", &other, &[("PEER_NO_ACTIVATE", "1")]);
+    assert!(err.starts_with("NoService") && !err.contains("microcs start"), "{err}");
+}
+
+#[test]
+fn definitions_are_also_found_in_xdg_config_dirs_with_lower_precedence() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actxdg");
+    let base = dir.path().with_extension("xdg");
+    let _ = std::fs::remove_dir_all(&base);
+    let mk = |p: &Path| std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p).unwrap();
+    let (user, sys1, sys2) = (base.join("home"), base.join("sys1"), base.join("sys2"));
+    for d in [&user, &sys1, &sys2] {
+        mk(&d.join("microcs/services"));
+    }
+    let name = unique("ACTXDG");
+    let def = |d: &Path, tag: &str| {
+        let path = d.join("microcs/services").join(format!("{name}.toml"));
+        let body = format!(
+            "command = [\"{PEER}\", \"serve\", \"{name}\"]\nenv = {{ PEER_FOREVER = \"1\", PEER_TAG = \"{tag}\" }}\n"
+        );
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let run = |env_tag: &str| {
+        let out = Command::new(PEER)
+            .args(["call-method", &name, "env", "PEER_TAG"])
+            .env("MICROCS_RUNTIME_DIR", dir.path())
+            .env_remove("MICROCS_SERVICES_DIR")
+            .env_remove("MICROCS_NO_ACTIVATION")
+            .env("XDG_CONFIG_HOME", &user)
+            .env("XDG_CONFIG_DIRS", format!("{}:{}", sys1.display(), sys2.display()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(text, env_tag, "{}", String::from_utf8_lossy(&out.stderr));
+        let pids = served_by(&dir, &name);
+        kill_all(&pids);
+        eventually(Duration::from_secs(10), || served_by(&dir, &name).is_empty().then_some(())).unwrap();
+    };
+    def(&sys2, "sys2");
+    run("sys2");
+    def(&sys1, "sys1");
+    run("sys1");
+    def(&user, "user");
+    run("user");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn the_log_is_appended_per_start_rotated_and_never_followed_through_a_symlink() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("actlog");
+    let defs = Defs::new(&dir);
+    let name = unique("ACTLOG");
+    let runs = defs.0.join("runs");
+    defs.write(
+        &name,
+        &format!(
+            "command = [\"/bin/sh\", \"-c\", \"echo run >> {r}; echo attempt $(wc -l < {r}) >&2; exit 3\"]\n",
+            r = runs.display()
+        ),
+    );
+    let log = dir.path().join(format!("{name}.log"));
+    let (_, _, first) = call(dir.path(), &defs, "call", &name, &[]);
+    assert!(first.starts_with("StartFailed") && first.contains("attempt 1"), "{first}");
+    let (_, _, second) = call(dir.path(), &defs, "call", &name, &[]);
+    // Only this start's lines are quoted; the log has both starts, each with its header.
+    assert!(second.contains("attempt 2") && !second.contains("attempt 1"), "{second}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("--- microcs: ").count(), 2, "{text}");
+    assert!(text.contains("attempt 1") && text.contains("attempt 2"), "{text}");
+    // Past 1 MiB it moves to NAME.log.1 before the next start.
+    std::fs::write(&log, vec![b'x'; (1 << 20) + 1]).unwrap();
+    let (_, _, third) = call(dir.path(), &defs, "call", &name, &[]);
+    assert!(third.contains("attempt 3"), "{third}");
+    assert_eq!(std::fs::metadata(log.with_extension("log.1")).unwrap().len(), (1 << 20) + 1);
+    assert!(std::fs::metadata(&log).unwrap().len() < 4096);
+    // A symlink in its place is refused, and what it points to is not touched.
+    let target = dir.path().join("precious");
+    std::fs::write(&target, b"keep").unwrap();
+    std::fs::remove_file(&log).unwrap();
+    std::os::unix::fs::symlink(&target, &log).unwrap();
+    let (code, _, err) = call(dir.path(), &defs, "call", &name, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("PermissionDenied") && err.contains("symlink") && err.contains("rm "), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    assert_eq!(lines(&runs), 3, "not started with the log refused");
+}
+
+#[test]
+fn a_malformed_idle_timeout_variable_is_an_error_and_units_are_accepted() {
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("idleenv");
+    let name = unique("IDLEENV");
+    let out = Command::new(PEER)
+        .args(["serve", &name])
+        .env("MICROCS_RUNTIME_DIR", dir.path())
+        .env("MICROCS_IDLE_TIMEOUT", "soon")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("InvalidConfig") && err.contains("MICROCS_IDLE_TIMEOUT") && err.contains("soon"),
+        "{err}"
+    );
+    assert!(served_by(&dir, &name).is_empty());
+    // "500ms" is a duration: the server idles out by itself.
+    let mut p = crate::common::PeerProcess::serve_with(
+        dir.path(),
+        &name,
+        &[("MICROCS_IDLE_TIMEOUT", "500ms"), ("PEER_FOREVER", "1")],
+    );
+    let status = p.exited(Duration::from_secs(20)).expect("idled out");
+    assert!(status.success(), "{status}");
 }

@@ -172,7 +172,11 @@ impl ClientBuilder {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::InvalidName`], [`ErrorKind::NoService`] (at once, never by timing out),
+    /// [`ErrorKind::InvalidName`], [`ErrorKind::NoService`] (at once, never by timing out;
+    /// when the name has a service definition the service is started first, see
+    /// [`activate`](ClientBuilder::activate): [`ErrorKind::StartFailed`] when that fails,
+    /// [`ErrorKind::InvalidConfig`] / [`ErrorKind::PermissionDenied`] for a malformed or unsafe
+    /// definition),
     /// [`ErrorKind::PermissionDenied`] (unsafe runtime directory, or the service refuses this
     /// user), [`ErrorKind::TimedOut`], [`ErrorKind::Protocol`] (not a microcs service).
     ///
@@ -661,13 +665,22 @@ impl Client {
                     && registry::check_dir_exists(&s.dir).is_ok() =>
             {
                 let (dir, name) = (s.dir.clone(), s.name.clone());
-                ::tokio::task::spawn_blocking(move || crate::activation::activate(&dir, &name, e))
+                ::tokio::task::spawn_blocking(move || crate::activation::activate(&dir, &name, e, None))
                     .await
-                    .map_err(|e| Error::io("cannot start the service", std::io::Error::other(e.to_string())))??;
+                    .map_err(|e| {
+                        Error::io("cannot start the service", std::io::Error::other(e.to_string()))
+                    })??;
                 *s.activated.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 // Starting took its own time (the definition's start timeout): the call gets
                 // its full timeout from here.
                 self.open_served(Instant::now() + self.timeout).await
+            }
+            Err(e)
+                if e.kind() == ErrorKind::NoService
+                    && !s.activate
+                    && registry::check_dir_exists(&s.dir).is_ok() =>
+            {
+                Err(crate::activation::not_started(&s.name, e))
             }
             r => r,
         }
