@@ -130,9 +130,12 @@ def test_a_server_serves_on_the_socket_systemd_passes(runtime_dir: Path, name: s
         assert proc.stdout.readline().strip() == f"READY {proc.pid}"
         with microcs.Client(name, timeout=10, activate=False) as c:
             assert int(c.call("pid")) == proc.pid
+            # Gone from the C environment and from os.environ (what subprocess passes on).
             assert c.call("env", b"LISTEN_FDS") == b"unset"
         assert path.stat().st_ino == ino, "it bound a socket of its own"
     finally:
         proc.kill()
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
         listener.close()

@@ -1028,6 +1028,14 @@ impl Server {
         // Binding may wait briefly for a server that is just exiting, and connects to the NATS
         // broker when one is given.
         let server = py.detach(|| b.bind()).map_err(python_advice).py_err(py)?;
+        if socket_activation {
+            // The library removed the variables from the C environment; os.environ is
+            // Python's own copy, which subprocess hands to children: remove them there too.
+            let environ = py.import("os")?.getattr("environ")?;
+            for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+                environ.call_method1("pop", (var, py.None()))?;
+            }
+        }
         let this = Server {
             name: name.to_owned(),
             text,
