@@ -34,15 +34,19 @@ pub(crate) struct Link {
     /// The receive timeout in nanoseconds ([`NO_TIMEOUT`] = none), for the shared-memory wait;
     /// the socket's own is `SO_RCVTIMEO`.
     recv_timeout: AtomicU64,
+    /// The send timeout (`SO_SNDTIMEO` as it was when the link was made; nothing sets it later),
+    /// for the shared-memory wait for room: read once here, not on every wait.
+    send_timeout: AtomicU64,
 }
 
 const NO_TIMEOUT: u64 = u64::MAX;
 
 impl From<UnixStream> for Link {
     fn from(socket: UnixStream) -> Link {
-        let t =
-            rustix::net::sockopt::socket_timeout(&socket, rustix::net::sockopt::Timeout::Recv).ok().flatten();
-        Link { socket, shm: OnceLock::new(), recv_timeout: AtomicU64::new(timeout_ns(t)) }
+        use rustix::net::sockopt::{Timeout, socket_timeout};
+        let read = |which| AtomicU64::new(timeout_ns(socket_timeout(&socket, which).ok().flatten()));
+        let (recv_timeout, send_timeout) = (read(Timeout::Recv), read(Timeout::Send));
+        Link { socket, shm: OnceLock::new(), recv_timeout, send_timeout }
     }
 }
 
@@ -79,10 +83,18 @@ impl Link {
     }
 
     fn recv_timeout(&self) -> Option<Duration> {
-        match self.recv_timeout.load(Ordering::Relaxed) {
-            NO_TIMEOUT => None,
-            ns => Some(Duration::from_nanos(ns)),
-        }
+        duration_of(&self.recv_timeout)
+    }
+
+    fn send_timeout(&self) -> Option<Duration> {
+        duration_of(&self.send_timeout)
+    }
+}
+
+fn duration_of(ns: &AtomicU64) -> Option<Duration> {
+    match ns.load(Ordering::Relaxed) {
+        NO_TIMEOUT => None,
+        ns => Some(Duration::from_nanos(ns)),
     }
 }
 
@@ -115,7 +127,7 @@ impl Transport for Link {
 
     fn send(&self, parts: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
         match self.shm.get() {
-            Some(shm) => shm.send(&self.socket, parts, wait),
+            Some(shm) => shm.send(&self.socket, self.send_timeout(), parts, wait),
             None => self.socket.send(parts, wait),
         }
     }

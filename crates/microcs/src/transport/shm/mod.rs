@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
-use rustix::net::sockopt::{self, Timeout};
 
 pub mod fuzz;
 pub(crate) mod map;
@@ -231,9 +230,16 @@ impl ShmLink {
         }
     }
 
-    /// Writes as much of `parts` as fits, waiting for room (bounded by the socket's send
-    /// timeout) when `wait` and none is free.
-    pub(crate) fn send(&self, socket: &UnixStream, parts: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
+    /// Writes as much of `parts` as fits, waiting for room (up to `timeout`, `None` = forever:
+    /// the socket's send timeout, which [`Link`](super::Link) keeps) when `wait` and none is
+    /// free.
+    pub(crate) fn send(
+        &self,
+        socket: &UnixStream,
+        timeout: Option<Duration>,
+        parts: &[IoSlice<'_>],
+        wait: bool,
+    ) -> io::Result<usize> {
         if parts.iter().all(|p| p.is_empty()) {
             return Ok(0);
         }
@@ -251,7 +257,6 @@ impl ShmLink {
             if !wait {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            let timeout = sockopt::socket_timeout(socket, Timeout::Send)?;
             match self.wait(socket, Role::Write, timeout)? {
                 Woke::Ready => {}
                 Woke::TimedOut => return Err(io::ErrorKind::WouldBlock.into()),
