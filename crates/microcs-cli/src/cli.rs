@@ -228,6 +228,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub shm: bool,
 
+    /// Bytes of each of a shared-memory connection's two rings: a power of two from 4K to 64M
+    /// (a larger frame still goes through, in ring-sized pieces) [default: 256K].
+    #[arg(long, value_name = "SIZE", requires = "shm", value_parser = parse_size)]
+    pub shm_ring: Option<u64>,
+
     /// Largest request or reply a command may take or give, in bytes (suffixes K, M accepted).
     #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
     pub max_size: u64,

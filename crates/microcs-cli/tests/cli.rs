@@ -340,6 +340,37 @@ fn shm_on_serve_call_ping_bench_and_the_transport_in_ls_and_stats() {
     assert!(text.contains("connections: 0 unix, 2 shm (this one: shm)"), "{text}");
 }
 
+#[test]
+fn shm_ring_sets_the_ring_size_and_a_bad_size_is_refused_before_serving() {
+    let env = Env::new("shmring");
+    let name = env.name("SHMRING");
+    let _srv = env.serve(&[&name, "--echo", "--shm", "--shm-ring", "4K"]);
+    // 64 KiB through 4 KiB rings, both ways.
+    let big = "r".repeat(64 * 1024);
+    let out = env.run(&["call", &name, &big, "--shm"]).ok();
+    assert_eq!(out.stdout, big.as_bytes());
+    let j = env.run(&["bench", &name, "--shm", "-d", "100ms", "-s", "10K", "--json"]).ok().json();
+    assert_eq!(j["transport"], "shm", "{j}");
+    assert!(j["requests"].as_u64().unwrap() > 0 && j["errors"] == 0, "{j}");
+    for bad in ["5000", "2K", "128M", "8192M"] {
+        let out = env.run(&["serve", &env.name("BADRING"), "--echo", "--shm", "--shm-ring", bad]);
+        assert_eq!(out.code(), 2, "{bad}: {out:?}");
+        assert!(
+            out.stderr.contains("--shm-ring") && out.stderr.contains("power of two"),
+            "{bad}: {}",
+            out.stderr
+        );
+    }
+    // Also with --instances: refused before any worker starts.
+    let out =
+        env.run(&["serve", &env.name("BADRING"), "--echo", "--shm", "--shm-ring", "3K", "--instances", "2"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    // Without --shm it means nothing: clap says so.
+    let out = env.run(&["serve", &env.name("NOSHM"), "--echo", "--shm-ring", "4K"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(out.stderr.contains("--shm"), "{}", out.stderr);
+}
+
 /// Kills the child when dropped.
 struct KillOnDrop(std::process::Child);
 

@@ -81,3 +81,21 @@ def test_a_python_server_offers_shared_memory_to_a_client_in_this_process(name: 
         with microcs.Client(name, shared_memory=True) as c:
             assert c.request(b"in one process") == b"in one process"
             assert c.local_transport == "shm"
+
+
+def test_a_server_with_small_rings_carries_larger_frames_through_them(
+    shm_server: ServerFactory, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PEER_SHM_RING", "4096")  # Server(shm_ring=4096) in the serving process
+    shm_server("bytes")
+    with microcs.Client(name, shared_memory=True) as c:
+        for n in (100, 4096, 4097, 300_000):
+            data = bytes(i % 251 for i in range(n))
+            assert c.request(data) == data, n
+        assert c.local_transport == "shm"
+
+
+@pytest.mark.parametrize("size", [0, 1000, 5000, 2048, 128 << 20])
+def test_a_ring_size_out_of_bounds_is_refused(name: str, runtime_dir: object, size: int) -> None:
+    with pytest.raises(microcs.InvalidConfig, match="power of two from 4 KiB to 64 MiB"):
+        microcs.Server(lambda data: data, name, shared_memory=True, shm_ring=size)

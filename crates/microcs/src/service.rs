@@ -626,7 +626,7 @@ pub(crate) fn watch_name(claim: &mut Claim) -> Watch {
 }
 
 /// The builder options every server flavour shares, expanded inside each flavour's
-/// `impl ServerBuilder` (both have the fields `config`, `identity` and `dir`), so that one
+/// `impl ServerBuilder` (both have the fields `config`, `identity`, `dir` and `error`), so that one
 /// definition — code and documentation — serves both APIs.
 macro_rules! common_server_options {
     () => {
@@ -706,9 +706,28 @@ macro_rules! common_server_options {
         /// instead of the socket (same frames, same rules); its threads spin for a few
         /// microseconds while waiting for the next frame, then sleep, so an idle connection
         /// costs no CPU. Clients that do not ask, and older ones, use the socket as before.
-        /// Each such connection maps `4 KiB + 2 x 256 KiB`.
+        /// Each such connection maps `4 KiB + 2 x` the [ring capacity](Self::ring_capacity).
         pub fn shared_memory(mut self, on: bool) -> Self {
             self.config.shared_memory = on;
+            self
+        }
+
+        /// Bytes of each of a shared-memory connection's two rings (default 256 KiB): a power
+        /// of two from 4 KiB to 64 MiB (what every client accepts, PROTOCOL.md § 18.1). The
+        /// server decides and announces it in the handshake; it matters only with
+        /// [`shared_memory`](Self::shared_memory) on.
+        ///
+        /// A frame larger than a ring still goes through it, in ring-sized pieces, as through a
+        /// full socket buffer. Larger rings let large frames cross with fewer waits; smaller ones
+        /// bound what a connection keeps resident (a ring page, once a frame touched it, stays
+        /// resident for the connection's life): each connection maps `4 KiB + 2 x` this.
+        /// Another value is reported by `bind` as
+        /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig).
+        pub fn ring_capacity(mut self, bytes: u32) -> Self {
+            if !crate::transport::shm::ring::valid_capacity(bytes) && self.error.is_none() {
+                self.error = Some(crate::transport::shm::ring::capacity_error(bytes));
+            }
+            self.config.ring_capacity = bytes;
             self
         }
 

@@ -19,9 +19,9 @@
 //! microcs-peer fork-tokio NAME N   the same with the async client
 //! ```
 //! Server options from the environment: PEER_GRACE_MS, PEER_WRITE_TIMEOUT_MS, PEER_MAX_PENDING,
-//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_SHM (1: offer shared memory), PEER_SOCKET_ACTIVATION
-//! (serve on a socket passed with LISTEN_FDS), PEER_LOG (file for the `record` method), PEER_NATS (also
-//! serve on this NATS server; feature `nats`).
+//! PEER_MAX_IN_FLIGHT, PEER_SEND_BUFFER, PEER_SHM (1: offer shared memory), PEER_SHM_RING (bytes
+//! of each ring), PEER_SOCKET_ACTIVATION (serve on a socket passed with LISTEN_FDS), PEER_LOG (file
+//! for the `record` method), PEER_NATS (also serve on this NATS server; feature `nats`).
 //! The runtime directory comes from `MICROCS_RUNTIME_DIR`.
 
 use std::io::{Read, Write};
@@ -217,6 +217,7 @@ fn build(name: &str) -> microcs::Result<Server> {
     }
     builder
         .shared_memory(shm())
+        .ring_capacity(shm_ring())
         .grace_period(env_ms("PEER_GRACE_MS", 10_000))
         .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
         .max_pending_handshakes(pending)
@@ -328,6 +329,11 @@ fn nats_url() -> Option<String> {
 /// `PEER_SHM=1`: offer shared memory to clients that ask.
 fn shm() -> bool {
     std::env::var("PEER_SHM").is_ok_and(|v| v == "1")
+}
+
+/// `PEER_SHM_RING`: bytes of each shared-memory ring (else the library's 256 KiB).
+fn shm_ring() -> u32 {
+    std::env::var("PEER_SHM_RING").ok().and_then(|v| v.parse().ok()).unwrap_or(256 * 1024)
 }
 
 fn max_in_flight() -> usize {
@@ -465,6 +471,7 @@ mod async_peer {
         }
         builder
             .shared_memory(super::shm())
+            .ring_capacity(super::shm_ring())
             .grace_period(env_ms("PEER_GRACE_MS", 10_000))
             .write_timeout(env_ms("PEER_WRITE_TIMEOUT_MS", 30_000))
             .max_pending_handshakes(pending)

@@ -69,6 +69,7 @@ struct Stopped<'a> {
 /// Runs `microcs serve`.
 pub fn run(ctx: &Ctx, args: ServeArgs) -> CliResult {
     check_what(&args)?;
+    check_ring(&args)?; // here too, so that `--instances` does not start workers that must fail
     if let Some(n) = args.instances {
         check_nats(&args)?;
         return crate::cmd::supervise::run(ctx, &args, n);
@@ -104,6 +105,7 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> CliResult {
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| CliError::local("--max-size must be between 1 byte and 4G"))?;
+    let ring = check_ring(&args)?;
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(4, |n| u32::try_from(n.get()).unwrap_or(4).max(1))
     });
@@ -146,6 +148,9 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> CliResult {
         .transport(args.transport.transport());
     if let Some(url) = &nats_url {
         builder = builder.nats(url);
+    }
+    if let Some(bytes) = ring {
+        builder = builder.ring_capacity(bytes);
     }
     if args.shared {
         builder = builder.shared();
@@ -307,6 +312,16 @@ fn watch_supervisor(trigger: ShutdownTrigger) {
 }
 
 /// Checks `--nats` and `--transport`; returns the URL to serve on NATS with, if any.
+/// `--shm-ring`, checked as the library will (PROTOCOL.md § 18.7), but naming the option.
+fn check_ring(args: &ServeArgs) -> CliResult<Option<u32>> {
+    let Some(n) = args.shm_ring else { return Ok(None) };
+    u32::try_from(n)
+        .ok()
+        .filter(|n| n.is_power_of_two() && (4096..=64 << 20).contains(n))
+        .map(Some)
+        .ok_or_else(|| CliError::local(format!("--shm-ring {n}: must be a power of two from 4K to 64M")))
+}
+
 fn check_nats(args: &ServeArgs) -> CliResult<Option<String>> {
     if let Some(url) = &args.nats {
         net::check_url(url)?;

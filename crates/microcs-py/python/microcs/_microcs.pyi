@@ -115,6 +115,10 @@ class Server(Generic[_P]):
     With ``socket_activation=True`` it serves on the listening socket systemd passed
     (``LISTEN_FDS``; the ``.socket`` unit's ``ListenStream=`` must be the name's socket,
     ``%t/microcs/NAME.sock``; see docs/ACTIVATION.md), or binds its own when none was passed.
+
+    With ``shared_memory=True`` it offers shared memory to clients that ask (docs/PROTOCOL.md
+    § 18); ``shm_ring`` is then the size in bytes of each of a connection's two rings (default
+    256 KiB; a power of two from 4 KiB to 64 MiB, else ``InvalidConfig``).
     """
 
     @overload
@@ -137,6 +141,7 @@ class Server(Generic[_P]):
         transport: _Transport | None = None,
         shared: bool = False,
         shared_memory: bool = False,
+        shm_ring: int | None = None,
         idle_timeout: float | None = None,
         socket_activation: bool = False,
     ) -> None: ...
@@ -160,6 +165,7 @@ class Server(Generic[_P]):
         transport: _Transport | None = None,
         shared: bool = False,
         shared_memory: bool = False,
+        shm_ring: int | None = None,
         idle_timeout: float | None = None,
         socket_activation: bool = False,
     ) -> None: ...

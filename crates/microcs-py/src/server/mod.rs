@@ -958,7 +958,7 @@ impl Server {
         handler, name, *, text = false, methods = None, runtime_dir = None, max_frame = None,
         max_connections = None, max_in_flight = None, grace_period = None, version = None,
         description = None, metadata = None, nats = None, transport = None, shared = false,
-        shared_memory = false, idle_timeout = None, socket_activation = false
+        shared_memory = false, shm_ring = None, idle_timeout = None, socket_activation = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -979,6 +979,7 @@ impl Server {
         transport: Option<&str>,
         shared: bool,
         shared_memory: bool,
+        shm_ring: Option<u32>,
         idle_timeout: Option<f64>,
         socket_activation: bool,
     ) -> PyResult<Server> {
@@ -1021,6 +1022,9 @@ impl Server {
         }
         if shared {
             b = b.shared();
+        }
+        if let Some(bytes) = shm_ring {
+            b = b.ring_capacity(bytes);
         }
         if let Some(t) = idle_timeout {
             b = b.idle_timeout(Some(duration(t, "idle_timeout")?).filter(|t| !t.is_zero()));

@@ -1,7 +1,8 @@
 """A test server, run as its own process: ``serve.py MODE NAME [--nats URL] [--transport WAY]``.
 
 With ``--nats`` it also serves on that NATS broker; ``--transport nats`` serves there only. With
-``PEER_SHM=1`` it offers shared memory (``Server(shared_memory=True)``). With
+``PEER_SHM=1`` it offers shared memory (``Server(shared_memory=True)``), with rings of
+``PEER_SHM_RING`` bytes when set. With
 ``PEER_LITE=1`` in its environment it is served by the pure-Python ``microcs_lite`` instead of the
 compiled package (no NATS then).
 
@@ -249,6 +250,8 @@ if mode in ("streams", "gen", "async"):
 options: dict[str, Any] = {}
 if os.environ.get("PEER_SHM") == "1":
     options["shared_memory"] = True  # offer shared memory to clients that ask
+if os.environ.get("PEER_SHM_RING"):
+    options["shm_ring"] = int(os.environ["PEER_SHM_RING"])  # bytes of each ring
 if mode == "small":
     options["max_frame"] = 1024
 if mode == "grace":

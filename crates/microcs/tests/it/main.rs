@@ -19,6 +19,7 @@ mod nats;
 mod ownership;
 mod protocol;
 mod shm;
+mod shm_ring;
 mod socket_activation;
 #[cfg(feature = "tokio")]
 mod stream;

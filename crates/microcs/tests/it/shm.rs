@@ -302,14 +302,7 @@ fn garbage_in_the_answer_ring_is_a_protocol_error_not_a_hang() {
 fn tokio_request_fails(dir: &TempDir, name: &str) -> microcs::Error {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let c = microcs::tokio::Client::builder(name)
-            .runtime_dir(dir.path())
-            .shared_memory(true)
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .unwrap();
-        assert_eq!(c.transport(), Some("shm"));
+        let c = tokio_shm_client(dir, name, Duration::from_secs(10)).await;
         c.request(b"hello").await.unwrap_err()
     })
 }

@@ -48,6 +48,18 @@ pub(crate) fn valid_capacity(capacity: u32) -> bool {
     capacity.is_power_of_two() && (MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity)
 }
 
+/// The error for a ring capacity [`valid_capacity`] refuses, naming the bounds.
+pub(crate) fn capacity_error(capacity: u32) -> crate::Error {
+    crate::Error::new(
+        crate::ErrorKind::InvalidConfig,
+        format!(
+            "shared-memory ring capacity {capacity}: must be a power of two from {} KiB to {} MiB",
+            MIN_CAPACITY >> 10,
+            MAX_CAPACITY >> 20
+        ),
+    )
+}
+
 /// Writes the header of a new region (before it is sent).
 pub(crate) fn init_header(m: &Mapping, capacity: u32) {
     m.u32_at(0).store(MAGIC, Ordering::Relaxed);

@@ -417,3 +417,17 @@ pub fn deaf_server(dir: &TempDir, name: &str) -> std::thread::JoinHandle<UnixStr
         raw.s
     })
 }
+
+/// A tokio client of `name` that asked for shared memory and got it.
+#[cfg(feature = "tokio")]
+pub async fn tokio_shm_client(dir: &TempDir, name: &str, timeout: Duration) -> microcs::tokio::Client {
+    let c = microcs::tokio::Client::builder(name)
+        .runtime_dir(dir.path())
+        .shared_memory(true)
+        .timeout(timeout)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(c.transport(), Some("shm"), "{name}: on shared memory");
+    c
+}
