@@ -199,19 +199,8 @@ fn hostile_server(
             rustix::fs::fcntl_add_seals(&memfd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
                 .unwrap();
         }
-        // SAFETY: (test) a fresh shared mapping of the memfd, used only through the slice below
-        // while both live; the fake server is the hostile side, so it writes what it likes.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &memfd,
-                0,
-            )
-        }
-        .unwrap();
+        // The fake server is the hostile side: it writes what it likes.
+        let ptr = map_shared(&memfd, len);
         // SAFETY: (test) the mapping above, `len` bytes, alive until the munmap below.
         let region = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
         region[0..4].copy_from_slice(&0x6873_636du32.to_ne_bytes());

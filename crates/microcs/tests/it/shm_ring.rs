@@ -153,19 +153,8 @@ impl RawShmClient {
         assert!(ack.features & FEATURE_SHM != 0 && fds.len() == 5, "an offer with five descriptors");
         let capacity = ack.ring_capacity as usize;
         let len = 4096 + 2 * capacity;
-        // SAFETY: (test) a fresh shared mapping of the sealed memfd of `len` bytes (its size, as
-        // announced), only accessed through raw pointers while `self` lives; unmapped on drop.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &fds[0],
-                0,
-            )
-        }
-        .unwrap();
+        // The sealed memfd of `len` bytes (its size, as announced); unmapped on drop.
+        let ptr = map_shared(&fds[0], len);
         RawShmClient { socket, region: ptr.cast(), len, capacity, fds }
     }
 

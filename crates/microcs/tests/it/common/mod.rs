@@ -431,3 +431,22 @@ pub async fn tokio_shm_client(dir: &TempDir, name: &str, timeout: Duration) -> m
     assert_eq!(c.transport(), Some("shm"), "{name}: on shared memory");
     c
 }
+
+/// Maps `len` bytes of the memfd `fd` shared and read-write, as a test playing a shared-memory
+/// peer does (PROTOCOL.md § 18.2); the caller unmaps it with `rustix::mm::munmap`.
+pub fn map_shared(fd: &std::os::fd::OwnedFd, len: usize) -> *mut std::ffi::c_void {
+    // SAFETY: (test) a new shared mapping at an address the kernel chooses, overlapping nothing
+    // Rust knows about; the callers touch it only through raw pointers or a slice they make for
+    // its length, while it is mapped.
+    unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::SHARED,
+            fd,
+            0,
+        )
+    }
+    .unwrap()
+}
