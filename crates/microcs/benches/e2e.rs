@@ -7,6 +7,7 @@
 //! cargo bench -p microcs --features tokio --bench e2e -- [--quick] [--placement split|same|both]
 //!     [--runs N] [--json FILE] [--microcs PATH]
 //! cargo bench -p microcs --features tokio --bench e2e -- --syscalls [--json FILE]  # needs strace
+//! cargo bench -p microcs --features tokio --bench e2e -- --syscalls-perf [--json FILE]  # perf, root
 //! cargo bench -p microcs --features tokio --bench e2e -- --allocs [--json FILE]
 //! cargo bench -p microcs --features tokio --bench e2e -- --instructions [--json FILE]  # valgrind
 //! ```
@@ -22,7 +23,10 @@
 //! process a multi-thread runtime would get one worker anyway).
 //!
 //! `--syscalls` runs each client and server process under `strace -c -f`, once with no request
-//! and once with N, and prints the difference per request; `--instructions` does the same under
+//! and once with N, and prints the difference per request; `--syscalls-perf` counts the same with
+//! `perf stat` on the system-call tracepoints, both placements, the shared-memory pairs included
+//! (strace stops a process at every call, so a peer's spin never catches a reply: see
+//! `traced/mod.rs`); `--instructions` does the same under
 //! `valgrind --tool=callgrind` (user-space instructions, deterministic on a busy machine). `--allocs` counts heap allocations
 //! per request with a counting global allocator (client and server in this process, each side's
 //! own thread counted).
@@ -41,6 +45,9 @@ use serde_json::{Value, json};
 #[path = "floor/mod.rs"]
 mod floor;
 use floor::FloorConn;
+#[path = "traced/mod.rs"]
+mod traced;
+use traced::{Tracer, traced_report};
 
 /// Largest payload used, with room for the frame header.
 const MAX_FRAME: u32 = 2 << 20;
@@ -325,12 +332,13 @@ fn main() {
         microcs: None,
         only: Vec::new(),
     };
-    let (mut syscalls, mut allocs, mut instructions) = (false, false, false);
+    let (mut syscalls, mut allocs, mut instructions) = (None, false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
-            "--syscalls" => syscalls = true,
+            "--syscalls" => syscalls = Some(Tracer::Strace),
+            "--syscalls-perf" => syscalls = Some(Tracer::Perf),
             "--allocs" => allocs = true,
             "--instructions" => instructions = true,
             "--runs" => opts.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
@@ -353,8 +361,9 @@ fn main() {
     let _ = Placement::Same.cpus();
     let report = if allocs {
         json!({ "allocs": alloc_report(&opts) })
-    } else if syscalls {
-        json!({ "syscalls": traced_report(&opts, Tracer::Strace) })
+    } else if let Some(tracer) = syscalls {
+        let key = if tracer == Tracer::Perf { "syscalls_perf" } else { "syscalls" };
+        json!({ key: traced_report(&opts, tracer) })
     } else if instructions {
         json!({ "instructions": traced_report(&opts, Tracer::Callgrind) })
     } else {
@@ -643,9 +652,12 @@ impl Caller {
     }
 }
 
-/// Body of a `--client` process (for `--syscalls`): connect, `n` requests, exit.
+/// Body of a `--client` process (for the traced reports): connect, `n` requests, exit.
 fn client_proc(system: System, dir: &Path, n: usize, size: usize) {
     let mut c = Caller::connect(system, dir);
+    if system.shm {
+        assert_eq!(c.transport(), Some("shm"), "{} fell back to the socket", system.label());
+    }
     c.repeat(&vec![0xa5u8; size], n, None);
 }
 
@@ -1198,140 +1210,6 @@ fn merge(into: &mut Value, from: Value) {
     if let (Value::Object(a), Value::Object(b)) = (into, from) {
         a.extend(b);
     }
-}
-
-// ---------------------------------------------------------------- syscalls (strace -c)
-
-/// `syscall -> calls` from an `strace -c` summary.
-fn parse_strace(path: &Path) -> std::collections::BTreeMap<String, u64> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut m = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        let t: Vec<&str> = line.split_whitespace().collect();
-        // "% time  seconds  usecs/call  calls  [errors]  syscall"
-        if t.len() < 5 || t[0].parse::<f64>().is_err() || t[t.len() - 1] == "total" {
-            continue;
-        }
-        if let Ok(calls) = t[3].parse::<u64>() {
-            *m.entry(t[t.len() - 1].to_owned()).or_insert(0) += calls;
-        }
-    }
-    m
-}
-
-/// What `--syscalls` and `--instructions` run the client and server processes under.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Tracer {
-    /// `strace -c -f`: system calls by name.
-    Strace,
-    /// `valgrind --tool=callgrind`: instructions executed in user space (all threads).
-    Callgrind,
-}
-
-impl Tracer {
-    fn prefix(self, out: &Path) -> Vec<String> {
-        let out = out.display();
-        match self {
-            Tracer::Strace => vec!["strace".into(), "-c".into(), "-f".into(), "-o".into(), out.to_string()],
-            Tracer::Callgrind => {
-                vec![
-                    "valgrind".into(),
-                    "-q".into(),
-                    "--tool=callgrind".into(),
-                    format!("--callgrind-out-file={out}"),
-                ]
-            }
-        }
-    }
-
-    fn parse(self, path: &Path) -> std::collections::BTreeMap<String, u64> {
-        match self {
-            Tracer::Strace => parse_strace(path),
-            Tracer::Callgrind => {
-                let text =
-                    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                let ir = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                    .unwrap_or(0);
-                [("instructions".to_owned(), ir)].into()
-            }
-        }
-    }
-}
-
-/// Runs each system's client and server processes under `tracer`, once with no request and
-/// once with N, and reports the difference per request (so start-up and the handshake drop
-/// out). Split placement.
-fn traced_report(opts: &Opts, tracer: Tracer) -> Value {
-    let (tool, install) = match tracer {
-        Tracer::Strace => ("strace", "--syscalls needs strace (apt-get install strace)"),
-        Tracer::Callgrind => ("valgrind", "--instructions needs valgrind (apt-get install valgrind)"),
-    };
-    if Command::new(tool).arg("--version").output().is_err() {
-        eprintln!("{install}");
-        std::process::exit(2);
-    }
-    let n: usize = match (opts.quick, tracer) {
-        (true, _) => 100,
-        (false, Tracer::Strace) => 20_000,
-        (false, Tracer::Callgrind) => 5_000,
-    };
-    let sizes: &[usize] = match tracer {
-        Tracer::Strace => &[32, 1 << 20],
-        Tracer::Callgrind => &[32],
-    };
-    let (server_cpu, client_cpu) = Placement::Split.cpus();
-    let dir = private_dir("traced");
-    let exe = std::env::current_exe().unwrap();
-    let mut out = Vec::new();
-    #[allow(unused_mut)]
-    let mut systems = System::main();
-    #[cfg(feature = "tokio")]
-    systems.push(System::new(ServerKind::Tokio, ServerKind::Blocking));
-    // No shared-memory pairs here: a traced process runs so much slower that its peer's spin
-    // always runs out and every wait parks (poll, eventfd read and write: the idle path, not the
-    // busy one), and under callgrind the spin loop's instructions would count as work.
-    for &size in sizes {
-        let n = if size > 1024 { (n / 100).max(1) } else { n };
-        for &system in &systems {
-            let mut counts = Vec::new();
-            for reqs in [0, n] {
-                let (sf, cf) = (dir.join("server.trace"), dir.join("client.trace"));
-                let server = ServerProc::start_with(&tracer.prefix(&sf), system.server, &dir, server_cpu);
-                let st = Command::new("taskset")
-                    .args(["-c", &client_cpu.to_string()])
-                    .args(tracer.prefix(&cf))
-                    .arg(&exe)
-                    .args(["--client", &system.label()])
-                    .arg(&dir)
-                    .args([reqs.to_string(), size.to_string()])
-                    .env("MICROCS_RUNTIME_DIR", &dir)
-                    .status()
-                    .unwrap();
-                assert!(st.success());
-                drop(server);
-                counts.push((tracer.parse(&cf), tracer.parse(&sf)));
-            }
-            let per = |side: fn(&(_, _)) -> &std::collections::BTreeMap<String, u64>| {
-                let (base, full) = (side(&counts[0]), side(&counts[1]));
-                let mut m = serde_json::Map::new();
-                for (k, &v) in full {
-                    let d = v.saturating_sub(*base.get(k).unwrap_or(&0)) as f64 / n as f64;
-                    if d >= 0.005 {
-                        m.insert(k.clone(), json!((d * 100.0).round() / 100.0));
-                    }
-                }
-                Value::Object(m)
-            };
-            let (client, server) = (per(|c| &c.0), per(|c| &c.1));
-            println!("{} {size} B, per request: client {client} server {server}", system.label());
-            out.push(json!({"system": system.label(), "size": size, "requests": n, "client": client, "server": server}));
-        }
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    Value::Array(out)
 }
 
 // ---------------------------------------------------------------- allocations
