@@ -41,6 +41,21 @@ def svg_text(x: float, y: float, s: str, size: int = 12, anchor: str = "start", 
             f'font-weight="{weight}" fill="{fill}">{html.escape(s)}</text>')
 
 
+def svg_head(width: int, height: int, left: int, placements: list[dict[str, Any]], title: str,
+             subtitle: str) -> list[str]:
+    """A chart's opening: the SVG element, white background, title, subtitle, placement legend."""
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           svg_text(width / 2, 22, title, 15, "middle", "bold"),
+           svg_text(width / 2, 40, subtitle, 11, "middle", fill="#555")]
+    for i, pl in enumerate(placements):
+        x = left + i * 200
+        out.append(f'<rect x="{x}" y="50" width="12" height="10" fill="{COLORS[pl["placement"]]}"/>')
+        out.append(svg_text(x + 16, 59, PLACEMENT_TEXT[pl["placement"]], 11))
+    return out
+
+
 def latency_svg(placements: list[dict[str, Any]]) -> str:
     """32 B round trip: p50 bars with p99 and p99.9 marks, per system, both placements."""
     systems = [r["system"] for r in placements[0]["results"] if r["scenario"] == "latency_32"]
@@ -59,17 +74,9 @@ def latency_svg(placements: list[dict[str, Any]]) -> str:
     vmax = nice_ceiling(min(p99_max, 4 * p50_max) * 1.05)
     plot_w = width - left - right
     scale = plot_w / vmax
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           svg_text(width / 2, 22, "32 B echo round trip, client and server in separate pinned processes", 15,
-                    "middle", "bold"),
-           svg_text(width / 2, 40, "bar: p50 · thin line: p50 to p99 · tick: p99.9 (when in range) · "
-                    "label: p50 as a ratio to the floor of the same run", 11, "middle", fill="#555")]
-    for i, pl in enumerate(placements):
-        x = left + i * 200
-        out.append(f'<rect x="{x}" y="50" width="12" height="10" fill="{COLORS[pl["placement"]]}"/>')
-        out.append(svg_text(x + 16, 59, PLACEMENT_TEXT[pl["placement"]], 11))
+    out = svg_head(width, height, left, placements, "32 B echo round trip, client and server in separate pinned "
+                   "processes", "bar: p50 · thin line: p50 to p99 · tick: p99.9 (when in range) · "
+                   "label: p50 as a ratio to the floor of the same run")
     # Grid.
     bottom = height - 40
     for t in ticks(vmax):
@@ -120,16 +127,8 @@ def targets_svg(placements: list[dict[str, Any]], rows: list[list[Any]], title: 
     smax = 2.0
     plot_w = width - left - right
     scale = plot_w / smax
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           svg_text(width / 2, 22, title, 15, "middle", "bold"),
-           svg_text(width / 2, 40, "ratios to the socket floor of the same run; \"at least\" targets inverted "
-                    "(target ÷ measured); bars past 2 are cut", 11, "middle", fill="#555")]
-    for i, pl in enumerate(placements):
-        x = left + i * 200
-        out.append(f'<rect x="{x}" y="50" width="12" height="10" fill="{COLORS[pl["placement"]]}"/>')
-        out.append(svg_text(x + 16, 59, PLACEMENT_TEXT[pl["placement"]], 11))
+    out = svg_head(width, height, left, placements, title, "ratios to the socket floor of the same run; "
+                   "\"at least\" targets inverted (target ÷ measured); bars past 2 are cut")
     bottom = height - 30
     for t in (0, 0.5, 1.0, 1.5, 2.0):
         gx = left + t * scale
