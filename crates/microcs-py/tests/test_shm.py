@@ -87,12 +87,17 @@ def test_a_server_with_small_rings_carries_larger_frames_through_them(
     shm_server: ServerFactory, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PEER_SHM_RING", "4096")  # Server(shm_ring=4096) in the serving process
-    shm_server("bytes")
+    proc = shm_server("bytes")
     with microcs.Client(name, shared_memory=True) as c:
         for n in (100, 4096, 4097, 300_000):
             data = bytes(i % 251 for i in range(n))
             assert c.request(data) == data, n
         assert c.local_transport == "shm"
+        # The server's region: a 4 KiB header page and two rings of 4 KiB.
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            sizes = [int(b, 16) - int(a, 16) for a, b in
+                     (line.split()[0].split("-") for line in maps if "microcs-shm" in line)]
+        assert sizes == [4096 + 2 * 4096]
 
 
 @pytest.mark.parametrize("size", [0, 1000, 5000, 2048, 128 << 20])
