@@ -15,6 +15,7 @@ PLACEMENT_TEXT = {
 COLORS = {"split": "#3b6ea8", "same": "#d08a2c"}
 SYSTEM_TEXT = {
     "floor": "floor (std UnixStream echo, buffered)",
+    "floor+epoll": "epoll floor (the same echo, waiting in epoll_wait)",
     "blocking": "blocking ↔ blocking",
     "tokio": "tokio ↔ tokio",
     "blocking-tokio": "blocking client ↔ tokio server",
