@@ -120,7 +120,7 @@ fn open_on(
     let window = Window::new(full);
     let (tx, rx) = mpsc::unbounded_channel();
     let deadline = Instant::now() + whole.unwrap_or(NEVER);
-    {
+    let released = {
         let mut st = conn.book();
         let header = client_conn::stream_header(id, whole);
         let Some((start, _)) = st.push(&header, method.as_bytes(), payload) else {
@@ -133,6 +133,12 @@ fn open_on(
         if st.extra.next_deadline.is_none_or(|t| deadline < t) {
             st.extra.next_deadline = Some(deadline);
         }
+        // A lone caller that drives the read loop gives it back: the stream's items are the
+        // reader task's to hand out (see `conn::Reader`).
+        conn.reader.release()
+    };
+    if released {
+        conn.reader.wake();
     }
     conn.outbox.wake();
     conn.deadlines.notify_one();
