@@ -8,7 +8,11 @@
 //! (a lone request, with nothing else in flight, is sent by its caller right away);
 //! a reader task decodes replies and hands each to the channel registered under its id. Ids are
 //! never reused by a client, so a reply that arrives after its caller gave up finds no channel
-//! and is dropped — it can never be mistaken for the answer to another call.
+//! and is dropped — it can never be mistaken for the answer to another call. The reading is a
+//! future of its own (`conn::Reader`): while a request is the only one pending, its caller
+//! polls that future itself as it waits, so the reply wakes the caller and is read by it (no
+//! hand-off through the reader task); it goes back to the reader task when the caller stops
+//! waiting or another request or stream joins.
 //!
 //! When the connection dies, the writer task (the only one that knows how many bytes went out)
 //! settles every pending request: a request none of whose bytes were written is reported as
