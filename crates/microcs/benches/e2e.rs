@@ -407,24 +407,23 @@ impl ServerProc {
             }
             None => Command::new(&exe),
         };
-        let mut child = cmd
-            .args(["--serve", kind.label()])
-            .arg(dir)
-            .arg(cpu.to_string())
-            .env("MICROCS_RUNTIME_DIR", dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.starts_with("READY"), "server {kind:?} did not start: {line:?}");
-        ServerProc { child }
+        cmd.args(["--serve", kind.label()]).arg(dir).arg(cpu.to_string()).env("MICROCS_RUNTIME_DIR", dir);
+        ServerProc { child: spawn_ready(&mut cmd, &format!("server {kind:?}")) }
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// Starts a process of this benchmark (server or client) with piped stdin and stdout and waits
+/// for the `READY` line it prints once it serves or is connected.
+fn spawn_ready(cmd: &mut Command, what: &str) -> Child {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("READY"), "{what} did not start: {line:?}");
+    child
 }
 
 impl Drop for ServerProc {
@@ -1120,19 +1119,13 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
         systems.extend(System::over_shm(&systems));
         for system in systems {
             let server = &servers.iter().find(|(k, _)| *k == system.server).unwrap().1;
-            let mut child = Command::new("taskset")
-                .args(["-c", &client_cpu.to_string()])
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &client_cpu.to_string()])
                 .arg(std::env::current_exe().unwrap())
                 .args(["--idle-client", &system.label()])
                 .arg(&dir)
-                .env("MICROCS_RUNTIME_DIR", &dir)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-            assert!(line.starts_with("READY"), "idle client {} did not connect: {line:?}", system.label());
+                .env("MICROCS_RUNTIME_DIR", &dir);
+            let mut child = spawn_ready(&mut cmd, &format!("idle client {}", system.label()));
             std::thread::sleep(Duration::from_millis(200));
             let (c0, s0) = (cpu_ticks(child.id()), cpu_ticks(server.pid()));
             std::thread::sleep(window);
