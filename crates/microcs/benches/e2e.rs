@@ -320,6 +320,7 @@ fn main() {
                 Path::new(&args[2]),
                 args[3].parse().unwrap(),
                 args[4].parse().unwrap(),
+                args.get(5).map_or(1, |d| d.parse().unwrap()),
             );
         }
         _ => {}
@@ -651,13 +652,37 @@ impl Caller {
     }
 }
 
-/// Body of a `--client` process (for the traced reports): connect, `n` requests, exit.
-fn client_proc(system: System, dir: &Path, n: usize, size: usize) {
+/// Body of a `--client` process (for the traced reports): connect, `n` requests, exit;
+/// `depth` > 1 (tokio callers): that many tasks share the `n` requests over one connection.
+fn client_proc(system: System, dir: &Path, n: usize, size: usize, depth: usize) {
     let mut c = Caller::connect(system, dir);
     if system.shm {
         assert_eq!(c.transport(), Some("shm"), "{} fell back to the socket", system.label());
     }
-    c.repeat(&vec![0xa5u8; size], n, None);
+    let payload = vec![0xa5u8; size];
+    match &c {
+        #[cfg(feature = "tokio")]
+        Caller::Tokio(rt, client) if depth > 1 => rt.block_on(async {
+            let payload = std::sync::Arc::new(payload);
+            let mut tasks = tokio::task::JoinSet::new();
+            for t in 0..depth {
+                let (c, payload) = (client.clone(), payload.clone());
+                let share = n / depth + usize::from(t < n % depth);
+                tasks.spawn(async move {
+                    for _ in 0..share {
+                        assert_eq!(c.request(&payload).await.unwrap().len(), payload.len());
+                    }
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+        }),
+        _ => {
+            assert_eq!(depth, 1, "only tokio callers keep requests in flight");
+            c.repeat(&payload, n, None);
+        }
+    }
 }
 
 // ---------------------------------------------------------------- scenarios
