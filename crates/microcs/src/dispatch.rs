@@ -18,6 +18,7 @@
 //! - when the caller cancelled (or hung up, or the server closed the connection past its grace
 //!   period), no answer is sent: nobody reads it.
 
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use crate::error::RemoteError;
 use crate::handler::Streams;
 use crate::proto::{FLAG_NOT_RUN, FLAG_SYSTEM, status};
 use crate::request::{CancelState, Peer, Request};
-use crate::service::{Endpoint, Route, Service};
+use crate::service::{Endpoint, EndpointId, Route, Service};
 
 /// A request a transport has admitted: what [`begin`] needs.
 pub(crate) struct Incoming {
@@ -86,17 +87,21 @@ pub(crate) struct ReplyLimit<'a> {
 }
 
 /// Where [`begin`] sent a request.
-pub(crate) enum Begin<'a, H> {
+pub(crate) enum Begin<S: Deref<Target = Service<H>>, H> {
     /// Answered without running a handler (a built-in, or a refusal).
     Answer(Answer),
     /// Run the endpoint's handler with this request, then call [`Run::finish`].
-    Run(Run<'a, H>, Request),
+    Run(Run<S, H>, Request),
 }
 
 /// A request whose handler runs now.
-pub(crate) struct Run<'a, H> {
-    service: &'a Service<H>,
-    endpoint: &'a Endpoint<H>,
+///
+/// `S` is how the run holds its service: a reference where the handler runs inside the
+/// caller's scope (a blocking server's thread, NATS), an `Arc` where the run may move into a
+/// task of its own (the tokio server, when the handler does not answer at once).
+pub(crate) struct Run<S: Deref<Target = Service<H>>, H> {
+    service: S,
+    endpoint: EndpointId,
     deadline: Option<Instant>,
     cancel: Arc<CancelState>,
     started: Instant,
@@ -104,7 +109,11 @@ pub(crate) struct Run<'a, H> {
 }
 
 /// Routes a request by its method name (empty: the default handler) and starts it.
-pub(crate) fn begin<'a, H: Streams>(service: &'a Service<H>, method: &[u8], call: Incoming) -> Begin<'a, H> {
+pub(crate) fn begin<S, H>(service: S, method: &[u8], call: Incoming) -> Begin<S, H>
+where
+    S: Deref<Target = Service<H>>,
+    H: Streams,
+{
     match service.route(method) {
         Route::Endpoint(ep) => begin_at(service, ep, call),
         Route::Builtin(b) => Begin::Answer(Answer::Reply(service.builtin(b, call.transport))),
@@ -113,11 +122,12 @@ pub(crate) fn begin<'a, H: Streams>(service: &'a Service<H>, method: &[u8], call
 }
 
 /// Starts a request already routed to `endpoint` (NATS routes by subscription).
-pub(crate) fn begin_at<'a, H: Streams>(
-    service: &'a Service<H>,
-    endpoint: &'a Endpoint<H>,
-    call: Incoming,
-) -> Begin<'a, H> {
+pub(crate) fn begin_at<S, H>(service: S, id: EndpointId, call: Incoming) -> Begin<S, H>
+where
+    S: Deref<Target = Service<H>>,
+    H: Streams,
+{
+    let endpoint = service.endpoint(id);
     if endpoint.handler.streams() && !call.stream {
         let msg = format!("method '{}' answers with a stream; call it with stream()", endpoint.name);
         return Begin::Answer(Answer::error(status::BAD_REQUEST, FLAG_SYSTEM | FLAG_NOT_RUN, msg));
@@ -127,10 +137,9 @@ pub(crate) fn begin_at<'a, H: Streams>(
         let msg = "the deadline passed before the handler started";
         return Begin::Answer(Answer::error(status::TIMED_OUT, FLAG_SYSTEM | FLAG_NOT_RUN, msg));
     }
-    let is_default = std::ptr::eq(endpoint, &service.default);
     let req = Request {
         id: call.id,
-        method: (!is_default).then(|| endpoint.name.clone()),
+        method: (id != EndpointId::DEFAULT).then(|| endpoint.name.clone()),
         payload: call.payload,
         peer: call.peer,
         deadline: call.deadline,
@@ -139,7 +148,7 @@ pub(crate) fn begin_at<'a, H: Streams>(
     service.activity.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let run = Run {
         service,
-        endpoint,
+        endpoint: id,
         deadline: call.deadline,
         cancel: call.cancel,
         started: now,
@@ -150,17 +159,21 @@ pub(crate) fn begin_at<'a, H: Streams>(
 
 /// However a run ends (finished, or dropped with its task), it counts as ended for the idle
 /// timeout.
-impl<H> Drop for Run<'_, H> {
+impl<S: Deref<Target = Service<H>>, H> Drop for Run<S, H> {
     fn drop(&mut self) {
         self.service.activity.ended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // used by the tokio flavour
-impl<'a, H> Run<'a, H> {
+impl<S: Deref<Target = Service<H>>, H> Run<S, H> {
+    fn endpoint(&self) -> &Endpoint<H> {
+        self.service.endpoint(self.endpoint)
+    }
+
     /// The handler to run.
-    pub(crate) fn handler(&self) -> &'a H {
-        &self.endpoint.handler
+    pub(crate) fn handler(&self) -> &H {
+        &self.endpoint().handler
     }
 
     /// When the caller stops waiting (the flavour may stop the handler then).
@@ -199,11 +212,11 @@ impl<'a, H> Run<'a, H> {
             ),
             End::Done(r) => (r, false),
             End::Panicked(msg) => {
-                tracing::error!(service = %name, endpoint = %self.endpoint.name, "{msg}");
+                tracing::error!(service = %name, endpoint = %self.endpoint().name, "{msg}");
                 (Err(RemoteError::new(status::HANDLER_FAILED, msg)), false)
             }
             End::Deadline => {
-                tracing::debug!(service = %name, endpoint = %self.endpoint.name, "deadline passed; handler stopped");
+                tracing::debug!(service = %name, endpoint = %self.endpoint().name, "deadline passed; handler stopped");
                 let msg = "the deadline passed while the handler ran; it was stopped";
                 (Err(RemoteError::new(status::TIMED_OUT, msg)), true)
             }
@@ -222,11 +235,11 @@ impl<'a, H> Run<'a, H> {
                     Answer::Error { message, .. } => message.clone(),
                     Answer::Reply(_) => String::new(),
                 };
-                self.endpoint.counters.record(elapsed, Some(&RemoteError::new(status::TOO_LARGE, message)));
+                self.endpoint().counters.record(elapsed, Some(&RemoteError::new(status::TOO_LARGE, message)));
                 return (!self.cancel.is_set()).then_some(answer);
             }
         };
-        self.endpoint.counters.record(elapsed, result.as_ref().err());
+        self.endpoint().counters.record(elapsed, result.as_ref().err());
         // Nobody reads an answer to a cancelled request, nor to one whose connection is closing.
         if self.cancel.is_set() || killed {
             return None;

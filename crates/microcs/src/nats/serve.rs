@@ -27,7 +27,7 @@ use crate::handler::Streams;
 use crate::micro::QUEUE_GROUP;
 use crate::proto::{FLAG_NOT_RUN, FLAG_SYSTEM, status};
 use crate::request::{CancelState, Request};
-use crate::service::{Builtin, Endpoint, Service};
+use crate::service::{Builtin, Endpoint, EndpointId, Service};
 
 /// How a server flavour runs one of its handlers for a NATS request.
 pub(crate) trait Invoke: Streams + Send + Sync + 'static {
@@ -388,7 +388,7 @@ async fn dispatch<H: Invoke>(shared: &Arc<Shared<H>>, tag: Tag, msg: Message) {
 
 impl<H: Invoke> Shared<H> {
     fn endpoint(&self, i: usize) -> &Endpoint<H> {
-        if i == 0 { &self.service.default } else { &self.service.methods[i - 1] }
+        self.service.endpoint(EndpointId(i))
     }
 
     async fn serve_one(&self, i: usize, msg: Message) {
@@ -430,7 +430,7 @@ impl<H: Invoke> Shared<H> {
             let e = streams_are_local(&ep.name);
             return self.error(reply, e.code(), FLAG_SYSTEM | FLAG_NOT_RUN, e.message()).await;
         }
-        let (run, req) = match dispatch::begin_at(&self.service, ep, call) {
+        let (run, req) = match dispatch::begin_at(&*self.service, EndpointId(i), call) {
             Begin::Run(run, req) => (run, req),
             Begin::Answer(a) => return self.answer(reply, a).await,
         };

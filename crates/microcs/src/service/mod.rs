@@ -54,6 +54,17 @@ pub(crate) struct Endpoint<H> {
     pub counters: Counters,
 }
 
+/// One endpoint of a [`Service`]: 0 is the default handler, `i + 1` the method `methods[i]`
+/// (a `Service` never changes once built, so an id stays valid for its life). An id rather than
+/// a reference, so that a request's run can move into a task with the service it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EndpointId(pub usize);
+
+impl EndpointId {
+    /// The default handler (the empty method name).
+    pub(crate) const DEFAULT: EndpointId = EndpointId(0);
+}
+
 /// Which built-in method a request named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Builtin {
@@ -63,8 +74,8 @@ pub(crate) enum Builtin {
 }
 
 /// Where a request goes.
-pub(crate) enum Route<'a, H> {
-    Endpoint(&'a Endpoint<H>),
+pub(crate) enum Route {
+    Endpoint(EndpointId),
     Builtin(Builtin),
     /// The method does not exist (or is not UTF-8); the error to send, not run.
     Refuse(RemoteError),
@@ -119,14 +130,23 @@ impl<H> Service<H> {
         }
     }
 
+    /// The endpoint `id` names (ids come from this service: [`route`](Self::route), or
+    /// [`EndpointId::of`] over `methods`).
+    pub(crate) fn endpoint(&self, id: EndpointId) -> &Endpoint<H> {
+        match id.0 {
+            0 => &self.default,
+            i => &self.methods[i - 1],
+        }
+    }
+
     pub(crate) fn method_names(&self) -> Vec<String> {
         self.methods.iter().map(|e| e.name.clone()).collect()
     }
 
     /// Finds where a request with this raw method name goes.
-    pub(crate) fn route(&self, method: &[u8]) -> Route<'_, H> {
+    pub(crate) fn route(&self, method: &[u8]) -> Route {
         if method.is_empty() {
-            return Route::Endpoint(&self.default);
+            return Route::Endpoint(EndpointId::DEFAULT);
         }
         match method {
             b"$ping" => return Route::Builtin(Builtin::Ping),
@@ -138,7 +158,7 @@ impl<H> Service<H> {
             return Route::Refuse(RemoteError::new(status::BAD_REQUEST, "method name is not UTF-8"));
         };
         match self.methods.binary_search_by(|e| e.name.as_str().cmp(m)) {
-            Ok(i) => Route::Endpoint(&self.methods[i]),
+            Ok(i) => Route::Endpoint(EndpointId(i + 1)),
             Err(_) => Route::Refuse(RemoteError::new(
                 status::NO_METHOD,
                 format!("service '{}' has no method '{m}' (it has: {})", self.name, self.method_list()),

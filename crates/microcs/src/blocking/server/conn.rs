@@ -569,7 +569,7 @@ pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool)
         stream: job.stream,
         transport: Some(conn.stream.transport_name()),
     };
-    let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
+    let (run, req) = match dispatch::begin(&*shared.service, &job.method, call) {
         Begin::Run(run, req) => (run, req),
         Begin::Answer(a) => return conn.finish(shared, id, Some(a), batch),
     };

@@ -16,14 +16,14 @@ use ::tokio::task::AbortHandle;
 use ::tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, sleep_until};
 
 use super::super::io::{HIGH_WATER, OutState, Outbox, Stream, read_more, shutdown};
-use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
+use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit, Run};
 use crate::error::{Error, RemoteError};
 use crate::handler::{AsyncHandler, HandlerFuture, Items};
 use crate::io::{Filled, ReadBuf, log_write_failed};
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, shutting_down};
 use crate::proto::{DecodeError, Decoded, Header};
 use crate::registry::Claim;
-use crate::request::{CancelState, Peer, Room, panic_message};
+use crate::request::{CancelState, Peer, Request, Room, panic_message};
 use crate::service::{
     Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
@@ -478,14 +478,14 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
                             }
                         };
                         match permit {
-                            Some(p) => {
+                            // A large payload was read into a vector of its own: moved, not
+                            // copied (and then the method name is, to let go of `rbuf`).
+                            Some(p) if rbuf.is_large() => {
                                 let method = f.method.to_vec();
-                                // A large payload was read into a vector of its own: moved,
-                                // not copied.
-                                let small = (!rbuf.is_large()).then(|| f.payload.to_vec());
-                                let payload = small.or_else(|| rbuf.take_payload()).unwrap_or_default();
-                                admit(shared, conn, &h, method, payload, p);
+                                let payload = rbuf.take_payload().unwrap_or_default();
+                                admit(shared, conn, &h, &method, payload, p);
                             }
+                            Some(p) => admit(shared, conn, &h, f.method, f.payload.to_vec(), p),
                             None => {
                                 conn.send(shutting_down(h.id, shared.service.name.as_str()));
                             }
@@ -579,12 +579,16 @@ pub(super) fn stop_reading(conn: &Conn) {
     conn.stream.link().shut(Shut::Read);
 }
 
-/// Registers a request in flight and starts its task.
+/// A request's run, holding the server's endpoint table so that it can move into a task.
+type AsyncRun = Run<Arc<Service<Arc<AsyncHandler>>>, Arc<AsyncHandler>>;
+
+/// Registers a request in flight and runs it: to its end here when the handler answers at once,
+/// else in a task of its own.
 pub(super) fn admit(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
     h: &Header,
-    method: Vec<u8>,
+    method: &[u8],
     payload: Vec<u8>,
     permit: OwnedSemaphorePermit,
 ) {
@@ -595,54 +599,104 @@ pub(super) fn admit(
             return;
         }
     };
-    let job = Job {
-        id: h.id,
-        method,
+    let id = h.id;
+    let call = Incoming {
+        id,
+        peer: conn.peer,
         payload,
         deadline: admitted.deadline,
         cancel: admitted.cancel,
         stream: admitted.stream,
-    };
-    // Most handlers answer without waiting for anything: poll the request once here, on the
-    // connection's task, and start a task only for one still pending. That saves a task per
-    // request (its allocation, the move of this future into it, a trip through the scheduler).
-    // The task polls the future again at once, so whatever it waits for is registered with the
-    // task's waker; the no-op waker of this first poll is never needed.
-    let mut fut = Box::pin(run(shared.clone(), conn.clone(), job, permit));
-    if fut.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
-        ::tokio::spawn(fut);
-    }
-}
-
-/// A request taken off the wire, not yet run.
-pub(super) struct Job {
-    pub(super) id: u64,
-    pub(super) method: Vec<u8>,
-    pub(super) payload: Vec<u8>,
-    pub(super) deadline: Option<std::time::Instant>,
-    pub(super) cancel: Arc<CancelState>,
-    pub(super) stream: bool,
-}
-
-/// The task of one request: runs its handler and sends the answer.
-pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit: OwnedSemaphorePermit) {
-    let id = job.id;
-    let call = Incoming {
-        id,
-        peer: conn.peer,
-        payload: job.payload,
-        deadline: job.deadline,
-        cancel: job.cancel,
-        stream: job.stream,
         transport: Some(conn.stream.link().transport_name()),
     };
-    let (run, req) = match dispatch::begin(&shared.service, &job.method, call) {
+    // Routed from the frame's bytes: the method name is never copied.
+    let (run, req) = match dispatch::begin(shared.service.clone(), method, call) {
         Begin::Run(run, req) => (run, req),
         Begin::Answer(a) => return conn.finish(id, Some(a)),
     };
+    let handler = match &**run.handler() {
+        AsyncHandler::Unary(handler) if !run.stream() => handler,
+        // Streams (and a unary handler asked as one) as a future of their own, polled once
+        // here like a unary handler's (see below).
+        _ => {
+            let mut fut = Box::pin(run_stream(shared.clone(), conn.clone(), run, req, permit));
+            if fut.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+                ::tokio::spawn(fut);
+            }
+            return;
+        }
+    };
+    // Most handlers answer without waiting for anything: their future is polled once here, on
+    // the connection's task, and a task is started only for one still pending. That saves, per
+    // request, a task (its allocation, a trip through the scheduler) and the boxed state machine
+    // that would carry the request into it. The task polls the future again at once, so
+    // whatever it waits for is registered with the task's waker; the no-op waker of this first
+    // poll is never needed.
+    let mut fut = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
+        Ok(fut) => CatchUnwind(fut),
+        Err(panic) => return finish_run(conn, id, run, End::Panicked(panic_message(&*panic))),
+    };
+    match Pin::new(&mut fut).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(r) => finish_run(conn, id, run, handler_end(r)),
+        Poll::Pending => {
+            let (shared, conn) = (shared.clone(), conn.clone());
+            ::tokio::spawn(async move {
+                let end = until_end(&shared, &run, fut).await;
+                finish_run(&conn, id, run, end);
+                drop(permit);
+            });
+            return;
+        }
+    }
+    drop(permit);
+}
+
+/// How a handler's future ended.
+fn handler_end(r: std::thread::Result<std::result::Result<Vec<u8>, RemoteError>>) -> End {
+    match r {
+        Ok(r) => End::Done(r),
+        Err(panic) => End::Panicked(panic_message(&*panic)),
+    }
+}
+
+/// Runs a handler's future to its end: its answer, or the library stopping it (deadline, the
+/// caller's cancel and the grace after it, the server killed).
+async fn until_end(shared: &Shared, run: &AsyncRun, fut: CatchUnwind) -> End {
     let deadline = run.deadline().map(Instant::from_std);
-    let cancel = run.cancel().clone();
+    let cancel = run.cancel();
     let grace = shared.config.grace;
+    // The handler first, and the other branches' futures are made when first polled: most
+    // handlers answer at once, and then no timer, notifier or watch is touched.
+    ::tokio::select! {
+        biased;
+        r = fut => handler_end(r),
+        () = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
+            End::Deadline
+        }
+        () = async { cancel.wait().await; sleep(grace).await } => End::Abandoned(grace),
+        _ = async { shared.kill.subscribe().wait_for(|k| *k).await.is_ok() } => End::Killed,
+    }
+}
+
+/// Records how a request ended and sends its answer, if one is wanted.
+fn finish_run(conn: &Conn, id: u64, run: AsyncRun, end: End) {
+    let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
+    let answer = run.finish(end, limit);
+    conn.finish(id, answer);
+}
+
+/// The task of a streaming request (or of a unary handler asked as a stream): runs its
+/// handler, sends its items and its end.
+async fn run_stream(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    run: AsyncRun,
+    req: Request,
+    _permit: OwnedSemaphorePermit,
+) {
+    let id = req.id();
+    let cancel = run.cancel().clone();
+    let deadline = run.deadline().map(Instant::from_std);
     // Where a stream's sink leaves the answer that ends it early (only streams have one).
     let mut overflow = None;
     let started = match &**run.handler() {
@@ -660,23 +714,10 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
         }
     };
     // Asked as a stream, a unary handler's one answer is the stream's one item.
-    let one_item = run.stream() && !matches!(**run.handler(), AsyncHandler::Stream(_));
+    let one_item = !matches!(**run.handler(), AsyncHandler::Stream(_));
     let end = match started {
         Err(panic) => End::Panicked(panic_message(&*panic)),
-        // The handler first, and the other branches' futures are made when first polled: most
-        // handlers answer at once (see `admit`), and then no timer, notifier or watch is touched.
-        Ok(fut) => ::tokio::select! {
-            biased;
-            r = CatchUnwind(fut) => match r {
-                Ok(r) => End::Done(r),
-                Err(panic) => End::Panicked(panic_message(&*panic)),
-            },
-            () = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
-                End::Deadline
-            }
-            () = async { cancel.wait().await; sleep(grace).await } => End::Abandoned(grace),
-            _ = async { shared.kill.subscribe().wait_for(|k| *k).await.is_ok() } => End::Killed,
-        },
+        Ok(fut) => until_end(&shared, &run, CatchUnwind(fut)).await,
     };
     let overflowed = overflow.and_then(|o| o.lock().unwrap_or_else(|p| p.into_inner()).take());
     let end = match (end, overflowed) {
@@ -684,9 +725,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: Arc<Conn>, job: Job, _permit:
         (End::Done(Ok(reply)), None) if one_item => send_one_item(&conn, id, &cancel, deadline, reply).await,
         (end, None) => end,
     };
-    let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
-    let answer = run.finish(end, limit);
-    conn.finish(id, answer);
+    finish_run(&conn, id, run, end);
 }
 
 /// A unary handler's reply as the one item of a stream, once the caller has room for it.
