@@ -130,8 +130,8 @@ impl<H> Service<H> {
         }
     }
 
-    /// The endpoint `id` names (ids come from this service: [`route`](Self::route), or
-    /// [`EndpointId::of`] over `methods`).
+    /// The endpoint `id` names (ids come from this service: [`route`](Self::route), or an
+    /// index into `methods` plus one, as NATS numbers its subscriptions).
     pub(crate) fn endpoint(&self, id: EndpointId) -> &Endpoint<H> {
         match id.0 {
             0 => &self.default,

@@ -44,11 +44,12 @@ pub(super) struct Conn {
 /// The connection's read loop, as a future that more than one task may poll (one at a time).
 ///
 /// Its reader task polls it as the connection's tasks always did. A caller whose request is
-/// the only one pending polls it as well while it waits for its answer ([`Conn::wait`]): the
-/// loop then registers the *caller's* waker with the socket (or the rings), so the reply wakes
-/// the caller directly and the caller reads it, instead of the reader task reading it and
+/// the only one pending polls it as well while it waits for its answer ([`Conn::wait_lone`]):
+/// the loop then registers the *caller's* waker with the socket (or the rings), so the reply
+/// wakes the caller directly and the caller reads it, instead of the reader task reading it and
 /// waking the caller through a `oneshot` — a hand-off that, in a `block_on` caller, also costs
-/// tokio's current-thread scheduler a zero-timeout `epoll_wait`. Whatever the loop waits for
+/// tokio's current-thread scheduler a zero-timeout `epoll_wait`. The answer it reads lands in
+/// the connection's [`LoneSlot`] without waking anyone (no channel per request). Whatever the loop waits for
 /// wakes whoever polled it last, so while a caller drives it (`caller`) the reader task leaves
 /// it alone, and the caller hands it back — `caller` cleared, the reader task woken — when it
 /// stops (answered, or dropped) or when another request joins (whose sender does the same, so
@@ -149,12 +150,29 @@ pub(super) struct Book {
     /// again together, so they leave their requests to the writer task's next batch instead of
     /// each sending its own (see `attempt`).
     pub(super) burst: bool,
+    /// Where the answer of a lone caller's request ([`Waiter::Lone`]) waits for it: from the
+    /// request's sending until its caller takes the answer or stops waiting. One at a time: a
+    /// request sent while it is taken waits through a `oneshot` instead.
+    pub(super) lone: Option<LoneSlot>,
+}
+
+/// The answer of the one request whose caller reads its own reply (see [`Reader`]).
+pub(super) struct LoneSlot {
+    pub(super) id: u64,
+    pub(super) outcome: Option<Outcome>,
+    /// Woken when the answer arrives other than through the caller's own read: the reader
+    /// task's, the deadline task's, the connection's end.
+    pub(super) waker: Option<Waker>,
 }
 
 /// Where a request's answer goes.
 pub(super) enum Waiter {
     /// A unary call: its one outcome.
     Once(oneshot::Sender<Outcome>),
+    /// A unary call that was alone on its connection when sent: its outcome goes to the
+    /// connection's [`LoneSlot`] (no channel to allocate, and the caller's own read of its
+    /// reply does not wake it).
+    Lone,
     /// A stream: each item, then its end (docs/PROTOCOL.md § 17). Unbounded, yet bounded by the
     /// window the caller grants: the server sends no more than that ahead of the application.
     Stream(mpsc::UnboundedSender<Event>),
@@ -168,12 +186,13 @@ pub(super) enum Event {
 }
 
 impl Waiter {
-    /// Delivers the request's outcome (a stream's end).
-    pub(super) fn settle(self, outcome: Outcome) {
+    /// Delivers the outcome of request `id` (a stream's end). Called without the book lock.
+    pub(super) fn settle(self, conn: &Conn, id: u64, outcome: Outcome) {
         match self {
             Waiter::Once(tx) => {
                 let _ = tx.send(outcome);
             }
+            Waiter::Lone => conn.settle_lone(id, outcome, true),
             Waiter::Stream(tx) => {
                 let _ = tx.send(Event::End(outcome));
             }
@@ -221,7 +240,7 @@ impl Conn {
         self.deadlines.notify_one();
         shutdown(&self.stream);
         if let Some((dead, written, pending)) = settle {
-            settle_lost(pending, &dead, self.seen(&dead, written));
+            settle_lost(self, pending, &dead, self.seen(&dead, written));
         }
     }
 
@@ -248,7 +267,7 @@ impl Conn {
                 if let Some(p) = st.extra.pending.remove(&id) {
                     // Best effort: a Cancel that cannot be queued is moot (the connection is gone).
                     let _ = st.push(&Header::new(Kind::Cancel, id), b"", b"");
-                    expired.push(p.tx);
+                    expired.push((id, p.tx));
                 }
             }
             st.extra.next_deadline = st.extra.pending.values().map(|p| p.deadline).min();
@@ -257,48 +276,86 @@ impl Conn {
         if !expired.is_empty() {
             self.outbox.wake();
         }
-        for tx in expired {
-            tx.settle(Outcome::TimedOut);
+        for (id, tx) in expired {
+            tx.settle(self, id, Outcome::TimedOut);
         }
         if close {
             self.close(Loss::Closed(None));
         }
     }
 
-    /// Waits for the answer of a request; `lone`: it was the only one pending when sent, so
-    /// the caller reads it itself while nothing else is pending (see [`Reader`]).
-    pub(super) async fn wait(&self, rx: &mut oneshot::Receiver<Outcome>, lone: bool) -> Option<Outcome> {
-        if !lone {
-            return rx.await.ok();
-        }
-        // Hands the loop back to the reader task however this ends (also when dropped).
-        struct GiveBack<'a>(&'a Conn);
-        impl Drop for GiveBack<'_> {
+    /// Waits for the answer of a request that waits through a `oneshot` ([`Waiter::Once`]).
+    pub(super) async fn wait(&self, rx: oneshot::Receiver<Outcome>) -> Option<Outcome> {
+        rx.await.ok()
+    }
+
+    /// Waits for the answer of request `id`, sent as [`Waiter::Lone`]: the caller reads it
+    /// itself while nothing else is pending (see [`Reader`]). `None`: the answer's slot is gone
+    /// (it cannot be, while the caller waits).
+    pub(super) async fn wait_lone(&self, id: u64) -> Option<Outcome> {
+        // However this ends (also when dropped): the slot is freed and the loop handed back to
+        // the reader task.
+        struct Done<'a>(&'a Conn, u64);
+        impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.0.give_back();
+                let released = {
+                    let mut st = self.0.book();
+                    if st.extra.lone.as_ref().is_some_and(|l| l.id == self.1) {
+                        st.extra.lone = None;
+                    }
+                    self.0.reader.release()
+                };
+                if released {
+                    self.0.reader.wake();
+                }
             }
         }
-        let _give_back = GiveBack(self);
+        let _done = Done(self, id);
         std::future::poll_fn(|cx| {
-            // While this caller reads, its own reply must not wake it (it is running): that
-            // wake-up would cost a `block_on` caller another turn of the scheduler, with a
-            // zero-timeout `epoll_wait`. So the answer's channel holds a no-op waker during the
-            // read, and this caller's waker again before it returns (a deadline or the
-            // connection's end then still wakes it; one that came in between is seen by that
-            // last poll).
-            if let Poll::Ready(r) = Pin::new(&mut *rx).poll(&mut Context::from_waker(Waker::noop())) {
-                return Poll::Ready(r.ok());
-            }
             // It reads only while its request is the one pending: with others, the reader task
-            // hands the replies out (a pipeline's batches stay with it).
+            // hands the replies out (a pipeline's batches stay with it). A reply it reads itself
+            // lands in the slot without waking it: it looks there next.
             let drove = self.reader.poll_caller(self, cx);
-            let answer = Pin::new(&mut *rx).poll(cx).map(Result::ok);
+            let answer = {
+                let mut st = self.book();
+                match st.extra.lone.as_mut() {
+                    Some(slot) if slot.id == id => match slot.outcome.take() {
+                        Some(outcome) => Poll::Ready(Some(outcome)),
+                        None => {
+                            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                                slot.waker = Some(cx.waker().clone());
+                            }
+                            Poll::Pending
+                        }
+                    },
+                    _ => Poll::Ready(None),
+                }
+            };
             if !drove && answer.is_pending() {
                 self.give_back();
             }
             answer
         })
         .await
+    }
+
+    /// Leaves the outcome of the lone request `id` in its slot, if its caller still waits;
+    /// `wake`: and wakes the caller (not when the caller is the one reading: it looks in the
+    /// slot after its read).
+    fn settle_lone(&self, id: u64, outcome: Outcome, wake: bool) {
+        let waker = {
+            let mut st = self.book();
+            match st.extra.lone.as_mut() {
+                Some(slot) if slot.id == id => {
+                    slot.outcome = Some(outcome);
+                    slot.waker.take()
+                }
+                _ => None,
+            }
+        };
+        if let Some(w) = waker.filter(|_| wake) {
+            w.wake();
+        }
     }
 
     /// Ends a lone caller's turn at the read loop, if it had one.
@@ -321,8 +378,14 @@ impl Conn {
             let w = st.extra.pending.remove(&id);
             (w, st.extra.retired && st.extra.pending.is_empty())
         };
-        if let Some(p) = waiter {
-            p.tx.settle(outcome);
+        match waiter.map(|p| p.tx) {
+            // Read by the loop: `caller` set means the lone caller is the one polling it (the
+            // reader task leaves the loop alone while it is set), so the caller looks in the
+            // slot when the read returns. (Cleared meanwhile by a request joining, it costs a
+            // wake-up the caller does not need.) Whoever else settles it wakes it.
+            Some(Waiter::Lone) => self.settle_lone(id, outcome, !self.reader.caller.load(Ordering::Acquire)),
+            Some(tx) => tx.settle(self, id, outcome),
+            None => {}
         }
         if close {
             self.close(Loss::Closed(None));
@@ -516,7 +579,7 @@ pub(super) async fn writer_task(conn: Arc<Conn>) {
             (None, None) => (IdMap::default(), Loss::Closed(None), Some(Loss::Closed(None))),
         }
     };
-    settle_lost(lost, &dead, conn.seen(&dead, end.written));
+    settle_lost(&conn, lost, &dead, conn.seen(&dead, end.written));
     if let Some(why) = close {
         conn.close(why);
     }
@@ -545,10 +608,10 @@ impl Drop for TaskGuard<'_> {
 }
 
 /// Tells each request that the connection ended first, and how much of it was written.
-pub(super) fn settle_lost(pending: IdMap<Pending>, dead: &Loss, written: u64) {
-    for (_, p) in pending {
+pub(super) fn settle_lost(conn: &Conn, pending: IdMap<Pending>, dead: &Loss, written: u64) {
+    for (id, p) in pending {
         let written = Written::of(p.start, p.end, written);
-        p.tx.settle(Outcome::Lost { loss: dead.clone(), written });
+        p.tx.settle(conn, id, Outcome::Lost { loss: dead.clone(), written });
     }
 }
 

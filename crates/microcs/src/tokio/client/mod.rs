@@ -49,7 +49,7 @@ use crate::name::Name;
 use crate::proto;
 use crate::proto::client_conn::{self, Attempt, DEFAULT_TIMEOUT, Ids, Loss, Written};
 use crate::registry;
-use conn::{CancelOnDrop, Conn, Pending, Waiter};
+use conn::{CancelOnDrop, Conn, LoneSlot, Pending, Waiter};
 
 /// An async connection to a named service. Cheap to clone; clones share one connection.
 ///
@@ -533,8 +533,7 @@ impl Client {
         let id = self.shared.next_id.next();
         let remaining = if fresh { self.timeout } else { deadline.saturating_duration_since(Instant::now()) };
         let header = client_conn::request_header(id, remaining);
-        let (tx, mut rx) = oneshot::channel();
-        let (earlier, sent, lone, released) = {
+        let (earlier, sent, rx, released) = {
             let mut st = conn.book();
             // A lone request goes out from here, without a round through the writer task;
             // with others in flight it joins the writer's next batch (one `send` for many).
@@ -550,7 +549,16 @@ impl Client {
                 let dead = st.extra.dead.clone().unwrap_or(Loss::Closed(None));
                 return Err(Attempt::NotRun(dead.error(name, Written::None)));
             };
-            st.extra.pending.insert(id, Pending { tx: Waiter::Once(tx), deadline, start, end });
+            // Its caller reads its own reply (see `conn::Reader`) if the connection's slot for
+            // that is free.
+            let (tx, rx) = if lone && st.extra.lone.is_none() {
+                st.extra.lone = Some(LoneSlot { id, outcome: None, waker: None });
+                (Waiter::Lone, None)
+            } else {
+                let (tx, rx) = oneshot::channel();
+                (Waiter::Once(tx), Some(rx))
+            };
+            st.extra.pending.insert(id, Pending { tx, deadline, start, end });
             let earlier = st.extra.next_deadline.is_none_or(|t| deadline < t);
             if earlier {
                 st.extra.next_deadline = Some(deadline);
@@ -559,7 +567,7 @@ impl Client {
             // Another request is pending: if its caller drives the read loop, it goes back to
             // the reader task (see `conn::Reader`).
             let released = !lone && conn.reader.release();
-            (earlier, sent, lone, released)
+            (earlier, sent, rx, released)
         };
         if released {
             conn.reader.wake();
@@ -573,7 +581,10 @@ impl Client {
         // The connection's deadline task answers `TimedOut` at the deadline; if this future is
         // dropped first, `guard` takes the request back and tells the server to cancel it.
         let mut guard = CancelOnDrop { conn, id, armed: true };
-        let outcome = conn.wait(&mut rx, lone).await;
+        let outcome = match rx {
+            Some(rx) => conn.wait(rx).await,
+            None => conn.wait_lone(id).await,
+        };
         guard.armed = false;
         let outcome = match outcome {
             Some(outcome) => outcome,
