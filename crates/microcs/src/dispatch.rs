@@ -195,12 +195,14 @@ impl<S: Deref<Target = Service<H>>, H> Run<S, H> {
     /// Records the run in the endpoint's counters and decides what to send: `None` when
     /// nobody wants an answer (see the module docs for the rules).
     pub(crate) fn finish(self, end: End, limit: ReplyLimit<'_>) -> Option<Answer> {
-        let elapsed = self.started.elapsed();
+        // One clock read for the run's time and the deadline.
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.started);
         let name = &self.service.name;
 
         let killed = matches!(end, End::Killed);
         // Finished (or failed) on its own, but after the caller's deadline.
-        let late = !matches!(end, End::Deadline) && self.deadline.is_some_and(|d| Instant::now() >= d);
+        let late = !matches!(end, End::Deadline) && self.deadline.is_some_and(|d| now >= d);
         // `system`: the library ended the request or refused its reply, not the handler.
         let (result, system) = match end {
             End::Done(Ok(reply)) if reply.len() > limit.max => (
