@@ -629,11 +629,11 @@ enum ShmWoke {
 /// socket's readiness. Cancel safe: dropping it withdraws the announcement.
 async fn shm_wait(stream: &Stream, wait: &ShmWait, shm: &ShmLink, role: Role) -> io::Result<ShmWoke> {
     let start = std::time::Instant::now();
-    if let Some(budget) = shm.spin_budget() {
+    if let Some(budget) = shm.spin_budget(role) {
         loop {
             for _ in 0..SPIN_CHECKS {
                 if shm.ready(role)? {
-                    shm.adapt(true);
+                    shm.adapt(role, true);
                     return Ok(ShmWoke::Again);
                 }
                 std::hint::spin_loop();
@@ -684,7 +684,7 @@ async fn shm_wait(stream: &Stream, wait: &ShmWait, shm: &ShmLink, role: Role) ->
     })
     .await;
     drop(parked);
-    shm.adapt(start.elapsed() < MAX_SPIN);
+    shm.adapt(role, start.elapsed() < MAX_SPIN);
     woke
 }
 

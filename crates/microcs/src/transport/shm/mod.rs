@@ -13,7 +13,7 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
@@ -21,6 +21,7 @@ use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 pub mod fuzz;
 pub(crate) mod map;
 pub(crate) mod ring;
+mod spin;
 
 use crate::proto::server_conn::{Handshake, Out};
 use map::Mapping;
@@ -44,10 +45,8 @@ pub(crate) const DEFAULT_RING_CAPACITY: u32 = 256 * 1024;
 /// `B.space`.
 pub(crate) const FDS: usize = 5;
 
-/// Longest spin before parking, and the spin a connection starts with.
-pub(crate) const MAX_SPIN: Duration = Duration::from_micros(50);
-const FIRST_SPIN: Duration = Duration::from_micros(20);
-const MIN_SPIN_NS: u32 = 1_000;
+pub(crate) use spin::MAX_SPIN;
+use spin::SpinBudget;
 
 /// One connection's shared-memory side (the socket is the caller's: [`super::Link`]).
 #[derive(Debug)]
@@ -63,8 +62,9 @@ pub(crate) struct ShmLink {
     rx_data: OwnedFd,
     /// Wakes the peer's writer of the ring we read.
     rx_space: OwnedFd,
-    /// Current spin budget, in nanoseconds (§ 18.5).
-    spin_ns: AtomicU32,
+    /// The spin budgets of the waits for data and for room (§ 18.5): apart, because they
+    /// differ (a reply waits for a handler, room for the peer's copy out of the ring).
+    spin: [SpinBudget; 2],
     /// The machine has more than one CPU online: spinning can ever pay.
     multi_cpu: bool,
     read_shut: AtomicBool,
@@ -149,7 +149,7 @@ impl ShmLink {
             tx_space,
             rx_data,
             rx_space,
-            spin_ns: AtomicU32::new(FIRST_SPIN.as_nanos() as u32),
+            spin: Default::default(),
             multi_cpu: online_cpus() > 1,
             read_shut: AtomicBool::new(false),
         }
@@ -322,21 +322,21 @@ impl ShmLink {
         }
     }
 
-    /// How long to spin before parking, `None` when spinning cannot pay now (one CPU, the peer
-    /// on ours, or spins that kept missing).
-    pub(crate) fn spin_budget(&self) -> Option<Duration> {
-        self.spin_pays().then(|| Duration::from_nanos(u64::from(self.spin_ns.load(Ordering::Relaxed))))
+    /// How long the wait of `role` spins before parking, `None` when spinning cannot pay now
+    /// (one CPU, the peer on ours, or spins that kept missing: see [`SpinBudget`]).
+    pub(crate) fn spin_budget(&self, role: Role) -> Option<Duration> {
+        if self.spin_pays() { self.spin[role as usize].next() } else { None }
     }
 
     /// Spins (if it may pay), then parks on the eventfd of `role` and the socket until ready,
     /// the timeout, or the peer's end.
     fn wait(&self, socket: &UnixStream, role: Role, timeout: Option<Duration>) -> io::Result<Woke> {
         let start = Instant::now();
-        if let Some(budget) = self.spin_budget() {
+        if let Some(budget) = self.spin_budget(role) {
             let mut i = 0u32;
             loop {
                 if self.ready(role)? {
-                    self.adapt(true);
+                    self.adapt(role, true);
                     return Ok(Woke::Ready);
                 }
                 i = i.wrapping_add(1);
@@ -368,7 +368,7 @@ impl ShmLink {
             Ok(_) => {}
         }
         // Would a longer spin have caught it? Then spin longer next time, else shorter.
-        self.adapt(start.elapsed() < MAX_SPIN);
+        self.adapt(role, start.elapsed() < MAX_SPIN);
         if self.ready(role)? {
             return Ok(Woke::Ready);
         }
@@ -389,20 +389,13 @@ impl ShmLink {
         }
         let me = rustix::thread::sched_getcpu() as u32 + 1;
         self.rx.publish_cpu(&self.map, me);
-        self.tx.peer_cpu(&self.map) != me && self.spin_ns.load(Ordering::Relaxed) > 0
+        self.tx.peer_cpu(&self.map) != me
     }
 
-    /// Spin longer next time (`true`: the wait ended within the longest spin), or shorter.
-    pub(crate) fn adapt(&self, longer: bool) {
-        let now = self.spin_ns.load(Ordering::Relaxed);
-        let next = if longer {
-            now.saturating_mul(2).clamp(MIN_SPIN_NS, MAX_SPIN.as_nanos() as u32)
-        } else {
-            now / 2
-        };
-        if next != now {
-            self.spin_ns.store(if next < MIN_SPIN_NS && !longer { 0 } else { next }, Ordering::Relaxed);
-        }
+    /// The wait of `role` should spin longer next time (`true`: it ended within the longest
+    /// spin), or shorter.
+    pub(crate) fn adapt(&self, role: Role, longer: bool) {
+        self.spin[role as usize].adapt(longer);
     }
 }
 
