@@ -1538,3 +1538,307 @@ fn a_deadline_passed_while_the_handler_ran_is_answered_408_by_the_tokio_server()
     r.request(8, "$ping", b"");
     assert!(!r.expect_reply(8).is_empty());
 }
+
+/// A lone call polled once (it drives the read loop) and then left alive but unpolled (a
+/// `select!` busy elsewhere) until its deadline passes: the deadline task answers it
+/// `TimedOut` into the connection's lone slot, which stays taken while the future lives. The
+/// next request, sent while nothing else is pending, must still get its reply: it finds the
+/// slot taken, so it waits through a oneshot for the reader task — which must be the one
+/// reading the connection then.
+#[test]
+fn a_request_after_an_unpolled_lone_call_timed_out_gets_its_reply() {
+    let _w = watchdog(Duration::from_secs(40));
+    let rt = rt();
+    let dir = TempDir::new("lonestale");
+    let name = unique("LONESTALE");
+    let server = deaf_server(&dir, &name);
+    let b =
+        microcs::tokio::Client::builder(&name).runtime_dir(dir.path()).timeout(Duration::from_millis(300));
+    let client = rt.block_on(b.connect()).unwrap();
+    let mut raw = Raw::from_stream(server.join().unwrap());
+    let mut first: std::pin::Pin<Box<dyn std::future::Future<Output = microcs::Result<Vec<u8>>> + Send>> =
+        Box::pin(client.request(b"first"));
+    rt.block_on(std::future::poll_fn(|cx| {
+        assert!(first.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    }));
+    let (h1, _, p1) = raw.read().unwrap();
+    assert_eq!((h1.kind(), &p1[..]), (Some(Kind::Request), &b"first"[..]));
+    // Past the first call's deadline: the deadline task answers it and sends a Cancel.
+    rt.block_on(async { ::tokio::time::sleep(Duration::from_millis(600)).await });
+    let (c, _, _) = raw.read().unwrap();
+    assert_eq!((c.kind(), c.id), (Some(Kind::Cancel), h1.id));
+    let mut second = client.clone();
+    second.set_timeout(Duration::from_secs(20));
+    let answer = std::thread::scope(|s| {
+        s.spawn(|| {
+            let (h2, _, p2) = raw.read().unwrap();
+            assert_eq!(&p2[..], b"second");
+            raw.send(&Header::new(Kind::Reply, h2.id), b"", b"second back");
+        });
+        rt.block_on(async { ::tokio::time::timeout(Duration::from_secs(5), second.request(b"second")).await })
+    });
+    assert_eq!(
+        answer
+            .expect("the second reply was never read: the unpolled first call holds the read loop")
+            .unwrap(),
+        b"second back"
+    );
+    let e = rt.block_on(first).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+}
+
+/// The tokio server's run of a request, whichever way it ends — answered on the first poll in
+/// `admit`, panicking when the handler is called, on its future's first poll or on a later one,
+/// stopped at the deadline while pending, or a unary handler asked as a stream — gives back its
+/// in-flight permit (with a cap of 1, a kept one would stall the connection) and counts as
+/// ended for the idle timeout (a run counted as started but never ended keeps the server up).
+#[test]
+fn every_way_a_tokio_run_ends_frees_its_permit_and_counts_for_the_idle_timeout() {
+    use std::future::poll_fn;
+    use std::pin::Pin;
+    let _w = watchdog(Duration::from_secs(60));
+    let dir = TempDir::new("trunend");
+    let name = unique("TRUNEND");
+    rt().block_on(async {
+        let h = tokio_dir_server(&dir, &name)
+            .max_in_flight(1)
+            .idle_timeout(Some(Duration::from_millis(1500)))
+            .method("call_panic", |_r: Request| -> std::future::Ready<Result<Vec<u8>, RemoteError>> {
+                panic!("when called")
+            })
+            .method("first_poll_panic", |_r: Request| async {
+                if std::process::id() != 0 {
+                    panic!("on its first poll");
+                }
+                Ok::<_, RemoteError>("unreachable")
+            })
+            .method("later_panic", |_r: Request| async {
+                ::tokio::time::sleep(Duration::from_millis(5)).await;
+                if std::process::id() != 0 {
+                    panic!("on a later poll");
+                }
+                Ok::<_, RemoteError>("unreachable")
+            })
+            .method("slow", |_r: Request| async {
+                ::tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok::<_, RemoteError>("too late")
+            })
+            .method("later", |r: Request| async move {
+                ::tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok::<_, RemoteError>(r.into_payload())
+            })
+            .method("now", |r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) })
+            .bind()
+            .await
+            .unwrap()
+            .spawn(|r: Request| async move { Ok::<_, RemoteError>(r.into_payload()) })
+            .unwrap();
+        let mut c = tokio_dir_client(&dir, &name).connect().await.unwrap();
+        c.set_timeout(Duration::from_secs(5));
+        for round in 0..3 {
+            for (m, text) in [
+                ("call_panic", "when called"),
+                ("first_poll_panic", "its first poll"),
+                ("later_panic", "a later poll"),
+            ] {
+                let e = c.call(m, b"").await.unwrap_err();
+                assert_eq!(e.remote().map(|r| r.code()), Some(500), "round {round} {m}: {e}");
+                assert!(e.to_string().contains(text), "{e}");
+            }
+            let mut quick = c.clone();
+            quick.set_timeout(Duration::from_millis(200));
+            let e = quick.call("slow", b"").await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+            for m in ["later", "now"] {
+                let mut s = c.stream(m, b"one item").await.unwrap();
+                let mut items = Vec::new();
+                while let Some(item) =
+                    poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut s), cx)).await
+                {
+                    items.push(item.unwrap());
+                }
+                assert_eq!(items, vec![b"one item".to_vec()], "round {round} {m:?} as a stream");
+                assert_eq!(c.call(m, b"plain").await.unwrap(), b"plain");
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let done = ::tokio::time::timeout(Duration::from_secs(10), h.wait()).await;
+        assert!(matches!(done, Ok(Ok(()))), "the idle timeout never fired: {done:?}");
+        assert!(t0.elapsed() >= Duration::from_millis(1000), "{:?}", t0.elapsed());
+        let stats = h.stats();
+        let slow = stats.endpoints.iter().find(|e| e.name == "slow").unwrap();
+        assert_eq!((slow.num_requests, slow.num_errors), (3, 3));
+        h.shutdown().await;
+    });
+}
+
+/// A tokio client of `name` in `dir`, over shared memory or the socket.
+async fn tokio_client(dir: &TempDir, name: &str, timeout: Duration, shm: bool) -> microcs::tokio::Client {
+    microcs::tokio::Client::builder(name)
+        .runtime_dir(dir.path())
+        .timeout(timeout)
+        .shared_memory(shm)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Tasks sharing one tokio client alternate between being the connection's lone caller (who
+/// reads its own reply into the lone slot) and one of several (answered through a oneshot),
+/// and some of them give up early (an outer `timeout` drops the call while its reply is on the
+/// way): every call that is answered gets its own payload back, none waits past its reply.
+fn lone_and_shared_callers_flip_without_crossed_or_lost_answers(server: Flavour, shm: bool) {
+    let _w = watchdog(Duration::from_secs(120));
+    let tag = if shm { "flipshm" } else { "flip" };
+    let dir = TempDir::new(tag);
+    let name = unique(&tag.to_uppercase());
+    let _peer = serve(&dir, &name, server, if shm { &[("PEER_SHM", "1")] } else { &[] });
+    let rt = rt();
+    rt.block_on(async {
+        let client = tokio_client(&dir, &name, Duration::from_secs(30), shm).await;
+        let tasks: Vec<_> = (0..3u64)
+            .map(|t| {
+                let c = client.clone();
+                ::tokio::spawn(async move {
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                    let mut next = move || {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x
+                    };
+                    let (mut answered, mut dropped) = (0u32, 0u32);
+                    for i in 0..200u64 {
+                        let r = next();
+                        let delay = r % 3;
+                        let payload = format!("{delay}:task {t} call {i}");
+                        if r % 5 == 0 {
+                            // Given up on while its reply may be in flight.
+                            let wait = Duration::from_micros(200 + (r >> 8) % 2500);
+                            match ::tokio::time::timeout(wait, c.call("echo_after", payload.as_bytes())).await
+                            {
+                                Ok(reply) => assert_eq!(text(reply.unwrap()), payload),
+                                Err(_) => dropped += 1,
+                            }
+                        } else {
+                            let reply = ::tokio::time::timeout(
+                                Duration::from_secs(10),
+                                c.call("echo_after", payload.as_bytes()),
+                            )
+                            .await
+                            .unwrap_or_else(|_| panic!("task {t} call {i}: no answer within 10 s"));
+                            assert_eq!(text(reply.unwrap()), payload, "task {t} call {i}");
+                            answered += 1;
+                        }
+                        if r % 7 == 0 {
+                            ::tokio::task::yield_now().await;
+                        }
+                    }
+                    (answered, dropped)
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (answered, _dropped) = t.await.unwrap();
+            assert!(answered > 100);
+        }
+        assert_eq!(client.request(b"after").await.unwrap(), b"after");
+    });
+}
+
+#[test]
+fn lone_and_shared_callers_flip_without_crossed_or_lost_answers_tokio_server() {
+    lone_and_shared_callers_flip_without_crossed_or_lost_answers(Flavour::Tokio, false);
+}
+
+#[test]
+fn lone_and_shared_callers_flip_without_crossed_or_lost_answers_tokio_server_shm() {
+    lone_and_shared_callers_flip_without_crossed_or_lost_answers(Flavour::Tokio, true);
+}
+
+#[test]
+fn lone_and_shared_callers_flip_without_crossed_or_lost_answers_blocking_server() {
+    lone_and_shared_callers_flip_without_crossed_or_lost_answers(Flavour::Blocking, false);
+}
+
+/// The connection ends (the server hangs up after reading the request) while its lone caller
+/// waits reading the connection itself: on a `block_on` current-thread runtime and on a
+/// multi-thread one, the caller is woken with the loss, not left waiting for its deadline.
+#[test]
+fn a_lone_caller_learns_at_once_that_the_connection_ended() {
+    let _w = watchdog(Duration::from_secs(40));
+    let current = Arc::new(::tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap());
+    for (i, rt) in [current, rt()].into_iter().enumerate() {
+        let dir = TempDir::new("loneend");
+        let name = unique("LONEEND");
+        let server = deaf_server(&dir, &name);
+        let b =
+            microcs::tokio::Client::builder(&name).runtime_dir(dir.path()).timeout(Duration::from_secs(20));
+        let client = rt.block_on(b.connect()).unwrap();
+        let mut raw = Raw::from_stream(server.join().unwrap());
+        let hang_up = std::thread::spawn(move || {
+            let (h, _, _) = raw.read().unwrap();
+            assert_eq!(h.kind(), Some(Kind::Request));
+            std::thread::sleep(Duration::from_millis(100));
+            drop(raw);
+        });
+        let t0 = std::time::Instant::now();
+        let r =
+            rt.block_on(async { ::tokio::time::timeout(Duration::from_secs(5), client.request(b"x")).await });
+        let e = r
+            .unwrap_or_else(|_| panic!("runtime {i}: the caller was not told the connection ended"))
+            .unwrap_err();
+        assert!(e.may_have_run(), "runtime {i}: {e}");
+        assert!(t0.elapsed() < Duration::from_secs(3), "runtime {i}: {:?}", t0.elapsed());
+        hang_up.join().unwrap();
+    }
+}
+
+/// The same as `a_request_after_an_unpolled_lone_call_timed_out_gets_its_reply`, written as an
+/// application would meet it: a slow call raced in a `select!` against a tick, kept (not
+/// dropped) for later, times out at the client's deadline while the task does other work; the
+/// task's next call must be answered — over the socket and over shared memory, from either
+/// server.
+fn a_call_after_a_kept_select_call_timed_out_is_answered(server: Flavour, shm: bool) {
+    let _w = watchdog(Duration::from_secs(60));
+    let tag = if shm { "keptshm" } else { "kept" };
+    let dir = TempDir::new(tag);
+    let name = unique(&tag.to_uppercase());
+    let _peer = serve(&dir, &name, server, if shm { &[("PEER_SHM", "1")] } else { &[] });
+    let rt = rt();
+    rt.block_on(async {
+        let client = tokio_client(&dir, &name, Duration::from_millis(300), shm).await;
+        assert_eq!(client.transport(), Some(if shm { "shm" } else { "unix" }));
+        let slow = client.call("echo_after", b"2000:slow");
+        ::tokio::pin!(slow);
+        ::tokio::select! {
+            r = &mut slow => panic!("answered early: {r:?}"),
+            () = ::tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        // Other work, past the slow call's deadline.
+        ::tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut patient = client.clone();
+        patient.set_timeout(Duration::from_secs(20));
+        let next =
+            ::tokio::time::timeout(Duration::from_secs(5), patient.call("echo_after", b"0:next")).await;
+        assert_eq!(next.expect("the next call was never answered").unwrap(), b"0:next");
+        let e = slow.await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    });
+}
+
+#[test]
+fn a_call_after_a_kept_select_call_timed_out_is_answered_tokio_server() {
+    a_call_after_a_kept_select_call_timed_out_is_answered(Flavour::Tokio, false);
+}
+
+#[test]
+fn a_call_after_a_kept_select_call_timed_out_is_answered_blocking_server() {
+    a_call_after_a_kept_select_call_timed_out_is_answered(Flavour::Blocking, false);
+}
+
+#[test]
+fn a_call_after_a_kept_select_call_timed_out_is_answered_tokio_server_shm() {
+    a_call_after_a_kept_select_call_timed_out_is_answered(Flavour::Tokio, true);
+}

@@ -79,10 +79,11 @@ impl Reader {
         Self::poll_loop(lp, conn, cx)
     }
 
-    /// A caller's turn, while its request is the connection's only pending one (`false`: it
-    /// is not, or the reader task is polling the loop right now; the caller then waits for the
-    /// reader task's hand-off). Sets `caller` when it polls.
-    fn poll_caller(&self, conn: &Conn, cx: &mut Context<'_>) -> bool {
+    /// The turn of the caller of request `id`, while that request is the connection's only
+    /// pending one (`false`: it is not — another joined, or it was settled — or the reader task
+    /// is polling the loop right now; the caller then waits for the reader task's hand-off).
+    /// Sets `caller` when it polls.
+    fn poll_caller(&self, conn: &Conn, cx: &mut Context<'_>, id: u64) -> bool {
         let lp = match self.lp.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -90,7 +91,7 @@ impl Reader {
         };
         {
             let st = conn.book();
-            if st.extra.pending.len() != 1 || st.is_closed() {
+            if st.extra.pending.len() != 1 || !st.extra.pending.contains_key(&id) || st.is_closed() {
                 return false;
             }
             self.caller.store(true, Ordering::Release);
@@ -315,7 +316,7 @@ impl Conn {
             // It reads only while its request is the one pending: with others, the reader task
             // hands the replies out (a pipeline's batches stay with it). A reply it reads itself
             // lands in the slot without waking it: it looks there next.
-            let drove = self.reader.poll_caller(self, cx);
+            let drove = self.reader.poll_caller(self, cx, id);
             let answer = {
                 let mut st = self.book();
                 match st.extra.lone.as_mut() {

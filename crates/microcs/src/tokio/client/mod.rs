@@ -551,7 +551,8 @@ impl Client {
             };
             // Its caller reads its own reply (see `conn::Reader`) if the connection's slot for
             // that is free.
-            let (tx, rx) = if lone && st.extra.lone.is_none() {
+            let reads_itself = lone && st.extra.lone.is_none();
+            let (tx, rx) = if reads_itself {
                 st.extra.lone = Some(LoneSlot { id, outcome: None, waker: None });
                 (Waiter::Lone, None)
             } else {
@@ -564,9 +565,10 @@ impl Client {
                 st.extra.next_deadline = Some(deadline);
             }
             let sent = sent || (lone && payload.len() < SPLICE_MIN && st.send_now(&conn.stream));
-            // Another request is pending: if its caller drives the read loop, it goes back to
-            // the reader task (see `conn::Reader`).
-            let released = !lone && conn.reader.release();
+            // This caller will not drive the read loop: if another caller does (one with a
+            // request pending, or one whose request was settled but whose future is still
+            // alive, unpolled), the loop goes back to the reader task (see `conn::Reader`).
+            let released = !reads_itself && conn.reader.release();
             (earlier, sent, rx, released)
         };
         if released {

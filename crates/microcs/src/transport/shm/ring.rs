@@ -413,6 +413,52 @@ mod tests {
         eprintln!("{mid_write} of {} reads ended inside a write", seen.len());
     }
 
+    /// The same through [`Reader::read`] into a caller's buffer (the blocking flavour's and
+    /// `try_recv`'s path), with buffers of odd sizes on both sides so that reads and writes
+    /// start and end anywhere relative to the ring's wrap and to [`PUBLISH_EVERY`].
+    #[test]
+    fn large_reads_into_a_buffer_see_only_written_bytes() {
+        const BIG: u32 = 128 * 1024;
+        let (_fd, m) = Mapping::create(region_len(BIG)).unwrap();
+        init_header(&m, BIG);
+        let m = std::sync::Arc::new(m);
+        let total = 12 << 20;
+        let byte = |i: usize| (i.wrapping_mul(31) % 253) as u8;
+        let mw = m.clone();
+        let writer = std::thread::spawn(move || {
+            let w = Writer::new(Dir::B, BIG);
+            let data: Vec<u8> = (0..total).map(byte).collect();
+            let (mut sent, mut k) = (0, 0usize);
+            while sent < total {
+                k += 1;
+                let end = (sent + 1 + (k * 40_009) % 300_000).min(total);
+                let cut = (sent + (k % 5) * 7).min(end);
+                let n =
+                    w.write(&mw, &[IoSlice::new(&data[sent..cut]), IoSlice::new(&data[cut..end])]).unwrap().n;
+                if n == 0 {
+                    std::thread::yield_now();
+                }
+                sent += n;
+            }
+        });
+        let r = Reader::new(Dir::B, BIG);
+        let mut buf = vec![0u8; 200_000];
+        let (mut got, mut k) = (0usize, 0usize);
+        while got < total {
+            k += 1;
+            let want = 1 + (k * 70_001) % buf.len();
+            let n = r.read(&m, &mut buf[..want]).unwrap().n;
+            if n == 0 {
+                std::thread::yield_now();
+            }
+            if let Some(i) = (0..n).find(|&i| buf[i] != byte(got + i)) {
+                panic!("byte {} read as {} (want {})", got + i, buf[i], byte(got + i));
+            }
+            got += n;
+        }
+        writer.join().unwrap();
+    }
+
     #[test]
     fn header_is_checked() {
         let (_fd, m) = region();
