@@ -285,11 +285,6 @@ impl Conn {
         }
     }
 
-    /// Waits for the answer of a request that waits through a `oneshot` ([`Waiter::Once`]).
-    pub(super) async fn wait(&self, rx: oneshot::Receiver<Outcome>) -> Option<Outcome> {
-        rx.await.ok()
-    }
-
     /// Waits for the answer of request `id`, sent as [`Waiter::Lone`]: the caller reads it
     /// itself while nothing else is pending (see [`Reader`]). `None`: the answer's slot is gone
     /// (it cannot be, while the caller waits).
@@ -299,16 +294,7 @@ impl Conn {
         struct Done<'a>(&'a Conn, u64);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                let released = {
-                    let mut st = self.0.book();
-                    if st.extra.lone.as_ref().is_some_and(|l| l.id == self.1) {
-                        st.extra.lone = None;
-                    }
-                    self.0.reader.release()
-                };
-                if released {
-                    self.0.reader.wake();
-                }
+                self.0.give_back(Some(self.1));
             }
         }
         let _done = Done(self, id);
@@ -333,7 +319,7 @@ impl Conn {
                 }
             };
             if !drove && answer.is_pending() {
-                self.give_back();
+                self.give_back(None);
             }
             answer
         })
@@ -359,10 +345,14 @@ impl Conn {
         }
     }
 
-    /// Ends a lone caller's turn at the read loop, if it had one.
-    pub(super) fn give_back(&self) {
+    /// Ends a lone caller's turn at the read loop, if it had one; `done`: the caller of that
+    /// request stops waiting, so its answer's slot is freed too.
+    fn give_back(&self, done: Option<u64>) {
         let released = {
-            let _st = self.book();
+            let mut st = self.book();
+            if done.is_some() && st.extra.lone.as_ref().map(|l| l.id) == done {
+                st.extra.lone = None;
+            }
             self.reader.release()
         };
         if released {

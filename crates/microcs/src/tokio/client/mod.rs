@@ -584,7 +584,7 @@ impl Client {
         // dropped first, `guard` takes the request back and tells the server to cancel it.
         let mut guard = CancelOnDrop { conn, id, armed: true };
         let outcome = match rx {
-            Some(rx) => conn.wait(rx).await,
+            Some(rx) => rx.await.ok(),
             None => conn.wait_lone(id).await,
         };
         guard.armed = false;

@@ -270,17 +270,11 @@ impl Reader {
         let n = self.available(m)?.min(buf.len());
         let head = self.head.load(Ordering::Relaxed);
         let mut dst = &mut buf[..n];
-        let mut done = 0;
-        for (off, len) in self.at.pieces(head, n) {
-            for at in (0..len).step_by(PUBLISH_EVERY) {
-                let c = (len - at).min(PUBLISH_EVERY);
-                let (now, rest) = dst.split_at_mut(c);
-                m.copy_out(off + at, now);
-                dst = rest;
-                done += c;
-                self.release_early(m, head, done, n);
-            }
-        }
+        self.copy_out_chunked(m, head, n, |off, c| {
+            let (now, rest) = std::mem::take(&mut dst).split_at_mut(c);
+            m.copy_out(off, now);
+            dst = rest;
+        });
         Ok(self.consume(m, head, n))
     }
 
@@ -288,24 +282,26 @@ impl Reader {
     pub(crate) fn read_spare(&self, m: &Mapping, v: &mut Vec<u8>, max: usize) -> io::Result<Read> {
         let n = self.available(m)?.min(max.max(1));
         let head = self.head.load(Ordering::Relaxed);
+        self.copy_out_chunked(m, head, n, |off, c| m.append_to(off, c, v));
+        Ok(self.consume(m, head, n))
+    }
+
+    /// Has `copy(offset, len)` copy out the `n` bytes from `head`, at most [`PUBLISH_EVERY`] at
+    /// a time, handing each one's room back to the writer as soon as it is copied (the last
+    /// is left to [`consume`](Self::consume), with its fence).
+    fn copy_out_chunked(&self, m: &Mapping, head: u64, n: usize, mut copy: impl FnMut(usize, usize)) {
         let mut done = 0;
         for (off, len) in self.at.pieces(head, n) {
             for at in (0..len).step_by(PUBLISH_EVERY) {
                 let c = (len - at).min(PUBLISH_EVERY);
-                m.append_to(off + at, c, v);
+                copy(off + at, c);
                 done += c;
-                self.release_early(m, head, done, n);
+                if done < n {
+                    // Release: our copies of these bytes are done before the writer may reuse
+                    // them.
+                    self.at.word64(m, HEAD).store(head.wrapping_add(done as u64), Ordering::Release);
+                }
             }
-        }
-        Ok(self.consume(m, head, n))
-    }
-
-    /// In a read of `n` bytes from `head`, `done` of them are copied out: hands their room back
-    /// to the writer now if the read is not over ([`consume`](Self::consume) does at its end).
-    fn release_early(&self, m: &Mapping, head: u64, done: usize, n: usize) {
-        if done < n {
-            // Release: our copies of these bytes are done before the writer may reuse them.
-            self.at.word64(m, HEAD).store(head.wrapping_add(done as u64), Ordering::Release);
         }
     }
 
