@@ -16,6 +16,7 @@
 //! up, make [`Request::cancelled`] resolve at once, so a handler can stop early and clean up.
 
 mod conn;
+mod run;
 
 use std::collections::HashMap;
 use std::future::Future;
