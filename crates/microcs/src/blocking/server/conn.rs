@@ -1,9 +1,9 @@
-//! A blocking server's connections: accepting, the threads that read and answer them, the
-//! sentinel that starts a follower reader when a handler runs long (see the parent module).
+//! A blocking server's connections: accepting, the threads that read them (each request's run:
+//! `run.rs`), the sentinel that starts a follower reader when a handler runs long (see the
+//! parent module).
 
 use std::collections::HashMap;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::SocketFlags;
 
-use crate::dispatch::{self, Answer, Begin, End, Incoming, ReplyLimit};
+use crate::dispatch::Answer;
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::Result;
@@ -20,7 +20,7 @@ use crate::io::{Filled, LARGE_PAYLOAD, ReadBuf, SPARE_MAX, is_timeout, log_write
 use crate::proto::server_conn::{self, Action, Out, ServerConn, broken, frame_timed_out, refuse_connection};
 use crate::proto::{self, DecodeError, Decoded, FRAME_OVERHEAD, status};
 use crate::registry::Claim;
-use crate::request::{CancelState, Peer, Room, panic_message};
+use crate::request::Peer;
 use crate::service::{
     Config, Counted, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
@@ -29,6 +29,7 @@ use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
 use super::Trigger;
+use super::run::{Job, run};
 use crate::handler::SyncHandler;
 
 /// How often the sentinel looks at busy connections.
@@ -80,11 +81,11 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One accepted connection, shared by the threads serving it.
 pub(super) struct Conn {
     id: u64,
-    stream: Link,
-    peer: Peer,
+    pub(super) stream: Link,
+    pub(super) peer: Peer,
     accepted: Instant,
     /// The protocol's rules for this connection: the client's limit, the requests in flight.
-    core: ServerConn,
+    pub(super) core: ServerConn,
     /// The reader role: whoever holds this lock reads the socket.
     read: Mutex<ReadState>,
     /// Replies not yet written (batched while more requests are buffered); also the write lock.
@@ -98,13 +99,13 @@ pub(super) struct Conn {
     /// Whole frames are buffered that nobody is processing yet.
     pending_buffered: AtomicBool,
     /// Handlers running now.
-    running: AtomicUsize,
+    pub(super) running: AtomicUsize,
     /// Threads serving this connection; the last to leave unregisters it.
     threads: AtomicUsize,
     handshaken: AtomicBool,
     /// Counted in the service's connections by transport from the handshake on.
     counted: std::sync::OnceLock<Counted>,
-    closed: AtomicBool,
+    pub(super) closed: AtomicBool,
     /// We shut the read side ourselves (server shutdown): the EOF that follows is not the peer
     /// hanging up, so running handlers are not cancelled and their replies still go out.
     read_shut: AtomicBool,
@@ -137,7 +138,7 @@ impl Conn {
     /// Queues or writes one frame (fitted to the client's limit). `batch`: more requests are
     /// buffered, so the reply may wait for the next flush instead of costing a syscall of its
     /// own.
-    fn send(&self, shared: &Shared, out: Out, batch: bool) {
+    pub(super) fn send(&self, shared: &Shared, out: Out, batch: bool) {
         if self.closed.load(Ordering::Relaxed) {
             return;
         }
@@ -167,7 +168,7 @@ impl Conn {
     }
 
     /// A request is done: sends its answer, if one is wanted.
-    fn finish(&self, shared: &Shared, id: u64, answer: Option<Answer>, batch: bool) {
+    pub(super) fn finish(&self, shared: &Shared, id: u64, answer: Option<Answer>, batch: bool) {
         if let Some(out) = self.core.answer(id, answer) {
             self.send(shared, out, batch);
         }
@@ -442,16 +443,6 @@ pub(super) fn reject_stream(shared: &Shared, conn: &Conn, e: &DecodeError) {
     conn.close();
 }
 
-/// A request taken off the wire, not yet run.
-pub(super) struct Job {
-    id: u64,
-    method: Vec<u8>,
-    payload: Vec<u8>,
-    deadline: Option<Instant>,
-    cancel: Arc<CancelState>,
-    stream: bool,
-}
-
 pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
     loop {
         let Ok(mut rs) = conn.read.try_lock() else { return };
@@ -554,103 +545,6 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
             tracing::debug!(conn = conn.id, "frame not completed within the frame timeout; closing");
             conn.send(shared, frame_timed_out(shared.config.frame_timeout), false);
             return None;
-        }
-    }
-}
-
-pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool) {
-    let id = job.id;
-    let call = Incoming {
-        id,
-        peer: conn.peer,
-        payload: job.payload,
-        deadline: job.deadline,
-        cancel: job.cancel,
-        stream: job.stream,
-        transport: Some(conn.stream.transport_name()),
-    };
-    let (run, req) = match dispatch::begin(&*shared.service, &job.method, call) {
-        Begin::Run(run, req) => (run, req),
-        Begin::Answer(a) => return conn.finish(shared, id, Some(a), batch),
-    };
-    conn.running.fetch_add(1, Ordering::SeqCst);
-    if shared.sentinel_parked.load(Ordering::SeqCst) {
-        if let Some(t) = lock(&shared.sentinel).as_ref() {
-            t.unpark();
-        }
-    }
-    let end = match &**run.handler() {
-        SyncHandler::Unary(handler) => {
-            let end = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
-                Ok(r) => End::Done(r),
-                Err(panic) => End::Panicked(panic_message(&*panic)),
-            };
-            match end {
-                // Asked as a stream: its one answer is the stream's one item.
-                End::Done(Ok(reply)) if run.stream() => {
-                    stream_items(shared, conn, id, run.deadline(), run.cancel(), std::iter::once(Ok(reply)))
-                }
-                end => end,
-            }
-        }
-        SyncHandler::Stream(handler) => match catch_unwind(AssertUnwindSafe(|| handler(req))) {
-            Ok(Ok(items)) => stream_items(shared, conn, id, run.deadline(), run.cancel(), items),
-            Ok(Err(e)) => End::Done(Err(e)),
-            Err(panic) => End::Panicked(panic_message(&*panic)),
-        },
-    };
-    conn.running.fetch_sub(1, Ordering::SeqCst);
-    let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
-    let answer = run.finish(end, limit);
-    conn.finish(shared, id, answer, batch);
-}
-
-/// Sends a stream's items as the caller makes room for them (docs/PROTOCOL.md § 17), on this
-/// connection thread; how the stream ended, for [`dispatch::Run::finish`] (whose empty reply is
-/// the end frame). The iterator is dropped, not run further, once the caller cancels or leaves
-/// or the stream's deadline passes.
-fn stream_items(
-    shared: &Arc<Shared>,
-    conn: &Arc<Conn>,
-    id: u64,
-    deadline: Option<Instant>,
-    cancel: &CancelState,
-    items: impl Iterator<Item = std::result::Result<Vec<u8>, crate::error::RemoteError>>,
-) -> End {
-    let mut items = items;
-    loop {
-        let next = match catch_unwind(AssertUnwindSafe(|| items.next())) {
-            Ok(Some(Ok(item))) => item,
-            Ok(Some(Err(e))) => return End::Done(Err(e)),
-            Ok(None) => return End::Done(Ok(Vec::new())),
-            Err(panic) => return End::Panicked(panic_message(&*panic)),
-        };
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return End::Deadline;
-        }
-        // The caller's `Credit` frames arrive on this connection, which nobody reads while this
-        // thread runs the stream: make sure someone does before waiting for them.
-        let mut room = cancel.wait_room(Some(Instant::now()));
-        if room == Room::TimedOut {
-            start_follower(shared, conn.clone());
-            room = cancel.wait_room(deadline);
-        }
-        match room {
-            Room::Ready => {}
-            // Nobody reads it: `finish` sends nothing for a cancelled request.
-            Room::Cancelled => return End::Done(Ok(Vec::new())),
-            Room::TimedOut => return End::Deadline,
-        }
-        let len = next.len();
-        match conn.core.item(id, next) {
-            Ok(out) => {
-                conn.send(shared, out, false);
-                cancel.take_room(len);
-            }
-            Err(answer) => return End::Refused(answer),
-        }
-        if conn.closed.load(Ordering::SeqCst) {
-            return End::Done(Ok(Vec::new()));
         }
     }
 }

@@ -13,6 +13,7 @@
 //! connection run at once. The sentinel sleeps when the server has been idle for a while.
 
 mod conn;
+mod run;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
