@@ -1673,6 +1673,35 @@ fn every_way_a_tokio_run_ends_frees_its_permit_and_counts_for_the_idle_timeout()
     });
 }
 
+/// Runs each case (a function of the server's flavour and whether the client asks for shared
+/// memory) against a tokio server over the socket and over shared memory, and a blocking server.
+macro_rules! tokio_client_cases {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use super::Flavour::{Blocking, Tokio};
+                #[test]
+                fn tokio_server() {
+                    super::$case(Tokio, false);
+                }
+                #[test]
+                fn tokio_server_shm() {
+                    super::$case(Tokio, true);
+                }
+                #[test]
+                fn blocking_server() {
+                    super::$case(Blocking, false);
+                }
+            }
+        )*
+    };
+}
+
+tokio_client_cases!(
+    lone_and_shared_callers_flip_without_crossed_or_lost_answers,
+    a_call_after_a_kept_select_call_timed_out_is_answered,
+);
+
 /// A tokio client of `name` in `dir`, over shared memory or the socket.
 async fn tokio_client(dir: &TempDir, name: &str, timeout: Duration, shm: bool) -> microcs::tokio::Client {
     microcs::tokio::Client::builder(name)
@@ -1747,21 +1776,6 @@ fn lone_and_shared_callers_flip_without_crossed_or_lost_answers(server: Flavour,
     });
 }
 
-#[test]
-fn lone_and_shared_callers_flip_without_crossed_or_lost_answers_tokio_server() {
-    lone_and_shared_callers_flip_without_crossed_or_lost_answers(Flavour::Tokio, false);
-}
-
-#[test]
-fn lone_and_shared_callers_flip_without_crossed_or_lost_answers_tokio_server_shm() {
-    lone_and_shared_callers_flip_without_crossed_or_lost_answers(Flavour::Tokio, true);
-}
-
-#[test]
-fn lone_and_shared_callers_flip_without_crossed_or_lost_answers_blocking_server() {
-    lone_and_shared_callers_flip_without_crossed_or_lost_answers(Flavour::Blocking, false);
-}
-
 /// The connection ends (the server hangs up after reading the request) while its lone caller
 /// waits reading the connection itself: on a `block_on` current-thread runtime and on a
 /// multi-thread one, the caller is woken with the loss, not left waiting for its deadline.
@@ -1826,19 +1840,4 @@ fn a_call_after_a_kept_select_call_timed_out_is_answered(server: Flavour, shm: b
         let e = slow.await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
     });
-}
-
-#[test]
-fn a_call_after_a_kept_select_call_timed_out_is_answered_tokio_server() {
-    a_call_after_a_kept_select_call_timed_out_is_answered(Flavour::Tokio, false);
-}
-
-#[test]
-fn a_call_after_a_kept_select_call_timed_out_is_answered_blocking_server() {
-    a_call_after_a_kept_select_call_timed_out_is_answered(Flavour::Blocking, false);
-}
-
-#[test]
-fn a_call_after_a_kept_select_call_timed_out_is_answered_tokio_server_shm() {
-    a_call_after_a_kept_select_call_timed_out_is_answered(Flavour::Tokio, true);
 }
