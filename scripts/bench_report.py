@@ -216,7 +216,9 @@ def section(dirp: Path, doc_dir: Path) -> str:
         "write, one thread per connection: buffered reads (one `read(2)` takes a small frame whole), a "
         "large body read straight into its place, each frame written with one vectored write (the "
         "server echoes from its read buffer), no allocation per request, and the same 1 MiB send "
-        "buffer microcs asks for; measured in the same run. On these 2-vCPU VMs a cross-CPU round trip "
+        "buffer microcs asks for; measured in the same run. The servers run in `microcs-bench-server` "
+        "(`crates/microcs/benchserver/main.rs`), a program holding the servers and nothing else, as an "
+        "application's server would; the clients in the bench's own binary. On these 2-vCPU VMs a cross-CPU round trip "
         "costs several times a same-CPU one (waking a halted vCPU), so absolute times mean little: "
         "every figure is a ratio to the floor of the same run, and each ratio is the median over "
         f"{p0['runs']} runs of (system ÷ floor) with systems alternating inside each run.\n")
@@ -286,9 +288,11 @@ def section(dirp: Path, doc_dir: Path) -> str:
         for r in res:
             if r["scenario"] == "memory":
                 cpu = r.get("idle_cpu_percent")
-                rows.append([SYSTEM_TEXT.get(r["system"], r["system"]), f"{r['idle_kib']:,}",
+                anon = f"{r['idle_anon_kib']:,}" if "idle_anon_kib" in r else "—"
+                rows.append([SYSTEM_TEXT.get(r["system"], r["system"]), f"{r['idle_kib']:,}", anon,
                              f"{r['per_conn_kib']:.1f}", "—" if cpu is None else f"{cpu:.2f}"])
-        out.append(md_table(["server process", "idle RSS KiB", "KiB per idle connection (100 open, one request each)",
+        out.append(md_table(["server process (`microcs-bench-server`)", "idle RSS KiB",
+                             "of which its own (anonymous) KiB", "KiB per idle connection (100 open, one request each)",
                              "server CPU % of one CPU while they sit idle"], rows) + "\n")
         out.append(scenario_tables(res))
         o = find(res, "oneshot", "microcs call")

@@ -12,6 +12,11 @@
 //! cargo bench -p microcs --features tokio --bench e2e -- --instructions [--json FILE]  # valgrind
 //! ```
 //!
+//! The server processes are `microcs-bench-server` (`benchserver/main.rs`, built with this
+//! bench), a program that holds only the servers, so that a server's memory is measured without
+//! this binary's client and report code; the client processes are this binary (`--client`,
+//! `--idle-client`).
+//!
 //! `split` pins the server to CPU 0 and the client to CPU 1; `same` pins both to CPU 1. Every
 //! scenario runs `--runs` times, alternating systems within a run so that drift hits them alike;
 //! each ratio is the median over the runs of (system / floor) in that run. `--quick` (used by CI
@@ -33,7 +38,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System as SysAlloc};
 use std::cell::Cell;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,23 +47,18 @@ use std::time::{Duration, Instant};
 use microcs::{Client, RemoteError, Request, Server};
 use serde_json::{Value, json};
 
+// Its server half runs in `microcs-bench-server` (benchserver/main.rs).
+#[allow(dead_code)]
 #[path = "floor/mod.rs"]
 mod floor;
 use floor::FloorConn;
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
 #[path = "traced/mod.rs"]
 mod traced;
 use traced::{Tracer, traced_report};
 
-/// Largest payload used, with room for the frame header.
-const MAX_FRAME: u32 = 2 << 20;
-const BLOCKING_NAME: &str = "E2E_BLOCKING";
-#[cfg(feature = "tokio")]
-const TOKIO_NAME: &str = "E2E_TOKIO";
-/// The same servers with the system's default send buffer (`send_buffer(0)`), in the same
-/// processes.
-const BLOCKING_KBUF_NAME: &str = "E2E_BLOCKING_KBUF";
-#[cfg(feature = "tokio")]
-const TOKIO_KBUF_NAME: &str = "E2E_TOKIO_KBUF";
 /// Requests in flight on one connection in the pipelined scenario.
 #[cfg(feature = "tokio")]
 const DEPTH: usize = 64;
@@ -276,21 +276,9 @@ impl Placement {
     }
 }
 
-/// Pins the calling thread (and the threads it starts afterwards) to `cpu`.
-fn pin(cpu: usize) {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
-        eprintln!("warning: cannot pin to CPU {cpu}: {e}");
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("--serve") => {
-            return serve(ServerKind::parse(&args[1]), Path::new(&args[2]), args[3].parse().unwrap());
-        }
         Some("--idle-client") => {
             // Connect, one request, then sit idle until stdin closes.
             let mut c = Caller::connect(System::parse(&args[1]), Path::new(&args[2]));
@@ -399,16 +387,16 @@ impl ServerProc {
 
     /// Starts the server behind a command prefix (e.g. `strace -c -f -o FILE`).
     fn start_with(prefix: &[String], kind: ServerKind, dir: &Path, cpu: usize) -> ServerProc {
-        let exe = std::env::current_exe().unwrap();
+        let exe = Path::new(env!("CARGO_BIN_EXE_microcs-bench-server"));
         let mut cmd = match prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(&exe);
+                c.args(rest).arg(exe);
                 c
             }
-            None => Command::new(&exe),
+            None => Command::new(exe),
         };
-        cmd.args(["--serve", kind.label()]).arg(dir).arg(cpu.to_string()).env("MICROCS_RUNTIME_DIR", dir);
+        cmd.arg(kind.label()).arg(dir).arg(cpu.to_string()).env("MICROCS_RUNTIME_DIR", dir);
         ServerProc { child: spawn_ready(&mut cmd, &format!("server {kind:?}")) }
     }
 
@@ -431,95 +419,6 @@ impl Drop for ServerProc {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
-    }
-}
-
-fn echo(r: Request) -> Result<Vec<u8>, RemoteError> {
-    Ok(r.into_payload())
-}
-
-/// The count of a stream request (`items` method): its payload, a decimal number.
-fn stream_count(r: &Request) -> Result<u64, RemoteError> {
-    r.text()?.parse().map_err(|_| RemoteError::new(400, "want a count"))
-}
-
-/// One 32-byte item of the benchmark's streams.
-const ITEM: [u8; 32] = [7; 32];
-
-fn ready_then_wait_for_stdin() {
-    println!("READY");
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
-}
-
-/// Body of a server process: serves until its stdin closes.
-fn serve(kind: ServerKind, dir: &Path, cpu: usize) {
-    pin(cpu);
-    match kind {
-        ServerKind::Floor => {
-            // A previous floor server of this directory left its socket behind.
-            let _ = std::fs::remove_file(dir.join("floor.sock"));
-            let _ = std::fs::remove_file(dir.join("floor-epoll.sock"));
-            floor::serve(&dir.join("floor.sock"));
-            floor::serve_epoll(&dir.join("floor-epoll.sock"));
-            ready_then_wait_for_stdin();
-        }
-        ServerKind::Blocking => {
-            let h = Server::builder(BLOCKING_NAME)
-                .max_frame(MAX_FRAME)
-                .shared_memory(true)
-                .bind()
-                .unwrap()
-                .stream_method("items", |r: Request| {
-                    let n = stream_count(&r)?;
-                    Ok::<_, RemoteError>((0..n).map(|_| Ok::<_, RemoteError>(ITEM.to_vec())))
-                })
-                .spawn(echo)
-                .unwrap();
-            let k = Server::builder(BLOCKING_KBUF_NAME)
-                .max_frame(MAX_FRAME)
-                .send_buffer(0)
-                .bind()
-                .unwrap()
-                .spawn(echo)
-                .unwrap();
-            ready_then_wait_for_stdin();
-            h.shutdown();
-            k.shutdown();
-        }
-        #[cfg(feature = "tokio")]
-        ServerKind::Tokio => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let start = |name, send_buffer| async move {
-                    microcs::tokio::Server::builder(name)
-                        .max_frame(MAX_FRAME)
-                        .send_buffer(send_buffer)
-                        .shared_memory(true)
-                        .bind()
-                        .await
-                        .unwrap()
-                        .stream_method("items", |r: Request, items: microcs::tokio::Items| async move {
-                            for _ in 0..stream_count(&r)? {
-                                items.send(ITEM.to_vec()).await?;
-                            }
-                            Ok::<_, RemoteError>(())
-                        })
-                        .spawn(|r: Request| async move { echo(r) })
-                        .unwrap()
-                };
-                let h = start(TOKIO_NAME, 1 << 20).await;
-                let k = start(TOKIO_KBUF_NAME, 0).await;
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                std::thread::spawn(move || {
-                    ready_then_wait_for_stdin();
-                    let _ = tx.send(());
-                });
-                let _ = rx.await;
-                h.shutdown().await;
-                k.shutdown().await;
-            });
-        }
     }
 }
 
@@ -880,11 +779,13 @@ fn cpu_per_request(system: System, dir: &Path, server_pid: u32, d: Duration) -> 
     (client, server)
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/PID/status` field in KiB: `VmRSS` (resident, shared file pages included) or
+/// `RssAnon` (the process's own memory).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -1090,14 +991,16 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
     // the others with freed memory that new connections would reuse): idle, then with idle
     // connections, each of which has made one request (so its buffers exist).
     if opts.wants("memory") {
-        println!("\n| server memory | idle RSS KiB | per idle connection KiB |\n|---|---|---|");
+        println!(
+            "\n| server memory | idle RSS KiB (own: anonymous) | per idle connection KiB |\n|---|---|---|"
+        );
     }
     let kinds = ServerKind::all().iter().filter(|&&k| k != ServerKind::Floor && opts.wants("memory"));
     for (&kind, shm) in kinds.flat_map(|k| [(k, false), (k, true)]) {
         let mem_dir = private_dir(&format!("mem-{}", placement.label()));
         let proc_ = ServerProc::start(kind, &mem_dir, server_cpu);
         std::thread::sleep(Duration::from_millis(200));
-        let idle = rss_kib(proc_.pid());
+        let (idle, anon) = (status_kib(proc_.pid(), "VmRSS"), status_kib(proc_.pid(), "RssAnon"));
         let mut conns: Vec<Client> = (0..IDLE_CONNS)
             .map(|_| {
                 Client::builder(service_name(System::new(ServerKind::Blocking, kind)))
@@ -1111,7 +1014,7 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
             c.request(b"x").unwrap();
         }
         std::thread::sleep(Duration::from_millis(200));
-        let with = rss_kib(proc_.pid());
+        let with = status_kib(proc_.pid(), "VmRSS");
         // The server's CPU while the connections sit idle (shared memory must park, not spin).
         let window = if opts.quick { Duration::from_millis(500) } else { Duration::from_secs(5) };
         let t0 = cpu_ticks(proc_.pid());
@@ -1123,10 +1026,10 @@ fn run_placement(opts: &Opts, placement: Placement) -> Value {
         let per = with.saturating_sub(idle) as f64 / IDLE_CONNS as f64;
         let label = if shm { format!("{}+shm", kind.label()) } else { kind.label().to_owned() };
         println!(
-            "| {label} | {idle} | {per:.1} (server CPU with {IDLE_CONNS} idle: {idle_cpu:.2} % of one CPU) |"
+            "| {label} | {idle} (own {anon}) | {per:.1} (server CPU with {IDLE_CONNS} idle: {idle_cpu:.2} % of one CPU) |"
         );
         json.push(json!({
-            "scenario": "memory", "system": label, "idle_kib": idle, "per_conn_kib": per,
+            "scenario": "memory", "system": label, "idle_kib": idle, "idle_anon_kib": anon, "per_conn_kib": per,
             "idle_conns": IDLE_CONNS, "idle_cpu_percent": idle_cpu,
         }));
     }
