@@ -425,6 +425,7 @@ impl<H: Invoke> Shared<H> {
             cancel,
             stream: false,
             transport: None,
+            arrived: std::time::Instant::now(),
         };
         if ep.handler.streams() {
             let e = streams_are_local(&ep.name);

@@ -72,6 +72,7 @@ fn serve(conn: &ServerConn, service: &Service<Handler>, bytes: &[u8], arrived: I
         cancel: a.cancel,
         stream: a.stream,
         transport: None,
+        arrived: Instant::now(),
     };
     let answer = match dispatch::begin(service, f.method, call) {
         Begin::Answer(answer) => Some(answer),
@@ -168,6 +169,7 @@ fn a_cancelled_request_gets_no_answer() {
         cancel: a.cancel,
         stream: a.stream,
         transport: None,
+        arrived: Instant::now(),
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call) else { panic!("runs") };
     assert!(matches!(conn.on_frame(&frame(&golden("cancel")), false, "LIFE_GEN"), Action::None));
@@ -198,6 +200,7 @@ fn deadlines_decide_whether_and_how_a_request_is_answered() {
         cancel: Default::default(),
         stream: false,
         transport: None,
+        arrived: Instant::now(),
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call(22)) else { panic!("runs") };
     std::thread::sleep(Duration::from_millis(40));
@@ -244,6 +247,7 @@ fn nothing_goes_out_over_the_clients_limit() {
         cancel: Default::default(),
         stream: false,
         transport: None,
+        arrived: Instant::now(),
     };
     let Begin::Run(run, req) = dispatch::begin(&service, b"step", call) else { panic!("runs") };
     let end = End::Done((run.handler())(req));

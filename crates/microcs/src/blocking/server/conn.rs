@@ -444,6 +444,8 @@ pub(super) fn reject_stream(shared: &Shared, conn: &Conn, e: &DecodeError) {
 }
 
 pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
+    // The last clock read, while nothing has waited since (see `dispatch::Incoming::arrived`).
+    let mut clock = None;
     loop {
         let Ok(mut rs) = conn.read.try_lock() else { return };
         // After our own shutdown of the read side, frames the client sent before it are still in
@@ -452,7 +454,7 @@ pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
             return;
         }
         conn.reader_active.store(true, Ordering::SeqCst);
-        let Some(job) = next_request(shared, conn, &mut rs) else {
+        let Some(job) = next_request(shared, conn, &mut rs, clock.take()) else {
             conn.reader_active.store(false, Ordering::SeqCst);
             drop(rs);
             conn.flush();
@@ -465,16 +467,23 @@ pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
         };
         let more = rs.rbuf.has_frame(shared.config.max_payload);
         conn.pending_buffered.store(more, Ordering::SeqCst);
-        conn.unattended_since.store(shared.now_ns(), Ordering::SeqCst);
+        let since = job.arrived.saturating_duration_since(shared.epoch).as_nanos() as u64;
+        conn.unattended_since.store(since, Ordering::SeqCst);
         conn.reader_active.store(false, Ordering::SeqCst);
         drop(rs);
-        run(shared, conn, job, more);
+        clock = Some(run(shared, conn, job, more));
     }
 }
 
 /// Reads until the next request; answers control frames on the way. `None`: the connection is
-/// finished.
-pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job> {
+/// finished. `clock`: a clock read made since the last wait, if any (the end of the request
+/// run before): the arrival of a request already buffered.
+pub(super) fn next_request(
+    shared: &Shared,
+    conn: &Conn,
+    rs: &mut ReadState,
+    mut clock: Option<Instant>,
+) -> Option<Job> {
     let max = shared.config.max_payload;
     loop {
         let needed = match rs.rbuf.decode(max) {
@@ -483,20 +492,24 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
                 let large = rs.rbuf.is_large();
                 let stopping = shared.stopping();
                 let mut job = match conn.core.on_frame(&f, stopping, shared.service.name.as_str()) {
-                    Action::Request => match conn.core.admit(&h, Instant::now()) {
-                        Ok(a) => Some(Job {
-                            id: a.id,
-                            method: f.method.to_vec(),
-                            payload: if large { Vec::new() } else { f.payload.to_vec() },
-                            deadline: a.deadline,
-                            cancel: a.cancel,
-                            stream: a.stream,
-                        }),
-                        Err(refusal) => {
-                            conn.send(shared, refusal, true);
-                            None
+                    Action::Request => {
+                        let arrived = *clock.get_or_insert_with(Instant::now);
+                        match conn.core.admit(&h, arrived) {
+                            Ok(a) => Some(Job {
+                                id: a.id,
+                                method: f.method.to_vec(),
+                                payload: if large { Vec::new() } else { f.payload.to_vec() },
+                                deadline: a.deadline,
+                                cancel: a.cancel,
+                                stream: a.stream,
+                                arrived,
+                            }),
+                            Err(refusal) => {
+                                conn.send(shared, refusal, true);
+                                None
+                            }
                         }
-                    },
+                    }
                     Action::Send(out) => {
                         conn.send(shared, out, true);
                         None
@@ -535,6 +548,8 @@ pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> 
             rs.partial_timeout = partial;
         }
         rs.partial_since = if partial { rs.partial_since.or_else(|| Some(Instant::now())) } else { None };
+        // What arrives now arrives after a wait.
+        clock = None;
         let timed_out = match rs.rbuf.fill(&conn.stream, needed) {
             Ok(Filled::Data) => rs.partial_since.is_some_and(|t| t.elapsed() > shared.config.frame_timeout),
             Ok(Filled::Eof) => return None,

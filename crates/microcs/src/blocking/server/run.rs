@@ -19,11 +19,14 @@ pub(super) struct Job {
     pub(super) deadline: Option<Instant>,
     pub(super) cancel: Arc<CancelState>,
     pub(super) stream: bool,
+    /// When it was taken off the wire (see `dispatch::Incoming::arrived`).
+    pub(super) arrived: Instant,
 }
 
 /// Runs `job`'s handler on this connection thread and sends its answer. `batch`: more requests
-/// are buffered, so the answer may wait for the next flush (see `Conn::send`).
-pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool) {
+/// are buffered, so the answer may wait for the next flush (see `Conn::send`). Returns the
+/// clock read that ended the run: the arrival of a request read next without a wait.
+pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool) -> Instant {
     let id = job.id;
     let call = Incoming {
         id,
@@ -33,10 +36,14 @@ pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool)
         cancel: job.cancel,
         stream: job.stream,
         transport: Some(conn.stream.transport_name()),
+        arrived: job.arrived,
     };
     let (run, req) = match dispatch::begin(&*shared.service, &job.method, call) {
         Begin::Run(run, req) => (run, req),
-        Begin::Answer(a) => return conn.finish(shared, id, Some(a), batch),
+        Begin::Answer(a) => {
+            conn.finish(shared, id, Some(a), batch);
+            return job.arrived;
+        }
     };
     conn.running.fetch_add(1, Ordering::SeqCst);
     if shared.sentinel_parked.load(Ordering::SeqCst) {
@@ -66,8 +73,10 @@ pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool)
     };
     conn.running.fetch_sub(1, Ordering::SeqCst);
     let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
-    let answer = run.finish(end, limit);
+    let now = Instant::now();
+    let answer = run.finish_at(end, limit, now);
     conn.finish(shared, id, answer, batch);
+    now
 }
 
 /// Sends a stream's items as the caller makes room for them (docs/PROTOCOL.md § 17), on this

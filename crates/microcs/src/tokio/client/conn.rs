@@ -39,6 +39,10 @@ pub(super) struct Conn {
     /// The socket it was opened on (the name's, or its instance's), for
     /// [`Client::socket_path`](super::Client::socket_path).
     pub(super) path: PathBuf,
+    /// Cleared, under the book lock, when the connection is closed or retired; read without
+    /// the lock by [`is_usable`](Conn::is_usable), once per request. A request that races with
+    /// the change is refused under the lock and sent again elsewhere, as before.
+    pub(super) usable: AtomicBool,
 }
 
 /// The connection's read loop, as a future that more than one task may poll (one at a time).
@@ -223,8 +227,7 @@ impl Conn {
     }
 
     pub(super) fn is_usable(&self) -> bool {
-        let st = self.book();
-        !st.is_closed() && !st.extra.retired
+        self.usable.load(Ordering::Acquire)
     }
 
     /// Ends the connection: no more requests; the writer task settles the pending ones.
@@ -233,6 +236,7 @@ impl Conn {
             let mut st = self.book();
             let dead = st.extra.dead.get_or_insert(why).clone();
             st.close();
+            self.usable.store(false, Ordering::Release);
             // With the writer still running, it settles them when it stops (it alone knows how
             // many bytes went out).
             st.extra.written_final.map(|w| (dead, w, std::mem::take(&mut st.extra.pending)))
@@ -422,6 +426,7 @@ impl Conn {
         let close = {
             let mut st = self.book();
             st.extra.retired = true;
+            self.usable.store(false, Ordering::Release);
             st.extra.pending.is_empty()
         };
         if close {
@@ -551,6 +556,7 @@ pub(super) async fn writer_task(conn: Arc<Conn>) {
         let mut st = conn.book();
         st.extra.written_final = Some(end.written);
         st.close();
+        conn.usable.store(false, Ordering::Release);
         match (st.extra.dead.clone(), &end.error) {
             // The connection was ended: nothing more will be answered.
             (Some(dead), _) => (std::mem::take(&mut st.extra.pending), dead, None),

@@ -482,13 +482,16 @@ impl Client {
     async fn exchange_local(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
         let now = Instant::now();
         let mut deadline = now + self.timeout;
-        self.refresh_if_due(now);
+        let (mut found, refresh) = self.shared.current_at(now);
+        if refresh {
+            self.spawn_refresh();
+        }
         // At most one resend, and only of a request that provably did not run.
         let mut resent = false;
         loop {
             // `fresh`: nothing waited since `deadline` was set, so the time left is the whole
             // timeout (saves a clock read per request).
-            let (conn, fresh) = match self.shared.current() {
+            let (conn, fresh) = match found.take() {
                 Some(c) => (c, !resent),
                 None => {
                     let conn = self.connection(deadline).await?;
@@ -505,6 +508,7 @@ impl Client {
                     tracing::debug!(service = %self.shared.name, error = %e, "request did not run; sending it on a new connection");
                     self.shared.retire(&conn);
                     resent = true;
+                    found = self.shared.current();
                 }
                 Err(Attempt::NotRun(e) | Attempt::Failed(e)) => return Err(e),
                 Ok(reply) => return Ok(reply),
@@ -620,7 +624,25 @@ impl Shared {
     /// The connection the next request should use, if there is a usable one: the only one, or
     /// (instances) the one with the fewest requests in flight.
     fn current(&self) -> Option<Arc<Conn>> {
-        let pool = self.pool();
+        Self::pick(&self.pool())
+    }
+
+    /// [`current`](Self::current), and whether it is time (`now`) to look for instances this
+    /// client is not connected to (then the next look is a [`REFRESH`](open::REFRESH) later):
+    /// one lock of the pool per request for both.
+    fn current_at(&self, now: Instant) -> (Option<Arc<Conn>>, bool) {
+        let mut pool = self.pool();
+        let refresh = match pool.refresh {
+            Some(t) if now >= t => {
+                pool.refresh = Some(now + open::REFRESH);
+                true
+            }
+            _ => false,
+        };
+        (Self::pick(&pool), refresh)
+    }
+
+    fn pick(pool: &Pool) -> Option<Arc<Conn>> {
         match pool.conns.as_slice() {
             [] => None,
             [one] => Some(one).filter(|c| c.is_usable()).cloned(),

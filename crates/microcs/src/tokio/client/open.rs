@@ -3,6 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use ::tokio::sync::Notify;
@@ -19,7 +20,7 @@ use crate::registry;
 use crate::transport::shm::ShmLink;
 
 /// How often a client of instances looks for instances it is not connected to.
-const REFRESH: Duration = Duration::from_secs(1);
+pub(super) const REFRESH: Duration = Duration::from_secs(1);
 
 impl Client {
     /// The live connection, opening one if needed.
@@ -55,16 +56,9 @@ impl Client {
         Ok(conn)
     }
 
-    /// Connected to instances and their time has come: a background task connects to the
-    /// instances this client has no connection to yet.
-    pub(super) fn refresh_if_due(&self, now: Instant) {
-        {
-            let mut pool = self.shared.pool();
-            match pool.refresh {
-                Some(t) if now >= t => pool.refresh = Some(now + REFRESH),
-                _ => return,
-            }
-        }
+    /// A background task connects to the instances this client has no connection to yet (see
+    /// `Shared::current_at`, which says when).
+    pub(super) fn spawn_refresh(&self) {
         let client = self.clone();
         ::tokio::spawn(async move { client.refresh().await });
     }
@@ -232,6 +226,7 @@ impl Client {
             slot: target.slot,
             reader: Default::default(),
             path: target.path.clone(),
+            usable: AtomicBool::new(true),
         });
         ::tokio::spawn(writer_task(conn.clone()));
         start_reader(&conn, rbuf, decode_limit);

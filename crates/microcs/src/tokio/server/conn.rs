@@ -440,6 +440,10 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
     // When the frame at the front of `rbuf` started to arrive (it must be whole by
     // `frame_timeout` after that); reset whenever we stop reading on purpose.
     let mut frame_started: Option<Instant> = None;
+    // The last clock read, while nothing has waited since (see `dispatch::Incoming::arrived`):
+    // the frames of one read share one, and a request after one answered at once takes the
+    // clock read that ended it.
+    let mut clock: Option<std::time::Instant> = None;
     loop {
         let needed = match rbuf.decode(max) {
             Err(e) => {
@@ -461,32 +465,39 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
                 conn.batching.store(true, Ordering::Relaxed);
                 match conn.core.on_frame(&f, shared.stopping(), shared.service.name.as_str()) {
                     Action::Request => {
-                        let permit = match conn.permits.clone().try_acquire_owned() {
-                            Ok(p) => Some(p),
-                            // At the cap: read nothing more until a handler finishes
-                            // (and let the answers queued so far go out meanwhile).
-                            Err(_) => {
-                                conn.flush();
-                                ::tokio::select! {
-                                    p = conn.permits.clone().acquire_owned() => p.ok(),
-                                    _ = &mut stop_signal, if !draining && !stop_seen => {
-                                        stop_seen = true;
-                                        None
-                                    }
-                                    _ = &mut kill_signal => return false,
+                        // A permit per request in flight, taken by `admit` only for a run that
+                        // goes on in a task: one must be free.
+                        let held = if conn.permits.available_permits() > 0 {
+                            Ok(None)
+                        } else {
+                            // At the cap: read nothing more until a handler finishes (and let
+                            // the answers queued so far go out meanwhile).
+                            conn.flush();
+                            clock = None;
+                            ::tokio::select! {
+                                p = conn.permits.clone().acquire_owned() => p.map(Some).map_err(|_| ()),
+                                _ = &mut stop_signal, if !draining && !stop_seen => {
+                                    stop_seen = true;
+                                    Err(())
                                 }
+                                _ = &mut kill_signal => return false,
                             }
                         };
-                        match permit {
-                            // A large payload was read into a vector of its own: moved, not
-                            // copied (and then the method name is, to let go of `rbuf`).
-                            Some(p) if rbuf.is_large() => {
-                                let method = f.method.to_vec();
-                                let payload = rbuf.take_payload().unwrap_or_default();
-                                admit(shared, conn, &h, &method, payload, p);
+                        match held {
+                            Ok(held) => {
+                                let arrived = *clock.get_or_insert_with(std::time::Instant::now);
+                                clock = if rbuf.is_large() {
+                                    // A large payload was read into a vector of its own: moved,
+                                    // not copied (and then the method name is, to let go of
+                                    // `rbuf`).
+                                    let method = f.method.to_vec();
+                                    let payload = rbuf.take_payload().unwrap_or_default();
+                                    admit(shared, conn, &h, &method, payload, held, arrived)
+                                } else {
+                                    admit(shared, conn, &h, f.method, f.payload.to_vec(), held, arrived)
+                                };
                             }
-                            Some(p) => admit(shared, conn, &h, f.method, f.payload.to_vec(), p),
-                            None => {
+                            Err(()) => {
                                 conn.send(shutting_down(h.id, shared.service.name.as_str()));
                             }
                         }
@@ -504,6 +515,8 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
             draining = true;
             stop_reading(conn);
         }
+        // What comes next arrives after a wait.
+        clock = None;
         if conn.outbox.queued() >= HIGH_WATER {
             // The client is not reading its replies: stop reading its requests until it does
             // (the writer drops it after the write timeout).

@@ -3,10 +3,11 @@
 //! # How a connection is served
 //!
 //! The connection task checks the peer (before reading a byte), shakes hands, then reads frames.
-//! Each request gets a permit from the connection's semaphore (`max_in_flight` of them) and runs
-//! in a task of its own, so a slow request never holds up a fast one behind it. When all
-//! permits are taken, the connection task stops reading until one is returned: the rest of the
-//! client's requests wait in its socket, and memory stays bounded. Replies go through the
+//! A handler that answers at once (its future is ready when first polled) runs to its end on
+//! the connection task; any other request goes on in a task of its own, holding a permit of
+//! the connection's semaphore (`max_in_flight` of them), so a slow request never holds up a
+//! fast one behind it. When all permits are taken, the connection task stops reading until one
+//! is returned: the rest of the client's requests wait in its socket, and memory stays bounded. Replies go through the
 //! connection's [`Outbox`] to its writer task, which batches them; past a high-water mark of
 //! unsent replies (a client that does not read), the connection is not read either.
 //!

@@ -23,19 +23,27 @@ type AsyncRun = Run<Arc<Service<Arc<AsyncHandler>>>, Arc<AsyncHandler>>;
 
 /// Registers a request in flight and runs it: to its end here when the handler answers at once,
 /// else in a task of its own.
+///
+/// `arrived`: when it was read (see `dispatch::Incoming::arrived`). `held`: a permit of the
+/// connection's, if the caller had to wait for one; else one is taken only for a run that goes
+/// on in a task (the caller saw one free, and only the connection's task takes them), so that a
+/// request answered here touches no semaphore. Returns the clock read that ended the request if
+/// it ended here (the arrival of the next one read without a wait), `None` if it goes on in a
+/// task (the handler ran for an unknown time: the clock must be read again).
 pub(super) fn admit(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
     h: &Header,
     method: &[u8],
     payload: Vec<u8>,
-    permit: OwnedSemaphorePermit,
-) {
-    let admitted = match conn.core.admit(h, std::time::Instant::now()) {
+    held: Option<OwnedSemaphorePermit>,
+    arrived: std::time::Instant,
+) -> Option<std::time::Instant> {
+    let admitted = match conn.core.admit(h, arrived) {
         Ok(a) => a,
         Err(refusal) => {
             conn.send(refusal);
-            return;
+            return Some(arrived);
         }
     };
     let id = h.id;
@@ -47,22 +55,27 @@ pub(super) fn admit(
         cancel: admitted.cancel,
         stream: admitted.stream,
         transport: Some(conn.stream.link().transport_name()),
+        arrived,
     };
     // Routed from the frame's bytes: the method name is never copied.
     let (run, req) = match dispatch::begin(shared.service.clone(), method, call) {
         Begin::Run(run, req) => (run, req),
-        Begin::Answer(a) => return conn.finish(id, Some(a)),
+        Begin::Answer(a) => {
+            conn.finish(id, Some(a));
+            return Some(arrived);
+        }
     };
+    let take_permit = move || held.or_else(|| conn.permits.clone().try_acquire_owned().ok());
     let handler = match &**run.handler() {
         AsyncHandler::Unary(handler) if !run.stream() => handler,
         // Streams (and a unary handler asked as one) as a future of their own, polled once
         // here like a unary handler's (see below).
         _ => {
-            let mut fut = Box::pin(run_stream(shared.clone(), conn.clone(), run, req, permit));
+            let mut fut = Box::pin(run_stream(shared.clone(), conn.clone(), run, req, take_permit()));
             if fut.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
                 ::tokio::spawn(fut);
             }
-            return;
+            return None;
         }
     };
     // Most handlers answer without waiting for anything: their future is polled once here, on
@@ -73,21 +86,21 @@ pub(super) fn admit(
     // poll is never needed.
     let mut fut = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
         Ok(fut) => CatchUnwind(fut),
-        Err(panic) => return finish_run(conn, id, run, End::Panicked(panic_message(&*panic))),
+        Err(panic) => return Some(finish_run(conn, id, run, End::Panicked(panic_message(&*panic)))),
     };
     match Pin::new(&mut fut).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(r) => finish_run(conn, id, run, handler_end(r)),
+        Poll::Ready(r) => Some(finish_run(conn, id, run, handler_end(r))),
         Poll::Pending => {
+            let permit = take_permit();
             let (shared, conn) = (shared.clone(), conn.clone());
             ::tokio::spawn(async move {
                 let end = until_end(&shared, &run, fut).await;
                 finish_run(&conn, id, run, end);
                 drop(permit);
             });
-            return;
+            None
         }
     }
-    drop(permit);
 }
 
 /// How a handler's future ended.
@@ -117,11 +130,14 @@ async fn until_end(shared: &Shared, run: &AsyncRun, fut: CatchUnwind) -> End {
     }
 }
 
-/// Records how a request ended and sends its answer, if one is wanted.
-fn finish_run(conn: &Conn, id: u64, run: AsyncRun, end: End) {
+/// Records how a request ended and sends its answer, if one is wanted; returns the clock read
+/// it made.
+fn finish_run(conn: &Conn, id: u64, run: AsyncRun, end: End) -> std::time::Instant {
     let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
-    let answer = run.finish(end, limit);
+    let now = std::time::Instant::now();
+    let answer = run.finish_at(end, limit, now);
     conn.finish(id, answer);
+    now
 }
 
 /// The task of a streaming request (or of a unary handler asked as a stream): runs its
@@ -131,7 +147,7 @@ async fn run_stream(
     conn: Arc<Conn>,
     run: AsyncRun,
     req: Request,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 ) {
     let id = req.id();
     let cancel = run.cancel().clone();
