@@ -27,7 +27,7 @@ use crate::request::Peer;
 use crate::service::{
     Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
-use crate::transport::shm::answer_hello;
+use crate::transport::shm::{ANSWER_EVERY, answer_hello};
 use crate::transport::unix::set_send_buffer;
 use crate::transport::{Link, Shut, Transport, send_frame_now};
 
@@ -444,6 +444,10 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
     // the frames of one read share one, and a request after one answered at once takes the
     // clock read that ended it.
     let mut clock: Option<std::time::Instant> = None;
+    // Over shared memory with the peer on another CPU, the answers to one read's requests go
+    // out in parts (`ShmLink::answer_in_parts`): decided once per read, when a part is full.
+    let mut in_parts: Option<bool> = None;
+    let mut unflushed = 0u32;
     loop {
         let needed = match rbuf.decode(max) {
             Err(e) => {
@@ -508,9 +512,17 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
                     Action::None => {}
                 }
                 rbuf.consume(len);
+                if let Some(shm) = conn.stream.link().shm() {
+                    unflushed += 1;
+                    if unflushed >= ANSWER_EVERY && *in_parts.get_or_insert_with(|| shm.answer_in_parts()) {
+                        unflushed = 0;
+                        conn.flush();
+                    }
+                }
                 continue;
             }
         };
+        (in_parts, unflushed) = (None, 0);
         if !draining && shared.stopping() {
             draining = true;
             stop_reading(conn);

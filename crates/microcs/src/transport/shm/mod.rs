@@ -45,6 +45,12 @@ pub(crate) const DEFAULT_RING_CAPACITY: u32 = 256 * 1024;
 /// `B.space`.
 pub(crate) const FDS: usize = 5;
 
+/// Frames of answers a server sends at a time while requests remain to be read, when the
+/// peer runs on another CPU ([`ShmLink::answer_in_parts`]). Measured with 64 requests in flight
+/// (BENCHMARKS.md, e2e notes, change 22): 4 and 8 cost more in per-part work than they gain,
+/// 32 and 48 leave the sides taking turns again.
+pub(crate) const ANSWER_EVERY: u32 = 16;
+
 pub(crate) use spin::MAX_SPIN;
 use spin::SpinBudget;
 
@@ -379,6 +385,14 @@ impl ShmLink {
         } else {
             Woke::TimedOut
         })
+    }
+
+    /// Whether a server should send the answers to the requests of one read in parts of
+    /// [`ANSWER_EVERY`] frames, not all at once after the last (PROTOCOL.md § 18.5): when the
+    /// peer runs on another CPU, it works on the first answers while we make the rest, instead
+    /// of the two sides taking turns. On the peer's CPU that would only interrupt us.
+    pub(crate) fn answer_in_parts(&self) -> bool {
+        self.spin_pays()
     }
 
     /// Spinning only helps when the peer can run meanwhile: another CPU, and not the one we
