@@ -44,11 +44,12 @@ pub(crate) struct Incoming {
     /// What carries the caller's connection (`"unix"`, `"shm"`; `None` over NATS), for the
     /// built-ins' metadata.
     pub transport: Option<&'static str>,
-    /// When the transport took the request: a clock read made after the last wait, which the
-    /// frames read together share (and the next frame after a handler that answered at once
-    /// takes from that handler's finish). The handler's start, for the deadline check and the
-    /// run's time: reading the clock costs tens of nanoseconds on a VM, a tenth of a pipelined
-    /// request's CPU, so a transport reads it once per wait, not once per step.
+    /// When the transport took the request: the handler's start, for the deadline check and
+    /// the run's time. Reading the clock costs tens of nanoseconds on a VM, a tenth of a
+    /// pipelined request's CPU, so a transport reads it as seldom as is exact: the tokio server
+    /// once per wait, shared by the frames read together (the next frame after a handler that
+    /// answered at once takes the clock read of that handler's finish: queueing its answer
+    /// never waits), the blocking server once per request (writing an answer may block).
     pub arrived: Instant,
 }
 

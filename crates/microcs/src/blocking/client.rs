@@ -534,11 +534,8 @@ impl Client {
             let outcome = Outcome::Lost { loss: Loss::from_io(e.error), written };
             return client_conn::settle(name, self.timeout, outcome);
         }
-        // The time left for the first wait is what the header says: no clock read for it (the
-        // send since takes microseconds; a receive timeout counts in milliseconds).
-        let mut left = Some(remaining);
         let outcome = loop {
-            let (frame, payload) = match conn.read_frame(deadline, left.take(), self.interrupt.as_ref()) {
+            let (frame, payload) = match conn.read_frame(deadline, self.interrupt.as_ref()) {
                 Ok(f) => f,
                 Err(Wait::TimedOut) => break Outcome::TimedOut,
                 Err(Wait::Interrupted) => break Outcome::Interrupted,
@@ -596,26 +593,24 @@ enum Wait {
 
 impl Connection {
     /// Reads one whole frame and what it means, with its payload (moved out of the read buffer
-    /// when large), waiting until `deadline` at most. `left`: the time to `deadline`, if the
-    /// caller knows it without reading the clock.
+    /// when large), waiting until `deadline` at most.
     fn read_frame(
         &mut self,
         deadline: Instant,
-        left: Option<Duration>,
         interrupt: Option<&InterruptCheck>,
     ) -> Result<(Incoming, Vec<u8>), Wait> {
-        self.read_raw(deadline, left, interrupt, None, |_| ())
-            .map(|((), incoming, payload)| (incoming, payload))
+        self.read_raw(deadline, interrupt, None, |_| ()).map(|((), incoming, payload)| (incoming, payload))
     }
 
     /// Reads one whole frame; `look` sees it before it is consumed. Waits until `deadline` at
     /// most (and asks `interrupt`, if any, whether to stop, every time its period passes
-    /// without a frame); `left`, if known, is the time to it for the first wait. `fds`: keep
-    /// descriptors passed with the bytes (the handshake's).
+    /// without a frame). `fds`: keep descriptors passed with the bytes (the handshake's).
+    ///
+    /// The time left is read from the clock before each wait, the first included: sending the
+    /// request may have waited (a full socket or ring) for any part of the timeout.
     fn read_raw<T>(
         &mut self,
         deadline: Instant,
-        mut left: Option<Duration>,
         interrupt: Option<&InterruptCheck>,
         mut fds: Option<&mut Vec<OwnedFd>>,
         look: impl FnOnce(&Frame<'_>) -> T,
@@ -632,7 +627,7 @@ impl Connection {
                 }
                 Decoded::Incomplete { needed } => needed,
             };
-            let remaining = left.take().unwrap_or_else(|| deadline.saturating_duration_since(Instant::now()));
+            let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(Wait::TimedOut);
             }

@@ -123,7 +123,7 @@ impl Client {
         // our hello may then fail with EPIPE, but its answer is still there to read. The
         // shared-memory offer's descriptors come with the HelloAck's bytes.
         let mut fds = Vec::new();
-        let got = conn.read_raw(deadline, None, self.interrupt.as_ref(), shm.then_some(&mut fds), |f| {
+        let got = conn.read_raw(deadline, self.interrupt.as_ref(), shm.then_some(&mut fds), |f| {
             client_conn::handshake_answer(name, path, f)
         });
         conn.server = match (sent, got) {

@@ -220,7 +220,7 @@ impl Iterator for ItemStream<'_> {
                 self.done = true;
                 return None;
             };
-            let (frame, payload) = match conn.read_frame(deadline, None, client.interrupt.as_ref()) {
+            let (frame, payload) = match conn.read_frame(deadline, client.interrupt.as_ref()) {
                 Ok(f) => f,
                 Err(Wait::TimedOut) => {
                     let e = client_conn::stream_timed_out(&client.name, timeout);

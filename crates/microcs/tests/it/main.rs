@@ -17,6 +17,8 @@ mod instances;
 #[cfg(feature = "nats")]
 mod nats;
 mod ownership;
+#[cfg(feature = "tokio")]
+mod per_request;
 mod protocol;
 mod shm;
 mod shm_ring;

@@ -444,8 +444,6 @@ pub(super) fn reject_stream(shared: &Shared, conn: &Conn, e: &DecodeError) {
 }
 
 pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
-    // The last clock read, while nothing has waited since (see `dispatch::Incoming::arrived`).
-    let mut clock = None;
     // Over shared memory with the peer on another CPU, the answers to one read's requests go
     // out in parts (`ShmLink::answer_in_parts`): decided once per read, when a part is full.
     let mut in_parts: Option<bool> = None;
@@ -458,7 +456,7 @@ pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
             return;
         }
         conn.reader_active.store(true, Ordering::SeqCst);
-        let Some(job) = next_request(shared, conn, &mut rs, clock.take()) else {
+        let Some(job) = next_request(shared, conn, &mut rs) else {
             conn.reader_active.store(false, Ordering::SeqCst);
             drop(rs);
             conn.flush();
@@ -491,19 +489,18 @@ pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
         conn.unattended_since.store(since, Ordering::SeqCst);
         conn.reader_active.store(false, Ordering::SeqCst);
         drop(rs);
-        clock = Some(run(shared, conn, job, batch));
+        run(shared, conn, job, batch);
     }
 }
 
 /// Reads until the next request; answers control frames on the way. `None`: the connection is
-/// finished. `clock`: a clock read made since the last wait, if any (the end of the request
-/// run before): the arrival of a request already buffered.
-pub(super) fn next_request(
-    shared: &Shared,
-    conn: &Conn,
-    rs: &mut ReadState,
-    mut clock: Option<Instant>,
-) -> Option<Job> {
+/// finished.
+///
+/// A request's arrival (`dispatch::Incoming::arrived`) is one clock read, for its deadline and
+/// its run's start. Not the end of the request run before it, even when this one was already
+/// buffered: sending that one's answer may have blocked (a write of a large reply, or the lock
+/// of the answers while another thread wrote), and that wait is not this request's.
+pub(super) fn next_request(shared: &Shared, conn: &Conn, rs: &mut ReadState) -> Option<Job> {
     let max = shared.config.max_payload;
     loop {
         let needed = match rs.rbuf.decode(max) {
@@ -513,7 +510,7 @@ pub(super) fn next_request(
                 let stopping = shared.stopping();
                 let mut job = match conn.core.on_frame(&f, stopping, shared.service.name.as_str()) {
                     Action::Request => {
-                        let arrived = *clock.get_or_insert_with(Instant::now);
+                        let arrived = Instant::now();
                         match conn.core.admit(&h, arrived) {
                             Ok(a) => Some(Job {
                                 id: a.id,
@@ -568,8 +565,6 @@ pub(super) fn next_request(
             rs.partial_timeout = partial;
         }
         rs.partial_since = if partial { rs.partial_since.or_else(|| Some(Instant::now())) } else { None };
-        // What arrives now arrives after a wait.
-        clock = None;
         let timed_out = match rs.rbuf.fill(&conn.stream, needed) {
             Ok(Filled::Data) => rs.partial_since.is_some_and(|t| t.elapsed() > shared.config.frame_timeout),
             Ok(Filled::Eof) => return None,

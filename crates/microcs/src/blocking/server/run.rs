@@ -24,9 +24,8 @@ pub(super) struct Job {
 }
 
 /// Runs `job`'s handler on this connection thread and sends its answer. `batch`: more requests
-/// are buffered, so the answer may wait for the next flush (see `Conn::send`). Returns the
-/// clock read that ended the run: the arrival of a request read next without a wait.
-pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool) -> Instant {
+/// are buffered, so the answer may wait for the next flush (see `Conn::send`).
+pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool) {
     let id = job.id;
     let call = Incoming {
         id,
@@ -40,10 +39,7 @@ pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool)
     };
     let (run, req) = match dispatch::begin(&*shared.service, &job.method, call) {
         Begin::Run(run, req) => (run, req),
-        Begin::Answer(a) => {
-            conn.finish(shared, id, Some(a), batch);
-            return job.arrived;
-        }
+        Begin::Answer(a) => return conn.finish(shared, id, Some(a), batch),
     };
     conn.running.fetch_add(1, Ordering::SeqCst);
     if shared.sentinel_parked.load(Ordering::SeqCst) {
@@ -73,10 +69,8 @@ pub(super) fn run(shared: &Arc<Shared>, conn: &Arc<Conn>, job: Job, batch: bool)
     };
     conn.running.fetch_sub(1, Ordering::SeqCst);
     let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
-    let now = Instant::now();
-    let answer = run.finish_at(end, limit, now);
+    let answer = run.finish(end, limit);
     conn.finish(shared, id, answer, batch);
-    now
 }
 
 /// Sends a stream's items as the caller makes room for them (docs/PROTOCOL.md § 17), on this

@@ -517,6 +517,8 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
                     if unflushed >= ANSWER_EVERY && *in_parts.get_or_insert_with(|| shm.answer_in_parts()) {
                         unflushed = 0;
                         conn.flush();
+                        // The copy into the ring took time that is not the next request's.
+                        clock = None;
                     }
                 }
                 continue;
