@@ -254,7 +254,13 @@ impl<T> OutState<T> {
         let parts = [IoSlice::new(&head), IoSlice::new(method), IoSlice::new(payload)];
         let total = head.len() + method.len() + payload.len();
         // An error is left for the writer task to meet again and report, as in `send_now`.
-        let sent = stream.link().send(&parts, false).unwrap_or(0).min(total);
+        // Over shared memory the ring takes a ring's worth at once, and more as the peer
+        // copies out: while it keeps up, the caller writes on (a bounded spin, never a wait).
+        let sent = match stream.link().shm() {
+            Some(shm) => shm.send_while_room(&parts),
+            None => stream.link().send(&parts, false).unwrap_or(0),
+        }
+        .min(total);
         let start = self.enqueued;
         self.enqueued += total as u64;
         self.sent_direct += sent as u64;

@@ -271,6 +271,55 @@ impl ShmLink {
         }
     }
 
+    /// Writes as much of `parts` as the ring takes, and more as the reader makes room, for as
+    /// long as the write-room spin budget says a spin pays (it spins for room, it never parks);
+    /// returns the bytes written. For a sender that must not wait but would rather not copy:
+    /// the tokio client's lone large request, written from its caller's slice under the
+    /// connection's lock (PROTOCOL.md § 18.5), which queues only what this did not write. An
+    /// error (a broken ring, the peer gone) ends it early; the writer task meets it again.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn send_while_room(&self, parts: &[IoSlice<'_>]) -> usize {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut left: Vec<IoSlice<'_>> = parts.to_vec();
+        let mut bufs = &mut left[..];
+        let (mut sent, mut budget) = (0, None);
+        while !self.tx.reader_closed(&self.map) {
+            let Ok(w) = self.tx.write(&self.map, bufs) else { break };
+            if w.wake {
+                signal(&self.tx_data);
+            }
+            sent += w.n;
+            if sent >= total {
+                break;
+            }
+            IoSlice::advance_slices(&mut bufs, w.n);
+            let budget = match budget {
+                Some(b) => b,
+                None => match self.spin_budget(Role::Write) {
+                    Some(b) => *budget.insert(b),
+                    None => break,
+                },
+            };
+            // Room comes as the reader copies out (it publishes every 32 KiB); each wait for
+            // it spins one budget at most, so this goes on only while the reader keeps up.
+            let (start, mut i) = (Instant::now(), 0u32);
+            loop {
+                match self.tx.room(&self.map) {
+                    Ok(n) if n > 0 => break,
+                    Ok(_) => {}
+                    Err(_) => return sent,
+                }
+                i = i.wrapping_add(1);
+                if i % 16 == 0 && start.elapsed() >= budget {
+                    self.adapt(Role::Write, false);
+                    return sent;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        sent
+    }
+
     /// Stops reading: the peer's further writes fail, what it wrote is still read.
     pub(crate) fn shut_read(&self) {
         self.rx.close(&self.map);
