@@ -206,16 +206,31 @@ impl ServerConn {
     /// Registers a request (of a frame [`on_frame`](Self::on_frame) said is one) in flight, its
     /// deadline counted from `arrived`. `Err`: its id is already in flight; send the refusal.
     pub(crate) fn admit(&self, h: &Header, arrived: Instant) -> Result<Admitted, Out> {
-        let mut inflight = self.inflight();
-        if inflight.contains_key(&h.id) {
-            drop(inflight);
+        let a = self.admit_unregistered(h, arrived)?;
+        self.register(a.id, &a.cancel);
+        Ok(a)
+    }
+
+    /// [`admit`](Self::admit) without registering it yet: for a flavour that runs the handler
+    /// before it reads another frame of the connection (the tokio server's first poll), and
+    /// until then nothing can look for the request — no `Cancel` or `Credit` frame, no
+    /// duplicate id, no end of the connection. It calls [`register`](Self::register) if the
+    /// run goes on after that; one that ended there is never in the table (an insert and a
+    /// removal fewer per request). [`answer`](Self::answer) takes either.
+    pub(crate) fn admit_unregistered(&self, h: &Header, arrived: Instant) -> Result<Admitted, Out> {
+        if self.inflight().contains_key(&h.id) {
             let msg = format!("request id {} is already in flight", h.id);
             return Err(Out::refusal(h.id, status::BAD_REQUEST, msg));
         }
         let cancel = Arc::new(CancelState::default());
-        inflight.insert(h.id, cancel.clone());
         let stream = h.flags & FLAG_STREAM != 0;
         Ok(Admitted { id: h.id, stream, deadline: deadline_at(arrived, h.deadline_ms), cancel })
+    }
+
+    /// Puts an admitted request in the in-flight table (see
+    /// [`admit_unregistered`](Self::admit_unregistered)).
+    pub(crate) fn register(&self, id: u64, cancel: &Arc<CancelState>) {
+        self.inflight().insert(id, cancel.clone());
     }
 
     /// One item of the stream `id`, fitted to the client's limit: `Err` is the error that ends
@@ -235,6 +250,12 @@ impl ServerConn {
     /// empty `Reply`, or the `Error` that ended it).
     pub(crate) fn answer(&self, id: u64, answer: Option<Answer>) -> Option<Out> {
         self.inflight().remove(&id);
+        self.answer_unregistered(id, answer)
+    }
+
+    /// [`answer`](Self::answer) for a request that was never registered (see
+    /// [`admit_unregistered`](Self::admit_unregistered)): the table is not touched.
+    pub(crate) fn answer_unregistered(&self, id: u64, answer: Option<Answer>) -> Option<Out> {
         let out = match answer? {
             Answer::Reply(payload) => Out { header: Header::new(Kind::Reply, id), payload },
             Answer::Error { code, flags, message } => Out::error(id, code, flags, message),

@@ -284,6 +284,14 @@ impl Conn {
         }
     }
 
+    /// [`finish`](Self::finish) for a request that ended without being registered in flight
+    /// (`ServerConn::admit_unregistered`).
+    pub(super) fn finish_unregistered(&self, id: u64, answer: Option<Answer>) {
+        if let Some(out) = self.core.answer_unregistered(id, answer) {
+            self.send(out);
+        }
+    }
+
     /// Queues a frame with `push`; wakes the writer task unless the connection task will flush.
     pub(super) fn queue(&self, push: impl FnOnce(&mut OutState<()>) -> Option<(u64, u64)>) -> bool {
         let queued = push(&mut self.outbox.lock()).is_some();

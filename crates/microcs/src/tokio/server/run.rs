@@ -39,7 +39,9 @@ pub(super) fn admit(
     held: Option<OwnedSemaphorePermit>,
     arrived: std::time::Instant,
 ) -> Option<std::time::Instant> {
-    let admitted = match conn.core.admit(h, arrived) {
+    // In the in-flight table only if the run goes on after this call (see
+    // `ServerConn::admit_unregistered`): nothing reads the connection meanwhile.
+    let admitted = match conn.core.admit_unregistered(h, arrived) {
         Ok(a) => a,
         Err(refusal) => {
             conn.send(refusal);
@@ -61,7 +63,7 @@ pub(super) fn admit(
     let (run, req) = match dispatch::begin(shared.service.clone(), method, call) {
         Begin::Run(run, req) => (run, req),
         Begin::Answer(a) => {
-            conn.finish(id, Some(a));
+            conn.finish_unregistered(id, Some(a));
             return Some(arrived);
         }
     };
@@ -71,6 +73,7 @@ pub(super) fn admit(
         // Streams (and a unary handler asked as one) as a future of their own, polled once
         // here like a unary handler's (see below).
         _ => {
+            conn.core.register(id, run.cancel());
             let mut fut = Box::pin(run_stream(shared.clone(), conn.clone(), run, req, take_permit()));
             if fut.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
                 ::tokio::spawn(fut);
@@ -86,11 +89,12 @@ pub(super) fn admit(
     // poll is never needed.
     let mut fut = match catch_unwind(AssertUnwindSafe(|| handler(req))) {
         Ok(fut) => CatchUnwind(fut),
-        Err(panic) => return Some(finish_run(conn, id, run, End::Panicked(panic_message(&*panic)))),
+        Err(panic) => return Some(finish_here(conn, id, run, End::Panicked(panic_message(&*panic)))),
     };
     match Pin::new(&mut fut).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(r) => Some(finish_run(conn, id, run, handler_end(r))),
+        Poll::Ready(r) => Some(finish_here(conn, id, run, handler_end(r))),
         Poll::Pending => {
+            conn.core.register(id, run.cancel());
             let permit = take_permit();
             let (shared, conn) = (shared.clone(), conn.clone());
             ::tokio::spawn(async move {
@@ -130,13 +134,18 @@ async fn until_end(shared: &Shared, run: &AsyncRun, fut: CatchUnwind) -> End {
     }
 }
 
-/// Records how a request ended and sends its answer, if one is wanted; returns the clock read
-/// it made.
-fn finish_run(conn: &Conn, id: u64, run: AsyncRun, end: End) -> std::time::Instant {
+/// Records how a request that went on in a task ended and sends its answer, if one is wanted.
+fn finish_run(conn: &Conn, id: u64, run: AsyncRun, end: End) {
+    let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
+    conn.finish(id, run.finish(end, limit));
+}
+
+/// [`finish_run`] for a request that ended in `admit`, never registered in flight; returns the
+/// clock read it made.
+fn finish_here(conn: &Conn, id: u64, run: AsyncRun, end: End) -> std::time::Instant {
     let limit = ReplyLimit { max: conn.core.max_reply() as usize, what: "the client's limit" };
     let now = std::time::Instant::now();
-    let answer = run.finish_at(end, limit, now);
-    conn.finish(id, answer);
+    conn.finish_unregistered(id, run.finish_at(end, limit, now));
     now
 }
 
