@@ -47,6 +47,12 @@ struct ShmWait {
     data: AsyncFd<OwnedFd>,
     /// Rung by the peer when it made room in the ring we write (and we said we sleep).
     space: AsyncFd<OwnedFd>,
+    /// A second registration of the socket (a copy of its descriptor), through which a wait
+    /// for room learns of the peer's end. tokio keeps one waker per registration and
+    /// direction: had the writer polled the socket's own registration, it would have taken the
+    /// place of the reader's waker, and the peer's end would have woken only the writer —
+    /// leaving a caller waiting for its answer until its deadline.
+    hangup: AsyncFd<OwnedFd>,
 }
 
 impl Stream {
@@ -74,7 +80,11 @@ impl Stream {
             // open and the same for the registration's whole life.
             unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
         };
-        let wait = ShmWait { data: register(Role::Read)?, space: register(Role::Write)? };
+        let socket = rustix::io::fcntl_dupfd_cloexec(self.link().socket(), 0)?;
+        // SAFETY: as above: `socket` is owned by the `AsyncFd` and never replaced.
+        let hangup = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        let wait = ShmWait { data: register(Role::Read)?, space: register(Role::Write)?, hangup };
         let _ = self.shm.set(wait);
         self.link().upgrade(shm);
         Ok(())
@@ -671,27 +681,44 @@ async fn shm_wait(stream: &Stream, wait: &ShmWait, shm: &ShmLink, role: Role) ->
             }
             return Poll::Ready(Ok(ShmWoke::Again));
         }
-        loop {
-            let Poll::Ready(guard) = stream.fd.poll_read_ready(cx) else { return Poll::Pending };
-            let mut guard = guard?;
-            // The socket carries nothing after the handshake: readable means the peer's end
-            // (or a protocol violation). Bytes still in the ring are read first.
-            if shm.ready(role)? {
-                return Poll::Ready(Ok(ShmWoke::Again));
-            }
-            match guard.try_io(|link| socket_end(link.get_ref().socket())) {
-                Ok(Ok(_)) if role == Role::Read => return Poll::Ready(Ok(ShmWoke::PeerGone)),
-                Ok(Ok(_)) => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                // Readiness cleared: poll again, which registers for the next event.
-                Err(_would_block) => {}
-            }
+        // The read role watches the socket's own registration, the write role its copy (see
+        // `ShmWait::hangup`): each keeps its own waker.
+        let socket = stream.link().socket();
+        match role {
+            Role::Read => poll_peer_end(&stream.fd, cx, shm, role, socket),
+            Role::Write => poll_peer_end(&wait.hangup, cx, shm, role, socket),
         }
     })
     .await;
     drop(parked);
     shm.adapt(role, start.elapsed() < MAX_SPIN);
     woke
+}
+
+/// Polls a registration of a shared-memory connection's socket for the peer's end. The socket
+/// carries nothing after the handshake: readable means the peer's end (or a protocol
+/// violation). Bytes still in the ring are read first.
+fn poll_peer_end<T: std::os::fd::AsRawFd>(
+    reg: &AsyncFd<T>,
+    cx: &mut std::task::Context<'_>,
+    shm: &ShmLink,
+    role: Role,
+    socket: &std::os::unix::net::UnixStream,
+) -> Poll<io::Result<ShmWoke>> {
+    loop {
+        let Poll::Ready(guard) = reg.poll_read_ready(cx) else { return Poll::Pending };
+        let mut guard = guard?;
+        if shm.ready(role)? {
+            return Poll::Ready(Ok(ShmWoke::Again));
+        }
+        match guard.try_io(|_| socket_end(socket)) {
+            Ok(Ok(_)) if role == Role::Read => return Poll::Ready(Ok(ShmWoke::PeerGone)),
+            Ok(Ok(_)) => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Ok(Err(e)) => return Poll::Ready(Err(e)),
+            // Readiness cleared: poll again, which registers for the next event.
+            Err(_would_block) => {}
+        }
+    }
 }
 
 /// Checks of the ring between two yields of a spinning task.

@@ -21,6 +21,8 @@ mod ownership;
 mod per_request;
 mod protocol;
 mod shm;
+#[cfg(feature = "tokio")]
+mod shm_lone_large;
 mod shm_ring;
 mod socket_activation;
 #[cfg(feature = "tokio")]

@@ -271,9 +271,10 @@ impl ShmLink {
         }
     }
 
-    /// Writes as much of `parts` as the ring takes, and more as the reader makes room, for as
-    /// long as the write-room spin budget says a spin pays (it spins for room, it never parks);
-    /// returns the bytes written. For a sender that must not wait but would rather not copy:
+    /// Writes as much of `parts` as the ring takes, and more as the reader makes room, spinning
+    /// for that room (never parking) for one write-room spin budget in all — the waits of one
+    /// call together, so a reader that frees room slowly cannot hold the caller's thread for
+    /// longer than the copies and that one budget; returns the bytes written. For a sender that must not wait but would rather not copy:
     /// the tokio client's lone large request, written from its caller's slice under the
     /// connection's lock (PROTOCOL.md § 18.5), which queues only what this did not write. An
     /// error (a broken ring, the peer gone) ends it early; the writer task meets it again.
@@ -282,7 +283,7 @@ impl ShmLink {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut left: Vec<IoSlice<'_>> = parts.to_vec();
         let mut bufs = &mut left[..];
-        let (mut sent, mut budget) = (0, None);
+        let (mut sent, mut budget, mut waited) = (0, None, Duration::ZERO);
         while !self.tx.reader_closed(&self.map) {
             let Ok(w) = self.tx.write(&self.map, bufs) else { break };
             if w.wake {
@@ -300,8 +301,8 @@ impl ShmLink {
                     None => break,
                 },
             };
-            // Room comes as the reader copies out (it publishes every 32 KiB); each wait for
-            // it spins one budget at most, so this goes on only while the reader keeps up.
+            // Room comes as the reader copies out (it publishes every 32 KiB); the waits of
+            // this call share one budget, so it goes on only while the reader keeps up.
             let (start, mut i) = (Instant::now(), 0u32);
             loop {
                 match self.tx.room(&self.map) {
@@ -310,12 +311,13 @@ impl ShmLink {
                     Err(_) => return sent,
                 }
                 i = i.wrapping_add(1);
-                if i % 16 == 0 && start.elapsed() >= budget {
+                if i % 16 == 0 && waited + start.elapsed() >= budget {
                     self.adapt(Role::Write, false);
                     return sent;
                 }
                 std::hint::spin_loop();
             }
+            waited += start.elapsed();
         }
         sent
     }
