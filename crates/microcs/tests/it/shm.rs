@@ -175,8 +175,9 @@ fn a_client_forked_after_connecting_never_uses_its_parents_rings() {
 }
 
 /// A fake server at `NAME.sock`: answers the `Hello` with a shared-memory offer of 4 KiB rings
-/// (`sealed` or not), then lets `act` do what it wants with the region and eventfds.
-fn hostile_server(
+/// (`sealed` or not), then lets `act` do what it wants with the region and eventfds. (Also the
+/// fake server of `shm_lone_large.rs`.)
+pub(crate) fn hostile_server(
     dir: &TempDir,
     name: &str,
     sealed: bool,

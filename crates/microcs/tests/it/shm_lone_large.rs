@@ -4,7 +4,6 @@
 //! have run" exact, and the runtime never held for long. Across real processes.
 
 use std::future::Future;
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,64 +11,17 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use microcs::ErrorKind;
-use microcs::proto::{self, FEATURE_SHM, Header, HelloAck, Kind};
 
 use crate::common::*;
 
-/// A fake server at `NAME.sock` offering 4 KiB rings (as `shm.rs`'s), then `act` on the region.
+/// The fake server of `shm.rs` at `NAME.sock` (4 KiB rings, a sealed region), then `act` on the
+/// region.
 fn hostile_server(
     dir: &TempDir,
     name: &str,
     act: impl FnOnce(&mut [u8], &[std::os::fd::OwnedFd], UnixStream) + Send + 'static,
-) -> std::thread::JoinHandle<()> {
-    use rustix::fs::{MemfdFlags, SealFlags};
-    let listener = std::os::unix::net::UnixListener::bind(dir.path().join(format!("{name}.sock"))).unwrap();
-    let name = name.to_owned();
-    std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let mut raw = Raw::from_stream(s);
-        let (h, _, _) = raw.read().expect("a hello");
-        assert_eq!(h.kind(), Some(Kind::Hello));
-        const CAP: usize = 4096;
-        let len = 4096 + 2 * CAP;
-        let memfd =
-            rustix::fs::memfd_create("microcs-shm", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
-        rustix::fs::ftruncate(&memfd, len as u64).unwrap();
-        rustix::fs::fcntl_add_seals(&memfd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL).unwrap();
-        let ptr = map_shared(&memfd, len);
-        // SAFETY: (test) the mapping above, `len` bytes, alive until the munmap below.
-        let region = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
-        region[0..4].copy_from_slice(&0x6873_636du32.to_ne_bytes());
-        region[4..8].copy_from_slice(&1u32.to_ne_bytes());
-        region[8..12].copy_from_slice(&(CAP as u32).to_ne_bytes());
-        let efds: Vec<_> = (0..4)
-            .map(|_| rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap())
-            .collect();
-        let ack = HelloAck {
-            max_payload: 16 << 20,
-            max_in_flight: 128,
-            pid: std::process::id(),
-            name,
-            features: FEATURE_SHM,
-            ring_capacity: CAP as u32,
-        };
-        let mut bytes = Vec::new();
-        proto::encode(&mut bytes, &Header::new(Kind::HelloAck, 0), b"", &ack.to_bytes());
-        let fds: Vec<_> = std::iter::once(&memfd).chain(&efds).map(|f| f.as_fd()).collect();
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(5))];
-        let mut anc = rustix::net::SendAncillaryBuffer::new(&mut space);
-        assert!(anc.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
-        rustix::net::sendmsg(
-            &raw.s,
-            &[std::io::IoSlice::new(&bytes)],
-            &mut anc,
-            rustix::net::SendFlags::empty(),
-        )
-        .unwrap();
-        act(region, &efds, raw.s);
-        // SAFETY: (test) the mapping made above, no longer used.
-        let _ = unsafe { rustix::mm::munmap(ptr, len) };
-    })
+) -> std::thread::JoinHandle<std::os::unix::net::UnixListener> {
+    crate::shm::hostile_server(dir, name, true, act)
 }
 
 /// As ring A's reader: wakes its writer if it said it sleeps for room (PROTOCOL.md § 18.3).
