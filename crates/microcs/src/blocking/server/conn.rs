@@ -24,7 +24,7 @@ use crate::request::Peer;
 use crate::service::{
     Config, Counted, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
-use crate::transport::shm::{ANSWER_EVERY, answer_hello};
+use crate::transport::shm::{AnswerParts, answer_hello};
 use crate::transport::unix::{set_recv_timeout, set_send_buffer, set_send_timeout};
 use crate::transport::{Link, SendError, Shut, Transport, send_bytes, send_frame};
 
@@ -445,9 +445,8 @@ pub(super) fn reject_stream(shared: &Shared, conn: &Conn, e: &DecodeError) {
 
 pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
     // Over shared memory with the peer on another CPU, the answers to one read's requests go
-    // out in parts (`ShmLink::answer_in_parts`): decided once per read, when a part is full.
-    let mut in_parts: Option<bool> = None;
-    let mut unflushed = 0u32;
+    // out in parts (`ShmLink::answer_in_parts`).
+    let mut parts = AnswerParts::default();
     loop {
         let Ok(mut rs) = conn.read.try_lock() else { return };
         // After our own shutdown of the read side, frames the client sent before it are still in
@@ -471,17 +470,9 @@ pub(super) fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>) {
         conn.pending_buffered.store(more, Ordering::SeqCst);
         // `batch`: this answer may wait for the next one's.
         let batch = match conn.stream.shm() {
-            Some(shm) if more => {
-                unflushed += 1;
-                let part_full =
-                    unflushed >= ANSWER_EVERY && *in_parts.get_or_insert_with(|| shm.answer_in_parts());
-                if part_full {
-                    unflushed = 0;
-                }
-                !part_full
-            }
+            Some(shm) if more => !parts.part_full(shm),
             _ => {
-                (in_parts, unflushed) = (None, 0);
+                parts.end_read();
                 more
             }
         };

@@ -27,7 +27,7 @@ use crate::request::Peer;
 use crate::service::{
     Config, IdleWatch, Service, WATCH_PERIOD, Watch, idle_expired, record_connections, watch_name,
 };
-use crate::transport::shm::{ANSWER_EVERY, answer_hello};
+use crate::transport::shm::{AnswerParts, answer_hello};
 use crate::transport::unix::set_send_buffer;
 use crate::transport::{Link, Shut, Transport, send_frame_now};
 
@@ -453,9 +453,8 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
     // clock read that ended it.
     let mut clock: Option<std::time::Instant> = None;
     // Over shared memory with the peer on another CPU, the answers to one read's requests go
-    // out in parts (`ShmLink::answer_in_parts`): decided once per read, when a part is full.
-    let mut in_parts: Option<bool> = None;
-    let mut unflushed = 0u32;
+    // out in parts (`ShmLink::answer_in_parts`).
+    let mut parts = AnswerParts::default();
     loop {
         let needed = match rbuf.decode(max) {
             Err(e) => {
@@ -520,19 +519,15 @@ pub(super) async fn serve_conn(shared: &Arc<Shared>, conn: &Arc<Conn>, rbuf: &mu
                     Action::None => {}
                 }
                 rbuf.consume(len);
-                if let Some(shm) = conn.stream.link().shm() {
-                    unflushed += 1;
-                    if unflushed >= ANSWER_EVERY && *in_parts.get_or_insert_with(|| shm.answer_in_parts()) {
-                        unflushed = 0;
-                        conn.flush();
-                        // The copy into the ring took time that is not the next request's.
-                        clock = None;
-                    }
+                if conn.stream.link().shm().is_some_and(|shm| parts.part_full(shm)) {
+                    conn.flush();
+                    // The copy into the ring took time that is not the next request's.
+                    clock = None;
                 }
                 continue;
             }
         };
-        (in_parts, unflushed) = (None, 0);
+        parts.end_read();
         if !draining && shared.stopping() {
             draining = true;
             stop_reading(conn);

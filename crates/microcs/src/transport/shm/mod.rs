@@ -49,7 +49,35 @@ pub(crate) const FDS: usize = 5;
 /// peer runs on another CPU ([`ShmLink::answer_in_parts`]). Measured with 64 requests in flight
 /// (BENCHMARKS.md, e2e notes, change 22): 4 and 8 cost more in per-part work than they gain,
 /// 32 and 48 leave the sides taking turns again.
-pub(crate) const ANSWER_EVERY: u32 = 16;
+const ANSWER_EVERY: u32 = 16;
+
+/// A server connection's count of the answers to one read's requests, for sending them in parts
+/// (PROTOCOL.md § 18.5, "Answers in parts"): both flavours' read loops keep one.
+#[derive(Default)]
+pub(crate) struct AnswerParts {
+    /// Whether this read's answers go in parts: asked once per read, when a part is full.
+    in_parts: Option<bool>,
+    unflushed: u32,
+}
+
+impl AnswerParts {
+    /// One more answer of this read, with requests still to read after it: `true` when it
+    /// completes a part that should be sent now.
+    pub(crate) fn part_full(&mut self, shm: &ShmLink) -> bool {
+        self.unflushed += 1;
+        let full =
+            self.unflushed >= ANSWER_EVERY && *self.in_parts.get_or_insert_with(|| shm.answer_in_parts());
+        if full {
+            self.unflushed = 0;
+        }
+        full
+    }
+
+    /// The read's requests are all taken: the next read counts afresh.
+    pub(crate) fn end_read(&mut self) {
+        *self = AnswerParts::default();
+    }
+}
 
 pub(crate) use spin::MAX_SPIN;
 use spin::SpinBudget;
