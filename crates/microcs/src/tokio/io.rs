@@ -12,16 +12,16 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::task::Poll;
 use std::time::Duration;
 
 use ::tokio::io::Interest;
 use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use ::tokio::sync::Notify;
 
+use super::shm_wait::{ShmWait, ShmWoke, shm_wait};
 use crate::io::{Filled, ReadBuf, Source};
 use crate::proto::{self, Header};
-use crate::transport::shm::{MAX_SPIN, Role, ShmLink, socket_end};
+use crate::transport::shm::{Role, ShmLink};
 use crate::transport::{Link, Shut, Transport};
 
 /// A connected Unix stream, registered with tokio for *read* readiness only.
@@ -38,21 +38,6 @@ pub(crate) struct Stream {
     /// Once the connection moved to shared memory: the eventfds this side sleeps on,
     /// registered with tokio (the socket's registration above then only reports the peer's end).
     shm: OnceLock<ShmWait>,
-}
-
-/// The eventfds a shared-memory connection parks on, each registered for read readiness
-/// (copies of the link's descriptors, so that the registrations own what they watch).
-struct ShmWait {
-    /// Rung by the peer when it wrote into the ring we read (and we said we sleep).
-    data: AsyncFd<OwnedFd>,
-    /// Rung by the peer when it made room in the ring we write (and we said we sleep).
-    space: AsyncFd<OwnedFd>,
-    /// A second registration of the socket (a copy of its descriptor), through which a wait
-    /// for room learns of the peer's end. tokio keeps one waker per registration and
-    /// direction: had the writer polled the socket's own registration, it would have taken the
-    /// place of the reader's waker, and the peer's end would have woken only the writer —
-    /// leaving a caller waiting for its answer until its deadline.
-    hangup: AsyncFd<OwnedFd>,
 }
 
 impl Stream {
@@ -74,17 +59,7 @@ impl Stream {
     /// Moves the connection to shared memory (after the handshake, before any other frame):
     /// registers its eventfds with tokio, then switches the link.
     pub(crate) fn upgrade(&self, shm: ShmLink) -> io::Result<()> {
-        let register = |role: Role| -> io::Result<AsyncFd<OwnedFd>> {
-            let fd = rustix::io::fcntl_dupfd_cloexec(shm.wait_fd(role), 0)?;
-            // SAFETY: `fd` is owned by the `AsyncFd` and never replaced, so the descriptor stays
-            // open and the same for the registration's whole life.
-            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
-        };
-        let socket = rustix::io::fcntl_dupfd_cloexec(self.link().socket(), 0)?;
-        // SAFETY: as above: `socket` is owned by the `AsyncFd` and never replaced.
-        let hangup = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        let wait = ShmWait { data: register(Role::Read)?, space: register(Role::Write)?, hangup };
+        let wait = ShmWait::new(self.link().socket(), &shm)?;
         let _ = self.shm.set(wait);
         self.link().upgrade(shm);
         Ok(())
@@ -117,7 +92,7 @@ impl<'a> WriteWaiter<'a> {
         if let (Some(wait), Some(shm)) = (self.stream.shm.get(), self.stream.link().shm()) {
             return match send() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let waited = shm_wait(self.stream, wait, shm, Role::Write);
+                    let waited = shm_wait(&self.stream.fd, wait, shm, Role::Write);
                     match self.stall {
                         Some(t) => ::tokio::time::timeout(t, waited)
                             .await
@@ -536,7 +511,7 @@ pub(crate) async fn read_more(stream: &Stream, rbuf: &mut ReadBuf, needed: usize
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return r,
             }
-            if shm_wait(stream, wait, shm, Role::Read).await? == ShmWoke::PeerGone {
+            if shm_wait(&stream.fd, wait, shm, Role::Read).await? == ShmWoke::PeerGone {
                 return Ok(Filled::Eof);
             }
         }
@@ -623,116 +598,6 @@ impl Source for ShmRead<'_> {
 
     fn read_spare(&mut self, v: &mut Vec<u8>) -> io::Result<usize> {
         self.0.try_recv_spare(v)
-    }
-}
-
-/// How a shared-memory wait ended.
-#[derive(Debug, PartialEq, Eq)]
-enum ShmWoke {
-    /// Look at the ring again (ready, or a spurious wake-up).
-    Again,
-    /// The peer closed or died and the ring we read is empty.
-    PeerGone,
-}
-
-/// Waits, without blocking the runtime, until the ring of `role` is ready (data to read,
-/// room to write), or the peer is gone (PROTOCOL.md § 18.3, § 18.5).
-///
-/// First a short spin when it may pay (another CPU, the peer not on ours): checks of the ring
-/// between which the task yields to the runtime, so other tasks run meanwhile; the budget adapts
-/// as in the blocking flavour. Then it announces "parked", checks once more (the re-check after
-/// the fence that keeps the wake-up from being lost), and sleeps on the eventfd's and the
-/// socket's readiness. Cancel safe: dropping it withdraws the announcement.
-async fn shm_wait(stream: &Stream, wait: &ShmWait, shm: &ShmLink, role: Role) -> io::Result<ShmWoke> {
-    let start = std::time::Instant::now();
-    if let Some(budget) = shm.spin_budget(role) {
-        loop {
-            for _ in 0..SPIN_CHECKS {
-                if shm.ready(role)? {
-                    shm.adapt(role, true);
-                    return Ok(ShmWoke::Again);
-                }
-                std::hint::spin_loop();
-            }
-            if start.elapsed() >= budget {
-                break;
-            }
-            ::tokio::task::yield_now().await;
-        }
-    }
-    let parked = Parked { shm, role };
-    shm.set_parked(role, true);
-    if shm.ready(role)? {
-        return Ok(ShmWoke::Again);
-    }
-    let efd = match role {
-        Role::Read => &wait.data,
-        Role::Write => &wait.space,
-    };
-    let woke = std::future::poll_fn(|cx| {
-        if let Poll::Ready(guard) = efd.poll_read_ready(cx) {
-            let mut guard = guard?;
-            // Drain the counter until it says "empty": only that clears tokio's readiness,
-            // so the next park really sleeps (a later ring is a new event).
-            while let Ok(r) = guard.try_io(|fd| Ok(rustix::io::read(fd, &mut [0u8; 8])?)) {
-                if let Err(e) = r {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            return Poll::Ready(Ok(ShmWoke::Again));
-        }
-        // The read role watches the socket's own registration, the write role its copy (see
-        // `ShmWait::hangup`): each keeps its own waker.
-        let socket = stream.link().socket();
-        match role {
-            Role::Read => poll_peer_end(&stream.fd, cx, shm, role, socket),
-            Role::Write => poll_peer_end(&wait.hangup, cx, shm, role, socket),
-        }
-    })
-    .await;
-    drop(parked);
-    shm.adapt(role, start.elapsed() < MAX_SPIN);
-    woke
-}
-
-/// Polls a registration of a shared-memory connection's socket for the peer's end. The socket
-/// carries nothing after the handshake: readable means the peer's end (or a protocol
-/// violation). Bytes still in the ring are read first.
-fn poll_peer_end<T: std::os::fd::AsRawFd>(
-    reg: &AsyncFd<T>,
-    cx: &mut std::task::Context<'_>,
-    shm: &ShmLink,
-    role: Role,
-    socket: &std::os::unix::net::UnixStream,
-) -> Poll<io::Result<ShmWoke>> {
-    loop {
-        let Poll::Ready(guard) = reg.poll_read_ready(cx) else { return Poll::Pending };
-        let mut guard = guard?;
-        if shm.ready(role)? {
-            return Poll::Ready(Ok(ShmWoke::Again));
-        }
-        match guard.try_io(|_| socket_end(socket)) {
-            Ok(Ok(_)) if role == Role::Read => return Poll::Ready(Ok(ShmWoke::PeerGone)),
-            Ok(Ok(_)) => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            Ok(Err(e)) => return Poll::Ready(Err(e)),
-            // Readiness cleared: poll again, which registers for the next event.
-            Err(_would_block) => {}
-        }
-    }
-}
-
-/// Checks of the ring between two yields of a spinning task.
-const SPIN_CHECKS: u32 = 64;
-
-/// Withdraws a parking announcement however the wait ends (also when its future is dropped).
-struct Parked<'a> {
-    shm: &'a ShmLink,
-    role: Role,
-}
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.shm.set_parked(self.role, false);
     }
 }
 

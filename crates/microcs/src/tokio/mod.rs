@@ -66,6 +66,7 @@
 mod client;
 mod io;
 mod server;
+mod shm_wait;
 
 pub use client::{Client, ClientBuilder, ItemStream};
 pub use server::{Items, Server, ServerBuilder, ServerHandle, ShutdownTrigger, blocking, blocking_stream};
